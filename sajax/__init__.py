@@ -18,6 +18,6 @@ __version__ = "0.1.0"
 def __getattr__(name):
   # The trainer pulls in data, models, orbax and TensorBoard: load it only when asked for.
   if name == "train":
-    from sajax.train import train
+    from sajax.trainer import train
     return train
   raise AttributeError(f"module 'sajax' has no attribute {name!r}")

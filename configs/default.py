@@ -1,0 +1,40 @@
+"""Default run: the embedded mnist5k digits (no network), a small CNN, λ = 8 learners of μ = 16 (λμ = 128).
+
+`python launch/train.py` runs this config. Override any key from the command line, e.g.
+`python launch/train.py --config configs/default.py --config.learners=4 --config.batch_per_learner=32`.
+Every other config file starts from this one, so this file lists every key sajax knows.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # data
+  config.dataset = "mnist5k"          # mnist5k (embedded) | mnist | cifar10 | imagenet2012 | any TFDS name
+  config.data_dir = ""                # TFDS data_dir ("" = TFDS's default, ~/tensorflow_datasets)
+  config.download = False             # let TFDS download and prepare a missing dataset
+  config.train_examples = 0           # use only the first N training examples (0 = all)
+  config.model = "small_cnn"          # small_cnn | cifar10_full | alexnet
+  # the paper's system
+  config.executor = "pmap"            # pmap: SSGD data parallel (lax.pmean), the baseline
+  config.protocol = "hardsync"        # hardsync | softsync | async  (pmap is always hardsync, σ = 0)
+  config.n = 1                        # n of n-softsync: c = ⌊λ/n⌋ gradients per update
+  config.learners = 8                 # λ
+  config.batch_per_learner = 16       # μ
+  config.policy = "inverse"           # staleness policy: inverse (α0/σ, the paper) | constant (plain ASGD)
+  # optimisation: SGD with momentum and a step schedule, as in the paper
+  config.learning_rate = 0.05         # α0, for a mini-batch of λμ examples
+  config.momentum = 0.9
+  config.weight_decay = 0.0
+  config.lr_boundaries_epochs = (8,)  # α ← α · lr_decay at each of these epochs
+  config.lr_decay = 0.1
+  config.epochs = 10
+  # bookkeeping
+  config.eval_every_epochs = 1
+  config.eval_batch_size = 1000
+  config.checkpoint_every_epochs = 2
+  config.keep_checkpoints = 3
+  config.seed = 0
+  config.progress = True              # progress bar on stderr
+  return config

@@ -1,0 +1,21 @@
+"""Seconds-long run for tests: mnist5k, small CNN, 2 epochs on a 1,024-example slice of the train split."""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import default  # noqa: E402
+
+
+def get_config():
+  config = default.get_config()
+  config.learners = 4
+  config.batch_per_learner = 16
+  config.train_examples = 1024        # use the first 1,024 training examples only
+  config.epochs = 2
+  config.lr_boundaries_epochs = (1.5,)
+  config.eval_every_epochs = 1
+  config.checkpoint_every_epochs = 1
+  config.progress = False
+  return config

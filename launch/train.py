@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""Train with sajax: ``python launch/train.py [--config configs/x.py] [--config.key=value ...] [--workdir DIR]``.
+
+With no flags it runs configs/default.py (embedded mnist5k, no network) into a fresh ``runs/`` folder and says
+where. Rerunning with the same ``--workdir`` resumes from its last checkpoint. Bad input prints one line and
+exits with code 2; Ctrl-C saves a checkpoint and exits with code 130.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.py")
+# No default here: config_flags would apply --config.* overrides while defining the flag, outside our error
+# handling; main() puts the default config in front of the arguments instead.
+_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (default: "
+                                          "configs/default.py).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (created; an existing one is resumed). "
+                               "Default: a fresh runs/<config>-<date>-<time>.")
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _one_line(error: BaseException) -> str:
+  text = " ".join(str(error).split())
+  text = re.sub(r"^(Flags parsing error|FATAL Flags parsing error):\s*", "", text)
+  return text
+
+
+def set_cpu_device_count(learners: int) -> None:
+  """Asks XLA for λ CPU-emulated devices (one per learner) unless the user chose a count; before jax loads."""
+  if "jax" in sys.modules:
+    return
+  flags_now = os.environ.get("XLA_FLAGS", "")
+  if learners > 1 and "xla_force_host_platform_device_count" not in flags_now:
+    os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={learners}".strip()
+
+
+def _config_path(argv: list[str]) -> str | None:
+  for i, a in enumerate(argv):
+    if a.startswith("--config="):
+      return a.split("=", 1)[1].split(":")[0]
+    if a == "--config" and i + 1 < len(argv):
+      return argv[i + 1].split(":")[0]
+  return None
+
+
+def _known_keys() -> list[str]:
+  """The keys of configs/default.py (every config starts from it), read without importing jax."""
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("sajax_default_config", DEFAULT_CONFIG)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return sorted(module.get_config().keys()) + ["workdir"]
+
+
+def parse_config(argv: list[str]):
+  """Parses the flags; raises ValueError with one line for a missing file, an unknown key or a bad value."""
+  path = _config_path(argv[1:])
+  if path is None:
+    argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+  elif not os.path.isfile(path):
+    raise ValueError(f"config file {path!r} does not exist; allowed: a path to an ml_collections config file, "
+                     f"e.g. configs/default.py")
+  try:
+    flags.FLAGS(argv)
+    config = _CONFIG.value
+    config.learners  # noqa: B018 - a config file that failed to load raises here
+  except KeyError as e:
+    key = str(e).strip("\"'")
+    raise ValueError(f"unknown config key {key!r}; allowed: {', '.join(_known_keys())}") from None
+  except (flags.Error, AttributeError, TypeError, OSError) as e:
+    raise ValueError(_one_line(e)) from None
+  return config
+
+
+def main(argv: list[str]) -> int:
+  try:
+    config = parse_config(argv)
+  except ValueError as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  set_cpu_device_count(int(config.learners) if isinstance(config.learners, int) else 1)
+
+  logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+  for noisy in ("absl", "jax", "orbax", "tensorflow_datasets"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+  import sajax
+  from sajax import config as config_lib, data, metrics, trainer as train_lib
+
+  config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
+  workdir = _WORKDIR.value or config.get("workdir") or train_lib.default_workdir(config_name)
+  try:
+    config_lib.validate(config)
+    train_lib.check_workdir_writable(workdir)
+  except ValueError as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  print(f"sajax: training {config_name} into {os.path.abspath(workdir)}", file=sys.stderr)
+  try:
+    result = sajax.train(config, workdir=workdir)
+  except (config_lib.ConfigError, data.DatasetError) as e:
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  except KeyboardInterrupt:
+    print(f"\ninterrupted: checkpoint saved; rerun with --workdir {workdir} to resume", file=sys.stderr)
+    return EXIT_INTERRUPTED
+  print(metrics.summary(config.to_dict(), result.metrics, os.path.abspath(workdir)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

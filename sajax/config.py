@@ -1,0 +1,145 @@
+"""Config checking and the arithmetic that turns epochs into parameter-server updates.
+
+Every check raises :class:`ConfigError` (a ``ValueError``) with one line naming the bad value and what is
+allowed; the launcher prints it and exits with code 2 before anything is written.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import ml_collections
+
+from sajax.protocol import PROTOCOLS, Protocol
+
+EXECUTORS: tuple[str, ...] = ("pmap",)
+"""Executors available in this version (threads, simulated and mpi drive the parameter server later)."""
+
+# Every key a config may have, with the Python types it accepts.
+SCHEMA: Mapping[str, tuple[type, ...]] = {
+    "dataset": (str,), "data_dir": (str,), "download": (bool,), "train_examples": (int,),
+    "model": (str,), "executor": (str,), "protocol": (str,), "n": (int,), "learners": (int,),
+    "batch_per_learner": (int,), "policy": (str,), "learning_rate": (float, int), "momentum": (float, int),
+    "weight_decay": (float, int), "lr_boundaries_epochs": (tuple, list), "lr_decay": (float, int),
+    "epochs": (float, int), "eval_every_epochs": (float, int), "eval_batch_size": (int,),
+    "checkpoint_every_epochs": (float, int), "keep_checkpoints": (int,), "seed": (int,),
+    "progress": (bool,), "workdir": (str,),
+}
+OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay"})
+
+# Keys that may change between a run and its resumption in the same workdir.
+RESUMABLE_CHANGES = frozenset({"epochs", "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints",
+                               "progress", "workdir", "eval_batch_size"})
+
+
+class ConfigError(ValueError):
+  """A bad config value; the message is one line naming the value and what is allowed."""
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks every key of ``config``; raises :class:`ConfigError` on the first bad one."""
+  from sajax import data, models, optim  # heavy imports, only when validating a whole run
+
+  values = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+  for key in values:
+    if key not in SCHEMA:
+      raise ConfigError(f"unknown config key {key!r}; allowed: {', '.join(sorted(SCHEMA))}")
+  for key in SCHEMA:
+    if key not in values and key not in OPTIONAL_KEYS:
+      raise ConfigError(f"config key {key!r} is missing; start from configs/default.py")
+  for key, value in values.items():
+    types = SCHEMA[key]
+    if isinstance(value, bool) and bool not in types or not isinstance(value, types):
+      names = " or ".join(t.__name__ for t in types)
+      raise ConfigError(f"config.{key}={value!r} has the wrong type; allowed: {names}")
+
+  def positive(key: str) -> None:
+    if not values[key] > 0:
+      raise ConfigError(f"config.{key}={values[key]!r} is invalid; allowed: a number > 0")
+
+  _one_of("executor", values["executor"], EXECUTORS)
+  _one_of("protocol", values["protocol"], PROTOCOLS)
+  _one_of("model", values["model"], models.MODELS)
+  _one_of("policy", values["policy"], optim.available_policies())
+  if values["dataset"] not in data.DATASETS and not _is_tfds_name(values["dataset"]):
+    raise ConfigError(f"unknown dataset {values['dataset']!r}; allowed: {', '.join(data.DATASETS)} "
+                      "or any TFDS dataset name")
+  if values["learners"] < 1:
+    raise ConfigError(f"config.learners={values['learners']!r} is invalid; allowed: an integer >= 1")
+  if values["batch_per_learner"] < 1:
+    raise ConfigError(f"config.batch_per_learner={values['batch_per_learner']!r} is invalid; "
+                      "allowed: an integer >= 1")
+  for key in ("learning_rate", "epochs", "eval_every_epochs", "checkpoint_every_epochs", "eval_batch_size",
+              "keep_checkpoints", "lr_decay"):
+    positive(key)
+  if not 0 <= values["momentum"] < 1:
+    raise ConfigError(f"config.momentum={values['momentum']!r} is invalid; allowed: 0 <= momentum < 1")
+  if values.get("weight_decay", 0) < 0:
+    raise ConfigError(f"config.weight_decay={values['weight_decay']!r} is invalid; allowed: a number >= 0")
+  if values.get("train_examples", 0) < 0:
+    raise ConfigError(f"config.train_examples={values['train_examples']!r} is invalid; "
+                      "allowed: 0 (all) or a positive integer")
+  for b in values["lr_boundaries_epochs"]:
+    if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0:
+      raise ConfigError(f"config.lr_boundaries_epochs={tuple(values['lr_boundaries_epochs'])!r} is invalid; "
+                        "allowed: positive epoch numbers")
+  try:
+    Protocol.from_name(values["protocol"], values["learners"], values["n"])
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _is_tfds_name(name: str) -> bool:
+  """Whether TFDS knows a builder called ``name`` (``name:version`` and ``name/config`` allowed); no network."""
+  from tensorflow_datasets.core import registered
+  base = name.split(":")[0].split("/")[0]
+  return base in registered.list_imported_builders()
+
+
+def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ConfigError(f"unknown {key} {value!r}; allowed: {', '.join(allowed)}")
+
+
+def protocol_of(config: ml_collections.ConfigDict) -> Protocol:
+  """The run's protocol; the pmap executor is SSGD, i.e. hardsync, whatever ``config.protocol`` says."""
+  if config.executor == "pmap":
+    return Protocol.hardsync(config.learners)
+  return Protocol.from_name(config.protocol, config.learners, config.n)
+
+
+def updates_per_epoch(num_examples: int, protocol: Protocol, batch_per_learner: int) -> float:
+  """N / (c·μ): parameter-server updates in one pass over the N training examples."""
+  return num_examples / (protocol.gradients_per_update * batch_per_learner)
+
+
+def epoch_to_update(epoch: float, per_epoch: float) -> int:
+  """The update count at which ``epoch`` ends (rounded to the nearest update, at least 1 for epoch > 0)."""
+  return max(1, int(round(epoch * per_epoch))) if epoch > 0 else 0
+
+
+def schedule_boundaries(config: ml_collections.ConfigDict, per_epoch: float) -> dict[int, float]:
+  """``{update: lr_decay}`` for ``optax.piecewise_constant_schedule`` from boundaries given in epochs."""
+  out: dict[int, float] = {}
+  for b in config.lr_boundaries_epochs:
+    step = epoch_to_update(b, per_epoch)
+    out[step] = out.get(step, 1.0) * config.lr_decay
+  return out
+
+
+def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+  """Keys whose values differ between a saved run config and a new one, ignoring resumable keys."""
+  diffs = []
+  for key in sorted(set(old) | set(new)):
+    if key in RESUMABLE_CHANGES:
+      continue
+    a, b = old.get(key), new.get(key)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+      a, b = list(a), list(b)
+    if isinstance(a, float) or isinstance(b, float):
+      if isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b):
+        continue
+    if a != b:
+      diffs.append(f"{key}: {a!r} -> {b!r}")
+  return diffs

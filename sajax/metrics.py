@@ -1,0 +1,120 @@
+"""Run outputs: ``metrics.jsonl``, TensorBoard events (tensorboardX, no TensorFlow), ``curves.png`` and the
+one-screen summary. The training loop hands each evaluation record to :class:`RunWriter`; nothing here
+computes a metric.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Mapping, Optional
+
+METRICS_FILE = "metrics.jsonl"
+TIMING_KEYS = frozenset({"wall_s", "samples_per_s"})
+"""Fields that depend on the machine's speed; every other field of a record is reproducible."""
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The evaluation records of a run, oldest first ([] when there are none)."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(workdir: str, max_updates: int) -> list[dict]:
+  """Keeps only the records up to ``max_updates`` (the resumed checkpoint); returns them.
+
+  Records past the checkpoint were made by the part of a run that is about to be recomputed; the file is
+  rewritten atomically so a crash here loses nothing.
+  """
+  records = [r for r in read_metrics(workdir) if r["updates"] <= max_updates]
+  path = os.path.join(workdir, METRICS_FILE)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)
+  return records
+
+
+class RunWriter:
+  """Appends records to ``metrics.jsonl`` and TensorBoard; draws ``curves.png`` on close."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True) -> None:
+    self.workdir = workdir
+    self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, record: Mapping[str, Any]) -> None:
+    self._jsonl.write(json.dumps(dict(record)) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      step = int(record["updates"])
+      for key, value in record.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "updates":
+          self._tb.add_scalar(key, value, global_step=step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def plot_curves(records: Iterable[Mapping[str, Any]], path: str, title: str = "") -> Optional[str]:
+  """Test error and training loss against epochs, written to ``path`` (PNG)."""
+  records = list(records)
+  if not records:
+    return None
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  epochs = [r["epoch"] for r in records]
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+  ax1.plot(epochs, [100 * r["test_error"] for r in records], marker="o", label="top-1")
+  if "test_error_top5" in records[0]:
+    ax1.plot(epochs, [100 * r["test_error_top5"] for r in records], marker="o", label="top-5")
+  ax1.set_xlabel("epoch")
+  ax1.set_ylabel("test error (%)")
+  ax1.grid(alpha=0.3)
+  ax1.legend()
+  ax2.plot(epochs, [r["train_loss"] for r in records], marker="o", color="C3")
+  ax2.set_xlabel("epoch")
+  ax2.set_ylabel("training loss")
+  ax2.set_yscale("log")
+  ax2.grid(alpha=0.3)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
+
+
+def summary(config: Mapping[str, Any], final: Mapping[str, Any], workdir: str) -> str:
+  """The one-screen summary printed at the end of a run."""
+  c = config
+  n_text = f"n = {c['n']}" if c.get("protocol") == "softsync" and c.get("executor") != "pmap" else "n = -"
+  lines = [
+      "=" * 64,
+      f" sajax run: {c['dataset']} / {c['model']} / executor={c['executor']}",
+      f" λ = {c['learners']} learners × μ = {c['batch_per_learner']}   protocol = {final.get('protocol', '')}"
+      f"   {n_text}   policy = {c['policy']}",
+      f" α0 = {c['learning_rate']}   momentum = {c['momentum']}   epochs = {final['epoch']:g}",
+      "-" * 64,
+      f" test error      {100 * final['test_error']:.2f} %"
+      + (f"   (top-5 {100 * final['test_error_top5']:.2f} %)" if "test_error_top5" in final else ""),
+      f" train loss      {final['train_loss']:.4f}",
+      f" updates         {final['updates']}   samples {final['samples']}",
+      f" staleness σ     mean {final['staleness_mean']:.2f}   max {final['staleness_max']}",
+      f" throughput      {final['samples_per_s']:.0f} samples/s   wall {final['wall_s']:.1f} s",
+      "-" * 64,
+      f" outputs in {workdir}: config.json metrics.jsonl curves.png tensorboard/ checkpoints/",
+      "=" * 64,
+  ]
+  return "\n".join(lines)

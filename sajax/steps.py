@@ -1,0 +1,106 @@
+"""Pure per-batch functions every executor compiles: the loss, its gradient, and evaluation counts.
+
+Images arrive as stored (uint8) and are preprocessed on the device inside the compiled function
+(augmentation when an rng is given), so the host only gathers indices and bytes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+PyTree = Any
+LossFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def make_loss_fn(model: Any, preprocess: Callable[[jax.Array, Any], jax.Array]) -> LossFn:
+  """Mean softmax cross-entropy of ``model`` on a training mini-batch of μ examples, with augmentation.
+
+  The returned ``loss(params, images, labels, rng)`` is pure: ``rng`` drives both augmentation and dropout.
+  """
+
+  def loss_fn(params: PyTree, images: jax.Array, labels: jax.Array, rng: jax.Array) -> jax.Array:
+    aug_rng, dropout_rng = jax.random.split(rng)
+    x = preprocess(images, aug_rng)
+    logits = model.apply({"params": params}, x, train=True, rngs={"dropout": dropout_rng})
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  return loss_fn
+
+
+class EvalCounts(NamedTuple):
+  """Sums over a test batch: correct top-1, correct top-5, cross-entropy, and examples counted."""
+
+  top1: jax.Array
+  top5: jax.Array
+  loss: jax.Array
+  count: jax.Array
+
+
+def make_eval_fn(model: Any, preprocess: Callable[[jax.Array, Any], jax.Array]
+                 ) -> Callable[[PyTree, jax.Array, jax.Array, jax.Array], EvalCounts]:
+  """``eval(params, images, labels, mask) -> EvalCounts`` (masked examples, e.g. padding, do not count)."""
+
+  def eval_fn(params: PyTree, images: jax.Array, labels: jax.Array, mask: jax.Array) -> EvalCounts:
+    logits = model.apply({"params": params}, preprocess(images, None), train=False)
+    mask = mask.astype(jnp.float32)
+    k = min(5, logits.shape[-1])
+    topk = jax.lax.top_k(logits, k)[1]
+    hit5 = jnp.any(topk == labels[:, None], axis=-1)
+    hit1 = topk[:, 0] == labels
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return EvalCounts(top1=jnp.sum(hit1 * mask), top5=jnp.sum(hit5 * mask), loss=jnp.sum(loss * mask),
+                      count=jnp.sum(mask))
+
+  return eval_fn
+
+
+class Evaluator:
+  """Test error over a whole split, with the batch spread over ``devices`` by ``jax.pmap``."""
+
+  def __init__(self, model: Any, preprocess: Callable, split: Any, *, batch_size: int,
+               devices: list | None = None) -> None:
+    self.devices = devices or jax.local_devices()
+    d = len(self.devices)
+    self.split = split
+    self.batch_size = max(d, (batch_size // d) * d)
+    eval_fn = make_eval_fn(model, preprocess)
+    # No collective here: per-device counts are summed on the host. A second program with collectives could
+    # interleave with the training step's all-reduce on XLA CPU's shared thread pool and deadlock.
+    self._step = jax.pmap(eval_fn, devices=self.devices)
+
+  def __call__(self, params: PyTree, *, replicated: bool = False) -> dict[str, float]:
+    """``{test_error, test_error_top5, test_loss}`` of ``params`` (replicated over the devices or not)."""
+    d = len(self.devices)
+    if not replicated:
+      params = replicate(params, self.devices)
+    n = len(self.split)
+    totals = np.zeros(4, np.float64)
+    for start in range(0, n, self.batch_size):
+      idx = np.arange(start, min(start + self.batch_size, n))
+      images, labels = self.split.gather(idx)
+      pad = self.batch_size - len(idx)
+      mask = np.concatenate([np.ones(len(idx), np.float32), np.zeros(pad, np.float32)])
+      if pad:
+        images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
+        labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
+      shard = lambda a: a.reshape((d, -1) + a.shape[1:])  # noqa: E731
+      counts = self._step(params, shard(images), shard(labels.astype(np.int32)), shard(mask))
+      totals += np.array([float(np.sum(c)) for c in counts])
+    top1, top5, loss, count = totals
+    return {"test_error": 1.0 - top1 / count, "test_error_top5": 1.0 - top5 / count, "test_loss": loss / count}
+
+
+def replicate(tree: PyTree, devices: list) -> PyTree:
+  """One copy of ``tree`` per device, stacked on a leading axis, as ``jax.pmap`` expects."""
+  from flax import jax_utils
+  return jax_utils.replicate(tree, devices)
+
+
+def unreplicate(tree: PyTree) -> PyTree:
+  """The first device's copy of a replicated tree."""
+  return jax.tree.map(lambda x: x[0], tree)

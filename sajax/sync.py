@@ -1,0 +1,79 @@
+"""The SSGD baseline (``executor="pmap"``): classic synchronous data parallelism with ``jax.pmap``.
+
+Each update takes one mini-batch of μ from every one of the λ learners' samplers (a global batch of λμ),
+splits it over the local devices, averages the gradients with ``lax.pmean`` and applies the same
+staleness-aware optimizer with σ = 0, i.e. hardsync with c = λ. One jitted call per mini-batch: on CPU a
+whole epoch inside ``lax.scan`` was measured 10–30× slower.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sajax import steps
+
+PyTree = Any
+AXIS = "devices"
+
+
+def pmap_devices(global_batch: int, devices: list | None = None) -> list:
+  """The most local devices (at most all of them) that split a global batch of λμ evenly."""
+  devices = devices or jax.local_devices()
+  d = max(k for k in range(1, len(devices) + 1) if global_batch % k == 0)
+  return devices[:d]
+
+
+def make_ssgd_step(loss_fn: steps.LossFn, tx: optax.GradientTransformationExtraArgs, devices: list
+                   ) -> Callable[..., tuple[PyTree, PyTree, jax.Array]]:
+  """``step(params, opt_state, images, labels, rng) -> (params, opt_state, loss)``, pmapped over ``devices``.
+
+  ``params``/``opt_state`` are replicated, ``images``/``labels`` sharded on a leading device axis and
+  ``rng`` is one key (each device folds in its index, so augmentation differs per shard).
+  """
+
+  def step(params, opt_state, images, labels, rng):
+    rng = jax.random.fold_in(rng, jax.lax.axis_index(AXIS))
+    loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, rng)
+    grads = jax.lax.pmean(grads, AXIS)
+    loss = jax.lax.pmean(loss, AXIS)
+    updates, opt_state = tx.update(grads, opt_state, params, staleness=jnp.zeros((), jnp.int32))
+    return optax.apply_updates(params, updates), opt_state, loss
+
+  return jax.pmap(step, axis_name=AXIS, in_axes=(0, 0, 0, 0, None), devices=devices, donate_argnums=(0, 1))
+
+
+def run_ssgd(run: Any) -> tuple[PyTree, PyTree]:
+  """Drives a :class:`sajax.trainer.Run` with the pmap SSGD executor; returns the final (params, opt_state)."""
+  config = run.config
+  devices = pmap_devices(config.learners * config.batch_per_learner)
+  d = len(devices)
+  step = make_ssgd_step(run.loss_fn, run.tx, devices)
+  params = steps.replicate(run.params, devices)
+  opt_state = steps.replicate(run.opt_state, devices)
+  run.log(f"SSGD over {d} device(s): global batch λμ = {config.learners * config.batch_per_learner}")
+
+  def current_state():
+    return steps.unreplicate(params), steps.unreplicate(opt_state)
+
+  previous_loss = None
+  try:
+    while run.updates < run.total_updates:
+      images, labels = run.next_batches(range(config.learners))
+      shard = lambda a: a.reshape((d, -1) + a.shape[1:])  # noqa: E731
+      rng = jax.random.fold_in(run.key, run.updates)
+      params, opt_state, loss = step(params, opt_state, shard(images), shard(np.asarray(labels, np.int32)), rng)
+      # At most two steps in flight: an unbounded queue of pmapped steps with all-reduces can starve XLA
+      # CPU's thread pool and deadlock its collective rendezvous (seen with 8 emulated devices on 2 cores).
+      if previous_loss is not None:
+        previous_loss.block_until_ready()
+      previous_loss = loss
+      run.after_update(loss[0], gradients=config.learners, current_state=current_state)
+  except KeyboardInterrupt:
+    run.interrupted(current_state)
+    raise
+  return current_state()

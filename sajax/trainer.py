@@ -1,0 +1,311 @@
+"""Whole training runs: ``sajax.train(config)`` builds the run, hands it to an executor, and writes outputs.
+
+:class:`Run` holds what every executor shares and nothing executor-specific: the dataset and the per-learner
+samplers, the model, the staleness-aware optimizer, the epoch → update arithmetic, evaluation, checkpoints
+and the run outputs. An executor (``sync.run_ssgd`` for pmap) only moves gradients and calls
+:meth:`Run.after_update`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Iterable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from sajax import checkpoint, config as config_lib, data, metrics, models, steps
+from sajax.optim import staleness_aware
+
+log = logging.getLogger("sajax")
+PyTree = Any
+Callback = Callable[["Run"], None]
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What :func:`train` returns: the final metrics, every evaluation record, and the workdir."""
+
+  metrics: dict
+  history: list
+  workdir: str
+
+
+def default_workdir(name: str = "default", root: str = "runs") -> str:
+  """A fresh ``runs/<name>-<date>-<time>`` folder name (not created)."""
+  base = os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+  path, k = base, 1
+  while os.path.exists(path):
+    k += 1
+    path = f"{base}-{k}"
+  return path
+
+
+def check_workdir_writable(workdir: str) -> None:
+  """Raises ConfigError when ``workdir`` cannot be created or written; creates nothing."""
+  path = os.path.abspath(workdir)
+  probe = path
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise config_lib.ConfigError(f"workdir {workdir!r} is not writable: {probe!r} is not a directory; "
+                                 "allowed: a writable directory path")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(f"workdir {workdir!r} is not writable: no write permission on {probe!r}; "
+                                 "allowed: a writable directory path")
+
+
+def make_optimizer(config: ml_collections.ConfigDict, per_epoch: float) -> optax.GradientTransformationExtraArgs:
+  """The paper's optimizer: SGD(α0 with step decays at epoch boundaries, momentum), wrapped staleness-aware."""
+  schedule = optax.piecewise_constant_schedule(config.learning_rate,
+                                               config_lib.schedule_boundaries(config, per_epoch))
+  base = optax.sgd(schedule, momentum=config.momentum or None)
+  if config.get("weight_decay", 0.0):
+    base = optax.chain(optax.add_decayed_weights(config.weight_decay), base)
+  return staleness_aware(base, policy=config.policy)
+
+
+class Run:
+  """The shared state of one training run (see the module docstring)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, dataset: data.Dataset,
+               callbacks: Sequence[Callback] = ()) -> None:
+    self.config = config
+    self.workdir = workdir
+    self.dataset = dataset
+    self.callbacks = list(callbacks)
+    self.protocol = config_lib.protocol_of(config)
+    self.num_train = len(dataset.train)
+    if config.get("train_examples", 0):
+      self.num_train = min(self.num_train, config.train_examples)
+    self.per_epoch = config_lib.updates_per_epoch(self.num_train, self.protocol, config.batch_per_learner)
+    self.total_updates = config_lib.epoch_to_update(config.epochs, self.per_epoch)
+    self.eval_at = _schedule(config.eval_every_epochs, config.epochs, self.per_epoch, self.total_updates)
+    self.checkpoint_at = _schedule(config.checkpoint_every_epochs, config.epochs, self.per_epoch,
+                                   self.total_updates)
+    self.samples_per_update = self.protocol.gradients_per_update * config.batch_per_learner
+
+    self.key = jax.random.PRNGKey(config.seed)
+    self.model = models.create_model(config.model, dataset.num_classes)
+    preprocess = data.make_preprocess(dataset)
+    self.loss_fn = steps.make_loss_fn(self.model, preprocess)
+    self.evaluator = steps.Evaluator(self.model, preprocess, dataset.test, batch_size=config.eval_batch_size)
+    self.tx = make_optimizer(config, self.per_epoch)
+    self.params = models.init_params(self.model, jax.random.fold_in(self.key, 0), dataset.input_shape)
+    self.opt_state = self.tx.init(self.params)
+    self.samplers = data.learner_samplers(self.num_train, config.batch_per_learner, config.learners, config.seed)
+    self.key = jax.random.fold_in(self.key, 1)  # the key executors fold the update count into
+
+    self.updates = 0
+    self.history: list[dict] = []
+    self._loss_sum, self._loss_count, self._pending_losses = 0.0, 0, []
+    self._wall_before = 0.0          # wall time of earlier sessions of this run (resumed runs)
+    self._t0 = time.perf_counter()
+    self._session_start_updates = 0
+    self._busy_s = 0.0               # time spent evaluating and checkpointing in this session
+    self._last_saved = -1
+    self.staleness_summary: Callable[[], dict] = lambda: {"staleness_mean": 0.0, "staleness_max": 0}
+    self.checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                                keep=config.keep_checkpoints)
+    self._restore()
+    self.writer = metrics.RunWriter(workdir)
+    self._bar = _progress(config, self)
+
+  # ---- data --------------------------------------------------------------------------------------
+  def next_batches(self, learners: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The next mini-batch of μ from each of ``learners``' samplers, concatenated in that order."""
+    idx = np.concatenate([next(self.samplers[k]) for k in learners])
+    return self.dataset.train.gather(idx)
+
+  # ---- loop bookkeeping ---------------------------------------------------------------------------
+  def after_update(self, loss: jax.Array, *, gradients: int,
+                   current_state: Callable[[], tuple[PyTree, PyTree]]) -> None:
+    """Called by the executor after each PS update; evaluates, checkpoints and reports on schedule."""
+    del gradients
+    self.updates += 1
+    self._pending_losses.append(loss)
+    if len(self._pending_losses) >= 256:
+      self._flush_losses()
+    if self._bar is not None:
+      self._bar.update(self.samples_per_update)
+      if self.updates % 10 == 0:
+        self._bar.set_postfix_str(self._postfix(float(loss)), refresh=False)
+    if self.updates in self.eval_at:
+      self._evaluate(current_state()[0])
+    if self.updates in self.checkpoint_at:
+      self.save(*current_state())
+    for callback in self.callbacks:
+      callback(self)
+
+  def interrupted(self, current_state: Callable[[], tuple[PyTree, PyTree]]) -> None:
+    """Ctrl-C: save a checkpoint of the current update so that rerunning resumes from here."""
+    self.save(*current_state())
+    log.warning("interrupted at update %d; checkpoint saved in %s", self.updates, self.workdir)
+    self.close()
+
+  def _flush_losses(self) -> None:
+    if self._pending_losses:
+      for v in np.asarray(jnp.stack(self._pending_losses), np.float64):
+        self._loss_sum += float(v)
+      self._loss_count += len(self._pending_losses)
+      self._pending_losses = []
+
+  def _evaluate(self, params: PyTree) -> dict:
+    t = time.perf_counter()
+    self._flush_losses()
+    result = self.evaluator(params)
+    train_loss = self._loss_sum / max(self._loss_count, 1)
+    self._loss_sum, self._loss_count = 0.0, 0
+    self._busy_s += time.perf_counter() - t
+    session_updates = self.updates - self._session_start_updates
+    train_time = max(time.perf_counter() - self._t0 - self._busy_s, 1e-9)
+    record = {
+        "epoch": round(self.updates / self.per_epoch, 4),
+        "updates": self.updates,
+        "samples": self.updates * self.samples_per_update,
+        "wall_s": round(self._wall_before + time.perf_counter() - self._t0, 3),
+        "train_loss": train_loss,
+        "test_error": result["test_error"],
+        "test_loss": result["test_loss"],
+        **self.staleness_summary(),
+        "samples_per_s": session_updates * self.samples_per_update / train_time,
+        "learning_rate": float(self._learning_rate()),
+    }
+    if self.dataset.num_classes > 10:
+      record["test_error_top5"] = result["test_error_top5"]
+    self.history.append(record)
+    self.writer.write(record)
+    if self._bar is not None:
+      self._bar.set_postfix_str(self._postfix(train_loss), refresh=True)
+    return record
+
+  def _learning_rate(self) -> float:
+    boundaries = config_lib.schedule_boundaries(self.config, self.per_epoch)
+    return optax.piecewise_constant_schedule(self.config.learning_rate, boundaries)(self.updates)
+
+  def _postfix(self, loss: float) -> str:
+    last = f"{100 * self.history[-1]['test_error']:.2f}%" if self.history else "-"
+    return f"loss {loss:.4f}  test error {last}"
+
+  # ---- checkpoints -------------------------------------------------------------------------------
+  def save(self, params: PyTree, opt_state: PyTree) -> None:
+    """Checkpoints the run at the current update (params, optimizer state, samplers, counters)."""
+    if self.updates == self._last_saved:
+      return
+    t = time.perf_counter()
+    self._flush_losses()
+    meta = {
+        "updates": self.updates,
+        "samplers": [s.get_state() for s in self.samplers],
+        "loss_sum": self._loss_sum, "loss_count": self._loss_count,
+        "wall_s": self._wall_before + time.perf_counter() - self._t0,
+    }
+    self.checkpointer.save(self.updates, {"params": params, "opt_state": opt_state}, meta)
+    self._last_saved = self.updates
+    self._busy_s += time.perf_counter() - t
+
+  def _restore(self) -> None:
+    restored = self.checkpointer.restore_latest({"params": self.params, "opt_state": self.opt_state})
+    if restored is None:
+      metrics.truncate_metrics(self.workdir, 0)
+      return
+    step, state, meta = restored
+    self.params, self.opt_state = state["params"], state["opt_state"]
+    for sampler, s in zip(self.samplers, meta["samplers"]):
+      sampler.set_state(s)
+    self.updates = self._session_start_updates = self._last_saved = int(meta["updates"])
+    self._loss_sum, self._loss_count = float(meta["loss_sum"]), int(meta["loss_count"])
+    self._wall_before = float(meta["wall_s"])
+    self.history = metrics.truncate_metrics(self.workdir, self.updates)
+    log.info("resuming from the checkpoint at update %d (epoch %.2f)", step, step / self.per_epoch)
+
+  # ---- end ---------------------------------------------------------------------------------------
+  def finish(self, params: PyTree, opt_state: PyTree) -> dict:
+    """Final evaluation and checkpoint (unless just done), curves.png; returns the final metrics."""
+    if not self.history or self.history[-1]["updates"] != self.updates:
+      self._evaluate(params)
+    self.save(params, opt_state)
+    self.close()
+    metrics.plot_curves(self.history, os.path.join(self.workdir, "curves.png"),
+                        title=f"{self.config.dataset} / {self.config.model} / {self.config.executor}")
+    return {**self.history[-1], "epochs": self.config.epochs, "protocol": self.protocol.name,
+            "gradients_per_update": self.protocol.gradients_per_update}
+
+  def log(self, message: str) -> None:
+    log.info(message)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None
+    self.writer.close()
+    self.checkpointer.close()
+
+
+def _schedule(every_epochs: float, epochs: float, per_epoch: float, total: int) -> set[int]:
+  """Update counts at the end of every ``every_epochs`` epochs, and the last update."""
+  points = {total}
+  k = 1
+  while k * every_epochs < epochs - 1e-9:
+    points.add(config_lib.epoch_to_update(k * every_epochs, per_epoch))
+    k += 1
+  return {p for p in points if 0 < p <= total}
+
+
+def _progress(config: ml_collections.ConfigDict, run: Run):
+  if not config.get("progress", True):
+    return None
+  from tqdm import tqdm
+  total = run.total_updates * run.samples_per_update
+  return tqdm(total=total, initial=run.updates * run.samples_per_update, unit=" samples", unit_scale=True,
+              dynamic_ncols=True, desc=f"{config.executor}")
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Creates ``workdir`` and writes ``config.json``; a workdir holding another run's config is refused."""
+  check_workdir_writable(workdir)
+  values = config.to_dict()
+  values["workdir"] = os.path.abspath(workdir)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diffs = config_lib.config_differences(old, values)
+    if diffs:
+      raise config_lib.ConfigError(f"workdir {workdir!r} holds a run with another config ({'; '.join(diffs)}); "
+                                   "allowed: the same config to resume, or a fresh --workdir")
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(values, f, indent=2, sort_keys=True, default=list)
+  os.replace(tmp, path)
+
+
+def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
+          callbacks: Sequence[Callback] = ()) -> TrainResult:
+  """Trains ``config`` (see configs/default.py) into ``workdir``, resuming a run already there.
+
+  Bad input (an unknown key or value, an unwritable workdir, a dataset that is not prepared) raises a
+  ``ValueError`` before anything is written. ``callbacks`` are called with the :class:`Run` after every
+  parameter-server update (progress hooks, early stops: raising ``KeyboardInterrupt`` from one saves a
+  checkpoint and stops, exactly like Ctrl-C).
+  """
+  config_lib.validate(config)
+  workdir = workdir or config.get("workdir") or default_workdir()
+  check_workdir_writable(workdir)
+  dataset = data.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
+                              download=config.get("download", False))
+  prepare_workdir(config, workdir)
+  run = Run(config, workdir, dataset, callbacks)
+  from sajax import sync
+  executors = {"pmap": sync.run_ssgd}
+  params, opt_state = executors[config.executor](run)
+  final = run.finish(params, opt_state)
+  return TrainResult(metrics=final, history=run.history, workdir=workdir)
