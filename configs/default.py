@@ -24,12 +24,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.batch_per_learner = 16       # μ
   config.policy = "inverse"           # staleness policy: inverse (α0/σ, the paper) | constant (plain ASGD)
   # optimisation: SGD with momentum and a step schedule, as in the paper
-  config.learning_rate = 0.05         # α0, for a mini-batch of λμ examples
+  config.learning_rate = 0.03         # α0, for a mini-batch of λμ examples
   config.momentum = 0.9
   config.weight_decay = 0.0
-  config.lr_boundaries_epochs = (8,)  # α ← α · lr_decay at each of these epochs
+  config.lr_boundaries_epochs = (9,)  # α ← α · lr_decay at each of these epochs
   config.lr_decay = 0.1
-  config.epochs = 10
+  config.epochs = 12
   # bookkeeping
   config.eval_every_epochs = 1
   config.eval_batch_size = 1000

@@ -61,7 +61,8 @@ def local_response_norm(x: jax.Array, size: int, alpha: float, beta: float, k: f
     window, pad, count = (1, size, size, 1), ((0, 0), (half, half), (half, half), (0, 0)), size * size
   else:
     window, pad, count = (1, 1, 1, size), ((0, 0), (0, 0), (0, 0), (half, half)), size
-  total = lax.reduce_window(jnp.square(x), jnp.array(0, x.dtype), lax.add, window, (1, 1, 1, 1), pad)
+  # A Python-scalar 0 init makes lax.reduce_window a differentiable window sum (a jnp array init does not).
+  total = lax.reduce_window(jnp.square(x), 0.0, lax.add, window, (1, 1, 1, 1), pad)
   return x * (k + (alpha / count) * total) ** -beta
 
 

@@ -203,3 +203,16 @@ def test_small_cnn_sgd_steps_reduce_loss(built):
     params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
     loss, grads = grad_fn(params)
   assert float(loss) < 0.9 * float(first)
+
+
+@pytest.mark.parametrize("name, shape", [("cifar10_full", (32, 32, 3)), ("alexnet", (67, 67, 3))])
+def test_paper_networks_are_differentiable(name, shape):
+  """LRN and Caffe pooling must have gradients: the trainer differentiates through them."""
+  model = models.create_model(name, 10)
+  params = models.init_params(model, jax.random.PRNGKey(0), shape)
+  x = jax.random.normal(jax.random.PRNGKey(1), (2,) + shape)
+  grads = jax.grad(lambda p: model.apply({"params": p}, x, train=True,
+                                         rngs={"dropout": jax.random.PRNGKey(2)}).sum())(params)
+  leaves = jax.tree.leaves(grads)
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
+  assert any(float(jnp.abs(g).sum()) > 0 for g in leaves)
