@@ -56,13 +56,43 @@ def _config_path(argv: list[str]) -> str | None:
   return None
 
 
-def _known_keys() -> list[str]:
-  """The keys of configs/default.py (every config starts from it), read without importing jax."""
+def _load_config_file(path: str):
+  """The ConfigDict of the config file at ``path``, loaded without importing jax."""
   import importlib.util
-  spec = importlib.util.spec_from_file_location("sajax_default_config", DEFAULT_CONFIG)
+  spec = importlib.util.spec_from_file_location("sajax_user_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return sorted(module.get_config().keys()) + ["workdir"]
+  return module.get_config()
+
+
+def _config_keys(path: str) -> list[str]:
+  return sorted(_load_config_file(path).keys())
+
+
+def _bad_value_message(error: BaseException, path: str) -> str | None:
+  """'config.key=value is invalid ...; allowed: <type>' for an override that does not parse as its type."""
+  match = re.search(r"flag --config\.([\w.]+)=(.*?): (.*)", _one_line(error))
+  if not match:
+    return None
+  key, value, reason = match.groups()
+  try:
+    kind = type(_load_config_file(path)[key.split(".")[0]]).__name__
+  except Exception:  # noqa: BLE001 - only used to phrase the message
+    kind = ""
+  expected = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "a string",
+              "tuple": "a tuple such as (120, 130)"}.get(kind, "a value of the key's type")
+  return f"config.{key}={value!r} is invalid ({reason}); allowed: {expected}"
+
+
+def _unknown_override(argv: list[str], path: str) -> str | None:
+  """The first ``--config.<key>`` override whose key the config file does not have."""
+  keys = set(_config_keys(path))
+  for a in argv:
+    if a.startswith("--config."):
+      key = a[len("--config."):].split("=", 1)[0].split(".")[0]
+      if key not in keys:
+        return key
+  return None
 
 
 def parse_config(argv: list[str]):
@@ -73,15 +103,16 @@ def parse_config(argv: list[str]):
   elif not os.path.isfile(path):
     raise ValueError(f"config file {path!r} does not exist; allowed: a path to an ml_collections config file, "
                      f"e.g. configs/default.py")
+  path = path or DEFAULT_CONFIG
   try:
     flags.FLAGS(argv)
     config = _CONFIG.value
     config.learners  # noqa: B018 - a config file that failed to load raises here
-  except KeyError as e:
-    key = str(e).strip("\"'")
-    raise ValueError(f"unknown config key {key!r}; allowed: {', '.join(_known_keys())}") from None
-  except (flags.Error, AttributeError, TypeError, OSError) as e:
-    raise ValueError(_one_line(e)) from None
+  except (flags.Error, KeyError, AttributeError, TypeError, OSError) as e:
+    key = _unknown_override(argv[1:], path)
+    if key is not None:
+      raise ValueError(f"unknown config key {key!r}; allowed: {', '.join(_config_keys(path))}") from None
+    raise ValueError(_bad_value_message(e, path) or _one_line(e)) from None
   return config
 
 
@@ -114,7 +145,7 @@ def main(argv: list[str]) -> int:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return EXIT_BAD_INPUT
   except KeyboardInterrupt:
-    print(f"\ninterrupted: checkpoint saved; rerun with --workdir {workdir} to resume", file=sys.stderr)
+    print(f"\ninterrupted; rerun with --workdir {workdir} to resume from its last checkpoint", file=sys.stderr)
     return EXIT_INTERRUPTED
   print(metrics.summary(config.to_dict(), result.metrics, os.path.abspath(workdir)))
   return 0

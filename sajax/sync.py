@@ -56,6 +56,8 @@ def run_ssgd(run: Any) -> tuple[PyTree, PyTree]:
   params = steps.replicate(run.params, devices)
   opt_state = steps.replicate(run.opt_state, devices)
   run.log(f"SSGD over {d} device(s): global batch λμ = {config.learners * config.batch_per_learner}")
+  if config.protocol != "hardsync":
+    run.log(f"executor=pmap is synchronous SGD: protocol={config.protocol!r} is ignored (σ = 0 throughout)")
 
   def current_state():
     return steps.unreplicate(params), steps.unreplicate(opt_state)

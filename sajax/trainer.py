@@ -12,6 +12,9 @@ import dataclasses
 import json
 import logging
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
@@ -117,6 +120,16 @@ class Run:
     self._restore()
     self.writer = metrics.RunWriter(workdir)
     self._bar = _progress(config, self)
+    self._stop_requested = False
+    self._previous_sigint = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous_sigint = signal.signal(signal.SIGINT, self._request_stop)
+
+  def _request_stop(self, signum, frame) -> None:
+    """First Ctrl-C: stop cleanly after the current update (checkpoint, then KeyboardInterrupt)."""
+    del signum, frame
+    self._stop_requested = True
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
 
   # ---- data --------------------------------------------------------------------------------------
   def next_batches(self, learners: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -143,6 +156,8 @@ class Run:
       self.save(*current_state())
     for callback in self.callbacks:
       callback(self)
+    if self._stop_requested:
+      raise KeyboardInterrupt
 
   def interrupted(self, current_state: Callable[[], tuple[PyTree, PyTree]]) -> None:
     """Ctrl-C: save a checkpoint of the current update so that rerunning resumes from here."""
@@ -242,6 +257,9 @@ class Run:
     log.info(message)
 
   def close(self) -> None:
+    if self._previous_sigint is not None:
+      signal.signal(signal.SIGINT, self._previous_sigint)
+      self._previous_sigint = None
     if self._bar is not None:
       self._bar.close()
       self._bar = None
@@ -265,7 +283,7 @@ def _progress(config: ml_collections.ConfigDict, run: Run):
   from tqdm import tqdm
   total = run.total_updates * run.samples_per_update
   return tqdm(total=total, initial=run.updates * run.samples_per_update, unit=" samples", unit_scale=True,
-              dynamic_ncols=True, desc=f"{config.executor}")
+              dynamic_ncols=True, desc=f"{config.executor}", mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:

@@ -1,0 +1,148 @@
+"""`python launch/train.py`: bad input exits 2 with one line and writes nothing; runs, Ctrl-C and resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+SMOKE = os.path.join(ROOT, "configs", "smoke.py")
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # the launcher sets the device count itself
+  return env
+
+
+def _launch(*args, cwd=None, timeout=300):
+  return subprocess.run([sys.executable, TRAIN, *args], capture_output=True, text=True, cwd=cwd, env=_env(),
+                        timeout=timeout)
+
+
+BAD_INPUT = [
+    (["--config.learners=0"], "learners=0"),
+    (["--config.batch_per_learner=0"], "batch_per_learner=0"),
+    (["--config.dataset=nosuchdata"], "nosuchdata"),
+    (["--config.model=resnet9000"], "resnet9000"),
+    (["--config.executor=carrier_pigeon"], "carrier_pigeon"),
+    (["--config.policy=nopolicy"], "nopolicy"),
+    (["--config.protocol=gossip"], "gossip"),
+    (["--config.learning_rate=0"], "learning_rate=0"),
+    (["--config.learning_rate=-0.1"], "learning_rate=-0.1"),
+    (["--config.epochs=0"], "epochs=0"),
+    (["--config.epochs=-3"], "epochs=-3"),
+    (["--config.not_a_key=1"], "not_a_key"),
+    (["--config.learners=many"], "many"),
+    (["--config=configs/does_not_exist.py"], "does_not_exist.py"),
+    (["--config.protocol=softsync", "--config.n=9"], "n=9"),
+]
+
+
+@pytest.mark.parametrize("args, named", BAD_INPUT, ids=[a[0][-1] for a in BAD_INPUT])
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, named, tmp_path):
+  workdir = tmp_path / "run"
+  result = _launch(*args, "--workdir", str(workdir), cwd=str(tmp_path))
+  assert result.returncode == 2, result.stderr
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, result.stderr
+  assert lines[0].startswith("error: ") and named in lines[0] and "allowed" in lines[0]
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()
+  assert sorted(os.listdir(tmp_path)) == ["run"] or sorted(os.listdir(tmp_path)) == []
+
+
+def test_unwritable_workdir_exits_2(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  result = _launch("--config", SMOKE, "--workdir", str(blocker / "run"))
+  assert result.returncode == 2
+  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  assert len(lines) == 1 and "not writable" in lines[0] and str(blocker) in lines[0]
+  assert sorted(os.listdir(tmp_path)) == ["a_file"]
+
+
+def test_unprepared_tfds_dataset_exits_2_fast_and_writes_nothing(tmp_path):
+  start = time.time()
+  result = _launch("--config.dataset=cifar10", f"--config.data_dir={tmp_path / 'tfds'}", "--workdir",
+                   str(tmp_path / "run"))
+  assert result.returncode == 2
+  assert "tfds build cifar10" in result.stderr.splitlines()[-1]
+  assert time.time() - start < 60
+  assert not (tmp_path / "run").exists()
+
+
+def test_smoke_run_prints_the_summary(tmp_path):
+  workdir = tmp_path / "run"
+  result = _launch("--config", SMOKE, "--workdir", str(workdir))
+  assert result.returncode == 0, result.stderr
+  assert "test error" in result.stdout and str(workdir) in result.stdout
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert len(records) == 2
+
+
+def test_no_flags_runs_the_default_config_into_a_fresh_workdir_and_says_where(tmp_path):
+  """The default run itself is long; a flag-free start is checked by stopping it at its first evaluation."""
+  proc = subprocess.Popen([sys.executable, TRAIN], cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    metrics = None
+    while time.time() < deadline and metrics is None:
+      runs = tmp_path / "runs"
+      if runs.exists():
+        for d in runs.iterdir():
+          if (d / "metrics.jsonl").exists() and (d / "metrics.jsonl").read_text().strip():
+            metrics = d / "metrics.jsonl"
+      time.sleep(0.5)
+    assert metrics is not None, "the default run wrote no evaluation in time"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 130, err
+  workdir = metrics.parent
+  assert f"training default into {workdir}" in err
+  config = json.loads((workdir / "config.json").read_text())
+  assert config["dataset"] == "mnist5k" and config["learners"] == 8
+  assert os.listdir(workdir / "checkpoints"), "Ctrl-C must leave a checkpoint"
+
+
+def test_ctrl_c_then_rerun_resumes_to_the_uninterrupted_result(tmp_path):
+  args = ["--config", SMOKE, "--config.epochs=6", "--config.train_examples=2048"]
+  reference = _launch(*args, "--workdir", str(tmp_path / "reference"))
+  assert reference.returncode == 0, reference.stderr
+
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen([sys.executable, TRAIN, *args, "--workdir", str(workdir)], env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    deadline = time.time() + 240
+    while time.time() < deadline:
+      path = workdir / "metrics.jsonl"
+      if path.exists() and len(path.read_text().splitlines()) >= 2:
+        break
+      time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  if proc.returncode == 0:
+    pytest.fail("the run finished before it could be interrupted; make it longer")
+  assert proc.returncode == 130, err
+  assert "resume" in err
+  resumed = _launch(*args, "--workdir", str(workdir))
+  assert resumed.returncode == 0, resumed.stderr
+
+  def reproducible(path):
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("wall_s", "samples_per_s")} for r in rows]
+
+  assert reproducible(workdir / "metrics.jsonl") == reproducible(tmp_path / "reference" / "metrics.jsonl")
