@@ -7,9 +7,10 @@ The optax transform (:func:`staleness_aware`, :func:`staleness_scale`) imports o
 from sajax.optim import (StalenessAwareState, StalenessPolicy, available_policies, get_policy,
                          register_policy, staleness_aware, staleness_scale)
 from sajax.protocol import Protocol
+from sajax.server import ParameterServer, PushResult, StalenessStats
 
 __all__ = [
-    "Protocol", "StalenessAwareState", "StalenessPolicy", "available_policies", "get_policy",
+    "ParameterServer", "Protocol", "PushResult", "StalenessAwareState", "StalenessStats", "StalenessPolicy", "available_policies", "get_policy",
     "register_policy", "staleness_aware", "staleness_scale", "train",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,237 @@
+"""The parameter-server core: plain single-threaded logic that every executor drives.
+
+The PS holds weights θ with a timestamp (version) i. A learner pulls ``(j, θ_j)``, computes a gradient and
+pushes ``(j, g)``; the PS gives it staleness σ = i − j, buffers it, and once it holds c gradients
+(``protocol.gradients_per_update``) applies them all in one jit-compiled update through the staleness-aware
+optax transform — (1/c) Σ s(σ_l) g_l through the base optimizer — and increments i. A gradient with a NaN or
+Inf is dropped, counted, and does not count toward c. Nothing here has threads or queues: executors own
+concurrency, so the staleness bookkeeping can be checked exactly by driving the PS from a plain loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sajax.optim import get_policy
+from sajax.protocol import Protocol
+
+PyTree = Any
+
+
+class PushResult(NamedTuple):
+  """What happened to one pushed gradient."""
+
+  applied_update: bool   # this push completed a set of c gradients and the PS applied an update
+  staleness: int         # σ = i − j at the PS when it arrived
+  dropped: bool          # it held a NaN/Inf and was dropped (not buffered, not counted toward c)
+
+
+@dataclasses.dataclass
+class LearnerStats:
+  """Staleness of one learner's accepted pushes, and its dropped ones."""
+
+  count: int = 0
+  total: int = 0
+  min: Optional[int] = None
+  max: Optional[int] = None
+  dropped: int = 0
+
+  @property
+  def mean(self) -> float:
+    return self.total / self.count if self.count else 0.0
+
+
+@dataclasses.dataclass
+class StalenessStats:
+  """Running statistics over accepted pushes (dropped ones are counted apart)."""
+
+  histogram: dict = dataclasses.field(default_factory=dict)     # σ -> number of accepted gradients
+  count: int = 0
+  total: int = 0
+  max: int = 0
+  dropped: int = 0
+  per_learner: dict = dataclasses.field(default_factory=dict)   # learner -> LearnerStats
+
+  @property
+  def mean(self) -> float:
+    return self.total / self.count if self.count else 0.0
+
+  @property
+  def min(self) -> int:
+    return min(self.histogram) if self.histogram else 0
+
+  def record(self, learner: int, staleness: int) -> None:
+    self.histogram[staleness] = self.histogram.get(staleness, 0) + 1
+    self.count += 1
+    self.total += staleness
+    self.max = max(self.max, staleness)
+    s = self.per_learner.setdefault(learner, LearnerStats())
+    s.count += 1
+    s.total += staleness
+    s.min = staleness if s.min is None else min(s.min, staleness)
+    s.max = staleness if s.max is None else max(s.max, staleness)
+
+  def record_dropped(self, learner: int) -> None:
+    self.dropped += 1
+    self.per_learner.setdefault(learner, LearnerStats()).dropped += 1
+
+  def to_json(self) -> dict:
+    return {"histogram": {str(k): v for k, v in sorted(self.histogram.items())}, "count": self.count,
+            "total": self.total, "max": self.max, "dropped": self.dropped,
+            "per_learner": {str(k): dataclasses.asdict(v) for k, v in sorted(self.per_learner.items())}}
+
+  @classmethod
+  def from_json(cls, d: dict) -> "StalenessStats":
+    return cls(histogram={int(k): v for k, v in d["histogram"].items()}, count=d["count"], total=d["total"],
+               max=d["max"], dropped=d["dropped"],
+               per_learner={int(k): LearnerStats(**v) for k, v in d["per_learner"].items()})
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """A scalar bool array: whether every element of every leaf is finite (no NaN, no Inf)."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+all_finite_jit = jax.jit(all_finite)
+
+
+def _private_copy(tree: PyTree, device: jax.Device) -> PyTree:
+  return jax.tree.map(lambda x: jnp.array(jax.device_put(x, device), copy=True), tree)
+
+
+def _make_apply(tx: optax.GradientTransformationExtraArgs):
+  """``apply(params, opt_state, grads_list, staleness) -> (params, opt_state)``: one PS update of c gradients."""
+
+  def apply(params, opt_state, grads_list, staleness, stale_params_list):
+    stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads_list)
+    stale = None if stale_params_list is None else jax.tree.map(lambda *p: jnp.stack(p), *stale_params_list)
+    updates, opt_state = tx.update(stacked, opt_state, params, staleness=staleness, stale_params=stale)
+    return optax.apply_updates(params, updates), opt_state
+
+  return jax.jit(apply, donate_argnums=(1,))
+
+
+class ParameterServer:
+  """The PS core: ``pull`` / ``push`` / ``version`` / ``stats``, and its state for checkpoints.
+
+  Args:
+    params: initial weights θ_0 (a pytree of arrays).
+    tx: the optimizer, normally ``sajax.staleness_aware(base, policy)``; its ``update`` must accept
+      ``staleness=`` (an int vector of length c) and ``stale_params=``.
+    protocol: the :class:`~sajax.Protocol` (gives c and whether learners wait).
+    device: where θ lives and updates run (default: the first local device).
+    policy: the staleness policy ``tx`` was built with, when it needs the stale weights θ_j (the PS then
+      keeps θ_j alive, a reference and not a copy, until the gradient computed on it has been applied).
+  """
+
+  def __init__(self, params: PyTree, tx: optax.GradientTransformationExtraArgs, protocol: Protocol, *,
+               device: Optional[jax.Device] = None, policy: Any = None) -> None:
+    self.protocol = protocol
+    self.device = device or jax.local_devices()[0]
+    self.params = jax.device_put(params, self.device)
+    # The optimizer state is donated to each update: hold a private copy, never an alias of the caller's.
+    self.opt_state = _private_copy(tx.init(self.params), self.device)
+    self.version = 0
+    self.stats = StalenessStats()
+    self.gradients_per_update = protocol.gradients_per_update
+    self._needs_stale = policy is not None and get_policy(policy).needs_stale_params
+    self._apply = _make_apply(tx)
+    self._buffer: list[tuple[PyTree, int, int]] = []       # (grads, σ, learner)
+    self._stale_buffer: list[PyTree] = []
+    self._snapshots: dict[int, PyTree] = {}                  # version -> θ_j, only for policies that read θ_j
+    self._snapshot_readers: dict[int, int] = {}
+
+  # ---- the learner-facing API ----------------------------------------------------------------------
+  def pull(self, learner: Optional[int] = None) -> tuple[int, PyTree]:
+    """``(version j, θ_j)``. No copy: JAX arrays are immutable, so this is a reference to version j."""
+    version, params = self.version, self.params
+    if self._needs_stale and learner is not None:
+      self._snapshots[version] = params
+      self._snapshot_readers[version] = self._snapshot_readers.get(version, 0) + 1
+    return version, params
+
+  def push(self, learner: int, version: int, grads: PyTree, *, finite: Optional[bool] = None) -> PushResult:
+    """Accepts learner ``learner``'s gradient computed on version ``version``.
+
+    ``finite`` may be given when the caller already checked the gradient for NaN/Inf (e.g. on the learner's
+    device); otherwise the PS checks it, which waits for the gradient to be computed.
+    """
+    if not 0 <= version <= self.version:
+      raise ValueError(f"version={version!r} is invalid; allowed: 0 <= version <= {self.version} (the PS version)")
+    staleness = self.version - version
+    stale_params = self._release_snapshot(version) if self._needs_stale else None
+    if finite is None:
+      finite = bool(all_finite_jit(grads))
+    if not finite:
+      self.stats.record_dropped(learner)
+      return PushResult(applied_update=False, staleness=staleness, dropped=True)
+    self.stats.record(learner, staleness)
+    self._buffer.append((jax.device_put(grads, self.device), staleness, learner))
+    if self._needs_stale:
+      self._stale_buffer.append(stale_params)
+    if len(self._buffer) >= self.gradients_per_update:
+      self._apply_buffer()
+      return PushResult(applied_update=True, staleness=staleness, dropped=False)
+    return PushResult(applied_update=False, staleness=staleness, dropped=False)
+
+  def set_gradients_per_update(self, c: int) -> bool:
+    """Changes c (e.g. re-derived from the learners still alive); applies at once if ≥ c are buffered."""
+    if c < 1:
+      raise ValueError(f"gradients_per_update={c!r} is invalid; allowed: an integer >= 1")
+    self.gradients_per_update = c
+    if len(self._buffer) >= c:
+      self._apply_buffer()
+      return True
+    return False
+
+  @property
+  def buffered(self) -> int:
+    """Gradients waiting for the next update."""
+    return len(self._buffer)
+
+  # ---- internals -------------------------------------------------------------------------------------
+  def _release_snapshot(self, version: int) -> PyTree:
+    params = self._snapshots.get(version, self.params if version == self.version else None)
+    if params is None:
+      raise ValueError(f"no snapshot of version {version} is held; pull(learner=...) before pushing")
+    if version in self._snapshot_readers:
+      self._snapshot_readers[version] -= 1
+      if self._snapshot_readers[version] == 0:
+        del self._snapshot_readers[version]
+        self._snapshots.pop(version, None)
+    return params
+
+  def _apply_buffer(self) -> None:
+    grads = [g for g, _, _ in self._buffer]
+    staleness = jnp.asarray(np.array([s for _, s, _ in self._buffer], np.int32))
+    stale = list(self._stale_buffer) if self._needs_stale else None
+    self.params, self.opt_state = self._apply(self.params, self.opt_state, grads, staleness, stale)
+    self.version += 1
+    self._buffer, self._stale_buffer = [], []
+
+  # ---- checkpoints -----------------------------------------------------------------------------------
+  def state_arrays(self) -> dict:
+    """The array part of the PS state (θ, optimizer state) for an orbax checkpoint."""
+    return {"params": self.params, "opt_state": self.opt_state}
+
+  def state_meta(self) -> dict:
+    """The JSON part: version, c and staleness statistics. Buffered gradients are in flight: not saved."""
+    return {"version": self.version, "gradients_per_update": self.gradients_per_update,
+            "stats": self.stats.to_json()}
+
+  def restore(self, arrays: dict, meta: dict) -> None:
+    """Restores a state saved by :meth:`state_arrays` and :meth:`state_meta`."""
+    self.params = jax.device_put(arrays["params"], self.device)
+    self.opt_state = _private_copy(arrays["opt_state"], self.device)
+    self.version = int(meta["version"])
+    self.gradients_per_update = int(meta["gradients_per_update"])
+    self.stats = StalenessStats.from_json(meta["stats"])
+    self._buffer, self._stale_buffer = [], []
+    self._snapshots, self._snapshot_readers = {}, {}

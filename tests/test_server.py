@@ -1,0 +1,174 @@
+"""The parameter-server core driven from outside, without threads: exact staleness bookkeeping and updates."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import sajax
+from sajax import optim
+from sajax.server import ParameterServer, PushResult
+
+
+def _params():
+  return {"w": jnp.array([1.0, -1.0, 0.5]), "b": jnp.array(0.0)}
+
+
+def _grad(k):
+  return {"w": jnp.array([0.1 * k + 0.2, -0.05 * k, 0.3]), "b": jnp.array(0.01 * k)}
+
+
+def _ps(protocol, policy="inverse", lr=0.1, momentum=0.9):
+  tx = sajax.staleness_aware(optax.sgd(lr, momentum=momentum), policy=policy)
+  return ParameterServer(_params(), tx, protocol=protocol, policy=policy)
+
+
+def test_protocols():
+  assert sajax.Protocol.hardsync(8).gradients_per_update == 8 and sajax.Protocol.hardsync(8).learners_wait
+  assert sajax.Protocol.softsync(8, 2).gradients_per_update == 4
+  assert sajax.Protocol.softsync(8, 3).gradients_per_update == 2  # ⌊8/3⌋
+  assert not sajax.Protocol.softsync(8, 2).learners_wait
+  assert sajax.Protocol.asynchronous(8).gradients_per_update == 1
+  for bad in (lambda: sajax.Protocol.softsync(8, 0), lambda: sajax.Protocol.softsync(8, 9)):
+    with pytest.raises(ValueError, match=r"n=\d+ .*1 <= n <= 8"):
+      bad()
+  with pytest.raises(ValueError, match="learners=0"):
+    sajax.Protocol.hardsync(0)
+
+
+def test_hardsync_every_gradient_has_zero_staleness_and_c_equals_lambda():
+  ps = _ps(sajax.Protocol.hardsync(4))
+  for round_ in range(3):
+    pulled = [ps.pull() for _ in range(4)]
+    results = [ps.push(k, v, _grad(k)) for k, (v, _) in enumerate(pulled)]
+    assert [r.staleness for r in results] == [0, 0, 0, 0]
+    assert [r.applied_update for r in results] == [False, False, False, True]
+    assert ps.version == round_ + 1
+  assert ps.stats.histogram == {0: 12} and ps.stats.mean == 0 and ps.stats.max == 0
+
+
+def test_async_and_softsync_staleness_is_i_minus_j_exactly():
+  ps = _ps(sajax.Protocol.softsync(4, 2))  # c = 2
+  v0, _ = ps.pull()                         # learners 0..3 all pull version 0
+  r = [ps.push(k, v0, _grad(k)) for k in range(4)]
+  assert [x.staleness for x in r] == [0, 0, 1, 1] and [x.applied_update for x in r] == [False, True, False, True]
+  assert ps.version == 2
+  r = ps.push(0, 1, _grad(9))               # a gradient computed on version 1, arriving at version 2
+  assert r == PushResult(applied_update=False, staleness=1, dropped=False)
+  r = ps.push(1, 0, _grad(9))
+  assert r.staleness == 2 and r.applied_update and ps.version == 3
+  assert ps.stats.histogram == {0: 2, 1: 3, 2: 1}
+  assert ps.stats.per_learner[1].max == 2 and ps.stats.per_learner[1].min == 0
+  with pytest.raises(ValueError, match="version=7"):
+    ps.push(0, 7, _grad(0))
+
+
+def test_updates_match_the_hand_computed_rule_through_momentum():
+  """Async PS with momentum and the inverse policy: θ ← θ − α·m, m ← β·m + s(σ)·g, one step per push."""
+  ps = _ps(sajax.Protocol.asynchronous(3), lr=0.1, momentum=0.9)
+  ref_w, m = np.asarray(_params()["w"]), np.zeros(3)
+  versions = {k: ps.pull()[0] for k in range(3)}
+  order = [0, 1, 2, 2, 0, 1, 1, 0]
+  for step, k in enumerate(order):
+    sigma = ps.version - versions[k]
+    res = ps.push(k, versions[k], _grad(step))
+    assert res.staleness == sigma and res.applied_update
+    s = 1.0 if sigma == 0 else 1.0 / sigma
+    m = 0.9 * m + s * np.asarray(_grad(step)["w"])
+    ref_w = ref_w - 0.1 * m
+    versions[k] = ps.pull()[0]
+  np.testing.assert_allclose(ps.pull()[1]["w"], ref_w, rtol=1e-5)
+  assert ps.version == len(order)
+
+
+def test_softsync_combines_c_gradients_in_one_base_step():
+  ps = _ps(sajax.Protocol.softsync(4, 2), lr=0.5, momentum=0.0)
+  v, p0 = ps.pull()
+  ps.push(0, v, _grad(1))
+  ps.push(1, v, _grad(2))                   # update 1: σ = (0, 0)
+  ps.push(2, v, _grad(3))
+  ps.push(3, v, _grad(4))                   # update 2: σ = (1, 1)
+  expected = (np.asarray(p0["w"]) - 0.5 * (np.asarray(_grad(1)["w"]) + np.asarray(_grad(2)["w"])) / 2
+              - 0.5 * (np.asarray(_grad(3)["w"]) + np.asarray(_grad(4)["w"])) / 2)
+  np.testing.assert_allclose(ps.pull()[1]["w"], expected, rtol=1e-5)
+
+
+def test_non_finite_gradients_are_dropped_counted_and_not_counted_toward_c():
+  ps = _ps(sajax.Protocol.softsync(4, 2))   # c = 2
+  v, before = ps.pull()
+  bad = {"w": jnp.array([jnp.nan, 0.0, 0.0]), "b": jnp.array(0.0)}
+  inf = {"w": jnp.array([0.0, 0.0, 0.0]), "b": jnp.array(jnp.inf)}
+  assert ps.push(0, v, _grad(0)) == PushResult(False, 0, False)
+  assert ps.push(1, v, bad) == PushResult(False, 0, True)
+  assert ps.push(2, v, inf).dropped
+  assert ps.version == 0 and ps.buffered == 1  # the NaN/Inf ones did not complete the update
+  assert ps.push(3, v, _grad(1)).applied_update
+  assert bool(jnp.all(jnp.isfinite(ps.pull()[1]["w"])))
+  assert ps.stats.dropped == 2 and ps.stats.count == 2
+  assert ps.stats.per_learner[1].dropped == 1 and ps.stats.per_learner[1].count == 0
+  # a caller that already checked finiteness on the learner's device can say so
+  assert ps.push(0, 1, _grad(0), finite=False).dropped
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_random_arrival_order_gives_mean_staleness_n_times_lambda_minus_1_over_lambda(n):
+  """λ = 8 learners each push once per round in a random order and pull right after: ⟨σ⟩ = (λ−1)/c."""
+  learners = 8
+  ps = _ps(sajax.Protocol.softsync(learners, n), lr=1e-3, momentum=0.0)
+  rng = np.random.default_rng(n)
+  versions = {k: ps.pull()[0] for k in range(learners)}
+  for _ in range(300):
+    for k in rng.permutation(learners):
+      ps.push(int(k), versions[k], _grad(int(k)))
+      versions[k] = ps.pull()[0]
+  expected = n * (learners - 1) / learners
+  # 2,400 pushes: the sample mean's standard error is below 0.05 here; 0.15 is three of them with margin.
+  assert abs(ps.stats.mean - expected) < 0.15, (ps.stats.mean, expected)
+
+
+def test_changing_c_applies_a_full_buffer_at_once():
+  ps = _ps(sajax.Protocol.hardsync(4))
+  v, _ = ps.pull()
+  for k in range(3):
+    ps.push(k, v, _grad(k))
+  assert ps.version == 0
+  assert ps.set_gradients_per_update(3)       # learner 3 died: c re-derived from the 3 alive
+  assert ps.version == 1 and ps.buffered == 0
+
+
+def test_state_round_trips_and_continues_identically():
+  a = _ps(sajax.Protocol.softsync(4, 2))
+  v, _ = a.pull()
+  for k in range(4):
+    a.push(k, v, _grad(k))
+  meta = json.loads(json.dumps(a.state_meta()))
+  b = _ps(sajax.Protocol.softsync(4, 2))
+  b.restore(a.state_arrays(), meta)
+  assert b.version == a.version == 2 and b.stats.histogram == a.stats.histogram
+  for ps in (a, b):
+    ps.push(0, 1, _grad(5))
+    ps.push(1, 2, _grad(6))
+  np.testing.assert_allclose(a.pull()[1]["w"], b.pull()[1]["w"])
+  assert a.stats.to_json() == b.stats.to_json()
+
+
+def test_policy_reading_stale_params_gets_theta_j():
+  seen = []
+
+  def record(grads, staleness, *, params, stale_params):
+    seen.append(stale_params)
+    return jax.tree.map(lambda g, p, q: g + (p - q), grads, params, stale_params)
+
+  optim.register_policy("test_ps_records_stale", adjust=record, needs_stale_params=True, overwrite=True)
+  ps = _ps(sajax.Protocol.asynchronous(2), policy="test_ps_records_stale", lr=1.0, momentum=0.0)
+  v0, theta0 = ps.pull(learner=0)
+  ps.push(1, *ps.pull(learner=1)[:1], _grad(1))      # version 1 now
+  _, theta1 = ps.pull()
+  res = ps.push(0, v0, _grad(2))                    # computed on θ_0, applied at θ_1
+  assert res.staleness == 1
+  # update = g + (θ_1 − θ_0), so θ_2 = θ_1 − g − (θ_1 − θ_0) = θ_0 − g
+  np.testing.assert_allclose(ps.pull()[1]["w"], np.asarray(theta0["w"]) - np.asarray(_grad(2)["w"]), rtol=1e-5)
+  assert not ps._snapshots                          # θ_j released once its gradient was applied
