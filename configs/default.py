@@ -37,4 +37,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.seed = 0
   config.progress = True              # progress bar on stderr
+  # faults (threads executor): a learner that raises is reported and the run goes on without it
+  config.fail_fast = False            # stop the run instead when a learner raises
+  config.fault_learner = -1           # fault injection for experiments: this learner raises (-1: none) ...
+  config.fault_at_step = 0            # ... at this step of its own
   return config

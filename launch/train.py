@@ -38,13 +38,15 @@ def _one_line(error: BaseException) -> str:
   return text
 
 
-def set_cpu_device_count(learners: int) -> None:
-  """Asks XLA for λ CPU-emulated devices (one per learner) unless the user chose a count; before jax loads."""
+def set_cpu_device_count(learners: int, executor: str) -> None:
+  """Asks XLA for λ CPU-emulated devices (one per learner; one more for the PS of the threads executor)
+  unless the user chose a count. Must run before jax is imported; it only affects the CPU platform."""
   if "jax" in sys.modules:
     return
   flags_now = os.environ.get("XLA_FLAGS", "")
-  if learners > 1 and "xla_force_host_platform_device_count" not in flags_now:
-    os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={learners}".strip()
+  count = learners + 1 if executor == "threads" else learners
+  if count > 1 and "xla_force_host_platform_device_count" not in flags_now:
+    os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}".strip()
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -122,7 +124,7 @@ def main(argv: list[str]) -> int:
   except ValueError as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return EXIT_BAD_INPUT
-  set_cpu_device_count(int(config.learners) if isinstance(config.learners, int) else 1)
+  set_cpu_device_count(int(config.learners) if isinstance(config.learners, int) else 1, str(config.executor))
 
   logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
   for noisy in ("absl", "jax", "orbax", "tensorflow_datasets"):

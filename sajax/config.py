@@ -13,8 +13,8 @@ import ml_collections
 
 from sajax.protocol import PROTOCOLS, Protocol
 
-EXECUTORS: tuple[str, ...] = ("pmap",)
-"""Executors available in this version (threads, simulated and mpi drive the parameter server later)."""
+EXECUTORS: tuple[str, ...] = ("pmap", "threads")
+"""pmap: SSGD data parallel (no PS); threads: λ learner threads around one parameter server."""
 
 # Every key a config may have, with the Python types it accepts.
 SCHEMA: Mapping[str, tuple[type, ...]] = {
@@ -24,9 +24,11 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "weight_decay": (float, int), "lr_boundaries_epochs": (tuple, list), "lr_decay": (float, int),
     "epochs": (float, int), "eval_every_epochs": (float, int), "eval_batch_size": (int,),
     "checkpoint_every_epochs": (float, int), "keep_checkpoints": (int,), "seed": (int,),
-    "progress": (bool,), "workdir": (str,),
+    "progress": (bool,), "workdir": (str,), "fail_fast": (bool,), "fault_learner": (int,),
+    "fault_at_step": (int,),
 }
-OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay"})
+OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
+                           "fail_fast", "fault_learner", "fault_at_step"})
 
 # Keys that may change between a run and its resumption in the same workdir.
 RESUMABLE_CHANGES = frozenset({"epochs", "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints",
@@ -84,6 +86,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0:
       raise ConfigError(f"config.lr_boundaries_epochs={tuple(values['lr_boundaries_epochs'])!r} is invalid; "
                         "allowed: positive epoch numbers")
+  if not -1 <= values.get("fault_learner", -1) < values["learners"]:
+    raise ConfigError(f"config.fault_learner={values['fault_learner']!r} is invalid; "
+                      f"allowed: -1 (no fault) or a learner id 0..{values['learners'] - 1}")
   try:
     Protocol.from_name(values["protocol"], values["learners"], values["n"])
   except ValueError as e:

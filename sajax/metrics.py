@@ -58,12 +58,50 @@ class RunWriter:
       for key, value in record.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "updates":
           self._tb.add_scalar(key, value, global_step=step)
+      hist = record.get("staleness_histogram")
+      if hist:
+        _add_count_histogram(self._tb, "staleness", {int(k): v for k, v in hist.items()}, step)
       self._tb.flush()
 
   def close(self) -> None:
     self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _add_count_histogram(tb, tag: str, counts: Mapping[int, int], step: int) -> None:
+  """A histogram of integer values given as {value: count}, one bucket per integer."""
+  values = sorted(counts)
+  total = sum(counts.values())
+  tb.add_histogram_raw(
+      tag, min=values[0], max=values[-1], num=total, sum=sum(v * c for v, c in counts.items()),
+      sum_squares=sum(v * v * c for v, c in counts.items()),
+      bucket_limits=[v + 0.5 for v in values], bucket_counts=[counts[v] for v in values], global_step=step)
+
+
+def plot_staleness(histogram: Mapping[str, int], path: str, *, n: int, learners: int, title: str = "") -> str:
+  """The staleness distribution of accepted gradients, with n (and the expected n(λ−1)/λ) marked."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  counts = {int(k): v for k, v in histogram.items()}
+  total = sum(counts.values()) or 1
+  mean = sum(k * v for k, v in counts.items()) / total
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.bar(list(counts), [v / total for v in counts.values()], color="C0", alpha=0.8, label="accepted gradients")
+  ax.axvline(mean, color="C3", label=f"⟨σ⟩ = {mean:.2f}")
+  if n:
+    ax.axvline(n, color="k", linestyle="--", label=f"n = {n}")
+    ax.axvline(n * (learners - 1) / learners, color="grey", linestyle=":", label=f"n(λ−1)/λ = {n * (learners - 1) / learners:.2f}")
+  ax.set_xlabel("staleness σ = i − j")
+  ax.set_ylabel("fraction of gradients")
+  ax.legend()
+  ax.set_title(title, fontsize=9)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path
 
 
 def plot_curves(records: Iterable[Mapping[str, Any]], path: str, title: str = "") -> Optional[str]:
@@ -99,7 +137,7 @@ def plot_curves(records: Iterable[Mapping[str, Any]], path: str, title: str = ""
 def summary(config: Mapping[str, Any], final: Mapping[str, Any], workdir: str) -> str:
   """The one-screen summary printed at the end of a run."""
   c = config
-  n_text = f"n = {c['n']}" if c.get("protocol") == "softsync" and c.get("executor") != "pmap" else "n = -"
+  n_text = f"n = {c['n']}" if final.get("protocol") == "softsync" else "n = -"
   lines = [
       "=" * 64,
       f" sajax run: {c['dataset']} / {c['model']} / executor={c['executor']}",
@@ -111,10 +149,15 @@ def summary(config: Mapping[str, Any], final: Mapping[str, Any], workdir: str) -
       + (f"   (top-5 {100 * final['test_error_top5']:.2f} %)" if "test_error_top5" in final else ""),
       f" train loss      {final['train_loss']:.4f}",
       f" updates         {final['updates']}   samples {final['samples']}",
-      f" staleness σ     mean {final['staleness_mean']:.2f}   max {final['staleness_max']}",
+      f" staleness σ     ⟨σ⟩ = {final['staleness_mean']:.2f}   ({n_text}, c = {final.get('gradients_per_update', '-')})"
+      f"   max {final['staleness_max']}   dropped {final.get('gradients_dropped', 0)}",
+      *([f" learners        {final['learners_alive']} of {c['learners']} alive"
+         + "".join(f"; learner {k} died: {v}" for k, v in final.get("learners_dead", {}).items())]
+        if "learners_alive" in final else []),
       f" throughput      {final['samples_per_s']:.0f} samples/s   wall {final['wall_s']:.1f} s",
       "-" * 64,
-      f" outputs in {workdir}: config.json metrics.jsonl curves.png tensorboard/ checkpoints/",
+      f" outputs in {workdir}: config.json metrics.jsonl curves.png"
+      + (" staleness.png" if "staleness_histogram" in final else "") + " tensorboard/ checkpoints/",
       "=" * 64,
   ]
   return "\n".join(lines)

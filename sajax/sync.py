@@ -64,7 +64,7 @@ def run_ssgd(run: Any) -> tuple[PyTree, PyTree]:
 
   previous_loss = None
   try:
-    while run.updates < run.total_updates:
+    while not run.done:
       images, labels = run.next_batches(range(config.learners))
       shard = lambda a: a.reshape((d, -1) + a.shape[1:])  # noqa: E731
       rng = jax.random.fold_in(run.key, run.updates)

@@ -89,11 +89,16 @@ class Run:
     if config.get("train_examples", 0):
       self.num_train = min(self.num_train, config.train_examples)
     self.per_epoch = config_lib.updates_per_epoch(self.num_train, self.protocol, config.batch_per_learner)
-    self.total_updates = config_lib.epoch_to_update(config.epochs, self.per_epoch)
-    self.eval_at = _schedule(config.eval_every_epochs, config.epochs, self.per_epoch, self.total_updates)
-    self.checkpoint_at = _schedule(config.checkpoint_every_epochs, config.epochs, self.per_epoch,
-                                   self.total_updates)
+    # The clock is samples applied (c·μ per update; c may shrink when learners die). Eval, checkpoint and
+    # stop points are the sample counts of whole updates at those epochs with the protocol's c.
     self.samples_per_update = self.protocol.gradients_per_update * config.batch_per_learner
+    self.total_updates = config_lib.epoch_to_update(config.epochs, self.per_epoch)
+    self.total_samples = self.total_updates * self.samples_per_update
+    self.eval_at = [u * self.samples_per_update for u in
+                    _schedule(config.eval_every_epochs, config.epochs, self.per_epoch, self.total_updates)]
+    self.checkpoint_at = [u * self.samples_per_update for u in
+                          _schedule(config.checkpoint_every_epochs, config.epochs, self.per_epoch,
+                                    self.total_updates)]
 
     self.key = jax.random.PRNGKey(config.seed)
     self.model = models.create_model(config.model, dataset.num_classes)
@@ -107,14 +112,18 @@ class Run:
     self.key = jax.random.fold_in(self.key, 1)  # the key executors fold the update count into
 
     self.updates = 0
+    self.samples = 0
     self.history: list[dict] = []
     self._loss_sum, self._loss_count, self._pending_losses = 0.0, 0, []
     self._wall_before = 0.0          # wall time of earlier sessions of this run (resumed runs)
     self._t0 = time.perf_counter()
-    self._session_start_updates = 0
+    self._session_start_samples = 0
     self._busy_s = 0.0               # time spent evaluating and checkpointing in this session
     self._last_saved = -1
+    # Executors replace these: extra fields for each metrics record, extra JSON state for checkpoints.
     self.staleness_summary: Callable[[], dict] = lambda: {"staleness_mean": 0.0, "staleness_max": 0}
+    self.executor_meta: Callable[[], dict] = dict
+    self.restored_meta: dict = {}
     self.checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                 keep=config.keep_checkpoints)
     self._restore()
@@ -138,21 +147,30 @@ class Run:
     return self.dataset.train.gather(idx)
 
   # ---- loop bookkeeping ---------------------------------------------------------------------------
-  def after_update(self, loss: jax.Array, *, gradients: int,
+  @property
+  def done(self) -> bool:
+    """Whether epochs × N samples have been applied."""
+    return self.samples >= self.total_samples
+
+  def after_update(self, loss: jax.Array | list, *, gradients: int,
                    current_state: Callable[[], tuple[PyTree, PyTree]]) -> None:
-    """Called by the executor after each PS update; evaluates, checkpoints and reports on schedule."""
-    del gradients
+    """Called by the executor after each PS update of ``gradients`` (c) mini-batches; evaluates,
+    checkpoints and reports on schedule. ``loss``: the update's training loss, or the losses of its c
+    gradients (device scalars, fetched lazily)."""
     self.updates += 1
-    self._pending_losses.append(loss)
+    added = gradients * self.config.batch_per_learner
+    before, self.samples = self.samples, self.samples + added
+    losses = list(loss) if isinstance(loss, (list, tuple)) else [loss]
+    self._pending_losses.extend(losses)
     if len(self._pending_losses) >= 256:
       self._flush_losses()
     if self._bar is not None:
-      self._bar.update(self.samples_per_update)
+      self._bar.update(added)
       if self.updates % 10 == 0:
-        self._bar.set_postfix_str(self._postfix(float(loss)), refresh=False)
-    if self.updates in self.eval_at:
+        self._bar.set_postfix_str(self._postfix(float(losses[-1])), refresh=False)
+    if any(before < p <= self.samples for p in self.eval_at) or (self.done and before < self.total_samples):
       self._evaluate(current_state()[0])
-    if self.updates in self.checkpoint_at:
+    if any(before < p <= self.samples for p in self.checkpoint_at) or (self.done and before < self.total_samples):
       self.save(*current_state())
     for callback in self.callbacks:
       callback(self)
@@ -167,7 +185,7 @@ class Run:
 
   def _flush_losses(self) -> None:
     if self._pending_losses:
-      for v in np.asarray(jnp.stack(self._pending_losses), np.float64):
+      for v in self._pending_losses:   # in order, in float64: a resumed run sums exactly the same way
         self._loss_sum += float(v)
       self._loss_count += len(self._pending_losses)
       self._pending_losses = []
@@ -179,18 +197,18 @@ class Run:
     train_loss = self._loss_sum / max(self._loss_count, 1)
     self._loss_sum, self._loss_count = 0.0, 0
     self._busy_s += time.perf_counter() - t
-    session_updates = self.updates - self._session_start_updates
+    session_samples = self.samples - self._session_start_samples
     train_time = max(time.perf_counter() - self._t0 - self._busy_s, 1e-9)
     record = {
-        "epoch": round(self.updates / self.per_epoch, 4),
+        "epoch": round(self.samples / self.num_train, 4),
         "updates": self.updates,
-        "samples": self.updates * self.samples_per_update,
+        "samples": self.samples,
         "wall_s": round(self._wall_before + time.perf_counter() - self._t0, 3),
         "train_loss": train_loss,
         "test_error": result["test_error"],
         "test_loss": result["test_loss"],
         **self.staleness_summary(),
-        "samples_per_s": session_updates * self.samples_per_update / train_time,
+        "samples_per_s": session_samples / train_time,
         "learning_rate": float(self._learning_rate()),
     }
     if self.dataset.num_classes > 10:
@@ -218,6 +236,8 @@ class Run:
     self._flush_losses()
     meta = {
         "updates": self.updates,
+        "samples": self.samples,
+        "executor": self.executor_meta(),
         "samplers": [s.get_state() for s in self.samplers],
         "loss_sum": self._loss_sum, "loss_count": self._loss_count,
         "wall_s": self._wall_before + time.perf_counter() - self._t0,
@@ -235,7 +255,9 @@ class Run:
     self.params, self.opt_state = state["params"], state["opt_state"]
     for sampler, s in zip(self.samplers, meta["samplers"]):
       sampler.set_state(s)
-    self.updates = self._session_start_updates = self._last_saved = int(meta["updates"])
+    self.updates = self._last_saved = int(meta["updates"])
+    self.samples = self._session_start_samples = int(meta["samples"])
+    self.restored_meta = dict(meta.get("executor") or {})
     self._loss_sum, self._loss_count = float(meta["loss_sum"]), int(meta["loss_count"])
     self._wall_before = float(meta["wall_s"])
     self.history = metrics.truncate_metrics(self.workdir, self.updates)
@@ -248,8 +270,12 @@ class Run:
       self._evaluate(params)
     self.save(params, opt_state)
     self.close()
-    metrics.plot_curves(self.history, os.path.join(self.workdir, "curves.png"),
-                        title=f"{self.config.dataset} / {self.config.model} / {self.config.executor}")
+    title = f"{self.config.dataset} / {self.config.model} / {self.config.executor}"
+    metrics.plot_curves(self.history, os.path.join(self.workdir, "curves.png"), title=title)
+    if "staleness_histogram" in self.history[-1]:
+      metrics.plot_staleness(self.history[-1]["staleness_histogram"], os.path.join(self.workdir, "staleness.png"),
+                             n=self.protocol.n if self.protocol.name != "hardsync" else 0,
+                             learners=self.config.learners, title=f"{title} / {self.protocol.name}")
     return {**self.history[-1], "epochs": self.config.epochs, "protocol": self.protocol.name,
             "gradients_per_update": self.protocol.gradients_per_update}
 
@@ -281,8 +307,7 @@ def _progress(config: ml_collections.ConfigDict, run: Run):
   if not config.get("progress", True):
     return None
   from tqdm import tqdm
-  total = run.total_updates * run.samples_per_update
-  return tqdm(total=total, initial=run.updates * run.samples_per_update, unit=" samples", unit_scale=True,
+  return tqdm(total=run.total_samples, initial=run.samples, unit=" samples", unit_scale=True,
               dynamic_ncols=True, desc=f"{config.executor}", mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
@@ -323,7 +348,8 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
   prepare_workdir(config, workdir)
   run = Run(config, workdir, dataset, callbacks)
   from sajax import sync
-  executors = {"pmap": sync.run_ssgd}
+  from sajax.executors import threads
+  executors = {"pmap": sync.run_ssgd, "threads": threads.run_threads}
   params, opt_state = executors[config.executor](run)
   final = run.finish(params, opt_state)
   return TrainResult(metrics=final, history=run.history, workdir=workdir)

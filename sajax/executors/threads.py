@@ -1,0 +1,229 @@
+"""``executor="threads"``: the paper's system on one host — λ learner threads, a bounded queue, one PS.
+
+The picture (Podracer/Sebulba's three nouns)::
+
+    learner k (thread, device k mod D)                 queue (bounded)         PS loop (main thread)
+    pull (j, θ_j) → θ_j on my device (once per          ───────────────▶        ParameterServer.push
+    (device, version)) → jit grad on μ examples →       (k, j, g, finite)       → one jitted update every
+    g to the PS device → put                                                     c gradients → publish θ_i
+
+Learners never wait under softsync/async; under hardsync a learner waits for the next version before it
+pulls again. The PS loop stops when epochs × N samples have been applied; gradients still in flight are
+discarded. A learner that raises is reported and the run goes on with the others, c re-derived from the
+live learners (so hardsync cannot deadlock), unless ``fail_fast`` is set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import traceback
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from sajax.protocol import Protocol
+from sajax.server import ParameterServer, all_finite
+
+log = logging.getLogger("sajax")
+PyTree = Any
+
+
+@dataclasses.dataclass
+class _Push:
+  learner: int
+  version: int
+  grads: PyTree
+  finite: bool
+  loss: jax.Array
+
+
+@dataclasses.dataclass
+class _Death:
+  learner: int
+  error: str
+
+
+def learner_devices(learners: int, devices: Optional[list] = None) -> tuple[list, jax.Device]:
+  """Learner k's device (k mod D over the devices the learners use) and the PS device.
+
+  The PS gets a device of its own when there are more devices than learners, else it shares device 0.
+  """
+  devices = devices or jax.local_devices()
+  if len(devices) > learners:
+    return [devices[k] for k in range(learners)], devices[learners]
+  return [devices[k % len(devices)] for k in range(learners)], devices[0]
+
+
+class _SnapshotCache:
+  """The latest weights on each learner device: one transfer per (device, version), shared by learners.
+
+  Only the newest version is kept per device, so no snapshot outlives its last reader.
+  """
+
+  def __init__(self) -> None:
+    self._lock = threading.Lock()
+    self._latest: dict[Any, tuple[int, PyTree]] = {}
+
+  def get(self, device: jax.Device, version: int, params: PyTree) -> PyTree:
+    with self._lock:
+      cached = self._latest.get(device)
+      if cached is not None and cached[0] == version:
+        return cached[1]
+      local = jax.device_put(params, device)
+      self._latest[device] = (version, local)
+      return local
+
+
+class ThreadedEngine:
+  """Drives one :class:`sajax.trainer.Run` with λ learner threads around a :class:`ParameterServer`."""
+
+  def __init__(self, run: Any, devices: Optional[list] = None) -> None:
+    self.run = run
+    config = run.config
+    self.learners = config.learners
+    self.protocol: Protocol = run.protocol
+    self.devices, self.ps_device = learner_devices(self.learners, devices)
+    self.ps = ParameterServer(run.params, run.tx, self.protocol, device=self.ps_device, policy=config.policy)
+    if run.restored_meta.get("server"):
+      self.ps.restore({"params": run.params, "opt_state": run.opt_state}, run.restored_meta["server"])
+    self.queue: queue.Queue = queue.Queue(maxsize=max(2, self.learners))
+    self.stop = threading.Event()
+    self.version_changed = threading.Condition()
+    self.published = (self.ps.version, self.ps.params)   # read by learners as one atomic attribute
+    self.cache = _SnapshotCache()
+    self.alive = set(range(self.learners))
+    self.deaths: dict[int, str] = {}
+    self.fail_fast = bool(config.get("fail_fast", False))
+    # Fault injection for fault-tolerance experiments: learner `fault_learner` raises at its step `fault_at_step`.
+    self.fault_learner = config.get("fault_learner", -1)
+    self.fault_step = config.get("fault_at_step", 0)
+    self._pending_losses: list = []
+    self._grad_step = self._make_grad_step(run.loss_fn)
+    run.staleness_summary = self.telemetry
+    run.executor_meta = lambda: {"server": self.ps.state_meta()}
+
+  @staticmethod
+  def _make_grad_step(loss_fn):
+    def step(params, images, labels, rng):
+      loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, rng)
+      return loss, grads, all_finite(grads)
+    return jax.jit(step)
+
+  # ---- learners -------------------------------------------------------------------------------------
+  def _learner(self, k: int) -> None:
+    device = self.devices[k]
+    key = jax.random.fold_in(self.run.key, k)
+    step = 0
+    try:
+      while not self.stop.is_set():
+        version, params = self.published
+        local = self.cache.get(device, version, params)
+        images, labels = self.run.next_batches([k])
+        if k == self.fault_learner and step == self.fault_step:
+          raise RuntimeError(f"injected fault: learner {k} raised at its step {step} (config.fault_learner)")
+        rng = jax.device_put(jax.random.fold_in(key, step), device)
+        loss, grads, finite = self._grad_step(local, jax.device_put(images, device),
+                                              jax.device_put(np.asarray(labels, np.int32), device), rng)
+        grads = jax.device_put(grads, self.ps_device)
+        item = _Push(k, version, grads, bool(finite), loss)
+        step += 1
+        while not self.stop.is_set():
+          try:
+            self.queue.put(item, timeout=0.1)
+            break
+          except queue.Full:
+            continue
+        if self.protocol.learners_wait:
+          with self.version_changed:
+            self.version_changed.wait_for(lambda: self.published[0] > version or self.stop.is_set())
+    except Exception as e:  # noqa: BLE001 - a learner's failure is reported, the run goes on
+      detail = f"{type(e).__name__}: {e}"
+      log.error("learner %d died: %s\n%s", k, detail, traceback.format_exc(limit=3))
+      self.queue.put(_Death(k, detail))
+
+  # ---- the PS loop -----------------------------------------------------------------------------------
+  def run_loop(self) -> tuple[PyTree, PyTree]:
+    threads = [threading.Thread(target=self._learner, args=(k,), name=f"learner-{k}", daemon=True)
+               for k in range(self.learners)]
+    for t in threads:
+      t.start()
+    self.run.log(f"threads: {self.learners} learners on {len(set(self.devices))} device(s), PS on "
+                 f"{self.ps_device}, protocol {self.protocol.name} (c = {self.ps.gradients_per_update})")
+    current = lambda: (self.ps.params, self.ps.opt_state)  # noqa: E731
+    try:
+      while not self.run.done:
+        item = self.queue.get()
+        if isinstance(item, _Death):
+          self._on_death(item)
+          continue
+        result = self.ps.push(item.learner, item.version, item.grads, finite=item.finite)
+        if not result.dropped:
+          self._pending_losses.append(item.loss)
+        if result.applied_update:
+          losses, self._pending_losses = self._pending_losses, []
+          with self.version_changed:
+            self.published = (self.ps.version, self.ps.params)
+            self.version_changed.notify_all()
+          self.run.after_update(losses, gradients=len(losses), current_state=current)
+    except KeyboardInterrupt:
+      self._shutdown(threads)
+      self.run.interrupted(current)
+      raise
+    self._shutdown(threads)
+    return current()
+
+  def _on_death(self, death: _Death) -> None:
+    self.alive.discard(death.learner)
+    self.deaths[death.learner] = death.error
+    if self.fail_fast:
+      raise RuntimeError(f"learner {death.learner} failed ({death.error}) and fail_fast is set")
+    if not self.alive:
+      raise RuntimeError(f"every learner died; the last: learner {death.learner}: {death.error}")
+    live = len(self.alive)
+    n = min(self.protocol.n, live)
+    c = Protocol.from_name(self.protocol.name, live, n).gradients_per_update
+    self.run.log(f"learner {death.learner} died ({death.error}); going on with {live} learners, c = {c}")
+    if self.ps.set_gradients_per_update(c):
+      with self.version_changed:
+        self.published = (self.ps.version, self.ps.params)
+        self.version_changed.notify_all()
+
+  def _shutdown(self, threads: list) -> None:
+    self.stop.set()
+    with self.version_changed:
+      self.version_changed.notify_all()
+    deadline = time.monotonic() + 30
+    while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+      try:
+        while True:
+          self.queue.get_nowait()   # in-flight gradients are discarded
+      except queue.Empty:
+        pass
+      for t in threads:
+        t.join(timeout=0.05)
+
+  # ---- telemetry -------------------------------------------------------------------------------------
+  def telemetry(self) -> dict:
+    stats = self.ps.stats
+    per = {str(k): {"count": s.count, "min": s.min, "mean": round(s.mean, 4), "max": s.max, "dropped": s.dropped}
+           for k, s in sorted(stats.per_learner.items())}
+    out = {
+        "staleness_mean": stats.mean, "staleness_max": stats.max, "staleness_min": stats.min,
+        "staleness_histogram": {str(k): v for k, v in sorted(stats.histogram.items())},
+        "staleness_per_learner": per, "gradients_dropped": stats.dropped,
+        "learners_alive": len(self.alive), "queue_depth": self.queue.qsize(),
+        "gradients_per_update": self.ps.gradients_per_update,
+    }
+    if self.deaths:
+      out["learners_dead"] = {str(k): v for k, v in sorted(self.deaths.items())}
+    return out
+
+
+def run_threads(run: Any) -> tuple[PyTree, PyTree]:
+  """The threads executor: returns the final (params, opt_state)."""
+  return ThreadedEngine(run).run_loop()
