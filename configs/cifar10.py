@@ -4,7 +4,7 @@ learner, 140 epochs, momentum 0.9, α0 = 0.001 divided by 10 at epochs 120 and 1
 λμ ≈ 128 rule: the paper keeps the total mini-batch λ·μ ≈ 128 as learners are added, so that α0 (tuned for
 one learner with μ = 128) stays right: with `--config.learners=8` use `--config.batch_per_learner=16`,
 with 30 learners μ = 4 (⌈128/30⌉ = 5 is also used). Needs the TFDS cifar10 dataset prepared once:
-`pip install 'sajax[tf]' && tfds build cifar10`.
+`pip install -e '.[tf]' && tfds build cifar10 --file_format=array_record`.
 """
 
 import os

@@ -38,6 +38,11 @@ def _one_line(error: BaseException) -> str:
   return text
 
 
+# XLA CPU aborts a run whose collective (the pmap all-reduce) waits more than 40 s for a participant; on a
+# loaded 2-core machine with 8 emulated devices that happened once in a dozen runs. Wait longer instead.
+COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds=1800"
+
+
 def set_cpu_device_count(learners: int, executor: str) -> None:
   """Asks XLA for λ CPU-emulated devices (one per learner; one more for the PS of the threads executor)
   unless the user chose a count. Must run before jax is imported; it only affects the CPU platform."""
@@ -46,7 +51,10 @@ def set_cpu_device_count(learners: int, executor: str) -> None:
   flags_now = os.environ.get("XLA_FLAGS", "")
   count = learners + 1 if executor == "threads" else learners
   if count > 1 and "xla_force_host_platform_device_count" not in flags_now:
-    os.environ["XLA_FLAGS"] = f"{flags_now} --xla_force_host_platform_device_count={count}".strip()
+    flags_now = f"{flags_now} --xla_force_host_platform_device_count={count}"
+  if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags_now:
+    flags_now = f"{flags_now} {COLLECTIVE_TIMEOUT_FLAG}"
+  os.environ["XLA_FLAGS"] = flags_now.strip()
 
 
 def _config_path(argv: list[str]) -> str | None:
@@ -140,7 +148,6 @@ def main(argv: list[str]) -> int:
   except ValueError as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return EXIT_BAD_INPUT
-  print(f"sajax: training {config_name} into {os.path.abspath(workdir)}", file=sys.stderr)
   try:
     result = sajax.train(config, workdir=workdir)
   except (config_lib.ConfigError, data.DatasetError) as e:

@@ -199,7 +199,7 @@ def _tfds_sources(name: str, data_dir: str | None, download: bool, test_splits: 
 def _not_ready_message(name: str, data_dir: str | None, download: bool, error: Exception) -> str:
   import tensorflow_datasets as tfds
   where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-  build = (f"pip install 'sajax[tf]' && tfds build {name} --data_dir {where} --file_format=array_record")
+  build = (f"pip install -e '.[tf]' (in the sajax checkout) && tfds build {name} --data_dir {where} --file_format=array_record")
   reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
   try:
     prepared = tfds.builder(name, data_dir=data_dir, file_format="array_record").is_prepared()

@@ -106,6 +106,31 @@ def _private_copy(tree: PyTree, device: jax.Device) -> PyTree:
   return jax.tree.map(lambda x: jnp.array(jax.device_put(x, device), copy=True), tree)
 
 
+def flat_transform(tx: optax.GradientTransformationExtraArgs, unravel: Any
+                   ) -> optax.GradientTransformationExtraArgs:
+  """``tx`` acting on flat parameter vectors (from ``jax.flatten_util.ravel_pytree``).
+
+  Executors move weights and gradients as one contiguous vector (one transfer instead of one per leaf); the
+  optimizer itself still sees the model's pytree, so per-leaf transforms behave as usual. Updates may be a
+  vector (d,) or c stacked vectors (c, d); ``stale_params`` likewise.
+  """
+  from jax.flatten_util import ravel_pytree
+
+  def to_tree(x):
+    return None if x is None else (jax.vmap(unravel)(x) if x.ndim == 2 else unravel(x))
+
+  def init_fn(flat_params):
+    return tx.init(unravel(flat_params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if "stale_params" in extra_args:
+      extra_args["stale_params"] = to_tree(extra_args["stale_params"])
+    new_updates, state = tx.update(to_tree(updates), state, to_tree(params), **extra_args)
+    return ravel_pytree(new_updates)[0], state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def _make_apply(tx: optax.GradientTransformationExtraArgs):
   """``apply(params, opt_state, grads_list, staleness) -> (params, opt_state)``: one PS update of c gradients."""
 

@@ -280,7 +280,10 @@ class Run:
             "gradients_per_update": self.protocol.gradients_per_update}
 
   def log(self, message: str) -> None:
-    log.info(message)
+    if self._bar is not None:
+      self._bar.write(message, file=sys.stderr)   # above the progress bar, not inside it
+    else:
+      log.info(message)
 
   def close(self) -> None:
     if self._previous_sigint is not None:
@@ -346,6 +349,7 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
   dataset = data.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
                               download=config.get("download", False))
   prepare_workdir(config, workdir)
+  log.info("sajax: training into %s", os.path.abspath(workdir))
   run = Run(config, workdir, dataset, callbacks)
   from sajax import sync
   from sajax.executors import threads

@@ -2,9 +2,12 @@
 import os
 import sys
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+# 8 emulated devices, and a long collective timeout (XLA CPU aborts a pmap all-reduce that waits > 40 s for a
+# participant, which a loaded 2-core CI machine can reach).
+for _flag in ("--xla_force_host_platform_device_count=8",
+              "--xla_cpu_collective_call_terminate_timeout_seconds=1800"):
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

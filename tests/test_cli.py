@@ -108,7 +108,7 @@ def test_no_flags_runs_the_default_config_into_a_fresh_workdir_and_says_where(tm
       proc.kill()
   assert proc.returncode == 130, err
   workdir = metrics.parent
-  assert f"training default into {workdir}" in err
+  assert f"training into {workdir}" in err
   config = json.loads((workdir / "config.json").read_text())
   assert config["dataset"] == "mnist5k" and config["learners"] == 8
   assert os.listdir(workdir / "checkpoints"), "Ctrl-C must leave a checkpoint"

@@ -27,7 +27,9 @@ import jax
 import numpy as np
 
 from sajax.protocol import Protocol
-from sajax.server import ParameterServer, all_finite
+from jax.flatten_util import ravel_pytree
+
+from sajax.server import ParameterServer, all_finite, flat_transform
 
 log = logging.getLogger("sajax")
 PyTree = Any
@@ -88,9 +90,12 @@ class ThreadedEngine:
     self.learners = config.learners
     self.protocol: Protocol = run.protocol
     self.devices, self.ps_device = learner_devices(self.learners, devices)
-    self.ps = ParameterServer(run.params, run.tx, self.protocol, device=self.ps_device, policy=config.policy)
+    # Weights and gradients travel as one flat vector: one transfer per (device, version) and per push.
+    flat_params, self.unravel = ravel_pytree(run.params)
+    self.ps = ParameterServer(flat_params, flat_transform(run.tx, self.unravel), self.protocol,
+                              device=self.ps_device, policy=config.policy)
     if run.restored_meta.get("server"):
-      self.ps.restore({"params": run.params, "opt_state": run.opt_state}, run.restored_meta["server"])
+      self.ps.restore({"params": flat_params, "opt_state": run.opt_state}, run.restored_meta["server"])
     self.queue: queue.Queue = queue.Queue(maxsize=max(2, self.learners))
     self.stop = threading.Event()
     self.version_changed = threading.Condition()
@@ -103,21 +108,24 @@ class ThreadedEngine:
     self.fault_learner = config.get("fault_learner", -1)
     self.fault_step = config.get("fault_at_step", 0)
     self._pending_losses: list = []
-    self._grad_step = self._make_grad_step(run.loss_fn)
+    self._grad_step = self._make_grad_step(run.loss_fn, self.unravel)
     run.staleness_summary = self.telemetry
     run.executor_meta = lambda: {"server": self.ps.state_meta()}
 
   @staticmethod
-  def _make_grad_step(loss_fn):
-    def step(params, images, labels, rng):
-      loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, rng)
-      return loss, grads, all_finite(grads)
+  def _make_grad_step(loss_fn, unravel):
+    """``(flat θ_j, images, labels, key, step) -> (loss, flat g, finite)``, run on the learner's device."""
+    def step(flat_params, images, labels, key, step):
+      rng = jax.random.fold_in(key, step)
+      loss, grads = jax.value_and_grad(loss_fn)(unravel(flat_params), images, labels, rng)
+      flat_grads = ravel_pytree(grads)[0]
+      return loss, flat_grads, all_finite(flat_grads)
     return jax.jit(step)
 
   # ---- learners -------------------------------------------------------------------------------------
   def _learner(self, k: int) -> None:
     device = self.devices[k]
-    key = jax.random.fold_in(self.run.key, k)
+    key = jax.device_put(jax.random.fold_in(self.run.key, k), device)
     step = 0
     try:
       while not self.stop.is_set():
@@ -126,9 +134,8 @@ class ThreadedEngine:
         images, labels = self.run.next_batches([k])
         if k == self.fault_learner and step == self.fault_step:
           raise RuntimeError(f"injected fault: learner {k} raised at its step {step} (config.fault_learner)")
-        rng = jax.device_put(jax.random.fold_in(key, step), device)
-        loss, grads, finite = self._grad_step(local, jax.device_put(images, device),
-                                              jax.device_put(np.asarray(labels, np.int32), device), rng)
+        # numpy inputs are uncommitted: they follow θ_j onto the learner's device.
+        loss, grads, finite = self._grad_step(local, images, np.asarray(labels, np.int32), key, np.uint32(step))
         grads = jax.device_put(grads, self.ps_device)
         item = _Push(k, version, grads, bool(finite), loss)
         step += 1
@@ -154,7 +161,7 @@ class ThreadedEngine:
       t.start()
     self.run.log(f"threads: {self.learners} learners on {len(set(self.devices))} device(s), PS on "
                  f"{self.ps_device}, protocol {self.protocol.name} (c = {self.ps.gradients_per_update})")
-    current = lambda: (self.ps.params, self.ps.opt_state)  # noqa: E731
+    current = lambda: (self.unravel(self.ps.params), self.ps.opt_state)  # noqa: E731
     try:
       while not self.run.done:
         item = self.queue.get()
