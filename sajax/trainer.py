@@ -276,8 +276,8 @@ class Run:
       metrics.plot_staleness(self.history[-1]["staleness_histogram"], os.path.join(self.workdir, "staleness.png"),
                              n=self.protocol.n if self.protocol.name != "hardsync" else 0,
                              learners=self.config.learners, title=f"{title} / {self.protocol.name}")
-    return {**self.history[-1], "epochs": self.config.epochs, "protocol": self.protocol.name,
-            "gradients_per_update": self.protocol.gradients_per_update}
+    return {"epochs": self.config.epochs, "protocol": self.protocol.name,
+            "gradients_per_update": self.protocol.gradients_per_update, **self.history[-1]}
 
   def log(self, message: str) -> None:
     if self._bar is not None:

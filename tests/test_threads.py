@@ -1,0 +1,108 @@
+"""The threads executor on CPU-emulated devices: the paper's staleness properties, faults, resume, telemetry."""
+
+import os
+
+import pytest
+
+import sajax
+from configs import smoke
+from sajax import metrics as metrics_lib
+
+
+def _config(protocol, n=1, learners=8, **overrides):
+  config = smoke.get_config()
+  config.executor = "threads"
+  config.protocol = protocol
+  config.n = n
+  config.learners = learners
+  config.batch_per_learner = 8
+  config.train_examples = 1024
+  config.epochs = 2
+  config.momentum = 0.5
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def test_hardsync_has_zero_staleness_and_one_gradient_per_learner_per_update(tmp_path):
+  result = sajax.train(_config("hardsync"), workdir=str(tmp_path))
+  final = result.metrics
+  assert final["staleness_max"] == 0 and final["staleness_histogram"] == {"0": final["updates"] * 8}
+  assert final["gradients_per_update"] == 8
+  per = final["staleness_per_learner"]
+  # learners wait for every new version, so each contributed exactly one gradient to each update
+  assert sorted(per) == [str(k) for k in range(8)] and {v["count"] for v in per.values()} == {final["updates"]}
+  assert final["test_error"] < 0.6
+  for name in ("curves.png", "staleness.png", "metrics.jsonl", "config.json"):
+    assert os.path.getsize(tmp_path / name) > 0
+
+
+@pytest.mark.parametrize("n", [1, 2, 4, 8])
+def test_softsync_mean_staleness_is_near_n(n, tmp_path):
+  """⟨σ⟩ ≈ n, the paper's property, with λ = 8.
+
+  Tolerance, and why: with learners arriving in random order the expectation is exactly n(λ−1)/λ
+  (tests/test_server.py checks that on the PS core). Real threads add one thing: gradients already waiting in
+  the host queue when a learner pushes (at most Q = λ of them) are applied before its own, each batch of c
+  adding one update, so n(λ−1)/λ − 0.25 ≤ ⟨σ⟩ ≤ n(λ−1)/λ + Q/c holds structurally. Measured here ⟨σ⟩ was
+  within 15 % of n for every n (e.g. 2.11 for n = 2, 9.04 for n = 8), so we also ask for 0.5·n ≤ ⟨σ⟩ ≤ 1.5·n + 0.5.
+  """
+  learners = 8
+  result = sajax.train(_config("softsync", n=n), workdir=str(tmp_path))
+  mean = result.metrics["staleness_mean"]
+  c = learners // n
+  random_order = n * (learners - 1) / learners
+  assert random_order - 0.25 <= mean <= random_order + learners / c, (n, mean)
+  assert 0.5 * n <= mean <= 1.5 * n + 0.5, (n, mean)
+  assert result.metrics["gradients_per_update"] == c
+  total = sum(result.metrics["staleness_histogram"].values())
+  assert total == result.metrics["updates"] * c
+
+
+def test_async_applies_every_gradient_alone(tmp_path):
+  result = sajax.train(_config("async"), workdir=str(tmp_path))
+  final = result.metrics
+  assert final["gradients_per_update"] == 1
+  assert sum(final["staleness_histogram"].values()) == final["updates"]
+  assert final["samples"] == final["updates"] * 8
+  assert final["staleness_mean"] > 2  # 8 learners in flight: most gradients are several updates old
+
+
+def test_a_learner_that_raises_is_reported_and_hardsync_goes_on_without_it(tmp_path):
+  result = sajax.train(_config("hardsync", fault_learner=3, fault_at_step=2), workdir=str(tmp_path))
+  final = result.metrics
+  assert final["learners_alive"] == 7
+  assert "injected fault" in final["learners_dead"]["3"]
+  assert final["gradients_per_update"] == 7     # c re-derived from the live learners: no deadlock
+  assert final["staleness_per_learner"]["3"]["count"] == 2
+  assert final["samples"] >= 2 * 1024
+  records = metrics_lib.read_metrics(str(tmp_path))
+  assert records[-1]["learners_dead"]["3"].startswith("RuntimeError")
+
+
+def test_fail_fast_stops_the_run(tmp_path):
+  with pytest.raises(RuntimeError, match="learner 3 failed"):
+    sajax.train(_config("softsync", n=2, fault_learner=3, fault_at_step=1, fail_fast=True),
+                workdir=str(tmp_path))
+
+
+def test_interrupted_threads_run_resumes_from_the_ps_state(tmp_path):
+  workdir = str(tmp_path / "run")
+  config = _config("softsync", n=2)
+  seen = {}
+
+  def stop(run):
+    if run.updates == 40:
+      seen["samples"] = run.samples
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    sajax.train(config, workdir=workdir, callbacks=[stop])
+  resumed_at = []
+  result = sajax.train(config, workdir=workdir, callbacks=[lambda run: resumed_at.append(run.updates)])
+  assert resumed_at[0] == 41                   # the PS version and update count continued
+  final = result.metrics
+  assert final["samples"] >= 2 * 1024
+  # staleness statistics cover both sessions: every accepted gradient of every update is counted once
+  assert sum(final["staleness_histogram"].values()) == final["updates"] * 4
+  assert [r["epoch"] for r in result.history] == [1.0, 2.0]
