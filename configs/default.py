@@ -29,11 +29,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.0
   config.lr_boundaries_epochs = (9,)  # α ← α · lr_decay at each of these epochs
   config.lr_decay = 0.1
-  config.epochs = 12
+  config.epochs = 12.0
   # bookkeeping
-  config.eval_every_epochs = 1
+  config.eval_every_epochs = 1.0
   config.eval_batch_size = 1000
-  config.checkpoint_every_epochs = 2
+  config.checkpoint_every_epochs = 2.0
   config.keep_checkpoints = 3
   config.seed = 0
   config.progress = True              # progress bar on stderr

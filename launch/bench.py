@@ -4,6 +4,11 @@
 ``python launch/bench.py default [--repeats R]``: wall time of the main job (``python launch/train.py`` on
 configs/default.py, a fresh workdir each time, process start to exit) and its final test error.
 
+``python launch/bench.py p1 [--learners 8 --batch 16 --protocol softsync --n 2 --repeats 3]``: samples/s of
+the threads engine ÷ samples/s of the same λ learner threads doing bare jit gradient steps on the same
+devices and μ (the paper's cifar10_full net on random 32×32×3 images), measured in one process, alternating
+baseline and engine repeats and pooling them. Goal ≥ 0.90.
+
 The last line printed is one JSON object with ``figure`` and ``value``.
 """
 
@@ -45,10 +50,24 @@ def bench_default(repeats: int, extra: list[str]) -> dict:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("figure", choices=["default"])
+  parser.add_argument("figure", choices=["default", "p1"])
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--learners", type=int, default=8)
+  parser.add_argument("--batch", type=int, default=16)
+  parser.add_argument("--protocol", default="softsync")
+  parser.add_argument("--n", type=int, default=2)
+  parser.add_argument("--model", default="cifar10_full")
+  parser.add_argument("--steps", type=int, default=40, help="gradient steps per learner per repeat")
   args, extra = parser.parse_known_args()
-  result = bench_default(args.repeats, extra)
+  if args.figure == "default":
+    result = bench_default(args.repeats, extra)
+  else:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={args.learners + 1}"
+                               " --xla_cpu_collective_call_terminate_timeout_seconds=1800").strip()
+    sys.path.insert(0, ROOT)
+    from launch import bench_p1
+    result = bench_p1.run(args)
   print(json.dumps(result))
 
 

@@ -16,6 +16,7 @@ drops into anyone's training loop.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -136,10 +137,27 @@ def combine_gradients(grads: PyTree, staleness: Array, policy: StalenessPolicy, 
     if leaf.shape[:1] != (c,):
       raise ValueError(f"with staleness of length c={c}, every gradient leaf needs a leading axis of {c}; "
                        f"got a leaf of shape {leaf.shape}")
+  if policy.adjust is None:
+    scales = policy.scale(staleness)
+    return jax.tree.map(lambda g: _weighted_mean(g, scales), grads)
   stale_axis = None if stale_params is None else 0
   adjusted = jax.vmap(lambda g, s, sp: policy.apply(g, s, params=params, stale_params=sp),
                       in_axes=(0, 0, stale_axis))(grads, staleness, stale_params)
-  return jax.tree.map(lambda g: jnp.mean(g, axis=0), adjusted)
+  return jax.tree.map(lambda g: _weighted_mean(g, None), adjusted)
+
+
+def _weighted_mean(stacked: Array, weights: Optional[Array]) -> Array:
+  """(1/c) Σ_l w_l · g_l over the leading axis of ``stacked``.
+
+  Written as an unrolled sum of c slices: XLA CPU fuses it into one elementwise pass, whereas
+  ``mean(stacked * w[:, None, ...], 0)`` was measured 200× slower on a (4, 3136, 128) leaf (35 ms vs 0.17 ms).
+  """
+  c = stacked.shape[0]
+  if c > 64:
+    w = jnp.ones((c,), stacked.dtype) if weights is None else weights.astype(stacked.dtype)
+    return jnp.tensordot(w, stacked, axes=1) / c
+  terms = [stacked[l] if weights is None else stacked[l] * weights[l].astype(stacked.dtype) for l in range(c)]
+  return functools.reduce(jnp.add, terms) / c
 
 
 def staleness_aware(base_tx: optax.GradientTransformation,
