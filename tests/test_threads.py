@@ -106,3 +106,27 @@ def test_interrupted_threads_run_resumes_from_the_ps_state(tmp_path):
   # staleness statistics cover both sessions: every accepted gradient of every update is counted once
   assert sum(final["staleness_histogram"].values()) == final["updates"] * 4
   assert [r["epoch"] for r in result.history] == [1.0, 2.0]
+
+
+def _rss_mb():
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024
+  raise RuntimeError("no VmRSS")
+
+
+def test_memory_stays_flat_over_a_run_ten_times_longer(tmp_path):
+  """Bounded queue, one snapshot per device: RSS after 10× more updates stays within a small margin."""
+  config = _config("async", epochs=12.0, eval_every_epochs=12.0, checkpoint_every_epochs=12.0)
+  rss = {}
+
+  def sample(run):
+    if run.updates in (150, 1500):
+      rss[run.updates] = _rss_mb()
+
+  sajax.train(config, workdir=str(tmp_path), callbacks=[sample])
+  assert set(rss) == {150, 1500}
+  # 1,350 more updates, each making new weights and 8 gradients of 0.4 M floats (1.7 MB): a leak of even one
+  # snapshot per update would add > 2 GB. Allow 10 % for allocator noise.
+  assert rss[1500] <= rss[150] * 1.10 + 20, rss
