@@ -18,6 +18,7 @@ from configs import default  # noqa: E402
 def get_config():
   config = default.get_config()
   config.dataset = "cifar10"
+  config.executor = "pmap"            # the single-learner baseline; --config.executor=threads for the PS
   config.model = "cifar10_full"
   config.learners = 1                 # λ
   config.batch_per_learner = 128      # μ (λμ ≈ 128)

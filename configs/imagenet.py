@@ -16,6 +16,7 @@ from configs import default  # noqa: E402
 def get_config():
   config = default.get_config()
   config.dataset = "imagenet2012"
+  config.executor = "pmap"            # the single-learner baseline; --config.executor=threads for the PS
   config.model = "alexnet"
   config.learners = 1
   config.batch_per_learner = 256

@@ -1,4 +1,5 @@
-"""Seconds-long run for tests: mnist5k, small CNN, 2 epochs on a 1,024-example slice of the train split."""
+"""Seconds-long run for tests: mnist5k, small CNN, pmap SSGD, 2 epochs on a 1,024-example slice of the train
+split (the threads tests switch the executor themselves)."""
 
 import os
 import sys
@@ -10,6 +11,11 @@ from configs import default  # noqa: E402
 
 def get_config():
   config = default.get_config()
+  config.executor = "pmap"
+  config.protocol = "hardsync"
+  config.n = 1
+  config.learning_rate = 0.03
+  config.momentum = 0.9
   config.learners = 4
   config.batch_per_learner = 16
   config.train_examples = 1024        # use the first 1,024 training examples only

@@ -9,6 +9,10 @@ the threads engine ÷ samples/s of the same λ learner threads doing bare jit gr
 devices and μ (the paper's cifar10_full net on random 32×32×3 images), measured in one process, alternating
 baseline and engine repeats and pooling them. Goal ≥ 0.90.
 
+``python launch/bench.py accuracy [--epochs E]``: the paper's comparison on mnist5k with λ = 8, μ = 16: the
+threads engine with n-softsync, n ∈ {1, 2, 8}, and the ``inverse`` policy, the ``constant`` policy at n = 8,
+and the pmap SSGD baseline, all with the default config's α0, momentum and epochs; prints a markdown table.
+
 The last line printed is one JSON object with ``figure`` and ``value``.
 """
 
@@ -48,9 +52,45 @@ def bench_default(repeats: int, extra: list[str]) -> dict:
           "wall_s": [round(w, 1) for w in walls], "test_error": errors, "cpu_count": os.cpu_count()}
 
 
+ACCURACY_CELLS = [
+    ("pmap SSGD", ["--config.executor=pmap"]),
+    ("1-softsync, inverse", ["--config.executor=threads", "--config.protocol=softsync", "--config.n=1"]),
+    ("2-softsync, inverse", ["--config.executor=threads", "--config.protocol=softsync", "--config.n=2"]),
+    ("8-softsync (async), inverse", ["--config.executor=threads", "--config.protocol=softsync", "--config.n=8"]),
+    ("8-softsync (async), constant", ["--config.executor=threads", "--config.protocol=softsync", "--config.n=8",
+                                      "--config.policy=constant"]),
+]
+
+
+def bench_accuracy(extra: list[str]) -> dict:
+  """Final test error of each cell of the paper's comparison (one run each, default seed)."""
+  rows = []
+  for name, overrides in ACCURACY_CELLS:
+    with tempfile.TemporaryDirectory() as tmp:
+      workdir = os.path.join(tmp, "run")
+      env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+      start = time.perf_counter()
+      proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--workdir", workdir,
+                             "--config.progress=False", *overrides, *extra], env=env, capture_output=True, text=True)
+      if proc.returncode != 0:
+        raise SystemExit(f"{name} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
+      with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        final = [json.loads(line) for line in f][-1]
+    rows.append({"cell": name, "test_error": final["test_error"], "staleness_mean": final["staleness_mean"],
+                 "epoch": final["epoch"], "wall_s": round(time.perf_counter() - start, 1)})
+    print(f"{name}: test error {100 * final['test_error']:.2f} %, ⟨σ⟩ {final['staleness_mean']:.2f}", flush=True)
+  ssgd = rows[0]["test_error"]
+  print("| cell | test error | Δ vs SSGD | ⟨σ⟩ | wall |\n|---|---|---|---|---|")
+  for r in rows:
+    print(f"| {r['cell']} | {100 * r['test_error']:.2f} % | {100 * (r['test_error'] - ssgd):+.2f} | "
+          f"{r['staleness_mean']:.2f} | {r['wall_s']:.0f} s |")
+  worst = max(r["test_error"] - ssgd for r in rows[1:4])
+  return {"figure": "accuracy_worst_inverse_gap_points", "value": round(100 * worst, 2), "rows": rows}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("figure", choices=["default", "p1"])
+  parser.add_argument("figure", choices=["default", "p1", "accuracy"])
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--learners", type=int, default=8)
   parser.add_argument("--batch", type=int, default=16)
@@ -61,6 +101,8 @@ def main() -> None:
   args, extra = parser.parse_known_args()
   if args.figure == "default":
     result = bench_default(args.repeats, extra)
+  elif args.figure == "accuracy":
+    result = bench_accuracy(extra)
   else:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.learners + 1}"
