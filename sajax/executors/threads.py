@@ -173,6 +173,9 @@ class ThreadedEngine:
           self._pending_losses.append(item.loss)
         if result.applied_update:
           losses, self._pending_losses = self._pending_losses, []
+          # Publish θ_i only once it is computed: a learner that pulls it then starts at once instead of
+          # queueing its gradient computation behind the PS update.
+          jax.block_until_ready(self.ps.params)
           with self.version_changed:
             self.published = (self.ps.version, self.ps.params)
             self.version_changed.notify_all()
