@@ -186,7 +186,7 @@ def _tfds_sources(name: str, data_dir: str | None, download: bool, test_splits: 
   except tfds.core.registered.DatasetNotFoundError:
     raise DatasetError(f"unknown dataset {name!r}: not registered in TFDS; presets: {', '.join(DATASETS)}, "
                        "or any TFDS dataset name") from None
-  except Exception as e:  # TFDS raises many kinds (NotImplementedError, AssertionError, OSError, ...)
+  except Exception as e:  # TFDS raises many error types here (assertions, OS errors, unimplemented paths)
     raise DatasetError(_not_ready_message(name, data_dir, download, e)) from e
   for split in test_splits:
     try:
