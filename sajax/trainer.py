@@ -19,7 +19,6 @@ import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax

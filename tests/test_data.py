@@ -1,6 +1,5 @@
 """Datasets, per-learner index streams and on-device preprocessing (sajax.data)."""
 
-import contextlib
 import json
 import time
 from unittest import mock
