@@ -94,7 +94,17 @@ def plot_staleness(histogram: Mapping[str, int], path: str, *, n: int, learners:
   if n:
     ax.axvline(n, color="k", linestyle="--", label=f"n = {n}")
     ax.axvline(n * (learners - 1) / learners, color="grey", linestyle=":", label=f"n(λ−1)/λ = {n * (learners - 1) / learners:.2f}")
-  ax.set_xlabel("staleness σ = i − j")
+  # Show the bulk: up to the 99.5th percentile (a few stragglers can reach σ ≫ n); say where the tail ends.
+  cumulative, upper = 0, max(counts)
+  for value in sorted(counts):
+    cumulative += counts[value]
+    if cumulative >= 0.995 * total:
+      upper = value
+      break
+  upper = max(upper, 2 * n)
+  ax.set_xlim(-0.6, upper + 0.6)
+  tail = f" (a tail of < 0.5 % up to σ = {max(counts)} not shown)" if max(counts) > upper else ""
+  ax.set_xlabel("staleness σ = i − j" + tail)
   ax.set_ylabel("fraction of gradients")
   ax.legend()
   ax.set_title(title, fontsize=9)
