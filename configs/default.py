@@ -45,4 +45,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.fail_fast = False            # stop the run instead when a learner raises
   config.fault_learner = -1           # fault injection for experiments: this learner raises (-1: none) ...
   config.fault_at_step = 0            # ... at this step of its own
+  # simulated executor: each learner's simulated time per gradient
+  config.sim_base_time = 1.0          # seconds of simulated time per gradient
+  config.sim_jitter = 0.0             # σ of a lognormal factor per gradient (0: none)
+  config.sim_stragglers = 0.0         # fraction of learners (the lowest ids) that are slow ...
+  config.sim_slowdown = 4.0           # ... by this factor
+  config.sim_poisson = False          # exponential times with the same mean (Poisson arrivals)
+  config.sim_speeds = ()              # or one time factor per learner
   return config

@@ -13,8 +13,9 @@ import ml_collections
 
 from sajax.protocol import PROTOCOLS, Protocol
 
-EXECUTORS: tuple[str, ...] = ("pmap", "threads")
-"""pmap: SSGD data parallel (no PS); threads: λ learner threads around one parameter server."""
+EXECUTORS: tuple[str, ...] = ("pmap", "threads", "simulated")
+"""pmap: SSGD data parallel (no PS); threads: λ learner threads around one parameter server; simulated:
+deterministic discrete-event asynchrony around the same parameter server."""
 
 # Every key a config may have, with the Python types it accepts.
 SCHEMA: Mapping[str, tuple[type, ...]] = {
@@ -25,10 +26,13 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "epochs": (float, int), "eval_every_epochs": (float, int), "eval_batch_size": (int,),
     "checkpoint_every_epochs": (float, int), "keep_checkpoints": (int,), "seed": (int,),
     "progress": (bool,), "workdir": (str,), "fail_fast": (bool,), "fault_learner": (int,),
-    "fault_at_step": (int,),
+    "fault_at_step": (int,), "sim_base_time": (float, int), "sim_jitter": (float, int),
+    "sim_stragglers": (float, int), "sim_slowdown": (float, int), "sim_poisson": (bool,),
+    "sim_speeds": (tuple, list),
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
-                           "fail_fast", "fault_learner", "fault_at_step"})
+                           "fail_fast", "fault_learner", "fault_at_step", "sim_base_time", "sim_jitter",
+                           "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds"})
 
 # Keys that may change between a run and its resumption in the same workdir.
 RESUMABLE_CHANGES = frozenset({"epochs", "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints",
@@ -86,6 +90,18 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0:
       raise ConfigError(f"config.lr_boundaries_epochs={tuple(values['lr_boundaries_epochs'])!r} is invalid; "
                         "allowed: positive epoch numbers")
+  for key in ("sim_base_time", "sim_slowdown"):
+    if key in values and not values[key] > 0:
+      raise ConfigError(f"config.{key}={values[key]!r} is invalid; allowed: a number > 0")
+  if values.get("sim_jitter", 0) < 0:
+    raise ConfigError(f"config.sim_jitter={values['sim_jitter']!r} is invalid; allowed: a number >= 0")
+  if not 0 <= values.get("sim_stragglers", 0) <= 1:
+    raise ConfigError(f"config.sim_stragglers={values['sim_stragglers']!r} is invalid; allowed: 0 <= fraction <= 1")
+  speeds = tuple(values.get("sim_speeds", ()))
+  if speeds and (len(speeds) != values["learners"] or not all(
+      isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in speeds)):
+    raise ConfigError(f"config.sim_speeds={speeds!r} is invalid; allowed: () or {values['learners']} positive "
+                      "time factors, one per learner")
   if not -1 <= values.get("fault_learner", -1) < values["learners"]:
     raise ConfigError(f"config.fault_learner={values['fault_learner']!r} is invalid; "
                       f"allowed: -1 (no fault) or a learner id 0..{values['learners'] - 1}")

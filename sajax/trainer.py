@@ -351,8 +351,8 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
   log.info("sajax: training into %s", os.path.abspath(workdir))
   run = Run(config, workdir, dataset, callbacks)
   from sajax import sync
-  from sajax.executors import threads
-  executors = {"pmap": sync.run_ssgd, "threads": threads.run_threads}
+  from sajax.executors import simulated, threads
+  executors = {"pmap": sync.run_ssgd, "threads": threads.run_threads, "simulated": simulated.run_simulated}
   params, opt_state = executors[config.executor](run)
   final = run.finish(params, opt_state)
   return TrainResult(metrics=final, history=run.history, workdir=workdir)

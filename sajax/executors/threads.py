@@ -26,6 +26,7 @@ from typing import Any, Optional
 import jax
 import numpy as np
 
+from sajax.executors import common
 from sajax.protocol import Protocol
 from jax.flatten_util import ravel_pytree
 
@@ -221,19 +222,8 @@ class ThreadedEngine:
 
   # ---- telemetry -------------------------------------------------------------------------------------
   def telemetry(self) -> dict:
-    stats = self.ps.stats
-    per = {str(k): {"count": s.count, "min": s.min, "mean": round(s.mean, 4), "max": s.max, "dropped": s.dropped}
-           for k, s in sorted(stats.per_learner.items())}
-    out = {
-        "staleness_mean": stats.mean, "staleness_max": stats.max, "staleness_min": stats.min,
-        "staleness_histogram": {str(k): v for k, v in sorted(stats.histogram.items())},
-        "staleness_per_learner": per, "gradients_dropped": stats.dropped,
-        "learners_alive": len(self.alive), "queue_depth": self.queue.qsize(),
-        "gradients_per_update": self.ps.gradients_per_update,
-    }
-    if self.deaths:
-      out["learners_dead"] = {str(k): v for k, v in sorted(self.deaths.items())}
-    return out
+    return common.telemetry(self.ps, learners_alive=len(self.alive), queue_depth=self.queue.qsize(),
+                            deaths=self.deaths)
 
 
 def run_threads(run: Any) -> tuple[PyTree, PyTree]:
