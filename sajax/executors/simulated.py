@@ -9,7 +9,9 @@ as its slowest learner. The same config and seed give the same run, bit for bit 
 differ), whatever the machine's load.
 
 This first version computes one gradient per event on the PS device; batching the learners whose snapshots
-are known into one compiled call is the next step (see docs/benchmarks.md).
+are known into one compiled call is the next step. Resuming from a checkpoint restarts every learner from the
+restored version at the restored simulated time: the run goes on correctly, but not bit-identically to an
+uninterrupted one (the event queue, the RNG and the learners' snapshots are not checkpointed yet).
 """
 
 from __future__ import annotations
