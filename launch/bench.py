@@ -30,21 +30,27 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def train_final(overrides: list[str]) -> tuple[dict, float]:
+  """Runs ``python launch/train.py`` as a user would, in a fresh workdir: (last metrics record, wall seconds)."""
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = os.path.join(tmp, "run")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--workdir", workdir,
+                           *overrides, "--config.progress=False"], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+      raise SystemExit(f"train.py {' '.join(overrides)} failed (exit {proc.returncode}): "
+                       f"{proc.stderr.strip()[-500:]}")
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return [json.loads(line) for line in f][-1], wall
+
+
 def bench_default(repeats: int, extra: list[str]) -> dict:
   """Times the whole default run as a user starts it; reports median wall time and test errors."""
   walls, errors = [], []
   for r in range(repeats):
-    with tempfile.TemporaryDirectory() as tmp:
-      workdir = os.path.join(tmp, "run")
-      env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-      start = time.perf_counter()
-      proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--workdir", workdir,
-                             "--config.progress=False", *extra], env=env, capture_output=True, text=True)
-      wall = time.perf_counter() - start
-      if proc.returncode != 0:
-        raise SystemExit(f"the default run failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
-      with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        final = [json.loads(line) for line in f][-1]
+    final, wall = train_final(extra)
     walls.append(wall)
     errors.append(final["test_error"])
     print(f"repeat {r + 1}/{repeats}: {wall:.1f} s, test error {100 * final['test_error']:.2f} %", flush=True)
@@ -66,18 +72,9 @@ def bench_accuracy(extra: list[str]) -> dict:
   """Final test error of each cell of the paper's comparison (one run each, default seed)."""
   rows = []
   for name, overrides in ACCURACY_CELLS:
-    with tempfile.TemporaryDirectory() as tmp:
-      workdir = os.path.join(tmp, "run")
-      env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-      start = time.perf_counter()
-      proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--workdir", workdir,
-                             "--config.progress=False", *overrides, *extra], env=env, capture_output=True, text=True)
-      if proc.returncode != 0:
-        raise SystemExit(f"{name} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
-      with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        final = [json.loads(line) for line in f][-1]
+    final, wall = train_final([*overrides, *extra])
     rows.append({"cell": name, "test_error": final["test_error"], "staleness_mean": final["staleness_mean"],
-                 "epoch": final["epoch"], "wall_s": round(time.perf_counter() - start, 1)})
+                 "epoch": final["epoch"], "wall_s": round(wall, 1)})
     print(f"{name}: test error {100 * final['test_error']:.2f} %, ⟨σ⟩ {final['staleness_mean']:.2f}", flush=True)
   ssgd = rows[0]["test_error"]
   print("| cell | test error | Δ vs SSGD | ⟨σ⟩ | wall |\n|---|---|---|---|---|")

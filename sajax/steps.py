@@ -71,14 +71,12 @@ class Evaluator:
     eval_fn = make_eval_fn(model, preprocess)
     # No collective here: per-device counts are summed on the host. A second program with collectives could
     # interleave with the training step's all-reduce on XLA CPU's shared thread pool and deadlock.
-    self._step = jax.pmap(eval_fn, devices=self.devices)
-    # Unreplicated params are broadcast by pmap itself (in_axes=None): no per-evaluation stacking.
-    self._step_broadcast = jax.pmap(eval_fn, in_axes=(None, 0, 0, 0), devices=self.devices)
+    # The params are broadcast by pmap itself (in_axes=None): no per-evaluation stacking.
+    self._step = jax.pmap(eval_fn, in_axes=(None, 0, 0, 0), devices=self.devices)
 
-  def __call__(self, params: PyTree, *, replicated: bool = False) -> dict[str, float]:
-    """``{test_error, test_error_top5, test_loss}`` of ``params`` (replicated over the devices or not)."""
+  def __call__(self, params: PyTree) -> dict[str, float]:
+    """``{test_error, test_error_top5, test_loss}`` of ``params`` (one copy, on any device)."""
     d = len(self.devices)
-    step = self._step if replicated else self._step_broadcast
     n = len(self.split)
     totals = np.zeros(4, np.float64)
     for start in range(0, n, self.batch_size):
@@ -90,7 +88,7 @@ class Evaluator:
         images = np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)])
         labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
       shard = lambda a: a.reshape((d, -1) + a.shape[1:])  # noqa: E731
-      counts = step(params, shard(images), shard(labels.astype(np.int32)), shard(mask))
+      counts = self._step(params, shard(images), shard(labels.astype(np.int32)), shard(mask))
       totals += np.array([float(np.sum(c)) for c in counts])
     top1, top5, loss, count = totals
     return {"test_error": 1.0 - top1 / count, "test_error_top5": 1.0 - top5 / count, "test_loss": loss / count}

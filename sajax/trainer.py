@@ -64,10 +64,14 @@ def check_workdir_writable(workdir: str) -> None:
                                  "allowed: a writable directory path")
 
 
-def make_optimizer(config: ml_collections.ConfigDict, per_epoch: float) -> optax.GradientTransformationExtraArgs:
+def make_schedule(config: ml_collections.ConfigDict, per_epoch: float) -> optax.Schedule:
+  """α as a function of the PS update count: α0, times lr_decay at each boundary (given in epochs)."""
+  return optax.piecewise_constant_schedule(config.learning_rate, config_lib.schedule_boundaries(config, per_epoch))
+
+
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
+                   ) -> optax.GradientTransformationExtraArgs:
   """The paper's optimizer: SGD(α0 with step decays at epoch boundaries, momentum), wrapped staleness-aware."""
-  schedule = optax.piecewise_constant_schedule(config.learning_rate,
-                                               config_lib.schedule_boundaries(config, per_epoch))
   base = optax.sgd(schedule, momentum=config.momentum or None)
   if config.get("weight_decay", 0.0):
     base = optax.chain(optax.add_decayed_weights(config.weight_decay), base)
@@ -104,7 +108,8 @@ class Run:
     preprocess = data.make_preprocess(dataset)
     self.loss_fn = steps.make_loss_fn(self.model, preprocess)
     self.evaluator = steps.Evaluator(self.model, preprocess, dataset.test, batch_size=config.eval_batch_size)
-    self.tx = make_optimizer(config, self.per_epoch)
+    self.schedule = make_schedule(config, self.per_epoch)
+    self.tx = make_optimizer(config, self.schedule)
     self.params = models.init_params(self.model, jax.random.fold_in(self.key, 0), dataset.input_shape)
     self.opt_state = self.tx.init(self.params)
     self.samplers = data.learner_samplers(self.num_train, config.batch_per_learner, config.learners, config.seed)
@@ -208,7 +213,7 @@ class Run:
         "test_loss": result["test_loss"],
         **self.staleness_summary(),
         "samples_per_s": session_samples / train_time,
-        "learning_rate": float(self._learning_rate()),
+        "learning_rate": float(self.schedule(self.updates)),
     }
     if self.dataset.num_classes > 10:
       record["test_error_top5"] = result["test_error_top5"]
@@ -217,10 +222,6 @@ class Run:
     if self._bar is not None:
       self._bar.set_postfix_str(self._postfix(train_loss), refresh=True)
     return record
-
-  def _learning_rate(self) -> float:
-    boundaries = config_lib.schedule_boundaries(self.config, self.per_epoch)
-    return optax.piecewise_constant_schedule(self.config.learning_rate, boundaries)(self.updates)
 
   def _postfix(self, loss: float) -> str:
     last = f"{100 * self.history[-1]['test_error']:.2f}%" if self.history else "-"

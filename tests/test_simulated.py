@@ -3,24 +3,13 @@
 import pytest
 
 import sajax
-from configs import smoke
+from tests.helpers import reproducible as _reproducible, smoke_config
 from sajax import config as config_lib
 from sajax import metrics as metrics_lib
 
 
 def _config(protocol, n=1, learners=4, **overrides):
-  config = smoke.get_config()
-  config.executor = "simulated"
-  config.protocol, config.n, config.learners = protocol, n, learners
-  config.batch_per_learner = 16
-  config.momentum = 0.5
-  for key, value in overrides.items():
-    config[key] = value
-  return config
-
-
-def _reproducible(records):
-  return [{k: v for k, v in r.items() if k not in metrics_lib.TIMING_KEYS} for r in records]
+  return smoke_config("simulated", protocol, n=n, learners=learners, batch_per_learner=16, **overrides)
 
 
 def test_same_config_and_seed_give_identical_metrics(tmp_path):

@@ -5,23 +5,12 @@ import os
 import pytest
 
 import sajax
-from configs import smoke
+from tests.helpers import smoke_config
 from sajax import metrics as metrics_lib
 
 
 def _config(protocol, n=1, learners=8, **overrides):
-  config = smoke.get_config()
-  config.executor = "threads"
-  config.protocol = protocol
-  config.n = n
-  config.learners = learners
-  config.batch_per_learner = 8
-  config.train_examples = 1024
-  config.epochs = 2
-  config.momentum = 0.5
-  for key, value in overrides.items():
-    config[key] = value
-  return config
+  return smoke_config("threads", protocol, n=n, learners=learners, batch_per_learner=8, **overrides)
 
 
 def test_hardsync_has_zero_staleness_and_one_gradient_per_learner_per_update(tmp_path):

@@ -11,13 +11,10 @@ import sajax
 from configs import smoke
 from sajax import config as config_lib
 from sajax import metrics as metrics_lib
+from tests.helpers import reproducible as _reproducible
 
 REQUIRED = {"epoch", "updates", "samples", "wall_s", "train_loss", "test_error", "staleness_mean",
             "staleness_max", "samples_per_s"}
-
-
-def _reproducible(records):
-  return [{k: v for k, v in r.items() if k not in metrics_lib.TIMING_KEYS} for r in records]
 
 
 @pytest.fixture(scope="module")
