@@ -174,11 +174,9 @@ class ThreadedEngine:
           self._pending_losses.append(item.loss)
         if result.applied_update:
           losses, self._pending_losses = self._pending_losses, []
-          # With c > 1 the PS idles between updates anyway, so it publishes θ_i once computed: a learner that
-          # pulls it starts at once instead of queueing its gradient behind the update (P1: 0.88 -> 0.94).
-          # With c = 1 the PS is the critical path and must not wait (async ⟨σ⟩ rose from 9.0 to 12.9 when it did).
-          if self.ps.gradients_per_update > 1:
-            jax.block_until_ready(self.ps.params)
+          # θ_i is published as soon as its update is dispatched, not once computed: waiting for it here made
+          # learners start sooner (P1 0.88 -> 0.94) but serialised the PS on its own updates, so the queue
+          # backed up and ⟨σ⟩ drifted far above n (7.4 for n = 4, 12.9 for n = 8). See docs/benchmarks.md.
           with self.version_changed:
             self.published = (self.ps.version, self.ps.params)
             self.version_changed.notify_all()
