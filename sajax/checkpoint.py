@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Union
 
 import jax
 import orbax.checkpoint as ocp
@@ -38,14 +38,21 @@ class Checkpointer:
     self._manager.save(step, args=args, force=True)
     self._manager.wait_until_finished()
 
-  def restore_latest(self, target: Any) -> Optional[tuple[int, Any, dict]]:
+  def restore_latest(self, target: Union[Any, Callable[[dict], Any]]) -> Optional[tuple[int, Any, dict]]:
     """The newest readable checkpoint as ``(step, state, meta)``, or None when there is none.
 
-    ``target`` is a pytree with the structure, shapes and dtypes of the saved state (e.g. a fresh init).
+    ``target`` is a pytree with the structure, shapes and dtypes of the saved state (e.g. a fresh init), or a
+    function of the checkpoint's meta returning one (for state whose shapes the meta records). Leaves that
+    are numpy arrays in the target come back as numpy arrays.
     """
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
     for step in reversed(self.steps()):
       try:
+        if callable(target):
+          meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+          step_target = target(dict(meta))
+        else:
+          step_target = target
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, step_target)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return step, restored["state"], dict(restored["meta"])

@@ -28,11 +28,12 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "progress": (bool,), "workdir": (str,), "fail_fast": (bool,), "fault_learner": (int,),
     "fault_at_step": (int,), "sim_base_time": (float, int), "sim_jitter": (float, int),
     "sim_stragglers": (float, int), "sim_slowdown": (float, int), "sim_poisson": (bool,),
-    "sim_speeds": (tuple, list),
+    "sim_speeds": (tuple, list), "sim_ring": (int,), "sim_batching": (str,),
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
                            "fail_fast", "fault_learner", "fault_at_step", "sim_base_time", "sim_jitter",
-                           "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds"})
+                           "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds", "sim_ring",
+                           "sim_batching"})
 
 # Keys that may change between a run and its resumption in the same workdir.
 RESUMABLE_CHANGES = frozenset({"epochs", "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints",
@@ -90,6 +91,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0:
       raise ConfigError(f"config.lr_boundaries_epochs={tuple(values['lr_boundaries_epochs'])!r} is invalid; "
                         "allowed: positive epoch numbers")
+  if values.get("sim_ring", 0) < 0:
+    raise ConfigError(f"config.sim_ring={values['sim_ring']!r} is invalid; allowed: 0 (sized from the protocol) "
+                      "or a positive number of versions")
+  if "sim_batching" in values:
+    from sajax.executors.batched import BATCHING
+    _one_of("sim_batching", values["sim_batching"], BATCHING)
   for key in ("sim_base_time", "sim_slowdown"):
     if key in values and not values[key] > 0:
       raise ConfigError(f"config.{key}={values[key]!r} is invalid; allowed: a number > 0")

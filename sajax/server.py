@@ -221,6 +221,27 @@ class ParameterServer:
     """Gradients waiting for the next update."""
     return len(self._buffer)
 
+  @property
+  def needs_stale_params(self) -> bool:
+    """Whether the policy reads θ_j, so the PS keeps each pulled version until its gradient is applied."""
+    return self._needs_stale
+
+  def snapshot(self, version: int) -> PyTree:
+    """θ_j of a version a learner holds (only kept for policies that read it, see :attr:`needs_stale_params`)."""
+    if version == self.version:
+      return self.params
+    if version not in self._snapshots:
+      raise ValueError(f"no snapshot of version {version} is held; allowed: versions pulled and not yet pushed")
+    return self._snapshots[version]
+
+  def hold_snapshot(self, version: int, params: PyTree) -> None:
+    """Registers θ_j for one more learner holding ``version`` (e.g. an in-flight learner restored from a
+    checkpoint), as :meth:`pull` does."""
+    if not self._needs_stale:
+      return
+    self._snapshots.setdefault(version, params)
+    self._snapshot_readers[version] = self._snapshot_readers.get(version, 0) + 1
+
   # ---- internals -------------------------------------------------------------------------------------
   def _release_snapshot(self, version: int) -> PyTree:
     params = self._snapshots.get(version, self.params if version == self.version else None)

@@ -124,10 +124,13 @@ class Run:
     self._session_start_samples = 0
     self._busy_s = 0.0               # time spent evaluating and checkpointing in this session
     self._last_saved = -1
-    # Executors replace these: extra fields for each metrics record, extra JSON state for checkpoints.
+    # Executors replace these: extra fields for each metrics record, extra JSON state for checkpoints and
+    # extra arrays (numpy, called first when saving, so an executor may settle its state for the JSON part).
     self.staleness_summary: Callable[[], dict] = lambda: {"staleness_mean": 0.0, "staleness_max": 0}
     self.executor_meta: Callable[[], dict] = dict
+    self.executor_arrays: Callable[[], dict] = dict
     self.restored_meta: dict = {}
+    self.restored_arrays: dict = {}
     self.checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                 keep=config.keep_checkpoints)
     self._restore()
@@ -233,21 +236,32 @@ class Run:
     if self.updates == self._last_saved:
       return
     t = time.perf_counter()
+    arrays = {k: np.asarray(v) for k, v in self.executor_arrays().items()}
     self._flush_losses()
     meta = {
         "updates": self.updates,
         "samples": self.samples,
         "executor": self.executor_meta(),
+        "executor_arrays": {k: [list(v.shape), v.dtype.name] for k, v in arrays.items()},
         "samplers": [s.get_state() for s in self.samplers],
         "loss_sum": self._loss_sum, "loss_count": self._loss_count,
         "wall_s": self._wall_before + time.perf_counter() - self._t0,
     }
-    self.checkpointer.save(self.updates, {"params": params, "opt_state": opt_state}, meta)
+    state = {"params": params, "opt_state": opt_state}
+    if arrays:
+      state["executor"] = arrays
+    self.checkpointer.save(self.updates, state, meta)
     self._last_saved = self.updates
     self._busy_s += time.perf_counter() - t
 
   def _restore(self) -> None:
-    restored = self.checkpointer.restore_latest({"params": self.params, "opt_state": self.opt_state})
+    def target(meta: dict) -> dict:
+      state = {"params": self.params, "opt_state": self.opt_state}
+      if meta.get("executor_arrays"):
+        state["executor"] = {k: np.zeros(shape, dtype) for k, (shape, dtype) in meta["executor_arrays"].items()}
+      return state
+
+    restored = self.checkpointer.restore_latest(target)
     if restored is None:
       metrics.truncate_metrics(self.workdir, 0)
       return
@@ -258,6 +272,7 @@ class Run:
     self.updates = self._last_saved = int(meta["updates"])
     self.samples = self._session_start_samples = int(meta["samples"])
     self.restored_meta = dict(meta.get("executor") or {})
+    self.restored_arrays = dict(state.get("executor") or {})
     self._loss_sum, self._loss_count = float(meta["loss_sum"]), int(meta["loss_count"])
     self._wall_before = float(meta["wall_s"])
     self.history = metrics.truncate_metrics(self.workdir, self.updates)

@@ -61,4 +61,85 @@ def test_bad_speed_model_is_refused(tmp_path):
     sajax.train(_config("async", sim_speeds=(1.0, 2.0)), workdir=str(tmp_path / "x"))
   with pytest.raises(config_lib.ConfigError, match="sim_stragglers=1.5"):
     sajax.train(_config("async", sim_stragglers=1.5), workdir=str(tmp_path / "y"))
-  assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+  with pytest.raises(config_lib.ConfigError, match="sim_ring=-1"):
+    sajax.train(_config("async", sim_ring=-1), workdir=str(tmp_path / "z"))
+  with pytest.raises(config_lib.ConfigError, match="sim_batching 'grouped'; allowed: auto, unrolled, vmap"):
+    sajax.train(_config("async", sim_batching="grouped"), workdir=str(tmp_path / "w"))
+  assert not any((tmp_path / d).exists() for d in "xyzw")
+
+
+def _stop_at(update):
+  def callback(run):
+    if run.updates == update:
+      raise KeyboardInterrupt
+  return callback
+
+
+def test_a_stopped_and_resumed_run_ends_bit_identical(tmp_path):
+  """Stopped between checkpoints (pending gradients, a half-drawn event queue, jittered times, a straggler),
+  then resumed by rerunning: every metrics record equals the uninterrupted run's, to the last bit."""
+  config = _config("softsync", n=2, sim_jitter=0.5, sim_speeds=(3.0, 1.0, 1.0, 1.0), checkpoint_every_epochs=2)
+  whole = sajax.train(config, workdir=str(tmp_path / "whole"))
+  with pytest.raises(KeyboardInterrupt):
+    sajax.train(config, workdir=str(tmp_path / "stopped"), callbacks=[_stop_at(37)])
+  assert len(metrics_lib.read_metrics(str(tmp_path / "stopped"))) == 1   # stopped after the epoch-1 evaluation
+  resumed = sajax.train(config, workdir=str(tmp_path / "stopped"))
+  assert _reproducible(resumed.history) == _reproducible(whole.history)
+  assert _reproducible(metrics_lib.read_metrics(resumed.workdir)) == _reproducible(metrics_lib.read_metrics(whole.workdir))
+  assert resumed.metrics["sim_gradient_calls"] == whole.metrics["sim_gradient_calls"]
+
+
+def test_a_one_entry_ring_forces_flushes_and_changes_no_gradient(tmp_path):
+  """A ring of one version per device cannot hold the snapshots of learners still computing: every such pull
+  forces a batched call first (counted), so the calls group learners differently, yet no number changes.
+  λ = 16 learners on the 8 test devices: two share each device's ring."""
+  config = _config("async", learners=16, sim_jitter=0.3)
+  auto = sajax.train(config, workdir=str(tmp_path / "auto"))
+  config.sim_ring = 1
+  tiny = sajax.train(config, workdir=str(tmp_path / "tiny"))
+  assert auto.metrics["sim_ring_flushes"] == 0 and tiny.metrics["sim_ring_flushes"] > 0
+  assert tiny.metrics["sim_gradient_calls"] > auto.metrics["sim_gradient_calls"]
+  drop = {"sim_gradient_calls", "sim_ring_flushes"}
+  assert ([{k: v for k, v in r.items() if k not in drop} for r in _reproducible(tiny.history)] ==
+          [{k: v for k, v in r.items() if k not in drop} for r in _reproducible(auto.history)])
+
+
+def test_batched_gradients_equal_one_at_a_time_gradients():
+  """The batched call (several learners, versions and batches per device) gives each learner the gradient a
+  plain jitted value_and_grad gives on its own snapshot and batch."""
+  import jax
+  import numpy as np
+  from jax.flatten_util import ravel_pytree
+  from sajax import data, models, steps
+  from sajax.executors import batched
+
+  ds = data.load_dataset("mnist5k")
+  model = models.create_model("small_cnn", 10)
+  p0 = models.init_params(model, jax.random.PRNGKey(0), ds.input_shape)
+  flat0, unravel = ravel_pytree(p0)
+  versions = [flat0, flat0 * 0.9, flat0 + 0.01]
+  loss_fn = steps.make_loss_fn(model, data.make_preprocess(ds))
+  devices = jax.local_devices()[:2]
+  rings = [batched.VersionRing(d, 2, flat0.size, flat0.dtype) for d in devices]
+  entries = [[rings[0].slot_for(0, versions[0], set()), rings[0].slot_for(1, versions[1], {0})],
+             [rings[1].slot_for(2, versions[2], set()), rings[1].slot_for(2, versions[2], {2})]]
+  assert rings[0].slot_for(2, versions[2], {0, 1}) is None      # full of needed versions: the caller must flush
+  which = [[0, 1], [2, 2]]
+  mu, key = 8, jax.random.PRNGKey(3)
+  images = np.asarray(ds.train.images[:4 * mu]).reshape(2, 2, mu, *ds.input_shape)
+  labels = np.asarray(ds.train.labels[:4 * mu]).reshape(2, 2, mu).astype(np.int32)
+  learner = np.array([[0, 2], [1, 3]], np.int32)
+  step = np.array([[5, 0], [1, 7]], np.int32)
+  ring = jax.make_array_from_single_device_arrays(
+      (2, 2, flat0.size), jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("d",)),
+                                                     jax.sharding.PartitionSpec("d")), [r.array for r in rings])
+  grads = batched.make_batched_gradients(loss_fn, unravel, devices, how="unrolled")
+  loss, flat, finite = grads(ring, np.array(entries, np.int32), images, labels, learner, step, key)
+  assert np.asarray(finite).all()
+  single = jax.jit(jax.value_and_grad(loss_fn))
+  for d in range(2):
+    for s in range(2):
+      rng = jax.random.fold_in(jax.random.fold_in(key, learner[d, s]), step[d, s])
+      ref_loss, ref = single(unravel(versions[which[d][s]]), images[d, s], labels[d, s], rng)
+      np.testing.assert_allclose(np.asarray(loss)[d, s], ref_loss, rtol=1e-5)
+      np.testing.assert_allclose(np.asarray(flat)[d, s], ravel_pytree(ref)[0], rtol=1e-4, atol=1e-6)

@@ -8,23 +8,33 @@ event order alone; under hardsync a learner that pushed waits for the next versi
 as its slowest learner. The same config and seed give the same run, bit for bit (only wall-clock fields
 differ), whatever the machine's load.
 
-This first version computes one gradient per event on the PS device; batching the learners whose snapshots
-are known into one compiled call is the next step. Resuming from a checkpoint restarts every learner from the
-restored version at the restored simulated time: the run goes on correctly, but not bit-identically to an
-uninterrupted one (the event queue, the RNG and the learners' snapshots are not checkpointed yet).
+Gradients are not computed one event at a time: every learner's snapshot is known when it pulls, so when a
+push needs a gradient not computed yet, the gradients of *all* learners holding an uncomputed snapshot are
+computed in one compiled call over (snapshot, batch) pairs spread over the local devices
+(:mod:`sajax.executors.batched`). Each device keeps the versions its learners pulled in a bounded
+:class:`~sajax.executors.batched.VersionRing` of R entries, R = min(⌈λ/c⌉ + 1, learners per device) from the
+protocol (``sim_ring`` caps it). The rule for a snapshot that no longer fits: when a pull finds every entry
+of its device's ring still needed, the pending gradients are computed first (a *ring flush*, counted in
+``sim_ring_flushes``), so a gradient is always computed on exactly the version its learner pulled. A
+gradient's value does not depend on which call computed it, so batching never changes a run.
+
+Checkpoints hold the whole simulation: the event queue, the speed model's RNG state, each learner's version,
+step and computed-but-not-pushed gradient (pending gradients are computed before saving), and the PS. A run
+stopped and resumed therefore ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import heapq
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
-from sajax.executors import common
-from sajax.server import ParameterServer
+from sajax.executors import batched, common
+from sajax.server import ParameterServer, flat_transform
 
 PyTree = Any
 
@@ -61,48 +71,122 @@ class SpeedModel:
     return float(t)
 
 
-class SimulatedEngine:
-  """Drives a :class:`sajax.trainer.Run` through simulated time around one :class:`ParameterServer`."""
 
-  def __init__(self, run: Any) -> None:
+
+class SimulatedEngine:
+  """Drives a :class:`sajax.trainer.Run` through simulated time around one :class:`ParameterServer`.
+
+  Learner k's state: the version j it holds (None while it waits for a hardsync round), its ring entry, its
+  gradient once computed, and its step count (which, with k, seeds its augmentation and dropout).
+  """
+
+  def __init__(self, run: Any, devices: Optional[list] = None) -> None:
     self.run = run
     config = run.config
-    self.learners = config.learners
+    self.learners = learners = config.learners
     self.speed = SpeedModel.from_config(config)
-    if self.speed.speeds and len(self.speed.speeds) != self.learners:
+    if self.speed.speeds and len(self.speed.speeds) != learners:
       raise ValueError(f"config.sim_speeds has {len(self.speed.speeds)} entries; allowed: one per learner "
-                       f"({self.learners})")
-    self.ps = ParameterServer(run.params, run.tx, run.protocol, policy=config.policy)
+                       f"({learners})")
+    self.devices = list(devices or jax.local_devices())[:learners]
+    self.per_device = -(-learners // len(self.devices))       # learners per device (learner k: device k mod D)
+    flat_params, unravel = ravel_pytree(run.params)
+    self.unravel = unravel
+    self.ps = ParameterServer(flat_params, flat_transform(run.tx, unravel), run.protocol, device=self.devices[0],
+                              policy=config.policy)
     if run.restored_meta.get("server"):
-      self.ps.restore({"params": run.params, "opt_state": run.opt_state}, run.restored_meta["server"])
-    self.rng = np.random.default_rng([config.seed, 7919])
-    self.sim_time = float(run.restored_meta.get("sim_time", 0.0))
-    self.events: list[tuple[float, int]] = []     # (finish time, learner): ties broken by learner id
-    self.held: dict[int, tuple[int, PyTree]] = {}  # learner -> (version j, θ_j) it is computing on
-    self.steps = [0] * self.learners
+      self.ps.restore({"params": flat_params, "opt_state": run.opt_state}, run.restored_meta["server"])
+    size = batched.ring_size(learners, self.ps.gradients_per_update, self.per_device)
+    size = min(size, config.get("sim_ring", 0) or size)
+    self.rings = [batched.VersionRing(d, size, flat_params.size, flat_params.dtype) for d in self.devices]
+    self._ring_sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(self.devices), ("devices",)),
+                                                     jax.sharding.PartitionSpec("devices"))
+    self.grads = batched.make_batched_gradients(run.loss_fn, unravel, self.devices,
+                                                how=config.get("sim_batching", "auto"))
+    self._unstack = jax.jit(lambda x: tuple(x[0, i] for i in range(x.shape[1])))
+    self.version: list[Optional[int]] = [None] * learners
+    self.entry = [0] * learners
+    self.result: list[Optional[tuple]] = [None] * learners   # (loss, flat g on the learner's device, finite)
+    self.steps = [0] * learners
+    self.events: list[tuple[float, int]] = []     # (finish time, learner): a heap, ties broken by learner id
     self.waiting: list[int] = []
-    self.grad = jax.jit(jax.value_and_grad(run.loss_fn))
+    self.rng = np.random.default_rng([config.seed, 7919])
+    self.sim_time = 0.0
+    self.calls = self.flushes = 0
+    self._stale: dict[int, Any] = {}
+    if "events" in run.restored_meta:
+      self._restore(run.restored_meta, run.restored_arrays)
+    else:
+      self.sim_time = float(run.restored_meta.get("sim_time", 0.0))
+      for k in range(learners):
+        self._start(k, self.sim_time)
     run.staleness_summary = self.telemetry
-    run.executor_meta = lambda: {"server": self.ps.state_meta(), "sim_time": self.sim_time}
+    run.executor_arrays = self.state_arrays
+    run.executor_meta = self.state_meta
+
+  # ---- learners ---------------------------------------------------------------------------------------------
+  def _device_of(self, k: int) -> int:
+    return k % len(self.devices)
+
+  def _pending(self) -> list[int]:
+    return [k for k in range(self.learners) if self.version[k] is not None and self.result[k] is None]
 
   def _start(self, learner: int, now: float) -> None:
-    self.held[learner] = self.ps.pull(learner=learner)
+    """Learner ``learner`` pulls (j, θ_j) at simulated time ``now`` and will push at now + its duration."""
+    version, params = self.ps.pull(learner=learner)
+    d = self._device_of(learner)
+    needed = {self.version[k] for k in self._pending() if self._device_of(k) == d}
+    entry = self.rings[d].slot_for(version, params, needed)
+    if entry is None:                      # every entry holds a still-needed version: compute those first
+      self.flushes += 1
+      self._compute_pending()
+      entry = self.rings[d].slot_for(version, params, set())
+    self.version[learner], self.entry[learner], self.result[learner] = version, entry, None
     heapq.heappush(self.events, (now + self.speed.duration(self.rng, learner, self.learners), learner))
 
+  def _compute_pending(self) -> None:
+    """The gradients of every learner holding an uncomputed snapshot, in one batched call: each device
+    takes its own pending learners (by id) in its first slots; K is the most on one device."""
+    pending = self._pending()
+    if not pending:
+      return
+    D, mu = len(self.devices), self.run.config.batch_per_learner
+    on_device = [[k for k in pending if self._device_of(k) == d] for d in range(D)]
+    K = max(len(ks) for ks in on_device)
+    train = self.run.dataset.train
+    images = np.zeros((D, K, mu, *train.images.shape[1:]), train.images.dtype)
+    labels = np.zeros((D, K, mu), np.int32)
+    index, learner, step = (np.zeros((D, K), np.int32) for _ in range(3))
+    for d, ks in enumerate(on_device):
+      for s, k in enumerate(ks):
+        images[d, s], labels[d, s] = self.run.next_batches([k])
+        index[d, s], learner[d, s], step[d, s] = self.entry[k], k, self.steps[k]
+        self.steps[k] += 1
+    ring = jax.make_array_from_single_device_arrays(
+        (D, *self.rings[0].array.shape[1:]), self._ring_sharding, [r.array for r in self.rings])
+    loss, flat, finite = self.grads(ring, index, images, labels, learner, step, self.run.key)
+    loss, finite = np.asarray(loss), np.asarray(finite)
+    shards = {shard.device: shard.data for shard in flat.addressable_shards}
+    for d, ks in enumerate(on_device):
+      if ks:
+        vectors = self._unstack(shards[self.devices[d]])
+        for s, k in enumerate(ks):
+          self.result[k] = (loss[d, s], vectors[s], bool(finite[d, s]))
+    self.calls += 1
+
+  # ---- the event loop -----------------------------------------------------------------------------------------
   def run_loop(self) -> tuple[PyTree, PyTree]:
-    current = lambda: (self.ps.params, self.ps.opt_state)  # noqa: E731
-    for k in range(self.learners):
-      self._start(k, self.sim_time)
+    current = lambda: (self.unravel(self.ps.params), self.ps.opt_state)  # noqa: E731
     losses = []
     try:
       while not self.run.done:
         self.sim_time, k = heapq.heappop(self.events)
-        version, params = self.held.pop(k)
-        images, labels = self.run.next_batches([k])
-        key = jax.random.fold_in(jax.random.fold_in(self.run.key, k), self.steps[k])
-        self.steps[k] += 1
-        loss, grads = self.grad(params, images, np.asarray(labels, np.int32), key)
-        result = self.ps.push(k, version, grads)
+        if self.result[k] is None:
+          self._compute_pending()
+        loss, grads, finite = self.result[k]
+        version = self.version[k]
+        self.result[k] = self.version[k] = None
+        result = self.ps.push(k, version, grads, finite=finite)
         if not result.dropped:
           losses.append(loss)
         if self.run.protocol.learners_wait:
@@ -121,10 +205,51 @@ class SimulatedEngine:
       raise
     return current()
 
+  # ---- telemetry and checkpoints ----------------------------------------------------------------------------
   def telemetry(self) -> dict:
     out = common.telemetry(self.ps, learners_alive=self.learners, queue_depth=0)
-    out["sim_time"] = round(self.sim_time, 6)
+    out.update(sim_time=round(self.sim_time, 6), sim_gradient_calls=self.calls, sim_ring_flushes=self.flushes)
     return out
+
+  def state_arrays(self) -> dict:
+    """Computes the pending gradients, then returns every learner's unpushed gradient (and θ_j when the
+    policy reads it) as numpy arrays; called before :meth:`state_meta` when a checkpoint is saved."""
+    self._compute_pending()
+    d = self.ps.params.size
+    grads = np.zeros((self.learners, d), np.float32)
+    loss = np.zeros(self.learners, np.float32)
+    finite = np.zeros(self.learners, bool)
+    for k, r in enumerate(self.result):
+      if r is not None:
+        loss[k], grads[k], finite[k] = r[0], np.asarray(r[1]), r[2]
+    arrays = {"grads": grads, "loss": loss, "finite": finite}
+    if self.ps.needs_stale_params:
+      arrays["stale_params"] = np.stack([np.asarray(self.ps.snapshot(v)) if v is not None else np.zeros(d, np.float32)
+                                         for v in self.version])
+    return arrays
+
+  def state_meta(self) -> dict:
+    return {"server": self.ps.state_meta(), "sim_time": self.sim_time, "events": [list(e) for e in self.events],
+            "version": self.version, "computed": [r is not None for r in self.result], "steps": self.steps,
+            "waiting": self.waiting, "rng": self.rng.bit_generator.state, "calls": self.calls,
+            "flushes": self.flushes}
+
+  def _restore(self, meta: dict, arrays: dict) -> None:
+    self.sim_time = float(meta["sim_time"])
+    self.events = [(float(t), int(k)) for t, k in meta["events"]]    # saved in heap order
+    self.version, self.steps, self.waiting = list(meta["version"]), list(meta["steps"]), list(meta["waiting"])
+    self.rng.bit_generator.state = meta["rng"]
+    self.calls, self.flushes = int(meta["calls"]), int(meta["flushes"])
+    for k, computed in enumerate(meta["computed"]):
+      if self.version[k] is None:
+        continue
+      if not computed:
+        raise ValueError(f"checkpoint of the simulation holds learner {k} with an uncomputed gradient; "
+                         "allowed: checkpoints saved by sajax (pending gradients are computed before saving)")
+      device = self.devices[self._device_of(k)]
+      self.result[k] = (arrays["loss"][k], jax.device_put(arrays["grads"][k], device), bool(arrays["finite"][k]))
+      if self.ps.needs_stale_params:
+        self.ps.hold_snapshot(self.version[k], jax.device_put(arrays["stale_params"][k], self.ps.device))
 
 
 def run_simulated(run: Any) -> tuple[PyTree, PyTree]:
