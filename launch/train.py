@@ -43,13 +43,18 @@ def _one_line(error: BaseException) -> str:
 COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds=1800"
 
 
+# The simulated executor batches several learners per device: it needs no device per learner.
+SIMULATED_DEVICES = 8
+
+
 def set_cpu_device_count(learners: int, executor: str) -> None:
-  """Asks XLA for λ CPU-emulated devices (one per learner; one more for the PS of the threads executor)
-  unless the user chose a count. Must run before jax is imported; it only affects the CPU platform."""
+  """Asks XLA for λ CPU-emulated devices (one per learner; one more for the PS of the threads executor; at
+  most 8 for the simulated executor) unless the user chose a count. Must run before jax is imported; it
+  only affects the CPU platform."""
   if "jax" in sys.modules:
     return
   flags_now = os.environ.get("XLA_FLAGS", "")
-  count = learners + 1 if executor == "threads" else learners
+  count = {"threads": learners + 1, "simulated": min(learners, SIMULATED_DEVICES)}.get(executor, learners)
   if count > 1 and "xla_force_host_platform_device_count" not in flags_now:
     flags_now = f"{flags_now} --xla_force_host_platform_device_count={count}"
   if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags_now:

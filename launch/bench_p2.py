@@ -1,0 +1,75 @@
+"""Benchmark P2: time per sample of the simulated executor (λ = 32 async learners) ÷ the pmap SSGD baseline.
+
+Both sides train the paper's cifar10_full net (crop+flip augmentation, random 32×32×3 uint8 images) on the
+same local devices through a whole :class:`sajax.trainer.Run`: the simulated executor with λ learners of μ
+(async: c = 1, one PS update per gradient, batched gradient calls over (snapshot, batch) pairs), and pmap
+SSGD at the same global batch λμ. A rate is taken between a run's 10th update and its last update before the
+final evaluation, so compilation and the final evaluation/checkpoint are not counted. Repeats alternate the
+two sides and are pooled. The simulated side is also timed with each slot-batching choice
+(``sim_batching``), which is how ``auto`` was chosen for this backend.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+
+import jax
+
+from launch.bench_p1 import _dataset
+from sajax import config as config_lib, sync, trainer
+from sajax.executors import simulated
+
+
+def _config(executor: str, learners: int, batch: int, updates: int, num_train: int, batching: str = "auto"):
+  from configs import default
+  config = default.get_config()
+  config.dataset, config.model = "cifar10", "cifar10_full"
+  config.executor, config.protocol, config.n = executor, "async" if executor == "simulated" else "hardsync", 1
+  config.learners, config.batch_per_learner = learners, batch
+  config.learning_rate, config.momentum, config.lr_boundaries_epochs = 0.001, 0.9, ()
+  config.sim_batching = batching
+  config.epochs = updates * learners * batch / num_train
+  config.eval_every_epochs = config.checkpoint_every_epochs = config.epochs
+  config.eval_batch_size = 64
+  config.progress = False
+  return config
+
+
+def rate(config, dataset) -> tuple[int, float]:
+  """(samples, seconds) of a whole run, from its 10th update to its last update before the end."""
+  config_lib.validate(config)
+  marks = []
+  runner = simulated.run_simulated if config.executor == "simulated" else sync.run_ssgd
+  with tempfile.TemporaryDirectory() as workdir:
+    trainer.prepare_workdir(config, workdir)
+    run = trainer.Run(config, workdir, dataset, callbacks=[lambda r: marks.append((time.perf_counter(), r.samples))])
+    params, opt_state = runner(run)
+    run.finish(params, opt_state)
+  (t0, s0), (t1, s1) = marks[9], marks[-2]
+  return s1 - s0, t1 - t0
+
+
+def run(args) -> dict:
+  dataset = _dataset()
+  devices = len(jax.local_devices())
+  global_batch = args.learners * args.batch
+  sides = {"ssgd": _config("pmap", devices, global_batch // devices, args.steps, len(dataset.train))}
+  for how in args.batchings:
+    # async: one PS update per gradient, so λ updates per λμ samples
+    sides[f"simulated_{how}"] = _config("simulated", args.learners, args.batch, args.steps * args.learners,
+                                        len(dataset.train), batching=how)
+  totals = {name: [0, 0.0] for name in sides}
+  for r in range(args.repeats):
+    for name, config in sides.items():
+      samples, seconds = rate(config, dataset)
+      totals[name][0] += samples
+      totals[name][1] += seconds
+      print(f"repeat {r + 1}/{args.repeats} {name}: {1e3 * seconds / samples:.3f} ms per sample", flush=True)
+  per_sample = {name: t / s for name, (s, t) in totals.items()}
+  ratios = {name: round(v / per_sample["ssgd"], 3) for name, v in per_sample.items() if name != "ssgd"}
+  auto = f"simulated_{args.batchings[0]}"
+  return {"figure": "p2", "value": ratios[auto], "ratios": ratios,
+          "ms_per_sample": {k: round(1e3 * v, 4) for k, v in per_sample.items()}, "model": "cifar10_full",
+          "learners": args.learners, "batch_per_learner": args.batch, "global_batch": global_batch,
+          "devices": devices, "backend": jax.default_backend()}
