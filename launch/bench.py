@@ -13,6 +13,12 @@ baseline and engine repeats and pooling them. Goal ≥ 0.90.
 threads engine with n-softsync, n ∈ {1, 2, 8}, and the ``inverse`` policy, the ``constant`` policy at n = 8,
 and the pmap SSGD baseline, all with the default config's α0, momentum and epochs; prints a markdown table.
 
+``python launch/bench.py mpi [--learners 8 --ranks 3 --repeats 1]``: samples/s of ``mpiexec -n 3`` with
+``executor=mpi`` ÷ samples/s of the threads executor with the same λ and the same total number of CPU devices
+(λ + 1), default config for 4 epochs (``samples_per_s`` of the last record, evaluation excluded); bytes per
+push; the median push round trip (a push-sized message to rank 0 and a weights-sized reply, 200 times, with
+the executor's polling send/receive).
+
 The last line printed is one JSON object with ``figure`` and ``value``.
 """
 
@@ -30,13 +36,13 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train_final(overrides: list[str]) -> tuple[dict, float]:
+def train_final(overrides: list[str], launcher: tuple[str, ...] = ()) -> tuple[dict, float]:
   """Runs ``python launch/train.py`` as a user would, in a fresh workdir: (last metrics record, wall seconds)."""
   with tempfile.TemporaryDirectory() as tmp:
     workdir = os.path.join(tmp, "run")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--workdir", workdir,
+    proc = subprocess.run([*launcher, sys.executable, os.path.join(ROOT, "launch", "train.py"), "--workdir", workdir,
                            *overrides, "--config.progress=False"], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
@@ -85,9 +91,72 @@ def bench_accuracy(extra: list[str]) -> dict:
   return {"figure": "accuracy_worst_inverse_gap_points", "value": round(100 * worst, 2), "rows": rows}
 
 
+def bench_mpi(args: argparse.Namespace, extra: list[str]) -> dict:
+  """executor=mpi over ``args.ranks`` processes vs the threads executor on the same λ + 1 devices."""
+  import shutil
+  mpiexec = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
+  common = [f"--config.learners={args.learners}", f"--config.protocol={args.protocol}", f"--config.n={args.n}",
+            "--config.epochs=4", "--config.eval_every_epochs=4", "--config.checkpoint_every_epochs=4", *extra]
+  rows = {"mpi": [], "threads": []}
+  for r in range(args.repeats):
+    for name, launcher in (("threads", ()), ("mpi", (mpiexec, "-n", str(args.ranks)))):
+      final, wall = train_final([f"--config.executor={name}", *common], launcher)
+      rows[name].append(final["samples_per_s"])
+      print(f"repeat {r + 1}: {name}: {final['samples_per_s']:.0f} samples/s, wall {wall:.1f} s, "
+            f"⟨σ⟩ {final['staleness_mean']:.2f}, test error {100 * final['test_error']:.2f} %"
+            + (f", pushes per rank {final['pushes_per_rank']}" if name == "mpi" else ""), flush=True)
+  ping = subprocess.run([mpiexec, "-n", "2", sys.executable, os.path.abspath(__file__), "mpi-pingpong"],
+                        capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  if ping.returncode != 0:
+    raise SystemExit(f"mpi-pingpong failed: {ping.stderr[-500:]}")
+  trip = json.loads(ping.stdout.strip().splitlines()[-1])
+  mpi, threads = statistics.median(rows["mpi"]), statistics.median(rows["threads"])
+  return {"figure": "mpi_over_threads_samples_per_s", "value": round(mpi / threads, 3),
+          "mpi_samples_per_s": [round(v, 1) for v in rows["mpi"]],
+          "threads_samples_per_s": [round(v, 1) for v in rows["threads"]], "ranks": args.ranks,
+          "learners": args.learners, **trip, "cpu_count": os.cpu_count()}
+
+
+def mpi_pingpong(round_trips: int = 200) -> dict:
+  """Under ``mpiexec -n 2``: rank 1 sends push-sized messages, rank 0 answers each with a weights-sized one."""
+  sys.path.insert(0, ROOT)
+  import numpy as np
+  import jax
+  from jax.flatten_util import ravel_pytree
+  from configs import default
+  from sajax import models
+  from sajax.executors import mpi, mpi_wire as wire
+  config = default.get_config()
+  params = models.init_params(models.create_model(config.model, 10), jax.random.PRNGKey(0), (28, 28, 1))
+  flat = np.asarray(ravel_pytree(params)[0])
+  comm = mpi.world()
+  push = wire.encode(wire.PUSH, learner=1, version=0, payload=flat)
+  weights = wire.encode(wire.WEIGHTS, version=0, payload=flat)
+  times = []
+  for _ in range(round_trips + 10):
+    if comm.Get_rank() == 1:
+      start = time.perf_counter()
+      mpi.send(comm, push, 0, wire.TAG_TO_SERVER)
+      mpi.receive(comm, wire.TAG_TO_LEARNERS, stop=lambda: False, source=0)
+      times.append(time.perf_counter() - start)
+    else:
+      mpi.receive(comm, wire.TAG_TO_SERVER, stop=lambda: False)
+      mpi.send(comm, weights, 1, wire.TAG_TO_LEARNERS)
+  times = comm.bcast(times[10:], root=1)   # this summary only; the executor itself never pickles
+  return {"bytes_per_push": int(push.size), "bytes_per_weights": int(weights.size),
+          "push_round_trip_ms_median": round(1000 * statistics.median(times), 3),
+          "push_round_trip_ms_p90": round(1000 * sorted(times)[int(0.9 * len(times))], 3)}
+
+
+def mpi_pingpong_rank() -> int:
+  from mpi4py import MPI
+  return MPI.COMM_WORLD.Get_rank()
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("figure", choices=["default", "p1", "accuracy"])
+  parser.add_argument("figure", choices=["default", "p1", "accuracy", "mpi", "mpi-pingpong"])
+  parser.add_argument("--ranks", type=int, default=3)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--learners", type=int, default=8)
   parser.add_argument("--batch", type=int, default=16)
@@ -100,6 +169,12 @@ def main() -> None:
     result = bench_default(args.repeats, extra)
   elif args.figure == "accuracy":
     result = bench_accuracy(extra)
+  elif args.figure == "mpi":
+    result = bench_mpi(args, extra)
+  elif args.figure == "mpi-pingpong":
+    result = mpi_pingpong()
+    if mpi_pingpong_rank() != 0:
+      return
   else:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.learners + 1}"
