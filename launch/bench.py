@@ -16,11 +16,17 @@ same model (cifar10_full) and devices, one process (launch/bench_p2.py). Also ti
 
 ``python launch/bench.py p3``: time to accuracy with one straggler (1 of 8 learners 4× slower), simulated
 executor on mnist5k with the default config: simulated time for async with the ``inverse`` policy to reach the
-SSGD run's final test error + 0.5 point ÷ the same for hardsync SSGD. Goal ≤ 0.6.
+SSGD run's final test error + 0.5 point ÷ the same for hardsync SSGD (launch/bench_p3.py). Goal ≤ 0.6.
 
 ``python launch/bench.py accuracy [--epochs E]``: the paper's comparison on mnist5k with λ = 8, μ = 16: the
 threads engine with n-softsync, n ∈ {1, 2, 8}, and the ``inverse`` policy, the ``constant`` policy at n = 8,
 and the pmap SSGD baseline, all with the default config's α0, momentum and epochs; prints a markdown table.
+
+``python launch/bench.py mpi [--learners 8 --ranks 3 --repeats 1]``: samples/s of ``mpiexec -n 3`` with
+``executor=mpi`` ÷ samples/s of the threads executor with the same λ and the same total number of CPU devices
+(λ + 1), default config for 4 epochs (``samples_per_s`` of the last record, evaluation excluded); bytes per
+push; the median push round trip (a push-sized message to rank 0 and a weights-sized reply, 200 times, with
+the executor's polling send/receive).
 
 The last line printed is one JSON object with ``figure`` and ``value``.
 """
@@ -39,26 +45,20 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def train_final(overrides: list[str]) -> tuple[dict, float]:
+def train_final(overrides: list[str], launcher: tuple[str, ...] = ()) -> tuple[dict, float]:
   """Runs ``python launch/train.py`` as a user would, in a fresh workdir: (last metrics record, wall seconds)."""
-  records, wall = train_history(overrides)
-  return records[-1], wall
-
-
-def train_history(overrides: list[str]) -> tuple[list[dict], float]:
-  """Runs ``python launch/train.py`` as a user would, in a fresh workdir: (every metrics record, wall seconds)."""
   with tempfile.TemporaryDirectory() as tmp:
     workdir = os.path.join(tmp, "run")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--workdir", workdir,
+    proc = subprocess.run([*launcher, sys.executable, os.path.join(ROOT, "launch", "train.py"), "--workdir", workdir,
                            *overrides, "--config.progress=False"], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - start
     if proc.returncode != 0:
       raise SystemExit(f"train.py {' '.join(overrides)} failed (exit {proc.returncode}): "
                        f"{proc.stderr.strip()[-500:]}")
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-      return [json.loads(line) for line in f], wall
+      return [json.loads(line) for line in f][-1], wall
 
 
 def bench_default(repeats: int, extra: list[str]) -> dict:
@@ -100,44 +100,74 @@ def bench_accuracy(extra: list[str]) -> dict:
   return {"figure": "accuracy_worst_inverse_gap_points", "value": round(100 * worst, 2), "rows": rows}
 
 
-P3_SIDES = [
-    ("hardsync SSGD", ["--config.protocol=hardsync"]),
-    ("async, inverse", ["--config.protocol=async"]),
-]
+def bench_mpi(args: argparse.Namespace, extra: list[str]) -> dict:
+  """executor=mpi over ``args.ranks`` processes vs the threads executor on the same λ + 1 devices."""
+  import shutil
+  mpiexec = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
+  common = [f"--config.learners={args.learners}", f"--config.protocol={args.protocol}", f"--config.n={args.n}",
+            "--config.epochs=4", "--config.eval_every_epochs=4", "--config.checkpoint_every_epochs=4", *extra]
+  rows = {"mpi": [], "threads": []}
+  for r in range(args.repeats):
+    for name, launcher in (("threads", ()), ("mpi", (mpiexec, "-n", str(args.ranks)))):
+      final, wall = train_final([f"--config.executor={name}", *common], launcher)
+      rows[name].append(final["samples_per_s"])
+      print(f"repeat {r + 1}: {name}: {final['samples_per_s']:.0f} samples/s, wall {wall:.1f} s, "
+            f"⟨σ⟩ {final['staleness_mean']:.2f}, test error {100 * final['test_error']:.2f} %"
+            + (f", pushes per rank {final['pushes_per_rank']}" if name == "mpi" else ""), flush=True)
+  ping = subprocess.run([mpiexec, "-n", "2", sys.executable, os.path.abspath(__file__), "mpi-pingpong"],
+                        capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+  if ping.returncode != 0:
+    raise SystemExit(f"mpi-pingpong failed: {ping.stderr[-500:]}")
+  trip = json.loads(ping.stdout.strip().splitlines()[-1])
+  mpi, threads = statistics.median(rows["mpi"]), statistics.median(rows["threads"])
+  return {"figure": "mpi_over_threads_samples_per_s", "value": round(mpi / threads, 3),
+          "mpi_samples_per_s": [round(v, 1) for v in rows["mpi"]],
+          "threads_samples_per_s": [round(v, 1) for v in rows["threads"]], "ranks": args.ranks,
+          "learners": args.learners, **trip, "cpu_count": os.cpu_count()}
 
 
-def time_to_error(records: list[dict], target: float) -> float | None:
-  """Simulated time of the first evaluation with test error ≤ ``target`` (None if never reached)."""
-  return next((r["sim_time"] for r in records if r["test_error"] <= target), None)
+def mpi_pingpong(round_trips: int = 200) -> dict:
+  """Under ``mpiexec -n 2``: rank 1 sends push-sized messages, rank 0 answers each with a weights-sized one."""
+  sys.path.insert(0, ROOT)
+  import numpy as np
+  import jax
+  from jax.flatten_util import ravel_pytree
+  from configs import default
+  from sajax import models
+  from sajax.executors import mpi, mpi_wire as wire
+  config = default.get_config()
+  params = models.init_params(models.create_model(config.model, 10), jax.random.PRNGKey(0), (28, 28, 1))
+  flat = np.asarray(ravel_pytree(params)[0])
+  comm = mpi.world()
+  push = wire.encode(wire.PUSH, learner=1, version=0, payload=flat)
+  weights = wire.encode(wire.WEIGHTS, version=0, payload=flat)
+  times = []
+  for _ in range(round_trips + 10):
+    if comm.Get_rank() == 1:
+      start = time.perf_counter()
+      mpi.send(comm, push, 0, wire.TAG_TO_SERVER)
+      mpi.receive(comm, wire.TAG_TO_LEARNERS, stop=lambda: False, source=0)
+      times.append(time.perf_counter() - start)
+    else:
+      mpi.receive(comm, wire.TAG_TO_SERVER, stop=lambda: False)
+      mpi.send(comm, weights, 1, wire.TAG_TO_LEARNERS)
+  times = comm.bcast(times[10:], root=1)   # this summary only; the executor itself never pickles
+  return {"bytes_per_push": int(push.size), "bytes_per_weights": int(weights.size),
+          "push_round_trip_ms_median": round(1000 * statistics.median(times), 3),
+          "push_round_trip_ms_p90": round(1000 * sorted(times)[int(0.9 * len(times))], 3)}
 
 
-def bench_p3(extra: list[str]) -> dict:
-  """Time to accuracy with one straggler: simulated executor, λ = 8, μ = 16, learner 0 four times slower.
-
-  The target is the SSGD run's final test error + 0.5 point; each side's time is the simulated time of its
-  first evaluation at or below the target. P3 = async time ÷ SSGD time.
-  """
-  common = ["--config.executor=simulated", "--config.learners=8", "--config.batch_per_learner=16",
-            "--config.sim_speeds=(4.0,1.0,1.0,1.0,1.0,1.0,1.0,1.0)", "--config.eval_every_epochs=0.5", *extra]
-  histories = {}
-  for name, overrides in P3_SIDES:
-    records, wall = train_history([*common, *overrides])
-    histories[name] = records
-    print(f"{name}: final test error {100 * records[-1]['test_error']:.2f} %, sim_time {records[-1]['sim_time']:.0f}, "
-          f"⟨σ⟩ {records[-1]['staleness_mean']:.2f}, wall {wall:.0f} s", flush=True)
-  ssgd, asynchronous = (histories[name] for name, _ in P3_SIDES)
-  target = ssgd[-1]["test_error"] + 0.005
-  t_ssgd, t_async = time_to_error(ssgd, target), time_to_error(asynchronous, target)
-  print(f"target test error {100 * target:.2f} %: SSGD reaches it at sim_time {t_ssgd}, async at {t_async}")
-  return {"figure": "p3", "value": None if t_async is None else round(t_async / t_ssgd, 3),
-          "target_test_error": target, "sim_time_ssgd": t_ssgd, "sim_time_async": t_async,
-          "final_test_error": {name: h[-1]["test_error"] for name, h in histories.items()},
-          "curves": {name: [[r["sim_time"], r["test_error"]] for r in h] for name, h in histories.items()}}
+def mpi_pingpong_rank() -> int:
+  from mpi4py import MPI
+  return MPI.COMM_WORLD.Get_rank()
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("figure", choices=["default", "p1", "p2", "p3", "accuracy"])
+  parser.add_argument("figure", choices=["default", "p1", "p2", "p3", "accuracy", "mpi", "mpi-pingpong"])
+  parser.add_argument("--ranks", type=int, default=3)
+  parser.add_argument("--max-epochs-factor", type=float, default=3.0,
+                      help="p3: asynchronous sides run at most this many times SSGD's epochs")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--learners", type=int, default=None, help="λ (p1: 8, p2: 32)")
   parser.add_argument("--batch", type=int, default=None, help="μ (p1: 16, p2: 4)")
@@ -154,16 +184,20 @@ def main() -> None:
     result = bench_default(args.repeats, extra)
   elif args.figure == "accuracy":
     result = bench_accuracy(extra)
-  elif args.figure == "p3":
-    result = bench_p3(extra)
+  elif args.figure == "mpi":
+    result = bench_mpi(args, extra)
+  elif args.figure == "mpi-pingpong":
+    result = mpi_pingpong()
+    if mpi_pingpong_rank() != 0:
+      return
   else:
     devices = args.learners + 1 if args.figure == "p1" else args.devices
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={devices}"
                                " --xla_cpu_collective_call_terminate_timeout_seconds=1800").strip()
     sys.path.insert(0, ROOT)
-    from launch import bench_p1, bench_p2
-    result = (bench_p1 if args.figure == "p1" else bench_p2).run(args)
+    from launch import bench_p1, bench_p2, bench_p3
+    result = {"p1": bench_p1, "p2": bench_p2, "p3": bench_p3}[args.figure].run(args, extra)
   print(json.dumps(result))
 
 

@@ -87,7 +87,8 @@ def engine_rate(args, dataset: data.Dataset) -> tuple[int, float]:
   return s1 - s0, t1 - t0
 
 
-def run(args) -> dict:
+def run(args, extra: list[str] = ()) -> dict:
+  del extra
   dataset = _dataset()
   model = models.create_model(args.model, 10)
   params = models.init_params(model, jax.random.PRNGKey(0), (32, 32, 3))

@@ -50,7 +50,8 @@ def rate(config, dataset) -> tuple[int, float]:
   return s1 - s0, t1 - t0
 
 
-def run(args) -> dict:
+def run(args, extra: list[str] = ()) -> dict:
+  del extra
   dataset = _dataset()
   devices = len(jax.local_devices())
   global_batch = args.learners * args.batch

@@ -47,14 +47,30 @@ COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds=1
 SIMULATED_DEVICES = 8
 
 
+def mpi_rank_size() -> tuple[int, int]:
+  """This process's rank and the number of processes, from the variables mpiexec (MPICH, Open MPI) or srun
+  set; (0, 1) outside them. Read before jax (and mpi4py) are imported."""
+  for rank_var, size_var in (("PMI_RANK", "PMI_SIZE"), ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE"),
+                             ("PMIX_RANK", "PMIX_SIZE")):
+    if os.environ.get(rank_var, "").isdigit() and os.environ.get(size_var, "").isdigit():
+      return int(os.environ[rank_var]), int(os.environ[size_var])
+  return 0, 1
+
+
 def set_cpu_device_count(learners: int, executor: str) -> None:
   """Asks XLA for λ CPU-emulated devices (one per learner; one more for the PS of the threads executor; at
   most 8 for the simulated executor) unless the user chose a count. Must run before jax is imported; it
-  only affects the CPU platform."""
+  only affects the CPU platform. Under mpiexec each process asks for its share: executor=mpi its block of
+  learners (+1 for the PS on rank 0, blocks as in ``mpi_wire.learner_blocks``), executor=pmap λ/P."""
   if "jax" in sys.modules:
     return
   flags_now = os.environ.get("XLA_FLAGS", "")
   count = {"threads": learners + 1, "simulated": min(learners, SIMULATED_DEVICES)}.get(executor, learners)
+  rank, size = mpi_rank_size()
+  if executor == "mpi":
+    count = max(1, (rank + 1) * learners // size - rank * learners // size) + (rank == 0)
+  elif executor == "pmap" and size > 1:
+    count = max(1, learners // size)
   if count > 1 and "xla_force_host_platform_device_count" not in flags_now:
     flags_now = f"{flags_now} --xla_force_host_platform_device_count={count}"
   if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags_now:
@@ -138,8 +154,11 @@ def main(argv: list[str]) -> int:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return EXIT_BAD_INPUT
   set_cpu_device_count(int(config.learners) if isinstance(config.learners, int) else 1, str(config.executor))
+  rank = mpi_rank_size()[0] if config.executor in ("mpi", "pmap") else 0
+  say = (lambda text: print(text, file=sys.stderr)) if rank == 0 else (lambda text: None)  # noqa: E731
 
-  logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+  logging.basicConfig(level=logging.INFO, format="%(message)s" if rank == 0 else f"[rank {rank}] %(message)s",
+                      stream=sys.stderr)
   for noisy in ("absl", "jax", "orbax", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
   import sajax
@@ -151,17 +170,18 @@ def main(argv: list[str]) -> int:
     config_lib.validate(config)
     train_lib.check_workdir_writable(workdir)
   except ValueError as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
+    say(f"error: {_one_line(e)}")
     return EXIT_BAD_INPUT
   try:
     result = sajax.train(config, workdir=workdir)
   except (config_lib.ConfigError, data.DatasetError) as e:
-    print(f"error: {_one_line(e)}", file=sys.stderr)
+    say(f"error: {_one_line(e)}")
     return EXIT_BAD_INPUT
   except KeyboardInterrupt:
-    print(f"\ninterrupted; rerun with --workdir {workdir} to resume from its last checkpoint", file=sys.stderr)
+    say(f"\ninterrupted; rerun with --workdir {workdir} to resume from its last checkpoint")
     return EXIT_INTERRUPTED
-  print(metrics.summary(config.to_dict(), result.metrics, os.path.abspath(workdir)))
+  if rank == 0:
+    print(metrics.summary(config.to_dict(), result.metrics, os.path.abspath(workdir)))
   return 0
 
 

@@ -13,6 +13,7 @@ import shutil
 from typing import Any, Callable, Optional, Union
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger("sajax")
@@ -23,7 +24,13 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3) -> None:
     self.directory = os.path.abspath(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
+    # Under jax.distributed (pmap over mpiexec processes) only process 0 checkpoints: its own, single-process
+    # manager, with no cross-process barriers.
+    only_me = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                 active_processes={jax.process_index()})
+    os.makedirs(self.directory, exist_ok=True)   # orbax cannot create it with active_processes set
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=False, enable_async_checkpointing=False,
+                                           multiprocessing_options=only_me)
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
 
   def steps(self) -> list[int]:
@@ -34,6 +41,8 @@ class Checkpointer:
     """Writes checkpoint ``step`` (atomically: orbax writes a temporary folder, then renames it)."""
     if step in self._manager.all_steps():
       return
+    if jax.process_count() > 1:   # orbax saves device arrays collectively across processes: hand it host copies
+      state = jax.tree.map(np.asarray, state)
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     self._manager.save(step, args=args, force=True)
     self._manager.wait_until_finished()
@@ -53,6 +62,8 @@ class Checkpointer:
         else:
           step_target = target
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, step_target)
+        if jax.process_count() > 1:
+          abstract = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), step_target)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
         return step, restored["state"], dict(restored["meta"])

@@ -13,9 +13,10 @@ import ml_collections
 
 from sajax.protocol import PROTOCOLS, Protocol
 
-EXECUTORS: tuple[str, ...] = ("pmap", "threads", "simulated")
+EXECUTORS: tuple[str, ...] = ("pmap", "threads", "simulated", "mpi")
 """pmap: SSGD data parallel (no PS); threads: λ learner threads around one parameter server; simulated:
-deterministic discrete-event asynchrony around the same parameter server."""
+deterministic discrete-event asynchrony around the same parameter server; mpi: learner threads on every
+``mpiexec`` rank, the same parameter server on rank 0."""
 
 # Every key a config may have, with the Python types it accepts.
 SCHEMA: Mapping[str, tuple[type, ...]] = {

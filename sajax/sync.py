@@ -28,6 +28,22 @@ def pmap_devices(global_batch: int, devices: list | None = None) -> list:
   return devices[:d]
 
 
+def process_devices(global_batch: int) -> tuple[list, list, int]:
+  """Several processes (``jax.distributed``): the same number k of devices from each of the P processes, the
+  most that split λμ evenly over k·P; returns (all of them in process order, this process's, the index of its
+  first shard of the global batch)."""
+  per_process = [sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+                 for p in range(jax.process_count())]
+  count = min(len(devices) for devices in per_process)
+  fits = [k for k in range(1, count + 1) if global_batch % (k * len(per_process)) == 0]
+  if not fits:
+    raise ValueError(f"global batch λμ = {global_batch} does not split over {len(per_process)} processes; "
+                     f"allowed: λμ divisible by the number of processes")
+  k = max(fits)
+  return [d for devices in per_process for d in devices[:k]], per_process[jax.process_index()][:k], \
+      jax.process_index() * k
+
+
 def make_ssgd_step(loss_fn: steps.LossFn, tx: optax.GradientTransformationExtraArgs, devices: list
                    ) -> Callable[..., tuple[PyTree, PyTree, jax.Array]]:
   """``step(params, opt_state, images, labels, rng) -> (params, opt_state, loss)``, pmapped over ``devices``.
@@ -50,23 +66,32 @@ def make_ssgd_step(loss_fn: steps.LossFn, tx: optax.GradientTransformationExtraA
 def run_ssgd(run: Any) -> tuple[PyTree, PyTree]:
   """Drives a :class:`sajax.trainer.Run` with the pmap SSGD executor; returns the final (params, opt_state)."""
   config = run.config
-  devices = pmap_devices(config.learners * config.batch_per_learner)
+  global_batch = config.learners * config.batch_per_learner
+  if jax.process_count() > 1:   # under mpiexec: every process draws the global batch, feeds its own shards
+    devices, local, first = process_devices(global_batch)
+  else:
+    devices = local = pmap_devices(global_batch)
+    first = 0
   d = len(devices)
   step = make_ssgd_step(run.loss_fn, run.tx, devices)
-  params = steps.replicate(run.params, devices)
-  opt_state = steps.replicate(run.opt_state, devices)
-  run.log(f"SSGD over {d} device(s): global batch λμ = {config.learners * config.batch_per_learner}")
+  params = steps.replicate(run.params, local)
+  opt_state = steps.replicate(run.opt_state, local)
+  run.log(f"SSGD over {d} device(s) in {jax.process_count()} process(es): global batch λμ = {global_batch}")
   if config.protocol != "hardsync":
     run.log(f"executor=pmap is synchronous SGD: protocol={config.protocol!r} is ignored (σ = 0 throughout)")
 
   def current_state():
-    return steps.unreplicate(params), steps.unreplicate(opt_state)
+    if jax.process_count() == 1:
+      return steps.unreplicate(params), steps.unreplicate(opt_state)
+    # Several processes: plain single-device arrays (orbax refuses host-local slices of a global array).
+    first = lambda x: jnp.asarray(np.asarray(x.addressable_data(0))[0])  # noqa: E731
+    return jax.tree.map(first, params), jax.tree.map(first, opt_state)
 
   previous_loss = None
   try:
     while not run.done:
       images, labels = run.next_batches(range(config.learners))
-      shard = lambda a: a.reshape((d, -1) + a.shape[1:])  # noqa: E731
+      shard = lambda a: a.reshape((d, -1) + a.shape[1:])[first:first + len(local)]  # noqa: E731
       rng = jax.random.fold_in(run.key, run.updates)
       params, opt_state, loss = step(params, opt_state, shard(images), shard(np.asarray(labels, np.int32)), rng)
       # At most two steps in flight: an unbounded queue of pmapped steps with all-reduces can starve XLA

@@ -82,8 +82,9 @@ class Run:
   """The shared state of one training run (see the module docstring)."""
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, dataset: data.Dataset,
-               callbacks: Sequence[Callback] = ()) -> None:
+               callbacks: Sequence[Callback] = (), outputs: bool = True) -> None:
     self.config = config
+    self.outputs = outputs           # False on MPI ranks > 0: they never read or write the workdir
     self.workdir = workdir
     self.dataset = dataset
     self.callbacks = list(callbacks)
@@ -132,10 +133,11 @@ class Run:
     self.restored_meta: dict = {}
     self.restored_arrays: dict = {}
     self.checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                                keep=config.keep_checkpoints)
-    self._restore()
-    self.writer = metrics.RunWriter(workdir)
-    self._bar = _progress(config, self)
+                                                keep=config.keep_checkpoints) if outputs else None
+    if outputs:
+      self._restore()
+    self.writer = metrics.RunWriter(workdir) if outputs else None
+    self._bar = _progress(config, self) if outputs else None
     self._stop_requested = False
     self._previous_sigint = None
     if threading.current_thread() is threading.main_thread():
@@ -175,9 +177,10 @@ class Run:
       self._bar.update(added)
       if self.updates % 10 == 0:
         self._bar.set_postfix_str(self._postfix(float(losses[-1])), refresh=False)
-    if any(before < p <= self.samples for p in self.eval_at) or (self.done and before < self.total_samples):
+    final = self.done and before < self.total_samples
+    if self.outputs and (any(before < p <= self.samples for p in self.eval_at) or final):
       self._evaluate(current_state()[0])
-    if any(before < p <= self.samples for p in self.checkpoint_at) or (self.done and before < self.total_samples):
+    if self.outputs and (any(before < p <= self.samples for p in self.checkpoint_at) or final):
       self.save(*current_state())
     for callback in self.callbacks:
       callback(self)
@@ -307,8 +310,9 @@ class Run:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
-    self.writer.close()
-    self.checkpointer.close()
+    if self.outputs:
+      self.writer.close()
+      self.checkpointer.close()
 
 
 def _schedule(every_epochs: float, epochs: float, per_epoch: float, total: int) -> set[int]:
@@ -361,14 +365,20 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
   config_lib.validate(config)
   workdir = workdir or config.get("workdir") or default_workdir()
   check_workdir_writable(workdir)
+  from sajax.executors import mpi
+  primary = mpi.prepare_processes(config)   # under mpiexec: False on ranks > 0, which write nothing
   dataset = data.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
                               download=config.get("download", False))
-  prepare_workdir(config, workdir)
-  log.info("sajax: training into %s", os.path.abspath(workdir))
-  run = Run(config, workdir, dataset, callbacks)
+  if primary:
+    prepare_workdir(config, workdir)
+    log.info("sajax: training into %s", os.path.abspath(workdir))
+  run = Run(config, workdir, dataset, callbacks, outputs=primary)
   from sajax import sync
   from sajax.executors import simulated, threads
-  executors = {"pmap": sync.run_ssgd, "threads": threads.run_threads, "simulated": simulated.run_simulated}
+  executors = {"pmap": sync.run_ssgd, "threads": threads.run_threads, "simulated": simulated.run_simulated,
+               "mpi": mpi.run_mpi}
   params, opt_state = executors[config.executor](run)
+  if not primary:
+    return TrainResult(metrics=mpi.rank_metrics(run), history=[], workdir=workdir)
   final = run.finish(params, opt_state)
   return TrainResult(metrics=final, history=run.history, workdir=workdir)

@@ -85,33 +85,51 @@ class _SnapshotCache:
 class ThreadedEngine:
   """Drives one :class:`sajax.trainer.Run` with λ learner threads around a :class:`ParameterServer`."""
 
-  def __init__(self, run: Any, devices: Optional[list] = None) -> None:
-    self.run = run
+  def __init__(self, run: Any, devices: Optional[list] = None, local_learners: Optional[list] = None) -> None:
+    flat_params = self._init_learners(run, devices, local_learners)
     config = run.config
-    self.learners = config.learners
-    self.protocol: Protocol = run.protocol
-    self.devices, self.ps_device = learner_devices(self.learners, devices)
-    # Weights and gradients travel as one flat vector: one transfer per (device, version) and per push.
-    flat_params, self.unravel = ravel_pytree(run.params)
     self.ps = ParameterServer(flat_params, flat_transform(run.tx, self.unravel), self.protocol,
                               device=self.ps_device, policy=config.policy)
     if run.restored_meta.get("server"):
       self.ps.restore({"params": flat_params, "opt_state": run.opt_state}, run.restored_meta["server"])
-    self.queue: queue.Queue = queue.Queue(maxsize=max(2, self.learners))
-    self.stop = threading.Event()
-    self.version_changed = threading.Condition()
     self.published = (self.ps.version, self.ps.params)   # read by learners as one atomic attribute
-    self.cache = _SnapshotCache()
     self.alive = set(range(self.learners))
     self.deaths: dict[int, str] = {}
     self.fail_fast = bool(config.get("fail_fast", False))
+    self._pending_losses: list = []
+    run.staleness_summary = self.telemetry
+    run.executor_meta = lambda: {"server": self.ps.state_meta()}
+
+  def _init_learners(self, run: Any, devices: Optional[list], local_learners: Optional[list]) -> jax.Array:
+    """The learner side: this process's learners (default all λ), their devices, queue, snapshot cache."""
+    self.run = run
+    config = run.config
+    self.learners = config.learners
+    self.protocol: Protocol = run.protocol
+    self.local_learners = list(range(self.learners)) if local_learners is None else list(local_learners)
+    local_devices, self.ps_device = learner_devices(len(self.local_learners), devices)
+    self.devices = dict(zip(self.local_learners, local_devices))
+    # Weights and gradients travel as one flat vector: one transfer per (device, version) and per push.
+    flat_params, self.unravel = ravel_pytree(run.params)
+    self.queue: queue.Queue = queue.Queue(maxsize=max(2, self.learners))
+    self.stop = threading.Event()
+    self.version_changed = threading.Condition()
+    self.cache = _SnapshotCache()
     # Fault injection for fault-tolerance experiments: learner `fault_learner` raises at its step `fault_at_step`.
     self.fault_learner = config.get("fault_learner", -1)
     self.fault_step = config.get("fault_at_step", 0)
-    self._pending_losses: list = []
     self._grad_step = self._make_grad_step(run.loss_fn, self.unravel)
-    run.staleness_summary = self.telemetry
-    run.executor_meta = lambda: {"server": self.ps.state_meta()}
+    return flat_params
+
+  def _to_server(self, grads: jax.Array) -> Any:
+    """Where a learner's flat gradient goes before it is queued: the PS device."""
+    return jax.device_put(grads, self.ps_device)
+
+  def _publish(self) -> None:
+    """Makes the PS's current (i, θ_i) the one learners pull, and wakes learners waiting for it."""
+    with self.version_changed:
+      self.published = (self.ps.version, self.ps.params)
+      self.version_changed.notify_all()
 
   @staticmethod
   def _make_grad_step(loss_fn, unravel):
@@ -137,7 +155,7 @@ class ThreadedEngine:
           raise RuntimeError(f"injected fault: learner {k} raised at its step {step} (config.fault_learner)")
         # numpy inputs are uncommitted: they follow θ_j onto the learner's device.
         loss, grads, finite = self._grad_step(local, images, np.asarray(labels, np.int32), key, np.uint32(step))
-        grads = jax.device_put(grads, self.ps_device)
+        grads = self._to_server(grads)
         item = _Push(k, version, grads, bool(finite), loss)
         step += 1
         while not self.stop.is_set():
@@ -157,10 +175,10 @@ class ThreadedEngine:
   # ---- the PS loop -----------------------------------------------------------------------------------
   def run_loop(self) -> tuple[PyTree, PyTree]:
     threads = [threading.Thread(target=self._learner, args=(k,), name=f"learner-{k}", daemon=True)
-               for k in range(self.learners)]
+               for k in self.local_learners]
     for t in threads:
       t.start()
-    self.run.log(f"threads: {self.learners} learners on {len(set(self.devices))} device(s), PS on "
+    self.run.log(f"threads: {len(threads)} learners on {len(set(self.devices.values()))} device(s), PS on "
                  f"{self.ps_device}, protocol {self.protocol.name} (c = {self.ps.gradients_per_update})")
     current = lambda: (self.unravel(self.ps.params), self.ps.opt_state)  # noqa: E731
     try:
@@ -177,9 +195,7 @@ class ThreadedEngine:
           # θ_i is published as soon as its update is dispatched, not once computed: waiting for it here made
           # learners start sooner (P1 0.88 -> 0.94) but serialised the PS on its own updates, so the queue
           # backed up and ⟨σ⟩ drifted far above n (7.4 for n = 4, 12.9 for n = 8). See docs/benchmarks.md.
-          with self.version_changed:
-            self.published = (self.ps.version, self.ps.params)
-            self.version_changed.notify_all()
+          self._publish()
           self.run.after_update(losses, gradients=len(losses), current_state=current)
     except KeyboardInterrupt:
       self._shutdown(threads)
@@ -200,9 +216,7 @@ class ThreadedEngine:
     c = Protocol.from_name(self.protocol.name, live, n).gradients_per_update
     self.run.log(f"learner {death.learner} died ({death.error}); going on with {live} learners, c = {c}")
     if self.ps.set_gradients_per_update(c):
-      with self.version_changed:
-        self.published = (self.ps.version, self.ps.params)
-        self.version_changed.notify_all()
+      self._publish()
 
   def _shutdown(self, threads: list) -> None:
     self.stop.set()

@@ -1,0 +1,177 @@
+"""The mpi executor and pmap across processes: ``mpiexec -n P python launch/train.py`` on localhost, and the
+wire format (malformed and truncated messages are rejected, never applied)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from sajax.executors import mpi_wire as wire
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(ROOT, "launch", "train.py")
+SMOKE = os.path.join(ROOT, "configs", "smoke.py")
+MPIEXEC = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
+needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec not installed (pip install '.[mpi]')")
+# small_cnn on 1,024 examples, λ = 4 over the ranks, μ = 8, momentum 0.5 (as in tests/helpers.smoke_config)
+ARGS = ["--config", SMOKE, "--config.learners=4", "--config.batch_per_learner=8", "--config.momentum=0.5"]
+
+
+def _env():
+  env = dict(os.environ)
+  env.pop("XLA_FLAGS", None)  # the launcher sets each rank's device count itself
+  return env
+
+
+def _mpiexec(ranks, *args, timeout=240):
+  return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, TRAIN, *args], capture_output=True,
+                        text=True, env=_env(), timeout=timeout)
+
+
+def _records(workdir):
+  return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---- the wire format -------------------------------------------------------------------------------------
+def test_push_round_trips_through_the_wire():
+  g = np.arange(10, dtype=np.float32)
+  buf = wire.encode(wire.PUSH, learner=3, version=17, value=0.25, payload=g)
+  assert buf.dtype == np.uint8 and buf.size == wire.HEADER_BYTES + 40
+  msg = wire.decode(buf, dim=10, learners=4, expect=frozenset({wire.PUSH}))
+  assert (msg.kind, msg.learner, msg.version, msg.value) == (wire.PUSH, 3, 17, 0.25)
+  np.testing.assert_array_equal(msg.payload, g)
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda b: b[:wire.HEADER_BYTES + 36], "truncated"),        # one float short
+    (lambda b: b[:20], "shorter than"),                         # not even a header
+    (lambda b: np.concatenate([b, np.zeros(4, np.uint8)]), "allowed: 10 float32"),   # one float too many
+    (lambda b: np.concatenate([np.zeros(4, np.uint8), b[4:]]), "bad magic"),
+])
+def test_truncated_or_malformed_pushes_are_rejected(damage, match):
+  buf = wire.encode(wire.PUSH, learner=1, version=0, payload=np.ones(10, np.float32))
+  with pytest.raises(wire.WireError, match=match):
+    wire.decode(damage(buf.copy()), dim=10, learners=4, expect=frozenset({wire.PUSH}))
+
+
+def test_out_of_range_learner_and_unexpected_kind_are_rejected():
+  with pytest.raises(wire.WireError, match="learner 4 is out of range"):
+    wire.decode(wire.encode(wire.PUSH, learner=4, payload=np.ones(10, np.float32)), dim=10, learners=4,
+                expect=frozenset({wire.PUSH}))
+  with pytest.raises(wire.WireError, match="not accepted here"):
+    wire.decode(wire.encode(wire.WEIGHTS, payload=np.ones(10, np.float32)), dim=10, learners=4,
+                expect=frozenset({wire.PUSH}))
+
+
+def test_learner_blocks_cover_every_learner_once_and_need_one_per_rank():
+  blocks = wire.learner_blocks(8, 3)
+  assert [list(b) for b in blocks] == [[0, 1], [2, 3, 4], [5, 6, 7]]
+  with pytest.raises(ValueError, match="learners=2 is invalid with 3 MPI ranks"):
+    wire.learner_blocks(2, 3)
+
+
+# ---- mpiexec -n 3 on localhost --------------------------------------------------------------------------
+def _check_consistent(final, c):
+  """Every rank's learners contributed, and the staleness statistics add up to the pushes."""
+  per_rank = final["pushes_per_rank"]
+  assert len(per_rank) == 3 and min(per_rank) > 0, per_rank
+  per_learner = final["staleness_per_learner"]
+  assert sorted(per_learner) == ["0", "1", "2", "3"]
+  accepted = sum(v["count"] for v in per_learner.values())
+  assert sum(per_rank) == accepted + final["gradients_dropped"]
+  assert sum(final["staleness_histogram"].values()) == accepted == final["updates"] * c
+  assert final["staleness_mean"] == pytest.approx(
+      sum(int(s) * n for s, n in final["staleness_histogram"].items()) / accepted)
+  assert final["messages_rejected"] == 0 and final["learners_alive"] == 4
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("protocol, n, c", [("async", 1, 1), ("softsync", 2, 2)])
+def test_three_ranks_train_with_learners_on_every_rank(protocol, n, c, tmp_path):
+  workdir = tmp_path / "run"
+  result = _mpiexec(3, *ARGS, "--config.executor=mpi", f"--config.protocol={protocol}", f"--config.n={n}",
+                    "--workdir", str(workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count("sajax run:") == 1          # one summary, from rank 0
+  final = _records(workdir)[-1]
+  assert final["samples"] >= 2 * 1024 and final["gradients_per_update"] == c
+  _check_consistent(final, c)
+  assert final["test_error"] < 0.7
+  assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "curves.png", "metrics.jsonl",
+                                         "staleness.png", "tensorboard"]
+
+
+def _rank_pid(workdir, rank):
+  """The pid of the training process of ``rank`` (from its PMI_RANK) among those writing to ``workdir``."""
+  for pid in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{pid}/cmdline", "rb") as f:
+        cmdline = f.read().split(b"\0")
+      with open(f"/proc/{pid}/environ", "rb") as f:
+        environ = f.read().split(b"\0")
+    except OSError:
+      continue
+    if TRAIN.encode() in cmdline and workdir.encode() in cmdline and f"PMI_RANK={rank}".encode() in environ:
+      return int(pid)
+  raise AssertionError(f"no rank {rank} process found")
+
+
+@needs_mpiexec
+def test_a_killed_rank_ends_the_job_and_rerunning_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  args = [*ARGS, "--config.executor=mpi", "--config.protocol=softsync", "--config.n=2", "--config.epochs=3",
+          "--workdir", str(workdir)]
+  proc = subprocess.Popen([MPIEXEC, "-n", "3", sys.executable, TRAIN, *args], env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+  try:
+    deadline = time.time() + 180                  # c = 2, μ = 8: 64 updates per epoch
+    while time.time() < deadline and not (workdir / "checkpoints" / "64").exists():
+      time.sleep(0.2)
+    assert (workdir / "checkpoints" / "64").exists(), "no checkpoint after epoch 1"
+    os.kill(_rank_pid(str(workdir), rank=2), signal.SIGKILL)
+    proc.communicate(timeout=60)
+  finally:
+    if proc.poll() is None:
+      os.killpg(proc.pid, signal.SIGKILL)
+  assert proc.returncode != 0                     # MPI semantics: one rank dies, the job ends
+  resumed = _mpiexec(3, *args)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resuming from the checkpoint" in resumed.stderr
+  records = _records(workdir)
+  assert [r["epoch"] for r in records] == [1.0, 2.0, 3.0]
+  _check_consistent(records[-1], 2)               # statistics carried over the restart, still consistent
+
+
+@needs_mpiexec
+def test_fewer_learners_than_ranks_exits_2_with_one_line(tmp_path):
+  result = _mpiexec(3, *ARGS, "--config.executor=mpi", "--config.learners=2", "--workdir", str(tmp_path / "run"),
+                    timeout=120)
+  assert result.returncode == 2
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "learners=2" in lines[0] and "allowed" in lines[0]
+  assert not (tmp_path / "run").exists()
+
+
+@needs_mpiexec
+def test_pmap_across_two_processes_matches_one_process(tmp_path):
+  """Global batch λμ = 32 over 4 devices: 2 processes × 2 devices vs 1 process × 4 (same shards, same keys)."""
+  two = _mpiexec(2, *ARGS, "--config.executor=pmap", "--workdir", str(tmp_path / "two"))
+  assert two.returncode == 0, two.stderr[-3000:]
+  env = _env()
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  one = subprocess.run([sys.executable, TRAIN, *ARGS, "--config.executor=pmap", "--workdir", str(tmp_path / "one")],
+                       capture_output=True, text=True, env=env, timeout=240)
+  assert one.returncode == 0, one.stderr[-3000:]
+  a, b = _records(tmp_path / "two"), _records(tmp_path / "one")
+  assert [r["updates"] for r in a] == [r["updates"] for r in b] == [32, 64]
+  for x, y in zip(a, b):
+    assert x["train_loss"] == pytest.approx(y["train_loss"], rel=1e-5)
+    assert x["test_loss"] == pytest.approx(y["test_loss"], rel=1e-4)
+    assert abs(x["test_error"] - y["test_error"]) <= 0.002      # at most 2 of 1,000 test images flip
+  assert os.listdir(tmp_path / "two" / "checkpoints")
