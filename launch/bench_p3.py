@@ -12,6 +12,7 @@ Simulated time does not depend on the machine's load: P3 is exact for a given se
 
 from __future__ import annotations
 
+import sys
 import tempfile
 import time
 
@@ -58,7 +59,9 @@ def _train(config, stop_below: float | None = None) -> tuple[list[dict], float]:
 
 def run(args, extra: list[str] = ()) -> dict:
   from launch.train import parse_config
-  base = parse_config(["bench.py p3", *DEFAULTS, *extra])   # extra --config.key=value flags win
+  argv = ["bench.py p3", *DEFAULTS, *extra]   # extra --config.key=value flags win
+  sys.argv = argv                            # ml_collections reads the overrides from sys.argv
+  base = parse_config(argv)
   ssgd_config = _config(base, SIDES["hardsync SSGD"])
   ssgd, wall = _train(ssgd_config)
   target = ssgd[-1]["test_error"] + 0.005

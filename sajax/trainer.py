@@ -365,8 +365,8 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
   config_lib.validate(config)
   workdir = workdir or config.get("workdir") or default_workdir()
   check_workdir_writable(workdir)
-  from sajax.executors import mpi
-  primary = mpi.prepare_processes(config)   # under mpiexec: False on ranks > 0, which write nothing
+  from sajax.executors import mpi, mpi_comm
+  primary = mpi_comm.prepare_processes(config)   # under mpiexec: False on ranks > 0, which write nothing
   dataset = data.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
                               download=config.get("download", False))
   if primary:
@@ -379,6 +379,6 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
                "mpi": mpi.run_mpi}
   params, opt_state = executors[config.executor](run)
   if not primary:
-    return TrainResult(metrics=mpi.rank_metrics(run), history=[], workdir=workdir)
+    return TrainResult(metrics=mpi_comm.rank_metrics(run), history=[], workdir=workdir)
   final = run.finish(params, opt_state)
   return TrainResult(metrics=final, history=run.history, workdir=workdir)
