@@ -38,11 +38,11 @@ if ROOT not in sys.path:
 BATCH_TOTAL = 128                       # λμ ≈ 128
 LEARNERS, QUICK_LEARNERS = (4, 8, 16, 30), (4, 8)
 NS = ("1", "2", "4", "lambda")          # "lambda": n = λ (async)
-EPOCHS, QUICK_EPOCHS = 12.0, 6.0
+EPOCHS, QUICK_EPOCHS = 24.0, 6.0           # 24: configs/default.py (α ÷10 at 16 and 21)
 SIM_JITTER = 0.2                        # σ of the lognormal factor on each learner's time per gradient
 P4_POINTS = 0.5
 MNIST5K_TRAIN = 4000
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,20 +75,17 @@ class Cell:
     return f"lambda{self.learners}-mu{self.batch}-{proto}-e{epochs:g}{data}-seed{self.seed}"
 
 
-def parse_n(value: str, learners: int) -> int | None:
-  """An ``--n`` value for λ learners: an integer, or ``lambda`` for n = λ; None when n > λ (not a cell)."""
-  n = learners if value == "lambda" else int(value)
-  return n if n <= learners else None
-
-
 def grid(learners: Iterable[int], ns: Iterable[str], seeds: Iterable[int]) -> list[Cell]:
-  """The cells in run order: per seed and λ, SSGD first, then each distinct n ≤ λ with inverse and constant."""
+  """The cells in run order: per seed and λ, SSGD first, then each distinct n ≤ λ with inverse and constant.
+
+  ``ns``: integers as strings, or ``"lambda"`` for n = λ; an n > λ is no cell for that λ.
+  """
   cells = []
   for seed in seeds:
     for lam in learners:
       cells.append(Cell(lam, 0, "ssgd", seed))
-      for n in sorted({n for n in (parse_n(v, lam) for v in ns) if n is not None}):
-        cells += [Cell(lam, n, "inverse", seed), Cell(lam, n, "constant", seed)]
+      for n in sorted({lam if v == "lambda" else int(v) for v in ns}):
+        cells += [Cell(lam, n, "inverse", seed), Cell(lam, n, "constant", seed)] if n <= lam else []
   return cells
 
 
@@ -132,7 +129,7 @@ def run_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> t
       return json.load(f), False
   import sajax
   result = sajax.train(cell_config(cell, epochs, train_examples), workdir=workdir)
-  final = {"cell": dataclasses.asdict(cell), "workdir": workdir, "epochs": epochs,
+  final = {"cell": dataclasses.asdict(cell), "epochs": epochs,
            "gradients": gradients_of(cell, epochs, train_examples), **result.metrics}
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -212,7 +209,7 @@ def _pct(ms: tuple[float, float], seeds: int) -> str:
 
 
 def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: float, seeds: Sequence[int],
-                    wall_s: float, cell_walls: Sequence[tuple[str, float]], estimate: str,
+                    wall_s: float, runs: Sequence[tuple[str, dict]], estimate: str,
                     figures: Sequence[tuple[str, str]]) -> str:
   """The report: command, table (rows n, λ, μ; columns inverse, constant, SSGD), P4, timing, figures."""
   sd = " ± sd over seeds" if len(seeds) > 1 else ""
@@ -242,11 +239,13 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
   else:
     lines += [f"**Not met** for {len(failing)} of {len(verdicts)} inverse cells:", ""]
     lines += [f"- n = {v['n']}, λ = {v['learners']}: {v['delta']:+.2f} points — {v['why']}" for v in failing]
-  lines += ["", "## Time", "",
-            f"This grid: {len(cell_walls)} cells, {wall_s:.0f} s wall for this invocation (cells already done "
-            "were skipped); training time per cell (`wall_s` of its last metrics record):", "",
-            ", ".join(f"{name} {w:.0f} s" for name, w in cell_walls) + ".", "", estimate, "", "## Figures", ""]
+  lines += ["", "## Time", "", f"This invocation: {len(runs)} runs in {wall_s:.0f} s wall (runs already done are "
+            "not rerun; their time is the training time of their own session(s)).", "", estimate, "", "## Figures", ""]
   lines += [f"![{title}]({path})" for title, path in figures]
+  lines += ["", "## Every run", "", "| run (folder under the root) | test error % | train loss | ⟨σ⟩ | updates | "
+            "training wall |", "|---|---|---|---|---|---|"]
+  lines += [f"| `{name}` | {100 * f['test_error']:.2f} | {f['train_loss']:.4f} | {f['staleness_mean']:.2f} | "
+            f"{f['updates']} | {f['wall_s']:.0f} s |" for name, f in runs]
   return "\n".join(lines) + "\n"
 
 
@@ -389,15 +388,24 @@ def main(argv: Sequence[str]) -> int:
     logging.getLogger(noisy).setLevel(logging.ERROR)
   from sajax import metrics
 
+  from sajax import config as config_lib, metrics
+
   start = time.perf_counter()
   finals, trained = [], 0
-  bar = tqdm(cells, desc="reproduce", unit=" cell", dynamic_ncols=True)
-  for cell in bar:
-    bar.set_postfix_str(cell.name(args.epochs, args.train_examples), refresh=True)
-    final, ran = run_cell(cell, args.epochs, args.root, args.train_examples)
-    finals.append(final)
-    trained += ran
-  bar.close()
+  with tqdm(cells, desc="reproduce", unit=" cell", dynamic_ncols=True) as bar:
+    for cell in bar:
+      bar.set_postfix_str(cell.name(args.epochs, args.train_examples), refresh=True)
+      try:
+        final, ran = run_cell(cell, args.epochs, args.root, args.train_examples)
+      except config_lib.ConfigError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+      except KeyboardInterrupt:
+        print(f"\ninterrupted; rerun the same command to resume ({len(finals)} of {len(cells)} cells done)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+      finals.append(final)
+      trained += ran
   wall = time.perf_counter() - start
 
   agg = aggregate(finals)
@@ -405,16 +413,16 @@ def main(argv: Sequence[str]) -> int:
   folder = os.path.splitext(args.out)[0]
   os.makedirs(folder, exist_ok=True)
   histories: dict[tuple, list] = {}
-  for f in finals:
-    histories.setdefault(tuple(f["cell"][k] for k in ("learners", "n", "policy")), []).append(
-        metrics.read_metrics(f["workdir"]))
+  for cell, f in zip(cells, finals):
+    histories.setdefault(cell.key, []).append(
+        metrics.read_metrics(os.path.join(args.root, cell.name(args.epochs, args.train_examples))))
   rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.out)))  # noqa: E731
   pngs = [("test error vs epoch", plot_error_curves(histories, os.path.join(folder, "test_error.png")))]
   pngs += [(f"staleness, {n}-softsync", p) for n, p in plot_staleness_by_n(finals, folder)]
   estimate = estimate_text([(f["gradients"], f["updates"], f["wall_s"]) for f in finals], args.epochs, len(args.seeds))
   command = "python launch/reproduce.py " + shlex.join(argv[1:])
   text = render_markdown(agg, verdicts, command=command.strip(), epochs=args.epochs, seeds=args.seeds,
-                         wall_s=wall, cell_walls=[(os.path.basename(f["workdir"]), f["wall_s"]) for f in finals],
+                         wall_s=wall, runs=[(c.name(args.epochs, args.train_examples), f) for c, f in zip(cells, finals)],
                          estimate=estimate, figures=[(t, rel(p)) for t, p in pngs])
   tmp = args.out + ".tmp"
   with open(tmp, "w") as f:

@@ -57,12 +57,14 @@ def test_aggregate_p4_and_table_from_hand_made_results():
   assert verdicts[2]["within"] and verdicts[2]["delta"] == pytest.approx(0.2)
   assert not verdicts[8]["within"] and verdicts[8]["delta"] == pytest.approx(1.6)
   assert "under-trained" in verdicts[8]["why"] and set(verdicts) == {2, 8}
+  runs = [("lambda8-x", {**finals[0], "updates": 7, "wall_s": 5.0})]
   text = reproduce.render_markdown(agg, list(verdicts.values()), command="python launch/reproduce.py --seeds 0 1",
-                                   epochs=6, seeds=[0, 1], wall_s=10, cell_walls=[("a", 5.0)], estimate="E",
+                                   epochs=6, seeds=[0, 1], wall_s=10, runs=runs, estimate="E",
                                    figures=[("curves", "reproduction/test_error.png")])
   assert "| 2 | 8 | 16 | 4 | 2.10 | 3.40 ± 0.14 | – | 3.20 ± 0.28 | +0.20 |" in text
   assert "| 8 | 8 | 16 | 1 | 7.00 | 4.80 ± 0.28 | 90.00 ± 0.00 | 3.20 ± 0.28 | +1.60 |" in text
   assert "**Not met** for 1 of 2" in text and "- n = 8, λ = 8: +1.60 points" in text
+  assert "| `lambda8-x` | 3.00 | 0.0500 | 1.00 | 7 | 5 s |" in text
   assert "python launch/reproduce.py --seeds 0 1" in text and "![curves](reproduction/test_error.png)" in text
 
 
