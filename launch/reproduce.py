@@ -129,8 +129,8 @@ def run_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> t
       return json.load(f), False
   import sajax
   result = sajax.train(cell_config(cell, epochs, train_examples), workdir=workdir)
-  final = {"cell": dataclasses.asdict(cell), "epochs": epochs,
-           "gradients": gradients_of(cell, epochs, train_examples), **result.metrics}
+  final = {"cell": dataclasses.asdict(cell), "epochs": epochs, "gradients": gradients_of(cell, epochs, train_examples),
+           "load_avg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), **result.metrics}
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(final, f, indent=1, sort_keys=True)
@@ -187,21 +187,16 @@ def p4_verdicts(agg: dict, points: float = P4_POINTS) -> list[dict]:
   return out
 
 
-def fit_seconds(points: Sequence[tuple[float, float, float]]) -> tuple[float, float, float]:
-  """Least-squares (a, b, d) of wall ≈ a + b · gradients + d · updates over (gradients, updates, wall) triples.
+def fit_seconds(points: Sequence[tuple[float, float, float, float]]) -> tuple[float, float, float]:
+  """Non-negative least squares (a, b, d) of wall ≈ a · samples + b · gradients + d · updates.
 
-  A gradient is one μ mini-batch on a learner, an update one PS step of c of them; too few distinct cells for
-  three coefficients (or a negative one) falls back to a + b · gradients, then to b · gradients.
+  Over (samples, gradients, updates, wall) of finished runs: a gradient on μ examples costs b + a·μ, and each
+  PS update of c gradients d more. Under a varying load the fit puts the time where it can; it is an estimate.
   """
   import numpy as np
-  x = np.array([[1.0, g, u] for g, u, _ in points])
-  y = np.array([w for _, _, w in points])
-  for columns in ([0, 1, 2], [0, 1]):
-    if len(points) > len(columns) and np.linalg.matrix_rank(x[:, columns]) == len(columns):
-      coef = np.linalg.lstsq(x[:, columns], y, rcond=None)[0]
-      if (coef >= 0).all():
-        return tuple(float(v) for v in coef) + (0.0,) * (3 - len(columns))
-  return 0.0, float(y.sum() / max(x[:, 1].sum(), 1e-9)), 0.0
+  from scipy.optimize import nnls
+  coef, _ = nnls(np.array([p[:3] for p in points], float), np.array([p[3] for p in points], float))
+  return tuple(float(v) for v in coef)
 
 
 def _pct(ms: tuple[float, float], seeds: int) -> str:
@@ -228,7 +223,7 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
     const, ssgd = agg.get((lam, n, "constant")), agg.get((lam, 0, "ssgd"))
     cells = [_pct(x["error"], x["seeds"]) if x else "–" for x in (a, const, ssgd)]
     delta = f"{a['error'][0] - ssgd['error'][0]:+.2f}" if ssgd else "–"
-    lines.append(f"| {n} | {lam} | {math.ceil(BATCH_TOTAL / lam)} | {max(1, lam // n)} | {a['staleness']:.2f} | "
+    lines.append(f"| {n} | {lam} | {math.ceil(BATCH_TOTAL / lam)} | {Cell(lam, n, policy, 0).c} | {a['staleness']:.2f} | "
                  f"{' | '.join(cells)} | {delta} |")
   failing = [v for v in verdicts if not v["within"]]
   lines += ["", f"## P4: every inverse cell within {P4_POINTS} point of SSGD", ""]
@@ -239,8 +234,16 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
   else:
     lines += [f"**Not met** for {len(failing)} of {len(verdicts)} inverse cells:", ""]
     lines += [f"- n = {v['n']}, λ = {v['learners']}: {v['delta']:+.2f} points — {v['why']}" for v in failing]
-  lines += ["", "## Time", "", f"This invocation: {len(runs)} runs in {wall_s:.0f} s wall (runs already done are "
-            "not rerun; their time is the training time of their own session(s)).", "", estimate, "", "## Figures", ""]
+  if epochs < EPOCHS:
+    lines += ["", f"These runs have {epochs:g} epochs, the full grid {EPOCHS:g} (configs/default.py's schedule): P4 is "
+              "judged there; here, the train losses in the table of every run show whether a gap is under-training."]
+  total = sum(f["wall_s"] for _, f in runs)
+  loads = [f["load_avg_1min"] for _, f in runs if "load_avg_1min" in f]
+  load = (f" The machine's 1-minute load average when each run ended: {min(loads):.1f} to {max(loads):.1f} on "
+          f"{runs[0][1]['cpu_count']} cores (other jobs share it; times grow with the load)." if loads else "")
+  lines += ["", "## Time", "", f"The {len(runs)} runs trained for {total:.0f} s in all ({total / 60:.1f} min; each "
+            f"run's `wall_s`, in the table at the end).{load} The last invocation took {wall_s:.0f} s (runs already "
+            "done are not rerun).", "", estimate, "", "## Figures", ""]
   lines += [f"![{title}]({path})" for title, path in figures]
   lines += ["", "## Every run", "", "| run (folder under the root) | test error % | train loss | ⟨σ⟩ | updates | "
             "training wall |", "|---|---|---|---|---|---|"]
@@ -278,7 +281,8 @@ def plot_staleness_by_n(finals: Iterable[dict], folder: str) -> list[tuple[int, 
       total = sum(h.values())
       mean = sum(s * c for s, c in h.items()) / total
       xs = range(max(h) + 1)
-      ax.step(list(xs), [h.get(x, 0) / total for x in xs], where="mid", color=f"C{i}", label=f"λ = {lam}: ⟨σ⟩ = {mean:.2f}")
+      ax.step(list(xs), [h.get(x, 0) / total for x in xs], where="mid", color=f"C{i}",
+              label=f"λ = {lam}: ⟨σ⟩ = {mean:.2f} (n(λ−1)/λ = {n * (lam - 1) / lam:.2f})")
       ax.axvline(mean, color=f"C{i}", linestyle=":")
     ax.axvline(n, color="k", linestyle="--", label=f"n = {n}")
     ax.set_xlim(-0.5, min(max(max(h) for h in by_lam.values()), 3 * n + 3) + 0.5)
@@ -312,6 +316,7 @@ def plot_error_curves(histories: dict[tuple[int, int, str], list[list[dict]]], p
       ax.plot(epochs, errors, label=label, **style)
     ax.set(yscale="log", xlabel="epoch", ylabel="test error (%)", title=f"λ = {lam}, μ = {math.ceil(BATCH_TOTAL / lam)}")
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
   _save(fig, path)
@@ -359,16 +364,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   return args
 
 
-def estimate_text(points: Sequence[tuple[float, float, float]], epochs: float, seeds: int) -> str:
-  """The full grid's predicted time from this run's cells (see :func:`fit_seconds`)."""
+def estimate_text(points: Sequence[tuple[float, float, float, float]], epochs: float) -> str:
+  """The full grid's predicted time at ``epochs`` (the default with --quick) from this run's cells' times."""
   a, b, d = fit_seconds(points)
   full = grid(LEARNERS, NS, [0])
-  seconds = sum(a + b * gradients_of(c, epochs) + d * updates_of(c, epochs) for c in full)
-  return (f"Full grid estimate on this machine (`python launch/reproduce.py --epochs {epochs:g}`: λ ∈ "
+  seconds = sum(a * epochs * MNIST5K_TRAIN + b * gradients_of(c, epochs) + d * updates_of(c, epochs) for c in full)
+  flag = "" if epochs == EPOCHS else f" --epochs {epochs:g}"
+  return (f"Full grid estimate on this machine (`python launch/reproduce.py{flag}`: {epochs:g} epochs, λ ∈ "
           f"{{{', '.join(map(str, LEARNERS))}}}, {len(full)} cells per seed): **{seconds / 3600:.1f} h per seed** "
-          f"({seconds / 3600 * seeds:.1f} h for {seeds} seed{'s' * (seeds > 1)}), from a fit of this run's cell "
-          f"times: {a:.1f} s + {1000 * b:.2f} ms per mini-batch gradient + {1000 * d:.2f} ms per PS update "
-          f"(a cell computes epochs · 4,000 / μ gradients in 1/c as many updates).")
+          f"({3 * seconds / 3600:.1f} h for `--seeds 0 1 2`), from a fit of this run's times: {1e3 * a:.3f} ms "
+          f"per training example + {1e3 * b:.2f} ms per mini-batch gradient + {1e3 * d:.2f} ms per PS update "
+          f"(a run sees epochs · 4,000 examples in epochs · 4,000 / μ gradients and 1/c as many updates).")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -419,7 +425,8 @@ def main(argv: Sequence[str]) -> int:
   rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.out)))  # noqa: E731
   pngs = [("test error vs epoch", plot_error_curves(histories, os.path.join(folder, "test_error.png")))]
   pngs += [(f"staleness, {n}-softsync", p) for n, p in plot_staleness_by_n(finals, folder)]
-  estimate = estimate_text([(f["gradients"], f["updates"], f["wall_s"]) for f in finals], args.epochs, len(args.seeds))
+  estimate = estimate_text([(f["samples"], f["gradients"], f["updates"], f["wall_s"]) for f in finals],
+                           EPOCHS if args.quick else args.epochs)
   command = "python launch/reproduce.py " + shlex.join(argv[1:])
   text = render_markdown(agg, verdicts, command=command.strip(), epochs=args.epochs, seeds=args.seeds,
                          wall_s=wall, runs=[(c.name(args.epochs, args.train_examples), f) for c, f in zip(cells, finals)],

@@ -69,9 +69,15 @@ def test_aggregate_p4_and_table_from_hand_made_results():
 
 
 def test_time_fit_recovers_a_linear_cost_model():
-  points = [(g, u, 3.0 + 0.01 * g + 0.002 * u) for g, u in [(100, 100), (200, 25), (400, 400), (50, 5)]]
-  assert reproduce.fit_seconds(points) == pytest.approx((3.0, 0.01, 0.002))
-  assert reproduce.fit_seconds([(100, 10, 5.0)]) == pytest.approx((0.0, 0.05, 0.0))
+  """1 ms per example, 5 ms per gradient, 2 ms per update, over cells of different μ and c."""
+  sizes = [(24000, 750, 750), (24000, 1500, 188), (24000, 1500, 1500), (12000, 375, 94), (48000, 9600, 9600)]
+  points = [(s, g, u, 0.001 * s + 0.005 * g + 0.002 * u) for s, g, u in sizes]
+  assert reproduce.fit_seconds(points) == pytest.approx((0.001, 0.005, 0.002))
+  assert reproduce.fit_seconds([(100, 10, 5, 1.0)]) == pytest.approx((0.01, 0.0, 0.0))   # never negative
+  text = reproduce.estimate_text(points, epochs=24)
+  seconds = sum(0.001 * 24 * 4000 + 0.005 * reproduce.gradients_of(c, 24) + 0.002 * reproduce.updates_of(c, 24)
+                for c in reproduce.grid(reproduce.LEARNERS, reproduce.NS, [0]))
+  assert f"**{seconds / 3600:.1f} h per seed**" in text and "`python launch/reproduce.py`: 24 epochs" in text
 
 
 def _is_png(path):
@@ -115,6 +121,7 @@ def test_tiny_grid_end_to_end_resumes_a_half_done_cell_and_skips_done_ones(tmp_p
   row = (f"| 2 | 2 | 64 | 1 | {inv['staleness_mean']:.2f} | {100 * inv['test_error']:.2f} | "
          f"{100 * const['test_error']:.2f} | {100 * ssgd['test_error']:.2f} |")
   assert row in text and " ".join(argv[1:]) in text and "h per seed" in text
+  assert f"trained for {sum(f['wall_s'] for f in finals.values()):.0f} s in all" in text
   for png in ("test_error.png", "staleness_n2.png"):
     path = tmp_path / "docs" / "reproduction" / png
     assert _is_png(path) and f"reproduction/{png}" in text
