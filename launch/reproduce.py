@@ -90,7 +90,7 @@ def grid(learners: Iterable[int], ns: Iterable[str], seeds: Iterable[int]) -> li
 
 
 def cell_config(cell: Cell, epochs: float, train_examples: int = 0):
-  """configs/default.py for one cell: simulated executor, λ, μ, n, policy, seed; α ÷10 at ⅔ and ⅞ of the epochs."""
+  """configs/default.py for one cell: simulated executor, λ, μ, n, policy, seed; α ÷10 at ⅔ and ⅞ of epochs."""
   from configs import default
   config = default.get_config()
   config.executor = "simulated"
@@ -159,7 +159,7 @@ def aggregate(finals: Iterable[dict]) -> dict[tuple[int, int, str], dict]:
 
 
 def p4_verdicts(agg: dict, points: float = P4_POINTS) -> list[dict]:
-  """For each inverse cell: Δ = its error − its λ's SSGD error (points), within = |Δ| ≤ ``points``, and why not."""
+  """Per inverse cell: Δ = its error − its λ's SSGD error (points), within = |Δ| ≤ ``points``, and why not."""
   out = []
   for (lam, n, policy), a in sorted(agg.items()):
     ssgd = agg.get((lam, 0, "ssgd"))
@@ -213,17 +213,20 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
       "Written by `launch/reproduce.py`; every number below comes from this command (each cell's runs are in "
       "`<root>/<cell>/`: `config.json`, `metrics.jsonl`, `final.json`):", "", "```bash", command, "```", "",
       f"mnist5k (4,000 train / 1,000 test digits), small CNN, `executor=simulated` (equal learner speeds, "
-      f"lognormal jitter σ = {SIM_JITTER}), α0 = 0.05 for a λμ ≈ 128 mini-batch, momentum 0.5, {epochs:g} epochs, "
+      f"lognormal jitter σ = {SIM_JITTER}), α0 = 0.05 for a λμ ≈ 128 mini-batch, momentum 0.5, "
+      f"{epochs:g} epochs, "
       f"α ÷10 at ⅔ and ⅞ of them; seeds {', '.join(map(str, seeds))}. Final test error in %{sd}; "
       "SSGD is hardsync (c = λ, σ = 0), one run per λ, repeated on each of its rows.", "",
-      "| n | λ | μ | c | ⟨σ⟩ | inverse | constant | SSGD | inverse − SSGD |", "|---|---|---|---|---|---|---|---|---|"]
+      "| n | λ | μ | c | ⟨σ⟩ | inverse | constant | SSGD | inverse − SSGD |",
+      "|---|---|---|---|---|---|---|---|---|"]
   for (lam, n, policy), a in sorted(agg.items(), key=lambda kv: (kv[0][1], kv[0][0])):
     if policy != "inverse":
       continue
     const, ssgd = agg.get((lam, n, "constant")), agg.get((lam, 0, "ssgd"))
     cells = [_pct(x["error"], x["seeds"]) if x else "–" for x in (a, const, ssgd)]
     delta = f"{a['error'][0] - ssgd['error'][0]:+.2f}" if ssgd else "–"
-    lines.append(f"| {n} | {lam} | {math.ceil(BATCH_TOTAL / lam)} | {Cell(lam, n, policy, 0).c} | {a['staleness']:.2f} | "
+    cell = Cell(lam, n, policy, 0)
+    lines.append(f"| {n} | {lam} | {cell.batch} | {cell.c} | {a['staleness']:.2f} | "
                  f"{' | '.join(cells)} | {delta} |")
   failing = [v for v in verdicts if not v["within"]]
   lines += ["", f"## P4: every inverse cell within {P4_POINTS} point of SSGD", ""]
@@ -314,7 +317,8 @@ def plot_error_curves(histories: dict[tuple[int, int, str], list[list[dict]]], p
       label, style = ("SSGD", dict(color="k", linewidth=2)) if policy == "ssgd" else (
           f"n = {n}, {policy}", dict(color=colors[n], linestyle="-" if policy == "inverse" else "--"))
       ax.plot(epochs, errors, label=label, **style)
-    ax.set(yscale="log", xlabel="epoch", ylabel="test error (%)", title=f"λ = {lam}, μ = {math.ceil(BATCH_TOTAL / lam)}")
+    ax.set(yscale="log", xlabel="epoch", ylabel="test error (%)",
+           title=f"λ = {lam}, μ = {Cell(lam, 0, 'ssgd', 0).batch}")
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.grid(alpha=0.3, which="both")
@@ -342,7 +346,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--n", nargs="+", default=list(NS), help="n values: integers or 'lambda' (n = λ)")
   p.add_argument("--train-examples", type=int, default=0, help="use the first N training digits (0: all 4,000)")
   args = p.parse_args(list(argv))
-  args.learners = args.learners or list(QUICK_LEARNERS if args.quick else LEARNERS)
+  args.learners = list(dict.fromkeys(args.learners or (QUICK_LEARNERS if args.quick else LEARNERS)))
+  args.seeds, args.n = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.n))
   args.epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else EPOCHS)
   for lam in args.learners:
     if not 1 <= lam <= BATCH_TOTAL:
@@ -392,8 +397,6 @@ def main(argv: Sequence[str]) -> int:
   logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
   for noisy in ("absl", "jax", "orbax", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
-  from sajax import metrics
-
   from sajax import config as config_lib, metrics
 
   start = time.perf_counter()
@@ -429,8 +432,8 @@ def main(argv: Sequence[str]) -> int:
                            EPOCHS if args.quick else args.epochs)
   command = "python launch/reproduce.py " + shlex.join(argv[1:])
   text = render_markdown(agg, verdicts, command=command.strip(), epochs=args.epochs, seeds=args.seeds,
-                         wall_s=wall, runs=[(c.name(args.epochs, args.train_examples), f) for c, f in zip(cells, finals)],
-                         estimate=estimate, figures=[(t, rel(p)) for t, p in pngs])
+                         wall_s=wall, estimate=estimate, figures=[(t, rel(p)) for t, p in pngs],
+                         runs=[(c.name(args.epochs, args.train_examples), f) for c, f in zip(cells, finals)])
   tmp = args.out + ".tmp"
   with open(tmp, "w") as f:
     f.write(text)

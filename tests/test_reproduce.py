@@ -1,4 +1,4 @@
-"""launch/reproduce.py: the paper's grid (λ, μ = ⌈128/λ⌉, n, policies, SSGD), its report, resumability, bad flags."""
+"""launch/reproduce.py: the paper's grid (λ, μ = ⌈128/λ⌉, n, policies, SSGD), report, resumability, bad flags."""
 
 import json
 import os
@@ -48,8 +48,9 @@ def _final(lam, n, policy, seed, error, loss=0.05, sigma=1.0):
 def test_aggregate_p4_and_table_from_hand_made_results():
   finals = [_final(8, 0, "ssgd", 0, 0.030), _final(8, 0, "ssgd", 1, 0.034),
             _final(8, 2, "inverse", 0, 0.033, sigma=2.0), _final(8, 2, "inverse", 1, 0.035, sigma=2.2),
-            _final(8, 8, "inverse", 0, 0.050, loss=0.2, sigma=7.0), _final(8, 8, "inverse", 1, 0.046, loss=0.2, sigma=7.0),
-            _final(8, 8, "constant", 0, 0.9, loss=2.3, sigma=7.0), _final(8, 8, "constant", 1, 0.9, loss=2.3, sigma=7.0)]
+            _final(8, 8, "inverse", 0, 0.050, loss=0.2, sigma=7.0),
+            _final(8, 8, "inverse", 1, 0.046, loss=0.2, sigma=7.0),
+            *[_final(8, 8, "constant", seed, 0.9, loss=2.3, sigma=7.0) for seed in (0, 1)]]
   agg = reproduce.aggregate(finals)
   assert agg[(8, 0, "ssgd")]["error"] == pytest.approx((3.2, 0.2828427))
   assert agg[(8, 2, "inverse")]["staleness"] == pytest.approx(2.1) and agg[(8, 2, "inverse")]["seeds"] == 2
@@ -152,3 +153,11 @@ def test_command_line_bad_value_exit_code(tmp_path):
   assert proc.returncode == 2 and proc.stdout == ""
   assert proc.stderr.strip() == "error: --learners 200 is invalid; allowed: integers 1..128 (μ = ⌈128/λ⌉)"
   assert not (tmp_path / "runs").exists()
+
+
+def test_flags_defaults_and_repeats(tmp_path):
+  quick = reproduce.parse_args(["--quick", "--root", str(tmp_path / "r")])
+  assert (quick.learners, quick.epochs, quick.seeds, quick.n) == ([4, 8], 6.0, [0], ["1", "2", "4", "lambda"])
+  full = reproduce.parse_args(["--seeds", "1", "0", "1", "--learners", "8", "8", "--n", "2", "2"])
+  assert (full.learners, full.epochs, full.seeds, full.n, full.out) == ([8], 24.0, [1, 0], ["2"], "docs/reproduction.md")
+  assert not (tmp_path / "r").exists()
