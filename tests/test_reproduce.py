@@ -157,7 +157,7 @@ def test_command_line_bad_value_exit_code(tmp_path):
 
 def test_flags_defaults_and_repeats(tmp_path):
   quick = reproduce.parse_args(["--quick", "--root", str(tmp_path / "r")])
-  assert (quick.learners, quick.epochs, quick.seeds, quick.n) == ([4, 8], 6.0, [0], ["1", "2", "4", "lambda"])
+  assert (quick.learners, quick.epochs, quick.seeds, quick.n) == ([4, 8], 4.0, [0], ["1", "2", "4", "lambda"])
   full = reproduce.parse_args(["--seeds", "1", "0", "1", "--learners", "8", "8", "--n", "2", "2"])
   assert (full.learners, full.epochs, full.seeds, full.n, full.out) == ([8], 24.0, [1, 0], ["2"], "docs/reproduction.md")
   assert not (tmp_path / "r").exists()
