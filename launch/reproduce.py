@@ -1,0 +1,451 @@
+#!/usr/bin/env python
+"""The paper's experiment grid in one command (Zhang et al. 2016, §5), simulated, on the embedded mnist5k.
+
+``python launch/reproduce.py [--quick] [--seeds 0 1 2] [--epochs E] [--learners 4 8] [--n 1 2 lambda]``
+
+Grid: λ ∈ {4, 8, 16, 30} learners of μ = ⌈128/λ⌉ (λμ ≈ 128 as in the paper, so α0 stays right), n-softsync
+with n ∈ {1, 2, 4, λ} (c = ⌊λ/n⌋ gradients per update; n = λ is async, c = 1; a repeated n is run once) under
+the staleness policies ``inverse`` (α0/σ, the paper) and ``constant`` (plain ASGD), plus the SSGD baseline
+(hardsync: c = λ, σ = 0, one cell per λ). Every cell is configs/default.py (small CNN, α0 = 0.05 for a λμ
+mini-batch, momentum 0.5) run with ``executor="simulated"``: equal learner speeds with a lognormal jitter, so
+the same cell and seed give the same numbers on any machine.
+
+Each cell trains into ``<root>/<cell>`` through ``sajax.train``; a cell is done once its ``final.json`` exists
+(written atomically after training), so rerunning skips done cells and resumes a half-done one from its last
+checkpoint. The report (``--out``, default docs/reproduction.md) has the final test errors (rows n, λ, μ;
+columns inverse, constant, SSGD; mean ± sd over seeds), the P4 verdict (every inverse cell within 0.5 point of
+its λ's SSGD), the staleness distribution per n (⟨σ⟩ ≈ n) and test error against epochs, as PNGs beside it.
+``--quick`` runs λ ∈ {4, 8} for 4 epochs (16 runs, ≤ 10 min on 2 cores); the report estimates the full grid's
+time from the runs' measured times. Bad input prints one line and exits with code 2 before anything is
+written; Ctrl-C keeps a checkpoint of the current run and exits with code 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shlex
+import statistics
+import sys
+import time
+from typing import Iterable, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+BATCH_TOTAL = 128                       # λμ ≈ 128
+LEARNERS, QUICK_LEARNERS = (4, 8, 16, 30), (4, 8)
+NS = ("1", "2", "4", "lambda")          # "lambda": n = λ (async)
+EPOCHS, QUICK_EPOCHS = 24.0, 4.0           # 24: configs/default.py (α ÷10 at 16 and 21)
+SIM_JITTER = 0.2                        # σ of the lognormal factor on each learner's time per gradient
+P4_POINTS = 0.5
+MNIST5K_TRAIN = 4000
+EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+  """One run of the grid: λ learners, n of n-softsync (0: the SSGD baseline), policy, seed."""
+
+  learners: int
+  n: int
+  policy: str            # inverse | constant | ssgd
+  seed: int
+
+  @property
+  def batch(self) -> int:
+    """μ = ⌈128/λ⌉."""
+    return math.ceil(BATCH_TOTAL / self.learners)
+
+  @property
+  def c(self) -> int:
+    """Gradients per PS update: λ for SSGD (hardsync), ⌊λ/n⌋ for n-softsync."""
+    return self.learners if self.policy == "ssgd" else max(1, self.learners // self.n)
+
+  @property
+  def key(self) -> tuple[int, int, str]:
+    """The cell without its seed (what the table averages over)."""
+    return (self.learners, self.n, self.policy)
+
+  def name(self, epochs: float, train_examples: int = 0) -> str:
+    proto = "ssgd" if self.policy == "ssgd" else f"n{self.n}-{self.policy}"
+    data = f"-t{train_examples}" if train_examples else ""
+    return f"lambda{self.learners}-mu{self.batch}-{proto}-e{epochs:g}{data}-seed{self.seed}"
+
+
+def grid(learners: Iterable[int], ns: Iterable[str], seeds: Iterable[int]) -> list[Cell]:
+  """The cells in run order: per seed and λ, SSGD first, then each distinct n ≤ λ with inverse and constant.
+
+  ``ns``: integers as strings, or ``"lambda"`` for n = λ; an n > λ is no cell for that λ.
+  """
+  cells = []
+  for seed in seeds:
+    for lam in learners:
+      cells.append(Cell(lam, 0, "ssgd", seed))
+      for n in sorted({lam if v == "lambda" else int(v) for v in ns}):
+        cells += [Cell(lam, n, "inverse", seed), Cell(lam, n, "constant", seed)] if n <= lam else []
+  return cells
+
+
+def cell_config(cell: Cell, epochs: float, train_examples: int = 0):
+  """configs/default.py for one cell: simulated executor, λ, μ, n, policy, seed; α ÷10 at ⅔ and ⅞ of epochs."""
+  from configs import default
+  config = default.get_config()
+  config.executor = "simulated"
+  config.learners, config.batch_per_learner, config.seed = cell.learners, cell.batch, cell.seed
+  if cell.policy == "ssgd":
+    config.protocol, config.n = "hardsync", 1          # c = λ, σ = 0: the policy does not matter
+  else:
+    config.protocol, config.n, config.policy = "softsync", cell.n, cell.policy
+  config.epochs = float(epochs)
+  config.lr_boundaries_epochs = tuple(sorted({b for b in (round(epochs * 2 / 3, 2), round(epochs * 7 / 8, 2))
+                                              if 0 < b < epochs}))
+  config.eval_every_epochs = max(epochs / 12, 0.5) if epochs > 1 else epochs
+  config.checkpoint_every_epochs = max(epochs / 6, 1.0)
+  config.train_examples = train_examples
+  config.sim_jitter = SIM_JITTER
+  config.progress = False
+  return config
+
+
+def gradients_of(cell: Cell, epochs: float, train_examples: int = 0) -> float:
+  """Mini-batch gradients a cell computes: epochs · N / μ (what its wall time grows with)."""
+  return epochs * (train_examples or MNIST5K_TRAIN) / cell.batch
+
+
+def updates_of(cell: Cell, epochs: float, train_examples: int = 0) -> float:
+  """PS updates of a cell: gradients / c (c = λ for SSGD, ⌊λ/n⌋ otherwise)."""
+  return gradients_of(cell, epochs, train_examples) / cell.c
+
+
+def run_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> tuple[dict, bool]:
+  """Trains one cell into ``<root>/<cell>`` unless its final.json exists; returns (final record, trained)."""
+  workdir = os.path.join(root, cell.name(epochs, train_examples))
+  path = os.path.join(workdir, "final.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f), False
+  import sajax
+  result = sajax.train(cell_config(cell, epochs, train_examples), workdir=workdir)
+  final = {"cell": dataclasses.asdict(cell), "epochs": epochs, "gradients": gradients_of(cell, epochs, train_examples),
+           "load_avg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), **result.metrics}
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(final, f, indent=1, sort_keys=True)
+  os.replace(tmp, path)
+  return final, True
+
+
+# ---- aggregation (pure) -------------------------------------------------------------------------------
+def mean_sd(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (0 for one value)."""
+  return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def aggregate(finals: Iterable[dict]) -> dict[tuple[int, int, str], dict]:
+  """Per cell key (λ, n, policy): test error and train loss (mean, sd over seeds, in % for errors), ⟨σ⟩."""
+  by_key: dict[tuple, list[dict]] = {}
+  for f in finals:
+    c = f["cell"]
+    by_key.setdefault((c["learners"], c["n"], c["policy"]), []).append(f)
+  out = {}
+  for key, fs in by_key.items():
+    out[key] = {"error": mean_sd([100 * f["test_error"] for f in fs]),
+                "loss": mean_sd([f["train_loss"] for f in fs]),
+                "staleness": statistics.fmean(f["staleness_mean"] for f in fs), "seeds": len(fs)}
+  return out
+
+
+def p4_verdicts(agg: dict, points: float = P4_POINTS) -> list[dict]:
+  """Per inverse cell: Δ = its error − its λ's SSGD error (points), within = |Δ| ≤ ``points``, and why not."""
+  out = []
+  for (lam, n, policy), a in sorted(agg.items()):
+    ssgd = agg.get((lam, 0, "ssgd"))
+    if policy != "inverse" or ssgd is None:
+      continue
+    delta = a["error"][0] - ssgd["error"][0]
+    spread = max(a["error"][1], ssgd["error"][1])
+    within = abs(delta) <= points
+    why = ""
+    if not within:
+      notes = []
+      if a["seeds"] == 1:
+        notes.append("one seed (single runs on 1,000 test digits differ by up to ±0.5–0.7 point; use --seeds 0 1 2)")
+      elif spread >= abs(delta) / 2:
+        notes.append(f"seed sd {spread:.2f} is of the order of the gap")
+      if delta > 0 and a["loss"][0] > 1.1 * ssgd["loss"][0]:
+        notes.append(f"under-trained: train loss {a['loss'][0]:.4f} vs SSGD {ssgd['loss'][0]:.4f} "
+                     f"(steps α0/σ with ⟨σ⟩ = {a['staleness']:.2f})")
+      elif delta > 0:
+        notes.append(f"train loss on par ({a['loss'][0]:.4f} vs {ssgd['loss'][0]:.4f}): a generalisation gap")
+      else:
+        notes.append("better than SSGD")
+      why = "; ".join(notes)
+    out.append({"learners": lam, "n": n, "delta": delta, "within": within, "why": why})
+  return out
+
+
+def fit_seconds(points: Sequence[tuple[float, float, float, float]]) -> tuple[float, float, float]:
+  """Non-negative least squares (a, b, d) of wall ≈ a · samples + b · gradients + d · updates.
+
+  Over (samples, gradients, updates, wall) of finished runs: a gradient on μ examples costs b + a·μ, and each
+  PS update of c gradients d more. Under a varying load the fit puts the time where it can; it is an estimate.
+  """
+  import numpy as np
+  from scipy.optimize import nnls
+  coef, _ = nnls(np.array([p[:3] for p in points], float), np.array([p[3] for p in points], float))
+  return tuple(float(v) for v in coef)
+
+
+def _pct(ms: tuple[float, float], seeds: int) -> str:
+  return f"{ms[0]:.2f}" + (f" ± {ms[1]:.2f}" if seeds > 1 else "")
+
+
+def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: float, seeds: Sequence[int],
+                    wall_s: float, runs: Sequence[tuple[str, dict]], estimate: str,
+                    figures: Sequence[tuple[str, str]]) -> str:
+  """The report: command, table (rows n, λ, μ; columns inverse, constant, SSGD), P4, timing, figures."""
+  sd = " ± sd over seeds" if len(seeds) > 1 else ""
+  lines = [
+      "# Reproduction: staleness-aware async SGD vs SSGD (simulated, mnist5k)", "",
+      "Written by `launch/reproduce.py`; every number below comes from this command (each cell's runs are in "
+      "`<root>/<cell>/`: `config.json`, `metrics.jsonl`, `final.json`):", "", "```bash", command, "```", "",
+      f"mnist5k (4,000 train / 1,000 test digits), small CNN, `executor=simulated` (equal learner speeds, "
+      f"lognormal jitter σ = {SIM_JITTER}), α0 = 0.05 for a λμ ≈ 128 mini-batch, momentum 0.5, "
+      f"{epochs:g} epochs, "
+      f"α ÷10 at ⅔ and ⅞ of them; seeds {', '.join(map(str, seeds))}. Final test error in %{sd}; "
+      "SSGD is hardsync (c = λ, σ = 0), one run per λ, repeated on each of its rows.", "",
+      "| n | λ | μ | c | ⟨σ⟩ | inverse | constant | SSGD | inverse − SSGD |",
+      "|---|---|---|---|---|---|---|---|---|"]
+  for (lam, n, policy), a in sorted(agg.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    if policy != "inverse":
+      continue
+    const, ssgd = agg.get((lam, n, "constant")), agg.get((lam, 0, "ssgd"))
+    cells = [_pct(x["error"], x["seeds"]) if x else "–" for x in (a, const, ssgd)]
+    delta = f"{a['error'][0] - ssgd['error'][0]:+.2f}" if ssgd else "–"
+    cell = Cell(lam, n, policy, 0)
+    lines.append(f"| {n} | {lam} | {cell.batch} | {cell.c} | {a['staleness']:.2f} | "
+                 f"{' | '.join(cells)} | {delta} |")
+  failing = [v for v in verdicts if not v["within"]]
+  lines += ["", f"## P4: every inverse cell within {P4_POINTS} point of SSGD", ""]
+  if not verdicts:
+    lines.append("No inverse cell with an SSGD baseline in this grid.")
+  elif not failing:
+    lines.append(f"**Met**: all {len(verdicts)} inverse cells are within {P4_POINTS} point of their λ's SSGD.")
+  else:
+    lines += [f"**Not met** for {len(failing)} of {len(verdicts)} inverse cells:", ""]
+    lines += [f"- n = {v['n']}, λ = {v['learners']}: {v['delta']:+.2f} points — {v['why']}" for v in failing]
+  if epochs < EPOCHS:
+    lines += ["", f"These runs have {epochs:g} epochs, the full grid {EPOCHS:g} (configs/default.py's schedule): P4 is "
+              "judged there; here, the train losses in the table of every run show whether a gap is under-training."]
+  total = sum(f["wall_s"] for _, f in runs)
+  loads = [f["load_avg_1min"] for _, f in runs if "load_avg_1min" in f]
+  load = (f" The machine's 1-minute load average when each run ended: {min(loads):.1f} to {max(loads):.1f} on "
+          f"{runs[0][1]['cpu_count']} cores (other jobs share it; times grow with the load)." if loads else "")
+  lines += ["", "## Time", "", f"The {len(runs)} runs trained for {total:.0f} s in all ({total / 60:.1f} min; each "
+            f"run's `wall_s`, in the table at the end).{load} The last invocation took {wall_s:.0f} s (runs already "
+            "done are not rerun).", "", estimate, "", "## Figures", ""]
+  lines += [f"![{title}]({path})" for title, path in figures]
+  lines += ["", "## Every run", "", "| run (folder under the root) | test error % | train loss | ⟨σ⟩ | updates | "
+            "training wall |", "|---|---|---|---|---|---|"]
+  lines += [f"| `{name}` | {100 * f['test_error']:.2f} | {f['train_loss']:.4f} | {f['staleness_mean']:.2f} | "
+            f"{f['updates']} | {f['wall_s']:.0f} s |" for name, f in runs]
+  return "\n".join(lines) + "\n"
+
+
+# ---- figures ------------------------------------------------------------------------------------------
+def _save(fig, path: str) -> str:
+  tmp = path[:-4] + ".tmp.png"
+  fig.tight_layout()
+  fig.savefig(tmp, dpi=90)
+  os.replace(tmp, path)
+  return path
+
+
+def plot_staleness_by_n(finals: Iterable[dict], folder: str) -> list[tuple[int, str]]:
+  """One PNG per n: the staleness histogram summed over each λ's cells (policies, seeds), ⟨σ⟩ and n marked;
+  returns (n, path) pairs."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  hists: dict[int, dict[int, dict[int, int]]] = {}
+  for f in finals:
+    if f["cell"]["policy"] == "ssgd":
+      continue
+    h = hists.setdefault(f["cell"]["n"], {}).setdefault(f["cell"]["learners"], {})
+    for s, count in f["staleness_histogram"].items():
+      h[int(s)] = h.get(int(s), 0) + count
+  paths = []
+  for n, by_lam in sorted(hists.items()):
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for i, (lam, h) in enumerate(sorted(by_lam.items())):
+      total = sum(h.values())
+      mean = sum(s * c for s, c in h.items()) / total
+      xs = range(max(h) + 1)
+      ax.step(list(xs), [h.get(x, 0) / total for x in xs], where="mid", color=f"C{i}",
+              label=f"λ = {lam}: ⟨σ⟩ = {mean:.2f} (n(λ−1)/λ = {n * (lam - 1) / lam:.2f})")
+      ax.axvline(mean, color=f"C{i}", linestyle=":")
+    ax.axvline(n, color="k", linestyle="--", label=f"n = {n}")
+    ax.set_xlim(-0.5, min(max(max(h) for h in by_lam.values()), 3 * n + 3) + 0.5)
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel="staleness σ = i − j (dotted: ⟨σ⟩)", ylabel="fraction of gradients",
+           title=f"{n}-softsync: staleness of accepted gradients")
+    ax.legend(fontsize=8)
+    paths.append((n, _save(fig, os.path.join(folder, f"staleness_n{n}.png"))))
+    plt.close(fig)
+  return paths
+
+
+def plot_error_curves(histories: dict[tuple[int, int, str], list[list[dict]]], path: str) -> str:
+  """Test error (mean over seeds) against epochs, one panel per λ, one line per (n, policy) and SSGD."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import matplotlib.ticker
+  lams = sorted({k[0] for k in histories})
+  colors = {n: f"C{i}" for i, n in enumerate(sorted({k[1] for k in histories if k[2] != "ssgd"}))}
+  fig, axes = plt.subplots(1, len(lams), figsize=(4.5 * len(lams), 3.8), squeeze=False)
+  for ax, lam in zip(axes[0], lams):
+    for (l, n, policy), runs in sorted(histories.items()):
+      if l != lam:
+        continue
+      length = min(len(r) for r in runs)
+      epochs = [runs[0][i]["epoch"] for i in range(length)]
+      errors = [100 * statistics.fmean(r[i]["test_error"] for r in runs) for i in range(length)]
+      label, style = ("SSGD", dict(color="k", linewidth=2)) if policy == "ssgd" else (
+          f"n = {n}, {policy}", dict(color=colors[n], linestyle="-" if policy == "inverse" else "--"))
+      ax.plot(epochs, errors, label=label, **style)
+    ax.set(yscale="log", xlabel="epoch", ylabel="test error (%)",
+           title=f"λ = {lam}, μ = {Cell(lam, 0, 'ssgd', 0).batch}")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+  _save(fig, path)
+  plt.close(fig)
+  return path
+
+
+# ---- command line -------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+  def error(self, message: str):   # one line and exit 2, like launch/train.py
+    raise ValueError(f"{message}; allowed: the flags and values of reproduce.py --help")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  """The flags, checked; raises ValueError with one line naming the bad value and what is allowed."""
+  p = _Parser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--root", default=os.path.join("runs", "reproduce"), help="folder of the cells' runs")
+  p.add_argument("--out", default=os.path.join("docs", "reproduction.md"), help="report; PNGs go beside it")
+  p.add_argument("--quick", action="store_true", help=f"λ ∈ {QUICK_LEARNERS}, {QUICK_EPOCHS:g} epochs (≤ 10 min)")
+  p.add_argument("--seeds", nargs="+", type=int, default=[0])
+  p.add_argument("--epochs", type=float, default=None, help=f"default {EPOCHS:g} ({QUICK_EPOCHS:g} with --quick)")
+  p.add_argument("--learners", nargs="+", type=int, default=None, help=f"λ values (default {LEARNERS})")
+  p.add_argument("--n", nargs="+", default=list(NS), help="n values: integers or 'lambda' (n = λ)")
+  p.add_argument("--train-examples", type=int, default=0, help="use the first N training digits (0: all 4,000)")
+  args = p.parse_args(list(argv))
+  args.learners = list(dict.fromkeys(args.learners or (QUICK_LEARNERS if args.quick else LEARNERS)))
+  args.seeds, args.n = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.n))
+  args.epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else EPOCHS)
+  for lam in args.learners:
+    if not 1 <= lam <= BATCH_TOTAL:
+      raise ValueError(f"--learners {lam} is invalid; allowed: integers 1..{BATCH_TOTAL} (μ = ⌈128/λ⌉)")
+  for v in args.n:
+    if v != "lambda" and not (v.isdigit() and int(v) >= 1):
+      raise ValueError(f"--n {v!r} is invalid; allowed: integers >= 1 or 'lambda' (n = λ)")
+  if any(s < 0 for s in args.seeds):
+    raise ValueError(f"--seeds {min(args.seeds)} is invalid; allowed: integers >= 0")
+  if not args.epochs > 0:
+    raise ValueError(f"--epochs {args.epochs:g} is invalid; allowed: a number > 0")
+  if args.train_examples < 0 or 0 < args.train_examples < BATCH_TOTAL:
+    raise ValueError(f"--train-examples {args.train_examples} is invalid; allowed: 0 (all) or >= {BATCH_TOTAL}")
+  if not args.out.endswith(".md"):
+    raise ValueError(f"--out {args.out!r} is invalid; allowed: a path ending in .md")
+  from sajax import trainer
+  for path in (args.root, os.path.dirname(os.path.abspath(args.out))):
+    trainer.check_workdir_writable(path)
+  return args
+
+
+def estimate_text(points: Sequence[tuple[float, float, float, float]], epochs: float) -> str:
+  """The full grid's predicted time at ``epochs`` (the default with --quick) from this run's cells' times."""
+  a, b, d = fit_seconds(points)
+  full = grid(LEARNERS, NS, [0])
+  seconds = sum(a * epochs * MNIST5K_TRAIN + b * gradients_of(c, epochs) + d * updates_of(c, epochs) for c in full)
+  flag = "" if epochs == EPOCHS else f" --epochs {epochs:g}"
+  return (f"Full grid estimate on this machine (`python launch/reproduce.py{flag}`: {epochs:g} epochs, λ ∈ "
+          f"{{{', '.join(map(str, LEARNERS))}}}, {len(full)} cells per seed): **{seconds / 3600:.1f} h per seed** "
+          f"({3 * seconds / 3600:.1f} h for `--seeds 0 1 2`), from a fit of this run's times: {1e3 * a:.3f} ms "
+          f"per training example + {1e3 * b:.2f} ms per mini-batch gradient + {1e3 * d:.2f} ms per PS update "
+          f"(a run sees epochs · 4,000 examples in epochs · 4,000 / μ gradients and 1/c as many updates).")
+
+
+def main(argv: Sequence[str]) -> int:
+  try:
+    args = parse_args(argv[1:])
+    cells = grid(args.learners, args.n, args.seeds)
+    if not any(c.policy != "ssgd" for c in cells):
+      raise ValueError(f"--n {' '.join(args.n)} gives no cell: every n exceeds every λ in "
+                       f"{args.learners}; allowed: n <= λ")
+  except ValueError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  import logging
+  from tqdm import tqdm
+  logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+  for noisy in ("absl", "jax", "orbax", "tensorflow_datasets"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+  from sajax import config as config_lib, metrics
+
+  start = time.perf_counter()
+  finals, trained = [], 0
+  with tqdm(cells, desc="reproduce", unit=" cell", dynamic_ncols=True) as bar:
+    for cell in bar:
+      bar.set_postfix_str(cell.name(args.epochs, args.train_examples), refresh=True)
+      try:
+        final, ran = run_cell(cell, args.epochs, args.root, args.train_examples)
+      except config_lib.ConfigError as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+      except KeyboardInterrupt:
+        print(f"\ninterrupted; rerun the same command to resume ({len(finals)} of {len(cells)} cells done)",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+      finals.append(final)
+      trained += ran
+  wall = time.perf_counter() - start
+
+  agg = aggregate(finals)
+  verdicts = p4_verdicts(agg)
+  folder = os.path.splitext(args.out)[0]
+  os.makedirs(folder, exist_ok=True)
+  histories: dict[tuple, list] = {}
+  for cell, f in zip(cells, finals):
+    histories.setdefault(cell.key, []).append(
+        metrics.read_metrics(os.path.join(args.root, cell.name(args.epochs, args.train_examples))))
+  rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.out)))  # noqa: E731
+  pngs = [("test error vs epoch", plot_error_curves(histories, os.path.join(folder, "test_error.png")))]
+  pngs += [(f"staleness, {n}-softsync", p) for n, p in plot_staleness_by_n(finals, folder)]
+  estimate = estimate_text([(f["samples"], f["gradients"], f["updates"], f["wall_s"]) for f in finals],
+                           EPOCHS if args.quick else args.epochs)
+  command = "python launch/reproduce.py " + shlex.join(argv[1:])
+  text = render_markdown(agg, verdicts, command=command.strip(), epochs=args.epochs, seeds=args.seeds,
+                         wall_s=wall, estimate=estimate, figures=[(t, rel(p)) for t, p in pngs],
+                         runs=[(c.name(args.epochs, args.train_examples), f) for c, f in zip(cells, finals)])
+  tmp = args.out + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, args.out)
+  failing = [v for v in verdicts if not v["within"]]
+  print(f"{len(cells)} cells ({trained} trained, {len(cells) - trained} already done) in {wall:.0f} s; "
+        f"P4: {len(verdicts) - len(failing)}/{len(verdicts)} inverse cells within {P4_POINTS} point of SSGD; "
+        f"report: {args.out}\n{estimate}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

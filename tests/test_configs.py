@@ -1,0 +1,56 @@
+"""The paper's CIFAR10 and ImageNet configs run in simulated mode with λ, μ and n overridden (TFDS mock data)."""
+
+import pytest
+
+import sajax
+from configs import cifar10, imagenet
+from sajax import config as config_lib
+from tests.tfds_mock import mock_tfds
+
+
+def _tiny(config, *, learners, batch, n, examples, epochs):
+  config.executor, config.learners, config.batch_per_learner, config.n = "simulated", learners, batch, n
+  config.train_examples = examples
+  config.epochs, config.eval_every_epochs, config.checkpoint_every_epochs = epochs, epochs, epochs
+  config.lr_boundaries_epochs = (epochs / 2,)
+  config.eval_batch_size = 8
+  config.progress = False
+  return config
+
+
+@pytest.mark.parametrize("module", [cifar10, imagenet])
+def test_paper_configs_switch_to_the_simulated_executor_with_only_the_executor_overridden(module):
+  config = module.get_config()
+  config.executor = "simulated"
+  config_lib.validate(config)            # λ = 1, 1-softsync: no conflicting key to override as well
+  p = config_lib.protocol_of(config)
+  assert (p.learners, p.gradients_per_update) == (1, 1)
+  config.learners, config.n = 8, 2
+  assert config_lib.protocol_of(config).gradients_per_update == 4
+  config.n = 9
+  with pytest.raises(config_lib.ConfigError, match=r"n=9.*1 <= n <= 8"):
+    config_lib.validate(config)
+
+
+def test_cifar10_config_trains_simulated_2_softsync(tmp_path):
+  """λ = 4, μ = 8, 2-softsync (c = 2) on 64 mock images: 64/(2·8) = 4 updates per epoch, 2 epochs."""
+  config = _tiny(cifar10.get_config(), learners=4, batch=8, n=2, examples=64, epochs=2)
+  with mock_tfds(64):
+    result = sajax.train(config, workdir=str(tmp_path))
+  m = result.metrics
+  assert [r["updates"] for r in result.history] == [8]
+  assert (m["protocol"], m["gradients_per_update"], m["samples"]) == ("softsync", 2, 2 * 64)
+  assert sum(m["staleness_histogram"].values()) == 16        # every gradient accepted and counted
+  assert 0.5 <= m["staleness_mean"] <= 2.5 and m["sim_time"] > 0   # ⟨σ⟩ ≈ n = 2
+  assert 0.0 <= m["test_error"] <= 1.0 and m["train_loss"] > 0
+
+
+def test_imagenet_config_trains_simulated_async_alexnet(tmp_path):
+  """AlexNet at 224×224, λ = 2, μ = 2, async (n = λ, c = 1): 4 updates over 8 mock images, top-5 reported."""
+  config = _tiny(imagenet.get_config(), learners=2, batch=2, n=2, examples=8, epochs=1)
+  with mock_tfds(8):
+    result = sajax.train(config, workdir=str(tmp_path))
+  m = result.metrics
+  assert (m["updates"], m["gradients_per_update"], m["samples"]) == (4, 1, 8)
+  assert set(m["staleness_histogram"]) <= {"0", "1", "2"} and m["staleness_max"] >= 1   # two learners interleave
+  assert 0.0 <= m["test_error_top5"] <= m["test_error"] <= 1.0

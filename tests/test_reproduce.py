@@ -1,0 +1,163 @@
+"""launch/reproduce.py: the paper's grid (λ, μ = ⌈128/λ⌉, n, policies, SSGD), report, resumability, bad flags."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import sajax
+from launch import reproduce
+from launch.reproduce import Cell
+from sajax import config as config_lib, metrics as metrics_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_grid_is_the_papers_with_n_equal_lambda_deduplicated():
+  cells = reproduce.grid(reproduce.LEARNERS, reproduce.NS, seeds=[0])
+  assert len(cells) == len(set(cells)) == 34          # λ=4: n ∈ {1,2,4}; 8, 16, 30: four n; ×2 policies; +4 SSGD
+  ns = {lam: sorted({c.n for c in cells if c.learners == lam and c.policy != "ssgd"}) for lam in reproduce.LEARNERS}
+  assert ns == {4: [1, 2, 4], 8: [1, 2, 4, 8], 16: [1, 2, 4, 16], 30: [1, 2, 4, 30]}
+  assert {lam: Cell(lam, 1, "inverse", 0).batch for lam in reproduce.LEARNERS} == {4: 32, 8: 16, 16: 8, 30: 5}
+  assert [c for c in cells if c.policy == "ssgd"] == [Cell(lam, 0, "ssgd", 0) for lam in reproduce.LEARNERS]
+  assert {c.policy for c in cells} == {"ssgd", "inverse", "constant"}
+  assert Cell(30, 4, "inverse", 0).c == 7 and Cell(30, 30, "constant", 0).c == 1 and Cell(8, 0, "ssgd", 0).c == 8
+  assert len(reproduce.grid([4, 8], ["1", "lambda"], seeds=[0, 1, 2])) == 3 * (5 + 5)
+  assert reproduce.grid([2], ["4"], seeds=[0]) == [Cell(2, 0, "ssgd", 0)]   # n > λ is not a cell
+
+
+def test_cell_config_is_the_default_config_in_simulated_mode():
+  config = reproduce.cell_config(Cell(30, 4, "constant", 2), epochs=12)
+  config_lib.validate(config)
+  assert (config.executor, config.protocol, config.n, config.policy) == ("simulated", "softsync", 4, "constant")
+  assert (config.learners, config.batch_per_learner, config.seed) == (30, 5, 2)
+  assert config_lib.protocol_of(config).gradients_per_update == 7
+  assert tuple(config.lr_boundaries_epochs) == (8, 10.5) and config.epochs == 12
+  assert (config.learning_rate, config.momentum, config.dataset) == (0.05, 0.5, "mnist5k")
+  ssgd = reproduce.cell_config(Cell(8, 0, "ssgd", 0), epochs=6)
+  assert (ssgd.protocol, config_lib.protocol_of(ssgd).gradients_per_update) == ("hardsync", 8)
+
+
+def _final(lam, n, policy, seed, error, loss=0.05, sigma=1.0):
+  return {"cell": {"learners": lam, "n": n, "policy": policy, "seed": seed}, "test_error": error,
+          "train_loss": loss, "staleness_mean": sigma}
+
+
+def test_aggregate_p4_and_table_from_hand_made_results():
+  finals = [_final(8, 0, "ssgd", 0, 0.030), _final(8, 0, "ssgd", 1, 0.034),
+            _final(8, 2, "inverse", 0, 0.033, sigma=2.0), _final(8, 2, "inverse", 1, 0.035, sigma=2.2),
+            _final(8, 8, "inverse", 0, 0.050, loss=0.2, sigma=7.0),
+            _final(8, 8, "inverse", 1, 0.046, loss=0.2, sigma=7.0),
+            *[_final(8, 8, "constant", seed, 0.9, loss=2.3, sigma=7.0) for seed in (0, 1)]]
+  agg = reproduce.aggregate(finals)
+  assert agg[(8, 0, "ssgd")]["error"] == pytest.approx((3.2, 0.2828427))
+  assert agg[(8, 2, "inverse")]["staleness"] == pytest.approx(2.1) and agg[(8, 2, "inverse")]["seeds"] == 2
+  verdicts = {v["n"]: v for v in reproduce.p4_verdicts(agg)}
+  assert verdicts[2]["within"] and verdicts[2]["delta"] == pytest.approx(0.2)
+  assert not verdicts[8]["within"] and verdicts[8]["delta"] == pytest.approx(1.6)
+  assert "under-trained" in verdicts[8]["why"] and set(verdicts) == {2, 8}
+  runs = [("lambda8-x", {**finals[0], "updates": 7, "wall_s": 5.0})]
+  text = reproduce.render_markdown(agg, list(verdicts.values()), command="python launch/reproduce.py --seeds 0 1",
+                                   epochs=6, seeds=[0, 1], wall_s=10, runs=runs, estimate="E",
+                                   figures=[("curves", "reproduction/test_error.png")])
+  assert "| 2 | 8 | 16 | 4 | 2.10 | 3.40 ± 0.14 | – | 3.20 ± 0.28 | +0.20 |" in text
+  assert "| 8 | 8 | 16 | 1 | 7.00 | 4.80 ± 0.28 | 90.00 ± 0.00 | 3.20 ± 0.28 | +1.60 |" in text
+  assert "**Not met** for 1 of 2" in text and "- n = 8, λ = 8: +1.60 points" in text
+  assert "| `lambda8-x` | 3.00 | 0.0500 | 1.00 | 7 | 5 s |" in text
+  assert "python launch/reproduce.py --seeds 0 1" in text and "![curves](reproduction/test_error.png)" in text
+
+
+def test_time_fit_recovers_a_linear_cost_model():
+  """1 ms per example, 5 ms per gradient, 2 ms per update, over cells of different μ and c."""
+  sizes = [(24000, 750, 750), (24000, 1500, 188), (24000, 1500, 1500), (12000, 375, 94), (48000, 9600, 9600)]
+  points = [(s, g, u, 0.001 * s + 0.005 * g + 0.002 * u) for s, g, u in sizes]
+  assert reproduce.fit_seconds(points) == pytest.approx((0.001, 0.005, 0.002))
+  assert reproduce.fit_seconds([(100, 10, 5, 1.0)]) == pytest.approx((0.01, 0.0, 0.0))   # never negative
+  text = reproduce.estimate_text(points, epochs=24)
+  seconds = sum(0.001 * 24 * 4000 + 0.005 * reproduce.gradients_of(c, 24) + 0.002 * reproduce.updates_of(c, 24)
+                for c in reproduce.grid(reproduce.LEARNERS, reproduce.NS, [0]))
+  assert f"**{seconds / 3600:.1f} h per seed**" in text and "`python launch/reproduce.py`: 24 epochs" in text
+
+
+def _is_png(path):
+  with open(path, "rb") as f:
+    return f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tiny_grid_end_to_end_resumes_a_half_done_cell_and_skips_done_ones(tmp_path, capsys):
+  """λ = 2, μ = 64 on 256 digits, 2 epochs: SSGD and 2-softsync (async) under both policies; the inverse cell
+  is interrupted first, so the grid is half done when the script starts."""
+  root, out = str(tmp_path / "runs"), str(tmp_path / "docs" / "reproduction.md")
+  half = Cell(2, 2, "inverse", 0)
+  workdir = os.path.join(root, half.name(2, 256))
+
+  def stop(run):
+    if run.updates == 5:
+      raise KeyboardInterrupt
+  with pytest.raises(KeyboardInterrupt):
+    sajax.train(reproduce.cell_config(half, 2, 256), workdir=workdir, callbacks=[stop])
+  first = metrics_lib.read_metrics(workdir)
+  assert [r["updates"] for r in first] == [2, 4]
+
+  argv = ["reproduce.py", "--root", root, "--out", out, "--learners", "2", "--n", "lambda", "--epochs", "2",
+          "--train-examples", "256"]
+  assert reproduce.main(argv) == 0
+  assert "3 cells (3 trained, 0 already done)" in capsys.readouterr().out
+  records = metrics_lib.read_metrics(workdir)
+  assert records[:2] == first                     # resumed from its checkpoint: the first records are kept as is
+  assert [r["updates"] for r in records] == [2, 4, 6, 8]
+
+  finals = {}
+  for name in sorted(os.listdir(root)):
+    with open(os.path.join(root, name, "final.json")) as f:
+      finals[name] = json.load(f)
+  assert len(finals) == 3
+  ssgd = finals[Cell(2, 0, "ssgd", 0).name(2, 256)]
+  inv, const = finals[half.name(2, 256)], finals[Cell(2, 2, "constant", 0).name(2, 256)]
+  assert ssgd["staleness_max"] == 0 and ssgd["updates"] == 4 and inv["updates"] == 8
+  assert sum(const["staleness_histogram"].values()) == 8 and const["staleness_max"] >= 1
+  text = open(out).read()
+  row = (f"| 2 | 2 | 64 | 1 | {inv['staleness_mean']:.2f} | {100 * inv['test_error']:.2f} | "
+         f"{100 * const['test_error']:.2f} | {100 * ssgd['test_error']:.2f} |")
+  assert row in text and " ".join(argv[1:]) in text and "h per seed" in text
+  assert f"trained for {sum(f['wall_s'] for f in finals.values()):.0f} s in all" in text
+  for png in ("test_error.png", "staleness_n2.png"):
+    path = tmp_path / "docs" / "reproduction" / png
+    assert _is_png(path) and f"reproduction/{png}" in text
+
+  stamps = {n: os.path.getmtime(os.path.join(root, n, "metrics.jsonl")) for n in finals}
+  assert reproduce.main(argv) == 0
+  assert "3 cells (0 trained, 3 already done)" in capsys.readouterr().out
+  assert stamps == {n: os.path.getmtime(os.path.join(root, n, "metrics.jsonl")) for n in finals}
+  assert row in open(out).read()
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--learners", "0"], "--learners 0"), (["--learners", "x"], "invalid int value: 'x'"),
+    (["--n", "two"], "--n 'two'"), (["--epochs", "0"], "--epochs 0"), (["--seeds", "-1"], "--seeds -1"),
+    (["--out", "report.txt"], "'report.txt'"), (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--learners", "4", "--n", "8"], "no cell"), (["--train-examples", "100"], "--train-examples 100")])
+def test_bad_flags_give_one_line_and_exit_2_writing_nothing(flags, named, tmp_path, capsys):
+  root = tmp_path / "runs"
+  assert reproduce.main(["reproduce.py", "--root", str(root), "--out", str(tmp_path / "r.md"), *flags]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "\n" not in err and named in err and "allowed" in err
+  assert not root.exists() and not (tmp_path / "r.md").exists()
+
+
+def test_command_line_bad_value_exit_code(tmp_path):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "reproduce.py"), "--root",
+                         str(tmp_path / "runs"), "--learners", "200"], capture_output=True, text=True)
+  assert proc.returncode == 2 and proc.stdout == ""
+  assert proc.stderr.strip() == "error: --learners 200 is invalid; allowed: integers 1..128 (μ = ⌈128/λ⌉)"
+  assert not (tmp_path / "runs").exists()
+
+
+def test_flags_defaults_and_repeats(tmp_path):
+  quick = reproduce.parse_args(["--quick", "--root", str(tmp_path / "r")])
+  assert (quick.learners, quick.epochs, quick.seeds, quick.n) == ([4, 8], 4.0, [0], ["1", "2", "4", "lambda"])
+  full = reproduce.parse_args(["--seeds", "1", "0", "1", "--learners", "8", "8", "--n", "2", "2"])
+  assert (full.learners, full.epochs, full.seeds, full.n, full.out) == ([8], 24.0, [1, 0], ["2"], "docs/reproduction.md")
+  assert not (tmp_path / "r").exists()
