@@ -102,7 +102,7 @@ def test_no_flags_runs_the_default_config_into_a_fresh_workdir_and_says_where(tm
       time.sleep(0.5)
     assert metrics is not None, "the default run wrote no evaluation in time"
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
   finally:
     if proc.poll() is None:
       proc.kill()
@@ -130,7 +130,7 @@ def test_ctrl_c_then_rerun_resumes_to_the_uninterrupted_result(tmp_path):
         break
       time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=600)
   finally:
     if proc.poll() is None:
       proc.kill()
