@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import sajax
-from launch import reproduce
+from launch import reproduce, reproduce_report
 from launch.reproduce import Cell
 from sajax import config as config_lib, metrics as metrics_lib
 
@@ -51,15 +51,15 @@ def test_aggregate_p4_and_table_from_hand_made_results():
             _final(8, 8, "inverse", 0, 0.050, loss=0.2, sigma=7.0),
             _final(8, 8, "inverse", 1, 0.046, loss=0.2, sigma=7.0),
             *[_final(8, 8, "constant", seed, 0.9, loss=2.3, sigma=7.0) for seed in (0, 1)]]
-  agg = reproduce.aggregate(finals)
+  agg = reproduce_report.aggregate(finals)
   assert agg[(8, 0, "ssgd")]["error"] == pytest.approx((3.2, 0.2828427))
   assert agg[(8, 2, "inverse")]["staleness"] == pytest.approx(2.1) and agg[(8, 2, "inverse")]["seeds"] == 2
-  verdicts = {v["n"]: v for v in reproduce.p4_verdicts(agg)}
+  verdicts = {v["n"]: v for v in reproduce_report.p4_verdicts(agg)}
   assert verdicts[2]["within"] and verdicts[2]["delta"] == pytest.approx(0.2)
   assert not verdicts[8]["within"] and verdicts[8]["delta"] == pytest.approx(1.6)
   assert "under-trained" in verdicts[8]["why"] and set(verdicts) == {2, 8}
   runs = [("lambda8-x", {**finals[0], "updates": 7, "wall_s": 5.0})]
-  text = reproduce.render_markdown(agg, list(verdicts.values()), command="python launch/reproduce.py --seeds 0 1",
+  text = reproduce_report.render_markdown(agg, list(verdicts.values()), command="python launch/reproduce.py --seeds 0 1",
                                    epochs=6, seeds=[0, 1], wall_s=10, runs=runs, estimate="E",
                                    figures=[("curves", "reproduction/test_error.png")])
   assert "| 2 | 8 | 16 | 4 | 2.10 | 3.40 ± 0.14 | – | 3.20 ± 0.28 | +0.20 |" in text
@@ -73,9 +73,9 @@ def test_time_fit_recovers_a_linear_cost_model():
   """1 ms per example, 5 ms per gradient, 2 ms per update, over cells of different μ and c."""
   sizes = [(24000, 750, 750), (24000, 1500, 188), (24000, 1500, 1500), (12000, 375, 94), (48000, 9600, 9600)]
   points = [(s, g, u, 0.001 * s + 0.005 * g + 0.002 * u) for s, g, u in sizes]
-  assert reproduce.fit_seconds(points) == pytest.approx((0.001, 0.005, 0.002))
-  assert reproduce.fit_seconds([(100, 10, 5, 1.0)]) == pytest.approx((0.01, 0.0, 0.0))   # never negative
-  text = reproduce.estimate_text(points, epochs=24)
+  assert reproduce_report.fit_seconds(points) == pytest.approx((0.001, 0.005, 0.002))
+  assert reproduce_report.fit_seconds([(100, 10, 5, 1.0)]) == pytest.approx((0.01, 0.0, 0.0))   # never negative
+  text = reproduce_report.estimate_text(points, epochs=24)
   seconds = sum(0.001 * 24 * 4000 + 0.005 * reproduce.gradients_of(c, 24) + 0.002 * reproduce.updates_of(c, 24)
                 for c in reproduce.grid(reproduce.LEARNERS, reproduce.NS, [0]))
   assert f"**{seconds / 3600:.1f} h per seed**" in text and "`python launch/reproduce.py`: 24 epochs" in text
