@@ -143,3 +143,22 @@ def test_batched_gradients_equal_one_at_a_time_gradients():
       ref_loss, ref = single(unravel(versions[which[d][s]]), images[d, s], labels[d, s], rng)
       np.testing.assert_allclose(np.asarray(loss)[d, s], ref_loss, rtol=1e-5)
       np.testing.assert_allclose(np.asarray(flat)[d, s], ravel_pytree(ref)[0], rtol=1e-4, atol=1e-6)
+
+
+def test_a_policy_reading_stale_weights_resumes_bit_identical(tmp_path):
+  """A delay-compensated policy reads θ_j: the checkpoint carries each in-flight learner's θ_j, so a stopped
+  run resumes (and pushes those gradients against the right θ_j) exactly like an uninterrupted one."""
+  import jax
+  from sajax import optim
+
+  def dc(grads, staleness, *, params, stale_params):
+    return jax.tree.map(lambda g, p, q: g + 0.5 * g * g * (p - q), grads, params, stale_params)
+
+  optim.register_policy("test_sim_delay_compensated", adjust=dc, needs_stale_params=True, overwrite=True)
+  config = _config("async", train_examples=512, sim_jitter=0.5, policy="test_sim_delay_compensated")
+  whole = sajax.train(config, workdir=str(tmp_path / "whole"))
+  with pytest.raises(KeyboardInterrupt):
+    sajax.train(config, workdir=str(tmp_path / "stopped"), callbacks=[_stop_at(45)])
+  resumed = sajax.train(config, workdir=str(tmp_path / "stopped"))
+  assert whole.metrics["staleness_max"] >= 3
+  assert _reproducible(resumed.history) == _reproducible(whole.history)
