@@ -20,7 +20,9 @@ gradient's value does not depend on which call computed it, so batching never ch
 
 Checkpoints hold the whole simulation: the event queue, the speed model's RNG state, each learner's version,
 step and computed-but-not-pushed gradient (pending gradients are computed before saving), and the PS. A run
-stopped and resumed therefore ends bit-identical to an uninterrupted one.
+stopped and resumed therefore ends bit-identical to an uninterrupted one. The price is checkpoint size: up to
+λ flat gradients (λ·d floats; 2λ·d for a policy that reads θ_j) beside θ and the optimizer state, e.g. 13 MB
+for the small CNN with λ = 8, but 7 GB for AlexNet with λ = 30.
 """
 
 from __future__ import annotations
