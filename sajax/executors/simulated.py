@@ -152,16 +152,17 @@ class SimulatedEngine:
     pending = self._pending()
     if not pending:
       return
-    D, mu = len(self.devices), self.run.config.batch_per_learner
+    D = len(self.devices)
     on_device = [[k for k in pending if self._device_of(k) == d] for d in range(D)]
     K = max(len(ks) for ks in on_device)
-    train = self.run.dataset.train
-    images = np.zeros((D, K, mu, *train.images.shape[1:]), train.images.dtype)
-    labels = np.zeros((D, K, mu), np.int32)
+    batches = {k: self.run.next_batches([k]) for k in pending}
+    first_images, first_labels = batches[pending[0]]
+    images = np.zeros((D, K, *np.shape(first_images)), np.asarray(first_images).dtype)
+    labels = np.zeros((D, K, *np.shape(first_labels)), np.int32)
     index, learner, step = (np.zeros((D, K), np.int32) for _ in range(3))
     for d, ks in enumerate(on_device):
       for s, k in enumerate(ks):
-        images[d, s], labels[d, s] = self.run.next_batches([k])
+        images[d, s], labels[d, s] = batches[k]
         index[d, s], learner[d, s], step[d, s] = self.entry[k], k, self.steps[k]
         self.steps[k] += 1
     ring = jax.make_array_from_single_device_arrays(
