@@ -104,9 +104,10 @@ def test_a_one_entry_ring_forces_flushes_and_changes_no_gradient(tmp_path):
           [{k: v for k, v in r.items() if k not in drop} for r in _reproducible(auto.history)])
 
 
-def test_batched_gradients_equal_one_at_a_time_gradients():
+@pytest.mark.parametrize("how", ["unrolled", "vmap"])
+def test_batched_gradients_equal_one_at_a_time_gradients(how):
   """The batched call (several learners, versions and batches per device) gives each learner the gradient a
-  plain jitted value_and_grad gives on its own snapshot and batch."""
+  plain jitted value_and_grad gives on its own snapshot and batch, with either slot batching."""
   import jax
   import numpy as np
   from jax.flatten_util import ravel_pytree
@@ -133,7 +134,7 @@ def test_batched_gradients_equal_one_at_a_time_gradients():
   ring = jax.make_array_from_single_device_arrays(
       (2, 2, flat0.size), jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("d",)),
                                                      jax.sharding.PartitionSpec("d")), [r.array for r in rings])
-  grads = batched.make_batched_gradients(loss_fn, unravel, devices, how="unrolled")
+  grads = batched.make_batched_gradients(loss_fn, unravel, devices, how=how)
   loss, flat, finite = grads(ring, np.array(entries, np.int32), images, labels, learner, step, key)
   assert np.asarray(finite).all()
   single = jax.jit(jax.value_and_grad(loss_fn))
