@@ -73,18 +73,23 @@ def baseline_rate(args, dataset: data.Dataset, model, loss_fn, params) -> tuple[
   return args.learners * args.steps * args.batch, time.perf_counter() - start
 
 
-def engine_rate(args, dataset: data.Dataset) -> tuple[int, float]:
-  """The threads engine on a whole Run: (samples, seconds) from its 10th to its last update before the end."""
-  config = _config(args, dataset)
+def run_rate(config, dataset: data.Dataset, executor) -> tuple[int, float]:
+  """``executor`` on a whole Run of ``config``: (samples, seconds) from its 10th to its last update before the
+  end, so compilation and the final evaluation/checkpoint are not counted."""
   config_lib.validate(config)
   marks = []
   with tempfile.TemporaryDirectory() as workdir:
     trainer.prepare_workdir(config, workdir)
     run = trainer.Run(config, workdir, dataset, callbacks=[lambda r: marks.append((time.perf_counter(), r.samples))])
-    params, opt_state = threads.run_threads(run)
+    params, opt_state = executor(run)
     run.finish(params, opt_state)
   (t0, s0), (t1, s1) = marks[9], marks[-2]
   return s1 - s0, t1 - t0
+
+
+def engine_rate(args, dataset: data.Dataset) -> tuple[int, float]:
+  """The threads engine on a whole Run: (samples, seconds) from its 10th to its last update before the end."""
+  return run_rate(_config(args, dataset), dataset, threads.run_threads)
 
 
 def run(args, extra: list[str] = ()) -> dict:

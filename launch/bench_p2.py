@@ -11,13 +11,10 @@ two sides and are pooled. The simulated side is also timed with each slot-batchi
 
 from __future__ import annotations
 
-import tempfile
-import time
-
 import jax
 
-from launch.bench_p1 import _dataset
-from sajax import config as config_lib, sync, trainer
+from launch.bench_p1 import _dataset, run_rate
+from sajax import sync
 from sajax.executors import simulated
 
 
@@ -38,16 +35,7 @@ def _config(executor: str, learners: int, batch: int, updates: int, num_train: i
 
 def rate(config, dataset) -> tuple[int, float]:
   """(samples, seconds) of a whole run, from its 10th update to its last update before the end."""
-  config_lib.validate(config)
-  marks = []
-  runner = simulated.run_simulated if config.executor == "simulated" else sync.run_ssgd
-  with tempfile.TemporaryDirectory() as workdir:
-    trainer.prepare_workdir(config, workdir)
-    run = trainer.Run(config, workdir, dataset, callbacks=[lambda r: marks.append((time.perf_counter(), r.samples))])
-    params, opt_state = runner(run)
-    run.finish(params, opt_state)
-  (t0, s0), (t1, s1) = marks[9], marks[-2]
-  return s1 - s0, t1 - t0
+  return run_rate(config, dataset, simulated.run_simulated if config.executor == "simulated" else sync.run_ssgd)
 
 
 def run(args, extra: list[str] = ()) -> dict:
