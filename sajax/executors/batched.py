@@ -69,6 +69,15 @@ def make_batched_gradients(loss_fn: Callable, unravel: Callable, devices: Sequen
   return jax.pmap(per_device, in_axes=(0, 0, 0, 0, 0, 0, None), devices=list(devices))
 
 
+# Module-level, so every ring and every run shares one compiled function per (device, shape): XLA CPU
+# executables are not freed, and compiling them per run exhausted the process's memory maps after ~20 runs.
+_write_entry = jax.jit(lambda ring, i, x: ring.at[0, i].set(x), donate_argnums=0)
+
+
+# A device's (1, K, d) output shard as K vectors on that device.
+unstack_slots = jax.jit(lambda x: tuple(x[0, i] for i in range(x.shape[1])))
+
+
 class VersionRing:
   """The recent parameter versions a device's learners pulled: R flat vectors in one (R, d) device array.
 
@@ -84,7 +93,6 @@ class VersionRing:
     self.size = size
     self.array = jax.device_put(jnp.zeros((1, size, dim), dtype), device)
     self.versions: list[Optional[int]] = [None] * size
-    self._write = jax.jit(lambda ring, i, x: ring.at[0, i].set(x), donate_argnums=0)
 
   def slot_for(self, version: int, flat_params: jax.Array, needed: set[int]) -> Optional[int]:
     """The ring entry holding ``version`` (written now if absent), or None when every entry is needed."""
@@ -95,7 +103,7 @@ class VersionRing:
       return None
     # Reuse the entry of the oldest version no longer needed, so entries are recycled in version order.
     i = min(free, key=lambda e: -1 if self.versions[e] is None else self.versions[e])
-    self.array = self._write(self.array, np.int32(i), jax.device_put(flat_params, self.device))
+    self.array = _write_entry(self.array, np.int32(i), jax.device_put(flat_params, self.device))
     self.versions[i] = version
     return i
 

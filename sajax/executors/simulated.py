@@ -105,7 +105,6 @@ class SimulatedEngine:
                                                      jax.sharding.PartitionSpec("devices"))
     self.grads = batched.make_batched_gradients(run.loss_fn, unravel, self.devices,
                                                 how=config.get("sim_batching", "auto"))
-    self._unstack = jax.jit(lambda x: tuple(x[0, i] for i in range(x.shape[1])))
     self.version: list[Optional[int]] = [None] * learners
     self.entry = [0] * learners
     self.result: list[Optional[tuple]] = [None] * learners   # (loss, flat g on the learner's device, finite)
@@ -172,7 +171,7 @@ class SimulatedEngine:
     shards = {shard.device: shard.data for shard in flat.addressable_shards}
     for d, ks in enumerate(on_device):
       if ks:
-        vectors = self._unstack(shards[self.devices[d]])
+        vectors = batched.unstack_slots(shards[self.devices[d]])
         for s, k in enumerate(ks):
           self.result[k] = (loss[d, s], vectors[s], bool(finite[d, s]))
     self.calls += 1
