@@ -43,7 +43,7 @@ def p4_verdicts(agg: dict, points: float = P4_POINTS) -> list[dict]:
       continue
     delta = a["error"][0] - ssgd["error"][0]
     spread = max(a["error"][1], ssgd["error"][1])
-    within = abs(delta) <= points
+    within = round(abs(delta), 6) <= points   # errors are multiples of 0.1 point: no float noise at the edge
     why = ""
     if not within:
       notes = []

@@ -66,6 +66,9 @@ def test_aggregate_p4_and_table_from_hand_made_results():
   assert "| 8 | 8 | 16 | 1 | 7.00 | 4.80 ± 0.28 | 90.00 ± 0.00 | 3.20 ± 0.28 | +1.60 |" in text
   assert "**Not met** for 1 of 2" in text and "- n = 8, λ = 8: +1.60 points" in text
   assert "| `lambda8-x` | 3.00 | 0.0500 | 1.00 | 7 | 5 s |" in text
+  edge = {(4, 0, "ssgd"): {**agg[(8, 0, "ssgd")], "error": (2.6, 0.0)},      # 3.1 − 2.6 = 0.5000000000000004
+          (4, 2, "inverse"): {**agg[(8, 2, "inverse")], "error": (3.1, 0.0)}}
+  assert reproduce_report.p4_verdicts(edge)[0]["within"]                  # exactly 0.5 point is within
   assert "python launch/reproduce.py --seeds 0 1" in text and "![curves](reproduction/test_error.png)" in text
 
 
