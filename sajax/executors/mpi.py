@@ -155,14 +155,6 @@ class ServerRank(ThreadedEngine):
         finite = bool(np.isfinite(msg.payload).all())
         self._put(_Push(msg.learner, msg.version, msg.payload, finite, msg.value))
 
-  def _put(self, item: Any) -> None:
-    while not self.stop.is_set():
-      try:
-        self.queue.put(item, timeout=0.1)
-        return
-      except queue.Full:
-        continue
-
   def _sender(self) -> None:
     while True:
       with self._lock:

@@ -142,6 +142,15 @@ class ThreadedEngine:
     return jax.jit(step)
 
   # ---- learners -------------------------------------------------------------------------------------
+  def _put(self, item: Any) -> None:
+    """Puts ``item`` on the bounded queue, waiting while it is full, unless the run stops meanwhile."""
+    while not self.stop.is_set():
+      try:
+        self.queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
   def _learner(self, k: int) -> None:
     device = self.devices[k]
     key = jax.device_put(jax.random.fold_in(self.run.key, k), device)
@@ -158,12 +167,7 @@ class ThreadedEngine:
         grads = self._to_server(grads)
         item = _Push(k, version, grads, bool(finite), loss)
         step += 1
-        while not self.stop.is_set():
-          try:
-            self.queue.put(item, timeout=0.1)
-            break
-          except queue.Full:
-            continue
+        self._put(item)
         if self.protocol.learners_wait:
           with self.version_changed:
             self.version_changed.wait_for(lambda: self.published[0] > version or self.stop.is_set())
