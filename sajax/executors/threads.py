@@ -174,7 +174,7 @@ class ThreadedEngine:
     except Exception as e:  # noqa: BLE001 - a learner's failure is reported, the run goes on
       detail = f"{type(e).__name__}: {e}"
       log.error("learner %d died: %s\n%s", k, detail, traceback.format_exc(limit=3))
-      self.queue.put(_Death(k, detail))
+      self._put(_Death(k, detail))
 
   # ---- the PS loop -----------------------------------------------------------------------------------
   def run_loop(self) -> tuple[PyTree, PyTree]:
@@ -205,6 +205,9 @@ class ThreadedEngine:
       self._shutdown(threads)
       self.run.interrupted(current)
       raise
+    except BaseException:
+      self._shutdown(threads)   # fail_fast or a PS error: no learner thread may outlive the run
+      raise
     self._shutdown(threads)
     return current()
 
@@ -230,7 +233,10 @@ class ThreadedEngine:
     while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
       try:
         while True:
-          self.queue.get_nowait()   # in-flight gradients are discarded
+          item = self.queue.get_nowait()   # in-flight gradients are discarded; deaths are still recorded
+          if isinstance(item, _Death):
+            self.alive.discard(item.learner)
+            self.deaths[item.learner] = item.error
       except queue.Empty:
         pass
       for t in threads:
