@@ -10,7 +10,8 @@ the staleness policies ``inverse`` (α0/σ, the paper) and ``constant`` (plain A
 mini-batch, momentum 0.5) run with ``executor="simulated"``: equal learner speeds with a lognormal jitter, so
 the same cell and seed give the same numbers on any machine.
 
-Each cell trains into ``<root>/<cell>`` through ``sajax.train``; a cell is done once its ``final.json`` exists
+Each cell trains into ``<root>/<cell>`` through ``sajax.train``, in a child process of its own (on min(λ, 8)
+CPU-emulated devices; one process for a whole grid runs out of memory maps, see ``run_cell``); a cell is done once its ``final.json`` exists
 (written atomically after training), so rerunning skips done cells and resumes a half-done one from its last
 checkpoint. The report (``--out``, default docs/reproduction.md) has the final test errors (rows n, λ, μ;
 columns inverse, constant, SSGD; mean ± sd over seeds), the P4 verdict (every inverse cell within 0.5 point of
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import shlex
+import subprocess
 import sys
 import time
 from typing import Iterable, Sequence
@@ -122,21 +124,71 @@ def updates_of(cell: Cell, epochs: float, train_examples: int = 0) -> float:
 
 
 def run_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> tuple[dict, bool]:
-  """Trains one cell into ``<root>/<cell>`` unless its final.json exists; returns (final record, trained)."""
-  workdir = os.path.join(root, cell.name(epochs, train_examples))
-  path = os.path.join(workdir, "final.json")
+  """Trains one cell into ``<root>/<cell>`` unless its final.json exists; returns (final record, trained).
+
+  The cell trains in a child process (``reproduce.py --cell``): XLA CPU never frees a process's compiled
+  executables, and a 20-cell grid in one process ran out of memory maps ("LLVM: cannot allocate section
+  memory" with 22 GB free). Raises ConfigError (the child's one-line message) when the child exits 2,
+  KeyboardInterrupt once an interrupted child has saved its checkpoint, RuntimeError on any other failure.
+  """
+  path = final_path(cell, epochs, root, train_examples)
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f), False
+  command = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(dataclasses.asdict(cell)),
+             "--epochs", repr(float(epochs)), "--root", root, "--train-examples", str(train_examples)]
+  child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    _, err = child.communicate()
+  except KeyboardInterrupt:   # Ctrl-C reached the child too: let it save its checkpoint
+    child.communicate()
+    raise
+  if child.returncode == EXIT_INTERRUPTED:
+    raise KeyboardInterrupt
+  if child.returncode == EXIT_BAD_INPUT:
+    from sajax import config as config_lib
+    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    raise config_lib.ConfigError(lines[-1][len("error: "):] if lines else err.strip())
+  if child.returncode != 0 or not os.path.exists(path):
+    raise RuntimeError(f"cell {cell.name(epochs, train_examples)} failed (exit code {child.returncode}); rerun "
+                       f"to resume it from its last checkpoint. Its stderr ends:\n{err[-3000:]}")
+  with open(path) as f:
+    return json.load(f), True
+
+
+def final_path(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> str:
+  """``<root>/<cell>/final.json``: the cell's final record, written once it has trained."""
+  return os.path.join(root, cell.name(epochs, train_examples), "final.json")
+
+
+def train_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> dict:
+  """Trains one cell in this process (min(λ, 8) CPU devices when jax is not imported yet) and writes its
+  final.json atomically; returns the final record."""
+  from launch.train import set_cpu_device_count
+  set_cpu_device_count(cell.learners, "simulated")
   import sajax
-  result = sajax.train(cell_config(cell, epochs, train_examples), workdir=workdir)
+  path = final_path(cell, epochs, root, train_examples)
+  result = sajax.train(cell_config(cell, epochs, train_examples), workdir=os.path.dirname(path))
   final = {"cell": dataclasses.asdict(cell), "epochs": epochs, "gradients": gradients_of(cell, epochs, train_examples),
            "load_avg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), **result.metrics}
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(final, f, indent=1, sort_keys=True)
   os.replace(tmp, path)
-  return final, True
+  return final
+
+
+def cell_main(args: argparse.Namespace) -> int:
+  """``reproduce.py --cell JSON``: the child process of ``run_cell``."""
+  from sajax import config as config_lib
+  try:
+    train_cell(Cell(**json.loads(args.cell)), args.epochs, args.root, args.train_examples)
+  except config_lib.ConfigError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+  except KeyboardInterrupt:
+    return EXIT_INTERRUPTED
+  return 0
 
 
 # ---- command line -------------------------------------------------------------------------------------
@@ -156,6 +208,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--learners", nargs="+", type=int, default=None, help=f"λ values (default {LEARNERS})")
   p.add_argument("--n", nargs="+", default=list(NS), help="n values: integers or 'lambda' (n = λ)")
   p.add_argument("--train-examples", type=int, default=0, help="use the first N training digits (0: all 4,000)")
+  p.add_argument("--cell", default=None, help=argparse.SUPPRESS)   # internal: train one cell (see run_cell)
   args = p.parse_args(list(argv))
   args.learners = list(dict.fromkeys(args.learners or (QUICK_LEARNERS if args.quick else LEARNERS)))
   args.seeds, args.n = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.n))
@@ -186,17 +239,19 @@ def main(argv: Sequence[str]) -> int:
   try:
     args = parse_args(argv[1:])
     cells = grid(args.learners, args.n, args.seeds)
-    if not any(c.policy != "ssgd" for c in cells):
+    if args.cell is None and not any(c.policy != "ssgd" for c in cells):
       raise ValueError(f"--n {' '.join(args.n)} gives no cell: every n exceeds every λ in "
                        f"{args.learners}; allowed: n <= λ")
   except ValueError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return EXIT_BAD_INPUT
   import logging
-  from tqdm import tqdm
   logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
   for noisy in ("absl", "jax", "orbax", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
+  if args.cell is not None:
+    return cell_main(args)
+  from tqdm import tqdm
   from sajax import config as config_lib, metrics
 
   start = time.perf_counter()
@@ -206,12 +261,15 @@ def main(argv: Sequence[str]) -> int:
       bar.set_postfix_str(cell.name(args.epochs, args.train_examples), refresh=True)
       try:
         final, ran = run_cell(cell, args.epochs, args.root, args.train_examples)
-      except config_lib.ConfigError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+      except config_lib.ConfigError as e:   # bar.write: on a line of its own, not after the bar
+        bar.write(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
+      except RuntimeError as e:
+        bar.write(f"error: {e}", file=sys.stderr)
+        return 1
       except KeyboardInterrupt:
-        print(f"\ninterrupted; rerun the same command to resume ({len(finals)} of {len(cells)} cells done)",
-              file=sys.stderr)
+        bar.write(f"interrupted; rerun the same command to resume ({len(finals)} of {len(cells)} cells done)",
+                  file=sys.stderr)
         return EXIT_INTERRUPTED
       finals.append(final)
       trained += ran

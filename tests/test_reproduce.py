@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -164,3 +165,22 @@ def test_flags_defaults_and_repeats(tmp_path):
   full = reproduce.parse_args(["--seeds", "1", "0", "1", "--learners", "8", "8", "--n", "2", "2"])
   assert (full.learners, full.epochs, full.seeds, full.n, full.out) == ([8], 24.0, [1, 0], ["2"], "docs/reproduction.md")
   assert not (tmp_path / "r").exists()
+
+
+def test_a_cell_refused_in_its_child_process_gives_one_line_and_exit_2(tmp_path, capsys):
+  """Each cell trains in a child process; the child's one-line error (here: the cell's folder holds another
+  run) comes back as the grid's, with exit code 2, and the other run's files are left untouched."""
+  root = tmp_path / "runs"
+  ssgd = Cell(2, 0, "ssgd", 0)
+  workdir = root / ssgd.name(2, 256)
+  workdir.mkdir(parents=True)
+  other = json.dumps({"learners": 7, "seed": 0})
+  (workdir / "config.json").write_text(other)
+  argv = ["reproduce.py", "--root", str(root), "--out", str(tmp_path / "r.md"), "--learners", "2", "--n", "lambda",
+          "--epochs", "2", "--train-examples", "256"]
+  assert reproduce.main(argv) == 2
+  errors = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if "error:" in line]   # beside the bar
+  assert len(errors) == 1 and errors[0].startswith("error: workdir ") and "another config" in errors[0]
+  assert "allowed" in errors[0]
+  assert os.listdir(workdir) == ["config.json"] and (workdir / "config.json").read_text() == other
+  assert not (tmp_path / "r.md").exists()
