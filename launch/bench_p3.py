@@ -4,9 +4,11 @@ The simulated executor on the default config (mnist5k, small CNN, α0, momentum,
 learners of μ = 16, learner 0 four times slower than the others (``sim_speeds``). Hardsync SSGD runs its
 configured epochs: its rounds last as long as the straggler. The target is its final test error + 0.5 point,
 and its time to the target is the simulated time of its first evaluation at or below it. Each asynchronous
-side (``inverse`` policy) runs with the same hyperparameters and epoch schedule until its first evaluation at
-or below the target, for at most ``--max-epochs-factor`` times the configured epochs (it never waits for the
-straggler, so it gets through many more epochs per unit of simulated time). P3 = its time ÷ SSGD's time.
+side (``inverse`` policy) runs with the same hyperparameters (one side without momentum, see SIDES) and epoch
+schedule until its first evaluation at or below the target, for at most ``--max-epochs-factor`` times the
+configured epochs (it never waits for the straggler, so it gets through many more epochs per unit of simulated
+time). P3 = its time ÷ SSGD's time, for async (c = 1) with momentum 0 (the value), beside async with the
+config's momentum and 2-softsync.
 Simulated time does not depend on the machine's load: P3 is exact for a given seed.
 """
 
@@ -19,8 +21,13 @@ import time
 SIDES = {
     "hardsync SSGD": {"protocol": "hardsync"},
     "async, inverse": {"protocol": "async"},
+    # Asynchrony acts like momentum (Mitliagkas et al. 2016, "Asynchrony begets momentum"): with c = 1 every
+    # gradient is σ ≈ λ − 1 updates old, so the explicit momentum is dropped for this side. SSGD keeps the
+    # config's 0.5, which is its better setting (momentum 0 ended SSGD at 2.50 % instead of 2.00 %).
+    "async, inverse, momentum 0": {"protocol": "async", "momentum": 0.0},
     "2-softsync, inverse": {"protocol": "softsync", "n": 2},
 }
+HEADLINE = "async, inverse, momentum 0"
 
 
 DEFAULTS = ["--config.executor=simulated", "--config.learners=8", "--config.batch_per_learner=16",
@@ -86,5 +93,5 @@ def run(args, extra: list[str] = ()) -> dict:
     print(f"{name}: target reached at sim_time {t} (epoch {side['epoch']}), P3 ratio {side['ratio']}; "
           f"test error after {ssgd_config.epochs:g} epochs {side['test_error_at_ssgd_epochs']}, "
           f"⟨σ⟩ {side['staleness_mean']:.2f}, wall {wall:.0f} s", flush=True)
-  out["value"] = out["sides"]["async, inverse"]["ratio"]
+  out["value"] = out["sides"][HEADLINE]["ratio"]
   return out

@@ -57,14 +57,12 @@ def mpi_rank_size() -> tuple[int, int]:
   return 0, 1
 
 
-def set_cpu_device_count(learners: int, executor: str) -> None:
-  """Asks XLA for λ CPU-emulated devices (one per learner; one more for the PS of the threads executor; at
-  most 8 for the simulated executor) unless the user chose a count. Must run before jax is imported; it
-  only affects the CPU platform. Under mpiexec each process asks for its share: executor=mpi its block of
-  learners (+1 for the PS on rank 0, blocks as in ``mpi_wire.learner_blocks``), executor=pmap λ/P."""
-  if "jax" in sys.modules:
-    return
-  flags_now = os.environ.get("XLA_FLAGS", "")
+def cpu_device_flags(learners: int, executor: str, flags_now: str = "") -> str:
+  """``flags_now`` (XLA_FLAGS) plus a request for λ CPU-emulated devices (one per learner; one more for the PS
+  of the threads executor; at most 8 for the simulated executor) unless it already names a count, plus a long
+  collective timeout. It only affects the CPU platform. Under mpiexec each process asks for its share:
+  executor=mpi its block of learners (+1 for the PS on rank 0, blocks as in ``mpi_wire.learner_blocks``),
+  executor=pmap λ/P."""
   count = {"threads": learners + 1, "simulated": min(learners, SIMULATED_DEVICES)}.get(executor, learners)
   rank, size = mpi_rank_size()
   if executor == "mpi":
@@ -75,7 +73,13 @@ def set_cpu_device_count(learners: int, executor: str) -> None:
     flags_now = f"{flags_now} --xla_force_host_platform_device_count={count}"
   if "xla_cpu_collective_call_terminate_timeout_seconds" not in flags_now:
     flags_now = f"{flags_now} {COLLECTIVE_TIMEOUT_FLAG}"
-  os.environ["XLA_FLAGS"] = flags_now.strip()
+  return flags_now.strip()
+
+
+def set_cpu_device_count(learners: int, executor: str) -> None:
+  """Sets XLA_FLAGS to ``cpu_device_flags``; must run before jax is imported (it does nothing after)."""
+  if "jax" not in sys.modules:
+    os.environ["XLA_FLAGS"] = cpu_device_flags(learners, executor, os.environ.get("XLA_FLAGS", ""))
 
 
 def _config_path(argv: list[str]) -> str | None:

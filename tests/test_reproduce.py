@@ -114,7 +114,8 @@ def test_tiny_grid_end_to_end_resumes_a_half_done_cell_and_skips_done_ones(tmp_p
   assert [r["updates"] for r in records] == [2, 4, 6, 8]
 
   finals = {}
-  for name in sorted(os.listdir(root)):
+  assert os.listdir(os.path.join(root, reproduce.CACHE_DIR))      # the cells shared compiled executables
+  for name in sorted(set(os.listdir(root)) - {reproduce.CACHE_DIR}):
     with open(os.path.join(root, name, "final.json")) as f:
       finals[name] = json.load(f)
   assert len(finals) == 3
@@ -184,3 +185,15 @@ def test_a_cell_refused_in_its_child_process_gives_one_line_and_exit_2(tmp_path,
   assert "allowed" in errors[0]
   assert os.listdir(workdir) == ["config.json"] and (workdir / "config.json").read_text() == other
   assert not (tmp_path / "r.md").exists()
+
+
+def test_cell_environment_asks_for_min_lambda_8_devices_and_a_shared_compilation_cache(tmp_path):
+  flag = "--xla_force_host_platform_device_count"
+  env = reproduce.cell_environment(Cell(30, 2, "inverse", 0), str(tmp_path), environ={"PATH": "/bin"})
+  assert f"{flag}=8" in env["XLA_FLAGS"].split() and env["PATH"] == "/bin"
+  assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / reproduce.CACHE_DIR)
+  assert f"{flag}=4" in reproduce.cell_environment(Cell(4, 1, "inverse", 0), "r", environ={})["XLA_FLAGS"]
+  chosen = {"XLA_FLAGS": f"{flag}=2", "JAX_COMPILATION_CACHE_DIR": "/elsewhere"}   # the user's choices win
+  env = reproduce.cell_environment(Cell(30, 2, "inverse", 0), "r", environ=chosen)
+  assert f"{flag}=2" in env["XLA_FLAGS"] and f"{flag}=8" not in env["XLA_FLAGS"]
+  assert env["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
