@@ -33,6 +33,7 @@ from jax.flatten_util import ravel_pytree
 from sajax.server import ParameterServer, all_finite, flat_transform
 
 log = logging.getLogger("sajax")
+SHUTDOWN_WAIT_S = 600   # how long a stopping run waits for its learner threads
 PyTree = Any
 
 
@@ -202,8 +203,8 @@ class ThreadedEngine:
           self._publish()
           self.run.after_update(losses, gradients=len(losses), current_state=current)
     except KeyboardInterrupt:
+      self.run.interrupted(current)   # the checkpoint first: a second Ctrl-C may cut the shutdown's wait short
       self._shutdown(threads)
-      self.run.interrupted(current)
       raise
     except BaseException:
       self._shutdown(threads)   # fail_fast or a PS error: no learner thread may outlive the run
@@ -229,7 +230,9 @@ class ThreadedEngine:
     self.stop.set()
     with self.version_changed:
       self.version_changed.notify_all()
-    deadline = time.monotonic() + 30
+    # A learner stops at its next check of ``stop``, after the gradient (or first compilation) it is in: under
+    # load a compilation took over 30 s, so wait up to SHUTDOWN_WAIT_S. A second Ctrl-C interrupts the wait.
+    deadline = time.monotonic() + SHUTDOWN_WAIT_S
     while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
       try:
         while True:
@@ -241,6 +244,10 @@ class ThreadedEngine:
         pass
       for t in threads:
         t.join(timeout=0.05)
+    stuck = [t.name for t in threads if t.is_alive()]
+    if stuck:
+      log.warning("%d learner thread(s) still running after %d s, left behind: %s", len(stuck), SHUTDOWN_WAIT_S,
+                  ", ".join(stuck))
 
   # ---- telemetry -------------------------------------------------------------------------------------
   def telemetry(self) -> dict:
