@@ -10,12 +10,13 @@ the staleness policies ``inverse`` (α0/σ, the paper) and ``constant`` (plain A
 mini-batch, momentum 0.5) run with ``executor="simulated"``: equal learner speeds with a lognormal jitter, so
 the same cell and seed give the same numbers on any machine.
 
-Each cell trains into ``<root>/<cell>`` through ``sajax.train``, in a child process of its own (on min(λ, 8)
-CPU-emulated devices; one process for a whole grid runs out of memory maps, see ``run_cell``); a cell is done once its ``final.json`` exists
-(written atomically after training), so rerunning skips done cells and resumes a half-done one from its last
-checkpoint. The report (``--out``, default docs/reproduction.md) has the final test errors (rows n, λ, μ;
-columns inverse, constant, SSGD; mean ± sd over seeds), the P4 verdict (every inverse cell within 0.5 point of
-its λ's SSGD), the staleness distribution per n (⟨σ⟩ ≈ n) and test error against epochs, as PNGs beside it.
+Each cell trains into ``<root>/<cell>`` through ``sajax.train``, in a child process of its own on min(λ, 8)
+CPU-emulated devices (one process for a whole grid runs out of memory maps, see ``run_cell``). A cell is done
+once its ``final.json`` exists (written atomically after training), so rerunning skips done cells and resumes
+a half-done one from its last checkpoint. The report (``--out``, default docs/reproduction.md) has the final
+test errors (rows n, λ, μ; columns inverse, constant, SSGD; mean ± sd over seeds), the P4 verdict (every
+inverse cell within 0.5 point of its λ's SSGD), the staleness distribution per n (⟨σ⟩ ≈ n) and test error
+against epochs, as PNGs beside it.
 ``--quick`` runs λ ∈ {4, 8} for 4 epochs (16 runs, ≤ 10 min on 2 cores); the report estimates the full grid's
 time from the runs' measured times. Bad input prints one line and exits with code 2 before anything is
 written; Ctrl-C keeps a checkpoint of the current run and exits with code 130.
@@ -149,7 +150,7 @@ def run_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> t
     raise KeyboardInterrupt
   if child.returncode == EXIT_BAD_INPUT:
     from sajax import config as config_lib
-    lines = [l for l in err.splitlines() if l.startswith("error: ")]
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
     raise config_lib.ConfigError(lines[-1][len("error: "):] if lines else err.strip())
   if child.returncode != 0 or not os.path.exists(path):
     raise RuntimeError(f"cell {cell.name(epochs, train_examples)} failed (exit code {child.returncode}); rerun "
