@@ -45,11 +45,16 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _without_xla_flags() -> dict:
+  """This environment less XLA_FLAGS: a launched train.py picks its own CPU device count."""
+  return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+
+
 def train_final(overrides: list[str], launcher: tuple[str, ...] = ()) -> tuple[dict, float]:
   """Runs ``python launch/train.py`` as a user would, in a fresh workdir: (last metrics record, wall seconds)."""
   with tempfile.TemporaryDirectory() as tmp:
     workdir = os.path.join(tmp, "run")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = _without_xla_flags()
     start = time.perf_counter()
     proc = subprocess.run([*launcher, sys.executable, os.path.join(ROOT, "launch", "train.py"), "--workdir", workdir,
                            *overrides, "--config.progress=False"], env=env, capture_output=True, text=True)
@@ -115,7 +120,7 @@ def bench_mpi(args: argparse.Namespace, extra: list[str]) -> dict:
             f"⟨σ⟩ {final['staleness_mean']:.2f}, test error {100 * final['test_error']:.2f} %"
             + (f", pushes per rank {final['pushes_per_rank']}" if name == "mpi" else ""), flush=True)
   ping = subprocess.run([mpiexec, "-n", "2", sys.executable, os.path.abspath(__file__), "mpi-pingpong"],
-                        capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"})
+                        capture_output=True, text=True, env=_without_xla_flags())
   if ping.returncode != 0:
     raise SystemExit(f"mpi-pingpong failed: {ping.stderr[-500:]}")
   trip = json.loads(ping.stdout.strip().splitlines()[-1])
@@ -191,11 +196,12 @@ def main() -> None:
     if mpi_pingpong_rank() != 0:
       return
   else:
+    sys.path.insert(0, ROOT)
+    from launch.train import COLLECTIVE_TIMEOUT_FLAG   # imports no jax: the flags below still apply
     devices = args.learners + 1 if args.figure == "p1" else args.devices
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={devices}"
-                               " --xla_cpu_collective_call_terminate_timeout_seconds=1800").strip()
-    sys.path.insert(0, ROOT)
+                               f" {COLLECTIVE_TIMEOUT_FLAG}").strip()
     from launch import bench_p1, bench_p2, bench_p3
     result = {"p1": bench_p1, "p2": bench_p2, "p3": bench_p3}[args.figure].run(args, extra)
   print(json.dumps(result))

@@ -212,9 +212,12 @@ class ThreadedEngine:
     self._shutdown(threads)
     return current()
 
-  def _on_death(self, death: _Death) -> None:
+  def _record_death(self, death: _Death) -> None:
     self.alive.discard(death.learner)
     self.deaths[death.learner] = death.error
+
+  def _on_death(self, death: _Death) -> None:
+    self._record_death(death)
     if self.fail_fast:
       raise RuntimeError(f"learner {death.learner} failed ({death.error}) and fail_fast is set")
     if not self.alive:
@@ -238,8 +241,7 @@ class ThreadedEngine:
         while True:
           item = self.queue.get_nowait()   # in-flight gradients are discarded; deaths are still recorded
           if isinstance(item, _Death):
-            self.alive.discard(item.learner)
-            self.deaths[item.learner] = item.error
+            self._record_death(item)
       except queue.Empty:
         pass
       for t in threads:
