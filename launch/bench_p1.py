@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import sys
 import time
 
 import jax
@@ -83,6 +84,10 @@ def run_rate(config, dataset: data.Dataset, executor) -> tuple[int, float]:
     run = trainer.Run(config, workdir, dataset, callbacks=[lambda r: marks.append((time.perf_counter(), r.samples))])
     params, opt_state = executor(run)
     run.finish(params, opt_state)
+  if len(marks) < 12:
+    print(f"error: the run made {len(marks)} updates; the rate needs at least 12 (10 to warm up, 2 to time); "
+          "allowed: a larger --steps", file=sys.stderr)
+    raise SystemExit(2)
   (t0, s0), (t1, s1) = marks[9], marks[-2]
   return s1 - s0, t1 - t0
 
