@@ -41,10 +41,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.seed = 0
   config.progress = True              # progress bar on stderr
-  # faults (threads executor): a learner that raises is reported and the run goes on without it
+  # faults (threads, simulated, mpi): a learner that raises is reported and the run goes on without it
   config.fail_fast = False            # stop the run instead when a learner raises
   config.fault_learner = -1           # fault injection for experiments: this learner raises (-1: none) ...
   config.fault_at_step = 0            # ... at this step of its own
+  config.nan_learners = ()            # fault injection: these learners' gradients are NaN ...
+  config.nan_at_step = 0              # ... from this step of their own ...
+  config.nan_steps = 1                # ... for this many steps (0: every step from then on)
+  # every run ends: divergence and bounded waits (docs/reliability.md)
+  config.divergence_after = 100       # consecutive non-finite gradients that end the run as diverged (exit 3)
+  config.mpi_timeout_s = 600.0        # executor=mpi: start-up/shutdown waits for another rank, then fail naming it
+  config.fault_mpi_corrupt_weights = 0  # fault injection: rank 0 corrupts the first k weights messages to each rank
   # simulated executor: each learner's simulated time per gradient
   config.sim_base_time = 1.0          # seconds of simulated time per gradient
   config.sim_jitter = 0.0             # σ of a lognormal factor per gradient (0: none)

@@ -28,6 +28,10 @@ and the pmap SSGD baseline, all with the default config's α0, momentum and epoc
 push; the median push round trip (a push-sized message to rank 0 and a weights-sized reply, 200 times, with
 the executor's polling send/receive).
 
+``python launch/bench.py psmem [--learners 30 --model cifar10_full]``: live device bytes the parameter server
+holds for one update of c = λ gradients, stacked (no known policy) vs the running sum of a scale policy
+(launch/bench_psmem.py).
+
 The last line printed is one JSON object with ``figure`` and ``value``.
 """
 
@@ -169,7 +173,8 @@ def mpi_pingpong_rank() -> int:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("figure", choices=["default", "p1", "p2", "p3", "accuracy", "mpi", "mpi-pingpong"])
+  parser.add_argument("figure", choices=["default", "p1", "p2", "p3", "accuracy", "mpi", "mpi-pingpong",
+                                                   "psmem"])
   parser.add_argument("--ranks", type=int, default=3)
   parser.add_argument("--max-epochs-factor", type=float, default=3.0,
                       help="p3: asynchronous sides run at most this many times SSGD's epochs")
@@ -183,7 +188,7 @@ def main() -> None:
   parser.add_argument("--model", default="cifar10_full")
   parser.add_argument("--steps", type=int, default=40, help="gradient steps per learner per repeat")
   args, extra = parser.parse_known_args()
-  args.learners = args.learners or (32 if args.figure == "p2" else 8)
+  args.learners = args.learners or {"p2": 32, "psmem": 30}.get(args.figure, 8)
   args.batch = args.batch or (4 if args.figure == "p2" else 16)
   if args.figure == "default":
     result = bench_default(args.repeats, extra)
@@ -202,8 +207,8 @@ def main() -> None:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={devices}"
                                f" {COLLECTIVE_TIMEOUT_FLAG}").strip()
-    from launch import bench_p1, bench_p2, bench_p3
-    result = {"p1": bench_p1, "p2": bench_p2, "p3": bench_p3}[args.figure].run(args, extra)
+    from launch import bench_p1, bench_p2, bench_p3, bench_psmem
+    result = {"p1": bench_p1, "p2": bench_p2, "p3": bench_p3, "psmem": bench_psmem}[args.figure].run(args, extra)
   print(json.dumps(result))
 
 

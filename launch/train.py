@@ -3,7 +3,8 @@
 
 With no flags it runs configs/default.py (embedded mnist5k, no network) into a fresh ``runs/`` folder and says
 where. Rerunning with the same ``--workdir`` resumes from its last checkpoint. Bad input prints one line and
-exits with code 2; Ctrl-C saves a checkpoint and exits with code 130.
+exits with code 2; a diverged run (too many non-finite gradients in a row) prints one line naming the update,
+the count and the newest checkpoint and exits with code 3; Ctrl-C saves a checkpoint and exits with code 130.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (created; an existin
                                "Default: a fresh runs/<config>-<date>-<time>.")
 
 EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 
 
@@ -176,11 +178,16 @@ def main(argv: list[str]) -> int:
   except ValueError as e:
     say(f"error: {_one_line(e)}")
     return EXIT_BAD_INPUT
+  from sajax.checkpoint import CheckpointMismatch
+  from sajax.server import DivergenceError
   try:
     result = sajax.train(config, workdir=workdir)
-  except (config_lib.ConfigError, data.DatasetError) as e:
+  except (config_lib.ConfigError, data.DatasetError, CheckpointMismatch) as e:
     say(f"error: {_one_line(e)}")
     return EXIT_BAD_INPUT
+  except DivergenceError as e:
+    say(f"error: {_one_line(e)}")
+    return EXIT_DIVERGED
   except KeyboardInterrupt:
     say(f"\ninterrupted; rerun with --workdir {workdir} to resume from its last checkpoint")
     return EXIT_INTERRUPTED

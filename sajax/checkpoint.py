@@ -1,8 +1,10 @@
 """Orbax checkpoints of a run: a pytree of arrays (params, optimizer state, ...) plus JSON metadata
 (sampler states, counters), written atomically, the last few kept, resumed from the newest readable one.
 
-A latest checkpoint that cannot be read (corrupt or partial) is moved aside to ``corrupt-<step>`` with a
-warning, never deleted, and the previous one is used instead.
+A latest checkpoint that cannot be read as a checkpoint (corrupt or partial files) is moved aside to
+``corrupt-<step>`` with the reason in a warning, never deleted, and the previous one is used instead. A
+checkpoint that reads fine but does not fit this run's state (a code, library or model change) is *not*
+moved: :class:`CheckpointMismatch` says so, and nothing is touched.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 log = logging.getLogger("sajax")
+
+
+class CheckpointMismatch(ValueError):
+  """A readable checkpoint whose state does not fit the run restoring it (one line, nothing moved)."""
 
 
 class Checkpointer:
@@ -56,23 +62,39 @@ class Checkpointer:
     """
     for step in reversed(self.steps()):
       try:
-        if callable(target):
-          meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-          step_target = target(dict(meta))
-        else:
-          step_target = target
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, step_target)
-        if jax.process_count() > 1:
-          abstract = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), step_target)
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
-        return step, restored["state"], dict(restored["meta"])
-      except Exception as e:  # noqa: BLE001 - any unreadable checkpoint falls back to an older one
-        aside = self._move_aside(step)
-        log.warning("checkpoint at step %d is unreadable (%s: %s); moved it to %s and falling back to the "
-                    "previous one", step, type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "",
-                    aside)
+        meta = dict(self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+      except Exception as e:  # noqa: BLE001 - unreadable metadata: the checkpoint is damaged
+        self._set_aside(step, e)
+        continue
+      step_target = target(meta) if callable(target) else target
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, step_target)
+      if jax.process_count() > 1:
+        abstract = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), step_target)
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
+        _check_shapes(restored["state"], step_target)
+        return step, restored["state"], meta
+      except Exception as e:  # noqa: BLE001 - damaged, or not this run's state: told apart below
+        if self._readable(step):
+          raise CheckpointMismatch(
+              f"checkpoint {os.path.join(self.directory, str(step))} does not fit this run's state "
+              f"({type(e).__name__}: {_first_line(e)}); allowed: the code and config that wrote it, or a fresh "
+              "--workdir (nothing was moved or deleted)") from None
+        self._set_aside(step, e)
     return None
+
+  def _readable(self, step: int) -> bool:
+    """Whether checkpoint ``step``'s state reads as saved, without a target (i.e. its files are intact)."""
+    try:
+      self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+      return True
+    except Exception:  # noqa: BLE001 - any failure to read it as saved means damaged files
+      return False
+
+  def _set_aside(self, step: int, error: BaseException) -> None:
+    aside = self._move_aside(step)
+    log.warning("checkpoint at step %d is unreadable (%s: %s); moved it to %s and falling back to the "
+                "previous one", step, type(error).__name__, _first_line(error), aside)
 
   def _move_aside(self, step: int) -> str:
     src = os.path.join(self.directory, str(step))
@@ -88,3 +110,21 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _check_shapes(restored: Any, target: Any) -> None:
+  """Raises ValueError naming the first leaf whose shape or dtype differs from the target's (orbax hands back a
+  numpy leaf as saved, whatever the target says)."""
+  for (path, got), want in zip(jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(target)):
+    got_type, want_type = _dtype(got), _dtype(want)
+    if np.shape(got) != np.shape(want) or got_type != want_type:
+      raise ValueError(f"leaf {jax.tree_util.keystr(path)} is {np.shape(got)} {got_type}, this run has "
+                       f"{np.shape(want)} {want_type}")
+
+
+def _dtype(x: Any) -> np.dtype:
+  return np.dtype(x.dtype) if hasattr(x, "dtype") else np.asarray(x).dtype   # no copy of an array's data
+
+
+def _first_line(error: BaseException) -> str:
+  return str(error).splitlines()[0][:200] if str(error) else ""

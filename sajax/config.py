@@ -27,12 +27,16 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "epochs": (float, int), "eval_every_epochs": (float, int), "eval_batch_size": (int,),
     "checkpoint_every_epochs": (float, int), "keep_checkpoints": (int,), "seed": (int,),
     "progress": (bool,), "workdir": (str,), "fail_fast": (bool,), "fault_learner": (int,),
-    "fault_at_step": (int,), "sim_base_time": (float, int), "sim_jitter": (float, int),
+    "fault_at_step": (int,), "nan_learners": (tuple, list), "nan_at_step": (int,), "nan_steps": (int,),
+    "divergence_after": (int,), "mpi_timeout_s": (float, int), "fault_mpi_corrupt_weights": (int,),
+    "sim_base_time": (float, int), "sim_jitter": (float, int),
     "sim_stragglers": (float, int), "sim_slowdown": (float, int), "sim_poisson": (bool,),
     "sim_speeds": (tuple, list), "sim_ring": (int,), "sim_batching": (str,),
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
-                           "fail_fast", "fault_learner", "fault_at_step", "sim_base_time", "sim_jitter",
+                           "fail_fast", "fault_learner", "fault_at_step", "nan_learners", "nan_at_step",
+                           "nan_steps", "divergence_after", "mpi_timeout_s", "fault_mpi_corrupt_weights",
+                           "sim_base_time", "sim_jitter",
                            "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds", "sim_ring",
                            "sim_batching"})
 
@@ -110,6 +114,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
       isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in speeds)):
     raise ConfigError(f"config.sim_speeds={speeds!r} is invalid; allowed: () or {values['learners']} positive "
                       "time factors, one per learner")
+  _check_faults(values)
   if not -1 <= values.get("fault_learner", -1) < values["learners"]:
     raise ConfigError(f"config.fault_learner={values['fault_learner']!r} is invalid; "
                       f"allowed: -1 (no fault) or a learner id 0..{values['learners'] - 1}")
@@ -117,6 +122,23 @@ def validate(config: ml_collections.ConfigDict) -> None:
     Protocol.from_name(values["protocol"], values["learners"], values["n"])
   except ValueError as e:
     raise ConfigError(str(e)) from None
+
+
+def _check_faults(values: Mapping[str, Any]) -> None:
+  """The reliability knobs: divergence bound, MPI wait bound, and the fault-injection keys."""
+  learners = values["learners"]
+  nan = tuple(values.get("nan_learners", ()))
+  if not all(isinstance(k, int) and not isinstance(k, bool) and 0 <= k < learners for k in nan):
+    raise ConfigError(f"config.nan_learners={nan!r} is invalid; allowed: learner ids 0..{learners - 1}, "
+                      "e.g. (3,) or () for none")
+  for key in ("nan_at_step", "nan_steps", "fault_mpi_corrupt_weights"):
+    if values.get(key, 0) < 0:
+      raise ConfigError(f"config.{key}={values[key]!r} is invalid; allowed: an integer >= 0")
+  if values.get("divergence_after", 1) < 1:
+    raise ConfigError(f"config.divergence_after={values['divergence_after']!r} is invalid; allowed: an integer "
+                      ">= 1 (consecutive non-finite gradients that end the run)")
+  if not values.get("mpi_timeout_s", 1) > 0:
+    raise ConfigError(f"config.mpi_timeout_s={values['mpi_timeout_s']!r} is invalid; allowed: seconds > 0")
 
 
 def _is_tfds_name(name: str) -> bool:

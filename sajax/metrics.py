@@ -6,6 +6,7 @@ computes a metric.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any, Iterable, Mapping, Optional
 
@@ -39,16 +40,38 @@ def truncate_metrics(workdir: str, max_updates: int) -> list[dict]:
   return records
 
 
-class RunWriter:
-  """Appends records to ``metrics.jsonl`` and TensorBoard; draws ``curves.png`` on close."""
+def set_aside_orphaned_metrics(workdir: str) -> Optional[str]:
+  """A run that starts afresh in a workdir whose checkpoints are all gone keeps the earlier records: an
+  existing non-empty ``metrics.jsonl`` is renamed ``metrics.orphaned-<k>.jsonl`` (never emptied); returns
+  the new name, or None when there was nothing to keep."""
+  path = os.path.join(workdir, METRICS_FILE)
+  if not os.path.exists(path) or os.path.getsize(path) == 0:
+    return None
+  k = 1
+  while os.path.exists(os.path.join(workdir, f"metrics.orphaned-{k}.jsonl")):
+    k += 1
+  aside = os.path.join(workdir, f"metrics.orphaned-{k}.jsonl")
+  os.replace(path, aside)
+  logging.getLogger("sajax").warning("no readable checkpoint in %s: starting afresh; the earlier metrics are "
+                                     "kept in %s", workdir, aside)
+  return aside
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True) -> None:
+
+class RunWriter:
+  """Appends records to ``metrics.jsonl`` and TensorBoard; draws ``curves.png`` on close.
+
+  ``purge_step``: a resumed run's first update. TensorBoard then discards the events at or after it that the
+  interrupted session wrote past its last checkpoint (tensorboardX's ``purge_step``), as
+  :func:`truncate_metrics` does for ``metrics.jsonl``.
+  """
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True, purge_step: Optional[int] = None) -> None:
     self.workdir = workdir
     self._jsonl = open(os.path.join(workdir, METRICS_FILE), "a")
     self._tb = None
     if tensorboard:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=purge_step)
 
   def write(self, record: Mapping[str, Any]) -> None:
     self._jsonl.write(json.dumps(dict(record)) + "\n")

@@ -175,8 +175,10 @@ def staleness_aware(base_tx: optax.GradientTransformation,
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params, *, staleness,
-    stale_params=None)`` takes either one gradient with a scalar σ, or c gradients stacked on a leading axis
-    with an int vector σ of length c (``stale_params`` stacked the same way, for policies that read θ_j).
+    stale_params=None, combined=False)`` takes either one gradient with a scalar σ, or c gradients stacked on a
+    leading axis with an int vector σ of length c (``stale_params`` stacked the same way, for policies that
+    read θ_j), or, with ``combined=True`` and a scale policy, the combination (1/c) Σ_l s(σ_l) · g_l already
+    formed by the caller (the parameter server keeps it as a running sum: O(d) memory, not O(c·d)).
     Stacked gradients must reach this transform first: put it outermost, or first in an ``optax.chain``.
   """
   policy_obj = get_policy(policy)
@@ -186,11 +188,16 @@ def staleness_aware(base_tx: optax.GradientTransformation,
     return StalenessAwareState(inner_state=base_tx.init(params))
 
   def update_fn(updates: PyTree, state: StalenessAwareState, params: PyTree = None, *, staleness: Any,
-                stale_params: PyTree = None, **extra_args: Any) -> tuple[PyTree, StalenessAwareState]:
-    if policy_obj.needs_stale_params and stale_params is None:
-      raise ValueError(f"policy {policy_obj.name!r} needs stale_params= (the weights θ_j each gradient used)")
-    combined = combine_gradients(updates, staleness, policy_obj, params=params, stale_params=stale_params)
-    new_updates, inner_state = base_tx.update(combined, state.inner_state, params, **extra_args)
+                stale_params: PyTree = None, combined: bool = False,
+                **extra_args: Any) -> tuple[PyTree, StalenessAwareState]:
+    if combined:   # the caller already formed (1/c) Σ s(σ_l) g_l, e.g. the parameter server's running sum
+      if policy_obj.scale is None:
+        raise ValueError(f"combined=True needs a scale policy; {policy_obj.name!r} adjusts each gradient")
+    else:
+      if policy_obj.needs_stale_params and stale_params is None:
+        raise ValueError(f"policy {policy_obj.name!r} needs stale_params= (the weights θ_j each gradient used)")
+      updates = combine_gradients(updates, staleness, policy_obj, params=params, stale_params=stale_params)
+    new_updates, inner_state = base_tx.update(updates, state.inner_state, params, **extra_args)
     return new_updates, StalenessAwareState(inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

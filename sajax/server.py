@@ -4,7 +4,8 @@ The PS holds weights θ with a timestamp (version) i. A learner pulls ``(j, θ_j
 pushes ``(j, g)``; the PS gives it staleness σ = i − j, buffers it, and once it holds c gradients
 (``protocol.gradients_per_update``) applies them all in one jit-compiled update through the staleness-aware
 optax transform — (1/c) Σ s(σ_l) g_l through the base optimizer — and increments i. A gradient with a NaN or
-Inf is dropped, counted, and does not count toward c. Nothing here has threads or queues: executors own
+Inf is dropped, counted, and does not count toward c; a long enough run of them in a row is divergence
+(:class:`DivergenceError`). For a scale policy the PS keeps one running sum per update, not c gradients. Nothing here has threads or queues: executors own
 concurrency, so the staleness bookkeeping can be checked exactly by driving the PS from a plain loop.
 """
 
@@ -132,7 +133,8 @@ def flat_transform(tx: optax.GradientTransformationExtraArgs, unravel: Any
 
 
 def _make_apply(tx: optax.GradientTransformationExtraArgs):
-  """``apply(params, opt_state, grads_list, staleness) -> (params, opt_state)``: one PS update of c gradients."""
+  """``apply(params, opt_state, grads_list, staleness, stale_list) -> (params, opt_state)``: one PS update of
+  c gradients kept one by one (policies that adjust each gradient, or a tx whose policy the PS does not know)."""
 
   def apply(params, opt_state, grads_list, staleness, stale_params_list):
     stacked = jax.tree.map(lambda *g: jnp.stack(g), *grads_list)
@@ -141,6 +143,41 @@ def _make_apply(tx: optax.GradientTransformationExtraArgs):
     return optax.apply_updates(params, updates), opt_state
 
   return jax.jit(apply, donate_argnums=(1,))
+
+
+def _make_apply_combined(tx: optax.GradientTransformationExtraArgs):
+  """``apply(params, opt_state, total, count, staleness)``: one PS update from the running sum
+  Σ_l s(σ_l)·g_l of ``count`` (= c) gradients, handed to ``tx`` as (1/c)·Σ with ``combined=True``."""
+
+  def apply(params, opt_state, total, count, staleness):
+    mean = jax.tree.map(lambda t: t / count.astype(t.dtype), total)
+    updates, opt_state = tx.update(mean, opt_state, params, staleness=staleness, combined=True)
+    return optax.apply_updates(params, updates), opt_state
+
+  return jax.jit(apply, donate_argnums=(1, 2))
+
+
+def _make_accumulate(scale: Any):
+  """``(total, g, σ) -> total + s(σ)·g`` (``total`` None for the first gradient of an update), compiled."""
+  first = jax.jit(lambda g, sigma: jax.tree.map(lambda x: x * scale(sigma).astype(x.dtype), g))
+  add = jax.jit(lambda total, g, sigma: jax.tree.map(lambda t, x: t + x * scale(sigma).astype(x.dtype), total, g),
+                donate_argnums=0)
+  return lambda total, g, sigma: first(g, sigma) if total is None else add(total, g, sigma)
+
+
+DEFAULT_DIVERGENCE_AFTER = 100
+"""Consecutive non-finite gradients after which a run counts as diverged. A healthy run drops a non-finite
+gradient rarely and never many in a row; a diverged one (α0 far too large) drops every gradient."""
+
+
+class DivergenceError(RuntimeError):
+  """``divergence_after`` consecutive gradients were non-finite: the run diverged (θ stays the last finite one,
+  since a non-finite gradient is never applied)."""
+
+  def __init__(self, update: int, count: int, checkpoint: Optional[str] = None) -> None:
+    self.update, self.count, self.checkpoint = update, count, checkpoint
+    where = f"; newest checkpoint: {checkpoint}" if checkpoint else "; no checkpoint was saved"
+    super().__init__(f"diverged: {count} consecutive non-finite gradients at update {update}{where}")
 
 
 class ParameterServer:
@@ -152,12 +189,18 @@ class ParameterServer:
       ``staleness=`` (an int vector of length c) and ``stale_params=``.
     protocol: the :class:`~sajax.Protocol` (gives c and whether learners wait).
     device: where θ lives and updates run (default: the first local device).
-    policy: the staleness policy ``tx`` was built with, when it needs the stale weights θ_j (the PS then
-      keeps θ_j alive, a reference and not a copy, until the gradient computed on it has been applied).
+    policy: the staleness policy ``tx`` was built with. For a scale policy s(σ) the PS keeps only the running
+      sum Σ s(σ_l)·g_l of the current update (O(d) memory, like ``optax.MultiSteps``) and hands it to ``tx``
+      with ``combined=True``; for a policy that reads θ_j it keeps each gradient and a reference to its θ_j
+      until the update. Without ``policy`` the c gradients are kept and handed to ``tx`` stacked.
+    divergence_after: consecutive non-finite pushes after which :meth:`push` raises :class:`DivergenceError`.
   """
 
   def __init__(self, params: PyTree, tx: optax.GradientTransformationExtraArgs, protocol: Protocol, *,
-               device: Optional[jax.Device] = None, policy: Any = None) -> None:
+               device: Optional[jax.Device] = None, policy: Any = None,
+               divergence_after: int = DEFAULT_DIVERGENCE_AFTER) -> None:
+    if isinstance(divergence_after, bool) or not isinstance(divergence_after, int) or divergence_after < 1:
+      raise ValueError(f"divergence_after={divergence_after!r} is invalid; allowed: an integer >= 1")
     self.protocol = protocol
     self.device = device or jax.local_devices()[0]
     self.params = jax.device_put(params, self.device)
@@ -166,43 +209,71 @@ class ParameterServer:
     self.version = 0
     self.stats = StalenessStats()
     self.gradients_per_update = protocol.gradients_per_update
-    self._needs_stale = policy is not None and get_policy(policy).needs_stale_params
-    self._apply = _make_apply(tx)
-    self._buffer: list[tuple[PyTree, int, int]] = []       # (grads, σ, learner)
+    self.divergence_after = divergence_after
+    self.nonfinite_streak = 0                                 # consecutive non-finite pushes
+    self.policy = None if policy is None else get_policy(policy)
+    self._needs_stale = self.policy is not None and self.policy.needs_stale_params
+    self._running = self.policy is not None and self.policy.scale is not None and not self._needs_stale
+    if self._running:
+      self._accumulate = _make_accumulate(self.policy.scale)
+      self._apply_combined = _make_apply_combined(tx)
+    else:
+      self._apply = _make_apply(tx)
+    self._staleness: list[int] = []                          # σ of each gradient of the current update
+    self._total: PyTree = None                               # Σ s(σ_l)·g_l (scale policies)
+    self._buffer: list[PyTree] = []                          # the gradients themselves (other policies)
     self._stale_buffer: list[PyTree] = []
     self._snapshots: dict[int, PyTree] = {}                  # version -> θ_j, only for policies that read θ_j
     self._snapshot_readers: dict[int, int] = {}
 
   # ---- the learner-facing API ----------------------------------------------------------------------
   def pull(self, learner: Optional[int] = None) -> tuple[int, PyTree]:
-    """``(version j, θ_j)``. No copy: JAX arrays are immutable, so this is a reference to version j."""
+    """``(version j, θ_j)``. No copy: JAX arrays are immutable, so this is a reference to version j.
+
+    For a policy that reads θ_j, ``learner=k`` registers the snapshot so that the push can find it (callers
+    that pass ``stale_params=`` to :meth:`push` themselves need not).
+    """
     version, params = self.version, self.params
     if self._needs_stale and learner is not None:
       self._snapshots[version] = params
       self._snapshot_readers[version] = self._snapshot_readers.get(version, 0) + 1
     return version, params
 
-  def push(self, learner: int, version: int, grads: PyTree, *, finite: Optional[bool] = None) -> PushResult:
+  def push(self, learner: int, version: int, grads: PyTree, *, finite: Optional[bool] = None,
+           stale_params: PyTree = None) -> PushResult:
     """Accepts learner ``learner``'s gradient computed on version ``version``.
 
     ``finite`` may be given when the caller already checked the gradient for NaN/Inf (e.g. on the learner's
-    device); otherwise the PS checks it, which waits for the gradient to be computed.
+    device); otherwise the PS checks it, which waits for the gradient to be computed. ``stale_params`` is θ_j
+    (a reference) for policies that read it, when the learner did not register it with ``pull(learner=)``.
+    A non-finite gradient is dropped and counted; the ``divergence_after``-th in a row raises
+    :class:`DivergenceError`.
     """
     if not 0 <= version <= self.version:
       raise ValueError(f"version={version!r} is invalid; allowed: 0 <= version <= {self.version} (the PS version)")
     staleness = self.version - version
-    stale_params = self._release_snapshot(version) if self._needs_stale else None
+    if self._needs_stale:
+      stale_params = self._release_snapshot(version, given=stale_params)
     if finite is None:
       finite = bool(all_finite_jit(grads))
     if not finite:
       self.stats.record_dropped(learner)
+      self.nonfinite_streak += 1
+      if self.nonfinite_streak >= self.divergence_after:
+        raise DivergenceError(self.version, self.nonfinite_streak)
       return PushResult(applied_update=False, staleness=staleness, dropped=True)
+    self.nonfinite_streak = 0
     self.stats.record(learner, staleness)
-    self._buffer.append((jax.device_put(grads, self.device), staleness, learner))
-    if self._needs_stale:
-      self._stale_buffer.append(stale_params)
-    if len(self._buffer) >= self.gradients_per_update:
-      self._apply_buffer()
+    grads = jax.device_put(grads, self.device)
+    if self._running:
+      self._total = self._accumulate(self._total, grads, np.int32(staleness))
+    else:
+      self._buffer.append(grads)
+      if self._needs_stale:
+        self._stale_buffer.append(stale_params)
+    self._staleness.append(staleness)
+    if len(self._staleness) >= self.gradients_per_update:
+      self._apply_pending()
       return PushResult(applied_update=True, staleness=staleness, dropped=False)
     return PushResult(applied_update=False, staleness=staleness, dropped=False)
 
@@ -211,15 +282,15 @@ class ParameterServer:
     if c < 1:
       raise ValueError(f"gradients_per_update={c!r} is invalid; allowed: an integer >= 1")
     self.gradients_per_update = c
-    if len(self._buffer) >= c:
-      self._apply_buffer()
+    if len(self._staleness) >= c:
+      self._apply_pending()
       return True
     return False
 
   @property
   def buffered(self) -> int:
     """Gradients waiting for the next update."""
-    return len(self._buffer)
+    return len(self._staleness)
 
   @property
   def needs_stale_params(self) -> bool:
@@ -242,25 +313,37 @@ class ParameterServer:
     self._snapshots.setdefault(version, params)
     self._snapshot_readers[version] = self._snapshot_readers.get(version, 0) + 1
 
+  def release(self, version: int) -> None:
+    """Forgets one reader of θ_j registered by ``pull(learner=)`` whose gradient will never come (a learner
+    that died holding it)."""
+    if self._needs_stale and version in self._snapshot_readers:
+      self._release_snapshot(version, given=self.params)
+
   # ---- internals -------------------------------------------------------------------------------------
-  def _release_snapshot(self, version: int) -> PyTree:
+  def _release_snapshot(self, version: int, given: PyTree = None) -> PyTree:
     params = self._snapshots.get(version, self.params if version == self.version else None)
-    if params is None:
-      raise ValueError(f"no snapshot of version {version} is held; pull(learner=...) before pushing")
     if version in self._snapshot_readers:
       self._snapshot_readers[version] -= 1
       if self._snapshot_readers[version] == 0:
         del self._snapshot_readers[version]
         self._snapshots.pop(version, None)
+    if given is not None:
+      return given
+    if params is None:
+      raise ValueError(f"no snapshot of version {version} is held; pull(learner=...) before pushing, or pass "
+                       "stale_params=")
     return params
 
-  def _apply_buffer(self) -> None:
-    grads = [g for g, _, _ in self._buffer]
-    staleness = jnp.asarray(np.array([s for _, s, _ in self._buffer], np.int32))
-    stale = list(self._stale_buffer) if self._needs_stale else None
-    self.params, self.opt_state = self._apply(self.params, self.opt_state, grads, staleness, stale)
+  def _apply_pending(self) -> None:
+    staleness = jnp.asarray(np.array(self._staleness, np.int32))
+    if self._running:
+      count = np.float32(len(self._staleness))
+      self.params, self.opt_state = self._apply_combined(self.params, self.opt_state, self._total, count, staleness)
+    else:
+      stale = list(self._stale_buffer) if self._needs_stale else None
+      self.params, self.opt_state = self._apply(self.params, self.opt_state, self._buffer, staleness, stale)
     self.version += 1
-    self._buffer, self._stale_buffer = [], []
+    self._staleness, self._total, self._buffer, self._stale_buffer = [], None, [], []
 
   # ---- checkpoints -----------------------------------------------------------------------------------
   def state_arrays(self) -> dict:
@@ -270,7 +353,7 @@ class ParameterServer:
   def state_meta(self) -> dict:
     """The JSON part: version, c and staleness statistics. Buffered gradients are in flight: not saved."""
     return {"version": self.version, "gradients_per_update": self.gradients_per_update,
-            "stats": self.stats.to_json()}
+            "stats": self.stats.to_json(), "nonfinite_streak": self.nonfinite_streak}
 
   def restore(self, arrays: dict, meta: dict) -> None:
     """Restores a state saved by :meth:`state_arrays` and :meth:`state_meta`."""
@@ -279,5 +362,6 @@ class ParameterServer:
     self.version = int(meta["version"])
     self.gradients_per_update = int(meta["gradients_per_update"])
     self.stats = StalenessStats.from_json(meta["stats"])
-    self._buffer, self._stale_buffer = [], []
+    self.nonfinite_streak = int(meta.get("nonfinite_streak", 0))
+    self._staleness, self._total, self._buffer, self._stale_buffer = [], None, [], []
     self._snapshots, self._snapshot_readers = {}, {}

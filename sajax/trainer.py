@@ -23,8 +23,10 @@ import ml_collections
 import numpy as np
 import optax
 
-from sajax import checkpoint, config as config_lib, data, metrics, models, steps
-from sajax.optim import staleness_aware
+from sajax import checkpoint, config as config_lib, data, metrics, models, steps, streams
+from sajax.executors.common import Executor
+from sajax.optim import get_policy, staleness_aware
+from sajax.server import DivergenceError, all_finite_jit
 
 log = logging.getLogger("sajax")
 PyTree = Any
@@ -113,7 +115,9 @@ class Run:
     self.tx = make_optimizer(config, self.schedule)
     self.params = models.init_params(self.model, jax.random.fold_in(self.key, 0), dataset.input_shape)
     self.opt_state = self.tx.init(self.params)
-    self.samplers = data.learner_samplers(self.num_train, config.batch_per_learner, config.learners, config.seed)
+    self.policy = get_policy(config.policy)
+    self.streams = streams.learner_streams(
+        data.learner_samplers(self.num_train, config.batch_per_learner, config.learners, config.seed))
     self.key = jax.random.fold_in(self.key, 1)  # the key executors fold the update count into
 
     self.updates = 0
@@ -125,18 +129,20 @@ class Run:
     self._session_start_samples = 0
     self._busy_s = 0.0               # time spent evaluating and checkpointing in this session
     self._last_saved = -1
-    # Executors replace these: extra fields for each metrics record, extra JSON state for checkpoints and
-    # extra arrays (numpy, called first when saving, so an executor may settle its state for the JSON part).
-    self.staleness_summary: Callable[[], dict] = lambda: {"staleness_mean": 0.0, "staleness_max": 0}
-    self.executor_meta: Callable[[], dict] = dict
-    self.executor_arrays: Callable[[], dict] = dict
+    # The executor attaches itself (``attach``): telemetry for each metrics record, its checkpoint state.
+    self.executor: Executor = Executor()
     self.restored_meta: dict = {}
     self.restored_arrays: dict = {}
     self.checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                 keep=config.keep_checkpoints) if outputs else None
     if outputs:
-      self._restore()
-    self.writer = metrics.RunWriter(workdir) if outputs else None
+      try:
+        self._restore()
+      except BaseException:
+        self.checkpointer.close()
+        raise
+    self.writer = metrics.RunWriter(workdir, purge_step=self.updates + 1 if self.updates else None) \
+        if outputs else None
     self._bar = _progress(config, self) if outputs else None
     self._stop_requested = False
     self._previous_sigint = None
@@ -149,10 +155,20 @@ class Run:
     self._stop_requested = True
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
 
+  def attach(self, executor: Executor) -> None:
+    """The executor this run reports and checkpoints through (see :class:`~sajax.executors.common.Executor`)."""
+    self.executor = executor
+
   # ---- data --------------------------------------------------------------------------------------
+  def next_batch(self, learner: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Learner k's next mini-batch of μ (images, labels) and its step s (which seeds its key); thread-safe."""
+    indices, step = self.streams[learner].next()
+    images, labels = self.dataset.train.gather(indices)
+    return images, labels, step
+
   def next_batches(self, learners: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
-    """The next mini-batch of μ from each of ``learners``' samplers, concatenated in that order."""
-    idx = np.concatenate([next(self.samplers[k]) for k in learners])
+    """The next mini-batch of μ from each of ``learners``' streams, concatenated in that order."""
+    idx = np.concatenate([self.streams[k].next()[0] for k in learners])
     return self.dataset.train.gather(idx)
 
   # ---- loop bookkeeping ---------------------------------------------------------------------------
@@ -217,7 +233,7 @@ class Run:
         "train_loss": train_loss,
         "test_error": result["test_error"],
         "test_loss": result["test_loss"],
-        **self.staleness_summary(),
+        **self.executor.telemetry(),
         "samples_per_s": session_samples / train_time,
         "learning_rate": float(self.schedule(self.updates)),
     }
@@ -235,18 +251,24 @@ class Run:
 
   # ---- checkpoints -------------------------------------------------------------------------------
   def save(self, params: PyTree, opt_state: PyTree) -> None:
-    """Checkpoints the run at the current update (params, optimizer state, samplers, counters)."""
+    """Checkpoints the run at the current update (params, optimizer state, streams, counters).
+
+    A non-finite θ is never saved, so the newest checkpoint always holds the last finite state."""
     if self.updates == self._last_saved:
       return
+    if not bool(all_finite_jit(params)):
+      log.warning("update %d: θ holds NaN/Inf; not checkpointed (the newest checkpoint keeps the last finite "
+                  "state)", self.updates)
+      return
     t = time.perf_counter()
-    arrays = {k: np.asarray(v) for k, v in self.executor_arrays().items()}
+    arrays = {k: np.asarray(v) for k, v in self.executor.checkpoint_arrays().items()}
     self._flush_losses()
     meta = {
         "updates": self.updates,
         "samples": self.samples,
-        "executor": self.executor_meta(),
+        "executor": self.executor.checkpoint_meta(),
         "executor_arrays": {k: [list(v.shape), v.dtype.name] for k, v in arrays.items()},
-        "samplers": [s.get_state() for s in self.samplers],
+        "samplers": [s.get_state() for s in self.streams],
         "loss_sum": self._loss_sum, "loss_count": self._loss_count,
         "wall_s": self._wall_before + time.perf_counter() - self._t0,
     }
@@ -266,12 +288,12 @@ class Run:
 
     restored = self.checkpointer.restore_latest(target)
     if restored is None:
-      metrics.truncate_metrics(self.workdir, 0)
+      metrics.set_aside_orphaned_metrics(self.workdir)   # a fresh start: earlier records are kept, not emptied
       return
     step, state, meta = restored
     self.params, self.opt_state = state["params"], state["opt_state"]
-    for sampler, s in zip(self.samplers, meta["samplers"]):
-      sampler.set_state(s)
+    for stream, s in zip(self.streams, meta["samplers"]):
+      stream.set_state(s)
     self.updates = self._last_saved = int(meta["updates"])
     self.samples = self._session_start_samples = int(meta["samples"])
     self.restored_meta = dict(meta.get("executor") or {})
@@ -304,15 +326,25 @@ class Run:
       log.info(message)
 
   def close(self) -> None:
+    """Restores the SIGINT handler and closes the progress bar, writers and checkpointer; safe to repeat."""
     if self._previous_sigint is not None:
       signal.signal(signal.SIGINT, self._previous_sigint)
       self._previous_sigint = None
     if self._bar is not None:
       self._bar.close()
       self._bar = None
-    if self.outputs:
+    if self.writer is not None:
       self.writer.close()
+      self.writer = None
+    if self.checkpointer is not None:
       self.checkpointer.close()
+      self.checkpointer = None
+
+  def newest_checkpoint(self) -> Optional[str]:
+    """The folder of the newest checkpoint of this run, or None."""
+    if self.checkpointer is None or not self.checkpointer.steps():
+      return None
+    return os.path.join(self.checkpointer.directory, str(self.checkpointer.steps()[-1]))
 
 
 def _schedule(every_epochs: float, epochs: float, per_epoch: float, total: int) -> set[int]:
@@ -377,8 +409,16 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
   from sajax.executors import simulated, threads
   executors = {"pmap": sync.run_ssgd, "threads": threads.run_threads, "simulated": simulated.run_simulated,
                "mpi": mpi.run_mpi}
-  params, opt_state = executors[config.executor](run)
-  if not primary:
-    return TrainResult(metrics=mpi_comm.rank_metrics(run), history=[], workdir=workdir)
-  final = run.finish(params, opt_state)
-  return TrainResult(metrics=final, history=run.history, workdir=workdir)
+  try:
+    try:
+      params, opt_state = executors[config.executor](run)
+    except DivergenceError as e:
+      error = DivergenceError(e.update, e.count, run.newest_checkpoint())
+      log.error("%s", error)
+      raise error from None
+    if not primary:
+      return TrainResult(metrics=mpi_comm.rank_metrics(run), history=[], workdir=workdir)
+    final = run.finish(params, opt_state)
+    return TrainResult(metrics=final, history=run.history, workdir=workdir)
+  finally:
+    run.close()   # whatever happened: SIGINT handler restored, progress bar, writers and checkpointer closed

@@ -146,3 +146,18 @@ def test_ctrl_c_then_rerun_resumes_to_the_uninterrupted_result(tmp_path):
     return [{k: v for k, v in r.items() if k not in ("wall_s", "samples_per_s")} for r in rows]
 
   assert reproducible(workdir / "metrics.jsonl") == reproducible(tmp_path / "reference" / "metrics.jsonl")
+
+
+@pytest.mark.parametrize("executor, protocol", [("threads", "hardsync"), ("simulated", "async")])
+def test_a_diverged_run_exits_3_with_one_line_naming_the_update_and_checkpoint(executor, protocol, tmp_path):
+  """`--config.learning_rate=1e9` (ran on, silent, before divergence was detected): ends in seconds, exit 3."""
+  workdir = tmp_path / "run"
+  start = time.time()
+  result = _launch("--config", SMOKE, f"--config.executor={executor}", f"--config.protocol={protocol}",
+                   "--config.learning_rate=1e9", "--config.epochs=3", "--workdir", str(workdir))
+  assert result.returncode == 3, result.stderr[-2000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1, result.stderr[-2000:]
+  assert "diverged: 100 consecutive non-finite gradients at update" in lines[0]
+  assert "no checkpoint was saved" in lines[0] or str(workdir / "checkpoints") in lines[0]
+  assert time.time() - start < 240

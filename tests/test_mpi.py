@@ -181,3 +181,28 @@ def test_pmap_across_two_processes_matches_one_process(tmp_path):
     assert x["test_loss"] == pytest.approx(y["test_loss"], rel=1e-4)
     assert abs(x["test_error"] - y["test_error"]) <= 0.002      # at most 2 of 1,000 test images flip
   assert os.listdir(tmp_path / "two" / "checkpoints")
+
+
+@needs_mpiexec
+def test_a_remote_nan_gradient_is_dropped_and_a_corrupt_weights_message_is_asked_for_again(tmp_path):
+  """Rank 1 holds learners 2 and 3. Learner 3's gradient at its step 2 is NaN: dropped, and the hardsync round
+  completes (σ = 0). Rank 0 corrupts the first weights message to rank 1: rejected, asked for again (RESEND)."""
+  workdir = tmp_path / "run"
+  result = _mpiexec(2, *ARGS, "--config.executor=mpi", "--config.protocol=hardsync", "--config.epochs=1",
+                    "--config.nan_learners=(3,)", "--config.nan_at_step=2", "--config.fault_mpi_corrupt_weights=1",
+                    "--workdir", str(workdir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  final = _records(workdir)[-1]
+  assert final["gradients_dropped"] == 1 and final["staleness_per_learner"]["3"]["dropped"] == 1
+  assert final["staleness_max"] == 0 and final["samples"] >= 1024
+  assert "rank 1: rejected a malformed message from rank 0" in result.stderr and "asking again" in result.stderr
+
+
+@needs_mpiexec
+def test_a_diverged_mpi_run_exits_3_with_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  result = _mpiexec(2, *ARGS, "--config.executor=mpi", "--config.protocol=async", "--config.learning_rate=1e9",
+                    "--config.divergence_after=20", "--workdir", str(workdir))
+  assert result.returncode == 3, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "diverged: 20 consecutive non-finite gradients at update" in lines[0], lines

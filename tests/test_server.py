@@ -172,3 +172,72 @@ def test_policy_reading_stale_params_gets_theta_j():
   # update = g + (θ_1 − θ_0), so θ_2 = θ_1 − g − (θ_1 − θ_0) = θ_0 − g
   np.testing.assert_allclose(ps.pull()[1]["w"], np.asarray(theta0["w"]) - np.asarray(_grad(2)["w"]), rtol=1e-5)
   assert not ps._snapshots                          # θ_j released once its gradient was applied
+
+
+def test_stale_params_given_with_the_push_need_no_registration():
+  """Executors whose learners hold θ_j themselves (threads, MPI) hand it over with the push."""
+  optim.register_policy("test_ps_stale_given", adjust=lambda g, s, *, params, stale_params: jax.tree.map(
+      lambda x, p, q: x + (p - q), g, params, stale_params), needs_stale_params=True, overwrite=True)
+  ps = _ps(sajax.Protocol.asynchronous(2), policy="test_ps_stale_given", lr=1.0, momentum=0.0)
+  v0, theta0 = ps.pull()
+  ps.push(1, v0, _grad(1), stale_params=theta0)
+  res = ps.push(0, v0, _grad(2), stale_params=theta0)   # σ = 1, no pull(learner=) ever happened
+  assert res.staleness == 1
+  np.testing.assert_allclose(ps.pull()[1]["w"], np.asarray(theta0["w"]) - np.asarray(_grad(2)["w"]), rtol=1e-5)
+  with pytest.raises(ValueError, match="no snapshot of version 0"):
+    ps.push(0, 0, _grad(3))                             # σ = 2, θ_0 neither held nor given
+
+
+def test_hardsync_round_completes_when_a_dropped_learner_pushes_again():
+  """A NaN gradient is not counted toward c: its learner's recomputed gradient completes the round, σ = 0."""
+  ps = _ps(sajax.Protocol.hardsync(3))
+  v, _ = ps.pull()
+  bad = jax.tree.map(lambda x: x * jnp.nan, _grad(0))
+  assert ps.push(0, v, _grad(0)) == PushResult(False, 0, False)
+  assert ps.push(1, v, bad) == PushResult(False, 0, True)
+  assert ps.push(2, v, _grad(2)) == PushResult(False, 0, False)
+  assert ps.push(1, v, _grad(1)) == PushResult(True, 0, False)      # learner 1 again, on its next batch
+  assert ps.stats.dropped == 1 and ps.stats.histogram == {0: 3} and ps.version == 1
+
+
+def test_consecutive_non_finite_pushes_are_divergence_and_a_finite_one_resets_the_count():
+  ps = sajax.ParameterServer(_params(), sajax.staleness_aware(optax.sgd(0.1)), sajax.Protocol.asynchronous(2),
+                             policy="inverse", divergence_after=3)
+  bad = jax.tree.map(lambda x: x * jnp.nan, _grad(0))
+  ps.push(0, 0, bad)
+  ps.push(1, 0, bad)
+  ps.push(0, 0, _grad(0))             # finite: the count starts again
+  ps.push(0, 1, bad)
+  ps.push(1, 1, bad)
+  assert ps.nonfinite_streak == 2 and ps.version == 1
+  with pytest.raises(sajax.server.DivergenceError, match="diverged: 3 consecutive non-finite gradients at update 1"):
+    ps.push(0, 1, bad)
+  with pytest.raises(ValueError, match="divergence_after=0"):
+    sajax.ParameterServer(_params(), sajax.staleness_aware(optax.sgd(0.1)), sajax.Protocol.asynchronous(2),
+                          divergence_after=0)
+
+
+def _live_bytes():
+  return sum(x.nbytes for x in jax.live_arrays())
+
+
+@pytest.mark.parametrize("policy, held_vectors", [("inverse", 1), (None, 7)])
+def test_a_scale_policy_holds_one_running_sum_not_c_gradients(policy, held_vectors):
+  """Hardsync with c = 8: after 7 pushes a scale policy holds O(d) (one running sum), the generic path 7·d."""
+  d = 50_000
+  tx = sajax.staleness_aware(optax.sgd(0.1, momentum=0.9), policy="inverse")
+  ps = sajax.ParameterServer(jnp.zeros((d,)), tx, sajax.Protocol.hardsync(8), policy=policy)
+  for round_ in range(2):
+    version = ps.pull()[0]
+    if round_ == 1:
+      jax.block_until_ready(ps.params)
+      base = _live_bytes()
+    for k in range(7):
+      ps.push(k, version, jnp.full((d,), 0.01 * (k + 1)), finite=True)
+    if round_ == 1:
+      held = _live_bytes() - base
+    ps.push(7, version, jnp.full((d,), 0.08), finite=True)
+  assert held == held_vectors * d * 4, held
+  # and the update is the same: θ = −α·(1/c)Σ g over two rounds of momentum 0.9 (every σ = 0)
+  mean = 0.01 * np.arange(1, 9).mean()
+  np.testing.assert_allclose(np.asarray(ps.params), -0.1 * mean * (1 + 1.9), rtol=1e-5)

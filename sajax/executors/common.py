@@ -1,10 +1,34 @@
-"""What every parameter-server executor reports: the staleness telemetry of a metrics record."""
+"""What every executor shares with the run: the :class:`Executor` interface, the staleness telemetry of a
+metrics record, and what happens when a learner dies."""
 
 from __future__ import annotations
 
-from typing import Mapping
+import logging
+from typing import Callable, Mapping
 
+from sajax.protocol import Protocol
 from sajax.server import ParameterServer
+
+log = logging.getLogger("sajax")
+
+
+class Executor:
+  """What :class:`sajax.trainer.Run` asks of the executor attached to it (``run.attach(executor)``).
+
+  The defaults are those of an executor without a parameter server (pmap SSGD: σ = 0, nothing extra to save).
+  """
+
+  def telemetry(self) -> dict:
+    """Extra fields of each metrics record (staleness statistics, health)."""
+    return {"staleness_mean": 0.0, "staleness_max": 0}
+
+  def checkpoint_arrays(self) -> dict:
+    """Extra numpy arrays for a checkpoint; called first when saving, so the executor may settle its state."""
+    return {}
+
+  def checkpoint_meta(self) -> dict:
+    """Extra JSON state for a checkpoint (the PS's version and statistics, live learners, ...)."""
+    return {}
 
 
 def telemetry(ps: ParameterServer, *, learners_alive: int, queue_depth: int,
@@ -23,3 +47,48 @@ def telemetry(ps: ParameterServer, *, learners_alive: int, queue_depth: int,
   if deaths:
     out["learners_dead"] = {str(k): v for k, v in sorted(deaths.items())}
   return out
+
+
+class Deaths:
+  """The live learners of a run and why the others died; re-derives c when one dies.
+
+  The rule, the same in every executor: a learner that raises is reported and the run goes on with the live
+  ones, c re-derived from them (so hardsync never waits for a dead learner), unless ``fail_fast``.
+  """
+
+  def __init__(self, learners: int, protocol: Protocol, *, fail_fast: bool = False,
+               say: Callable[[str], None] = log.info) -> None:
+    self.protocol, self.fail_fast, self.say = protocol, fail_fast, say
+    self.alive: set[int] = set(range(learners))
+    self.errors: dict[int, str] = {}
+
+  def record(self, learner: int, error: str) -> None:
+    """Notes a death without acting on it (deaths seen while a run shuts down)."""
+    self.alive.discard(learner)
+    self.errors[learner] = error
+
+  def died(self, learner: int, error: str, ps: ParameterServer) -> bool:
+    """Records a death and sets the PS's c for the live learners; returns whether that applied an update."""
+    self.record(learner, error)
+    if self.fail_fast:
+      raise RuntimeError(f"learner {learner} failed ({error}) and fail_fast is set")
+    if not self.alive:
+      raise RuntimeError(f"every learner died; the last: learner {learner}: {error}")
+    c = self.gradients_per_update()
+    self.say(f"learner {learner} died ({error}); going on with {len(self.alive)} learners, c = {c}")
+    return ps.set_gradients_per_update(c)
+
+  def gradients_per_update(self) -> int:
+    """c for the live learners (n capped at their number)."""
+    live = len(self.alive)
+    return Protocol.from_name(self.protocol.name, live, min(self.protocol.n, live)).gradients_per_update
+
+  def to_json(self) -> dict:
+    return {str(k): v for k, v in sorted(self.errors.items())}
+
+  def restore(self, saved: Mapping[str, str], ps: ParameterServer) -> None:
+    """The deaths of a checkpointed run: its dead learners stay dead, c as it was for the live ones."""
+    for k, error in saved.items():
+      self.record(int(k), error)
+    if self.errors:
+      ps.set_gradients_per_update(self.gradients_per_update())

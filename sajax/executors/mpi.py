@@ -10,9 +10,13 @@ of learners; gradients of the other ranks' learners arrive as MPI messages (:mod
 and the raw float32 vector, never pickled) and join the same queue, so c, σ and the update are the PS core's.
 After a push, rank r is sent the newest θ_i as soon as it is newer than the last version it was sent: weights
 go to a rank once per version it needs, shared by its learners, not once per learner. Rank 0 alone reads and
-writes the workdir; on resume it restores, then sends every rank its version, θ and its learners' sampler
-states. A malformed message is logged and rejected; a rank that fails tells rank 0, which ends the job
-(``MPI_Abort``); rerunning the same command resumes from the last checkpoint.
+writes the workdir; on resume it restores, then sends every rank its version, θ, its learners' streams
+(sampler position and step) and which of them are dead. Every rank runs the same learner loop
+(:mod:`~sajax.executors.learners`). A malformed message is logged and rejected (a rank that rejects weights
+asks for them again, RESEND); a rank that fails tells rank 0, which ends the job (``MPI_Abort``); waits for
+another rank during start-up and shutdown are bounded by ``mpi_timeout_s`` and fail naming the rank;
+rerunning the same command resumes from the last checkpoint. For a policy that reads θ_j, rank 0 keeps (by
+reference) each version it sent until no remote learner can still hold it.
 
 MPI calls poll with a short sleep instead of blocking: MPICH's blocking calls spin a core, which learner
 threads on a few cores cannot spare.
@@ -24,35 +28,32 @@ import json
 import logging
 import queue
 import threading
+import time
 import traceback
 from typing import Any, Optional
 
-import jax
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from sajax.executors import mpi_comm, mpi_wire as wire
+from sajax.executors.learners import Death, Learners, Published, Push, join_learners
 from sajax.executors.mpi_comm import receive, send, world
-from sajax.executors.threads import ThreadedEngine, _Death, _Push
+from sajax.executors.threads import SHUTDOWN_WAIT_S, ThreadedEngine, bounded_put, learner_devices
+from sajax.server import DivergenceError
 
 log = logging.getLogger("sajax")
 PyTree = Any
+DEFAULT_WAIT_S = 600.0   # start-up and shutdown waits for another rank (a first compilation under load is slow)
+
+
+def _corrupted(buf: np.ndarray) -> np.ndarray:
+  """``buf`` with a bad magic number (fault injection: ``fault_mpi_corrupt_weights``)."""
+  bad = buf.copy()
+  bad[:4] = 0
+  return bad
 
 
 # ---- rank 0 ----------------------------------------------------------------------------------------------
-class _MirroredSampler:
-  """Rank 0's copy of a remote learner's sampler, advanced by one batch per push received from it, so the
-  checkpoint holds every learner's position in its stream."""
-
-  def __init__(self, sampler: Any) -> None:
-    self.sampler, self.drawn, self._applied = sampler, 0, 0
-
-  def get_state(self) -> dict:
-    while self._applied < self.drawn:
-      next(self.sampler)
-      self._applied += 1
-    return self.sampler.get_state()
-
-
 class ServerRank(ThreadedEngine):
   """Rank 0: the threads engine for its own learners, plus MPI receive/send threads for the other ranks'."""
 
@@ -61,44 +62,51 @@ class ServerRank(ThreadedEngine):
     self.blocks = wire.learner_blocks(run.config.learners, self.ranks)
     super().__init__(run, local_learners=list(self.blocks[0]))
     self.owner = {k: r for r, block in enumerate(self.blocks) for k in block}
-    self.dim = int(self.published[1].size)
-    for r in range(1, self.ranks):
-      for k in self.blocks[r]:
-        run.samplers[k] = _MirroredSampler(run.samplers[k])
+    self.dim = int(self.published.value[1].size)
+    self.wait_s = float(run.config.get("mpi_timeout_s", DEFAULT_WAIT_S))
     self.rejected = 0
     self._lock = threading.Condition()
     self._control: list[tuple[int, np.ndarray]] = []   # (rank, message) sent before any weights
     self._want: set[int] = set()                        # ranks that pushed since they were last sent θ
     self._sent = {r: -1 for r in range(1, self.ranks)}  # the last version each rank was sent
+    self._corrupt = {r: int(run.config.get("fault_mpi_corrupt_weights", 0)) for r in range(1, self.ranks)}
     self._done: set[int] = set()
     self._ready: set[int] = set()
-    self._closing = False
+    self._closing = self._abandoned = False
     self._encoded: tuple[int, Optional[np.ndarray]] = (-1, None)
-    run.staleness_summary = self.telemetry
+    # θ_j of the versions sent, for a policy that reads it: a remote learner holds a version no older than the
+    # one it last pushed (or the first it was sent), so older ones are released.
+    self._versions: dict[int, Any] = {}
+    self._holds = {k: self.published.version for r in range(1, self.ranks) for k in self.blocks[r]}
 
   def run_loop(self) -> tuple[PyTree, PyTree]:
-    version = self.published[0]
+    dead = sorted(set(range(self.learners)) - self.deaths.alive)
     for r in range(1, self.ranks):
-      states = {str(k): self.run.samplers[k].get_state() for k in self.blocks[r]}
-      self._control.append((r, wire.encode(wire.SETUP, version=version, text=json.dumps(states))))
+      streams = {str(k): self.run.streams[k].get_state() for k in self.blocks[r]}
+      self._control.append((r, wire.encode(wire.SETUP, version=self.published.version,
+                                           text=json.dumps({"streams": streams, "dead": dead}))))
       self._want.add(r)
     io = [threading.Thread(target=self._receiver, name="mpi-receive", daemon=True),
           threading.Thread(target=self._sender, name="mpi-send", daemon=True)]
     for t in io:
       t.start()
     self.run.log(f"mpi: {self.ranks} ranks, learners per rank {[len(b) for b in self.blocks]}, PS on rank 0")
-    interrupted = True
+    interrupted = False
     try:
-      _warm_up(self)
+      self.pool.warm_up()
       with self._lock:   # every rank has compiled its step: no rank's first pushes arrive many versions late
-        self._lock.wait_for(lambda: len(self._ready | self._done) == self.ranks - 1)
+        if not self._lock.wait_for(lambda: len(self._ready | self._done) == self.ranks - 1, timeout=self.wait_s):
+          missing = sorted(set(range(1, self.ranks)) - self._ready - self._done)
+          raise RuntimeError(f"rank(s) {missing} did not report ready within {self.wait_s:.0f} s "
+                             "(config.mpi_timeout_s)")
         self._control += [(r, wire.encode(wire.START)) for r in range(1, self.ranks)]
         self._lock.notify_all()
-      out = super().run_loop()
-      interrupted = False
-      return out
+      return super().run_loop()
     except KeyboardInterrupt:
+      interrupted = True
       raise
+    except DivergenceError:
+      raise                      # an orderly end with one line (exit 3): the other ranks stop as if finished
     except BaseException:
       if self.ranks > 1:
         mpi_comm.fatal_error(f"rank 0 failed, ending the job:\n{traceback.format_exc().rstrip()}")
@@ -107,83 +115,111 @@ class ServerRank(ThreadedEngine):
       self._stop_ranks(interrupted, io)
 
   def _stop_ranks(self, interrupted: bool, io: list) -> None:
-    """Tells every rank to stop, keeps receiving (and discarding) until each says it is done."""
+    """Tells every rank to stop and keeps receiving (and discarding) until each says it is done, for at most
+    ``mpi_timeout_s``; then names the ranks that never did."""
     with self._lock:
       for r in range(1, self.ranks):
         self._control.append((r, wire.encode(wire.STOP, value=1.0 if interrupted else 0.0)))
       self._closing = True
       self._lock.notify_all()
-      self._lock.wait_for(lambda: len(self._done) == self.ranks - 1)
+      if not self._lock.wait_for(lambda: len(self._done) == self.ranks - 1, timeout=self.wait_s):
+        missing = sorted(set(range(1, self.ranks)) - self._done)
+        log.error("rank 0: rank(s) %s did not stop within %.0f s (config.mpi_timeout_s); ending without them",
+                  missing, self.wait_s)
+        self._abandoned = True
+        self._lock.notify_all()
     for t in io:
-      t.join()
-
-  def _publish(self) -> None:
-    super()._publish()
-    with self._lock:
-      self._lock.notify_all()
+      t.join(timeout=self.wait_s)
 
   def _receiver(self) -> None:
-    expect = frozenset({wire.PUSH, wire.DEATH, wire.FAIL, wire.DONE, wire.READY})
-    while len(self._done) < self.ranks - 1:
-      source, buf = receive(self.comm, wire.TAG_TO_SERVER, stop=lambda: False)
+    expect = frozenset({wire.PUSH, wire.DEATH, wire.FAIL, wire.DONE, wire.READY, wire.RESEND})
+    while len(self._done) < self.ranks - 1 and not self._abandoned:
+      got = receive(self.comm, wire.TAG_TO_SERVER, stop=lambda: self._abandoned)
+      if got is None:
+        return
+      source, buf = got
       try:
         msg = wire.decode(buf, dim=self.dim, learners=self.learners, expect=expect)
         if msg.kind in (wire.PUSH, wire.DEATH) and self.owner[msg.learner] != source:
           raise wire.WireError(f"learner {msg.learner} belongs to rank {self.owner[msg.learner]}, not {source}")
-        if msg.kind == wire.PUSH and msg.version > self.published[0]:
-          raise wire.WireError(f"version {msg.version} is newer than the PS version {self.published[0]}")
+        if msg.kind == wire.PUSH and msg.version > self.published.version:
+          raise wire.WireError(f"version {msg.version} is newer than the PS version {self.published.version}")
       except wire.WireError as e:
         self.rejected += 1
         log.error("rank 0: rejected a malformed message from rank %d (%d bytes): %s", source, buf.size, e)
         continue
       if msg.kind == wire.FAIL:
         mpi_comm.fatal_error(f"rank {source} failed, ending the job (rerun the same command to resume from the last "
-               f"checkpoint):\n{msg.text}")
-      elif msg.kind in (wire.DONE, wire.READY):
+                             f"checkpoint):\n{msg.text}")
+      elif msg.kind in (wire.DONE, wire.READY, wire.RESEND):
         with self._lock:
-          (self._done if msg.kind == wire.DONE else self._ready).add(source)
+          if msg.kind == wire.RESEND:    # its copy of θ was rejected: send the newest again
+            self._sent[source] = -1
+            self._want.add(source)
+          else:
+            (self._done if msg.kind == wire.DONE else self._ready).add(source)
           self._lock.notify_all()
       elif self.stop.is_set():
         continue                                  # in flight when the run ended: discarded
       elif msg.kind == wire.DEATH:
-        self._put(_Death(msg.learner, msg.text))
+        self._put(Death(msg.learner, msg.text))
       else:
         with self._lock:   # the pushing learner pulls next: send its rank θ as soon as there is a newer one
           self._want.add(source)
           self._lock.notify_all()
-        self.run.samplers[msg.learner].drawn += 1
+          stale = self._stale_params(msg.learner, msg.version)
+        self.run.streams[msg.learner].drawn_elsewhere()
         finite = bool(np.isfinite(msg.payload).all())
-        self._put(_Push(msg.learner, msg.version, msg.payload, finite, msg.value))
+        self._put(Push(msg.learner, msg.version, msg.payload, finite, msg.value, stale))
+
+  def _stale_params(self, learner: int, version: int) -> Any:
+    """θ_j of a remote push (policies that read it), releasing versions no remote learner can hold now."""
+    if not self.ps.needs_stale_params:
+      return None
+    self._holds[learner] = version
+    alive = self.deaths.alive
+    oldest = min((v for k, v in self._holds.items() if k in alive), default=version)
+    for v in [v for v in self._versions if v < oldest]:
+      del self._versions[v]
+    return self._versions[version]
 
   def _sender(self) -> None:
     while True:
       with self._lock:
         def ready():
-          version = self.published[0]
-          return self._control or any(self._sent[r] < version for r in self._want) or (
+          version = self.published.version
+          return self._control or any(self._sent[r] < version for r in self._want) or self._abandoned or (
               self._closing and len(self._done) == self.ranks - 1)
         self._lock.wait_for(ready, timeout=0.5)
         if self._control:
           dest, buf = self._control.pop(0)
         else:
-          if self._closing and len(self._done) == self.ranks - 1:
+          if self._abandoned or (self._closing and len(self._done) == self.ranks - 1):
             return
-          version, params = self.published
+          version, params = self.published.value
           due = sorted(r for r in self._want if self._sent[r] < version)
           if not due or self._closing:
             continue
           dest = due[0]
           self._want.discard(dest)
           self._sent[dest] = version
-          buf = None
-      if buf is None:
-        buf = self._weights_message(version, params)
+          if self.ps.needs_stale_params:
+            self._versions[version] = params
+          buf = self._weights_message(version, params)
+          if self._corrupt[dest] > 0:
+            self._corrupt[dest] -= 1
+            buf = _corrupted(buf)
       send(self.comm, buf, dest, wire.TAG_TO_LEARNERS)
 
-  def _weights_message(self, version: int, params: jax.Array) -> np.ndarray:
+  def _weights_message(self, version: int, params: Any) -> np.ndarray:
     if self._encoded[0] != version:   # encoded once per version, whatever the number of ranks
       self._encoded = (version, wire.encode(wire.WEIGHTS, version=version, payload=np.asarray(params)))
     return self._encoded[1]
+
+  def _publish(self) -> None:
+    super()._publish()
+    with self._lock:
+      self._lock.notify_all()
 
   def telemetry(self) -> dict:
     out = super().telemetry()
@@ -195,101 +231,100 @@ class ServerRank(ThreadedEngine):
 
 
 # ---- ranks > 0 ---------------------------------------------------------------------------------------------
-class LearnerRank(ThreadedEngine):
-  """A rank > 0: its block of learner threads; pushes go to rank 0, weights come from it. No PS here."""
+class LearnerRank:
+  """A rank > 0: its block of learner threads (the shared learner loop); pushes go to rank 0, weights come
+  from it. No PS here."""
 
   def __init__(self, run: Any, comm) -> None:
-    self.comm, self.rank = comm, comm.Get_rank()
-    blocks = wire.learner_blocks(run.config.learners, comm.Get_size())
-    flat_params = self._init_learners(run, None, list(blocks[self.rank]))
+    self.run, self.comm, self.rank = run, comm, comm.Get_rank()
+    self.learners = run.config.learners
+    self.local = list(wire.learner_blocks(self.learners, comm.Get_size())[self.rank])
+    self.devices = dict(zip(self.local, learner_devices(len(self.local))[0]))
+    self.dim = int(ravel_pytree(run.params)[0].size)
+    self.wait_s = float(run.config.get("mpi_timeout_s", DEFAULT_WAIT_S))
     # One gradient waits here at most: a deeper local queue would only add staleness (the PS queue bounds it).
-    self.queue = queue.Queue(maxsize=1)
-    self.dim = int(flat_params.size)
-    self.published = None
-    self.pushes = 0
-    self.rejected = 0
+    self.queue: queue.Queue = queue.Queue(maxsize=1)
+    self.stop = threading.Event()
+    self.published = Published()
+    self.pushes = self.rejected = 0
     self.interrupted = False
 
-  def _to_server(self, grads: jax.Array) -> np.ndarray:
-    return np.asarray(grads)
-
-  def _next(self, expect: frozenset) -> Optional[wire.Message]:
-    got = receive(self.comm, wire.TAG_TO_LEARNERS, stop=lambda: False, source=0)
+  def _next(self, expect: frozenset, what: str, deadline: Optional[float]) -> Optional[wire.Message]:
+    """The next message from rank 0 of the kinds ``expect`` (None if it was rejected: RESEND asked)."""
+    got = receive(self.comm, wire.TAG_TO_LEARNERS, source=0,
+                  stop=lambda: deadline is not None and time.monotonic() > deadline)
+    if got is None:
+      raise RuntimeError(f"rank {self.rank}: nothing from rank 0 within {self.wait_s:.0f} s while waiting for "
+                         f"{what} (config.mpi_timeout_s)")
     try:
       return wire.decode(got[1], dim=self.dim, learners=self.learners, expect=expect)
     except wire.WireError as e:
       self.rejected += 1
-      log.error("rank %d: rejected a malformed message from rank 0 (%d bytes): %s", self.rank, got[1].size, e)
+      log.error("rank %d: rejected a malformed message from rank 0 (%d bytes): %s; asking again", self.rank,
+                got[1].size, e)
+      send(self.comm, wire.encode(wire.RESEND), 0, wire.TAG_TO_SERVER)
       return None
 
   def run_loop(self) -> tuple[PyTree, PyTree]:
+    deadline = time.monotonic() + self.wait_s
     setup = None
     while setup is None:
-      setup = self._next(frozenset({wire.SETUP}))
-    for k, state in json.loads(setup.text).items():
-      self.run.samplers[int(k)].set_state(state)
-    while self.published is None and not self.stop.is_set():
-      self._handle(self._next(frozenset({wire.WEIGHTS, wire.STOP})))
+      setup = self._next(frozenset({wire.SETUP}), "its setup", deadline)
+    info = json.loads(setup.text)
+    for k, state in info["streams"].items():
+      self.run.streams[int(k)].set_state(state)
+    live = {k: d for k, d in self.devices.items() if k not in set(info["dead"])}
+    pool = Learners(self.run, live, self.published, lambda item: bounded_put(self.queue, item, self.stop),
+                    self.stop, to_server=np.asarray)
+    while self.published.value is None and not self.stop.is_set():
+      self._handle(self._next(frozenset({wire.WEIGHTS, wire.STOP}), "its first weights", deadline))
     if not self.stop.is_set():
-      _warm_up(self)
+      pool.warm_up()
       send(self.comm, wire.encode(wire.READY), 0, wire.TAG_TO_SERVER)
+    deadline = time.monotonic() + self.wait_s
     while not self.stop.is_set():   # START, or STOP when rank 0 failed to start
-      msg = self._next(frozenset({wire.START, wire.WEIGHTS, wire.STOP}))
+      msg = self._next(frozenset({wire.START, wire.WEIGHTS, wire.STOP}), "the start", deadline)
       if msg is not None and msg.kind == wire.START:
         break
       self._handle(msg)
     receiver = threading.Thread(target=self._receiver, name="mpi-receive", daemon=True)
     receiver.start()
-    threads = [threading.Thread(target=self._learner, args=(k,), name=f"learner-{k}", daemon=True)
-               for k in self.local_learners]
-    for t in threads:
-      t.start()
+    threads = pool.start() if not self.stop.is_set() else []
     while not self.stop.is_set():
       try:
         item = self.queue.get(timeout=0.05)
       except queue.Empty:
         continue
-      if isinstance(item, _Death):
+      if isinstance(item, Death):
         buf = wire.encode(wire.DEATH, learner=item.learner, text=item.error)
       else:
         buf = wire.encode(wire.PUSH, learner=item.learner, version=item.version, value=float(item.loss),
                           payload=item.grads)
         self.pushes += 1
       send(self.comm, buf, 0, wire.TAG_TO_SERVER)
-    self._shutdown(threads)
+    self.published.wake()
+    join_learners(threads, self.queue, lambda death: None, SHUTDOWN_WAIT_S)
     receiver.join()
     send(self.comm, wire.encode(wire.DONE), 0, wire.TAG_TO_SERVER)
-    self.run.rank_summary = {"learners": self.local_learners, "pushes": self.pushes,
-                             "messages_rejected": self.rejected}
+    self.run.rank_summary = {"learners": self.local, "pushes": self.pushes, "messages_rejected": self.rejected}
     if self.interrupted:
       raise KeyboardInterrupt
     return self.run.params, self.run.opt_state
 
   def _receiver(self) -> None:
-    while not self.stop.is_set():
-      self._handle(self._next(frozenset({wire.WEIGHTS, wire.STOP})))
+    while not self.stop.is_set():   # unbounded: rank 0 ends the job (MPI_Abort) if it fails
+      self._handle(self._next(frozenset({wire.WEIGHTS, wire.STOP}), "weights", None))
 
   def _handle(self, msg: Optional[wire.Message]) -> None:
     """WEIGHTS: the version the rank's learners pull from now on; STOP: the run is over."""
-    if msg is not None:
-      if msg.kind == wire.STOP:
-        self.interrupted = msg.value != 0
-        self.stop.set()
-      with self.version_changed:
-        if msg.kind == wire.WEIGHTS:
-          self.published = (msg.version, msg.payload)
-        self.version_changed.notify_all()
-
-
-def _warm_up(engine: ThreadedEngine) -> None:
-  """Compiles the gradient step on each of this rank's learner devices (on real data, no sampler advanced)."""
-  run = engine.run
-  images, labels = run.dataset.train.gather(np.arange(run.config.batch_per_learner))
-  params = engine.published[1]
-  for device in set(engine.devices.values()):
-    out = engine._grad_step(jax.device_put(params, device), images, np.asarray(labels, np.int32),
-                            jax.device_put(run.key, device), np.uint32(0))
-    jax.block_until_ready(out)
+    if msg is None:
+      return
+    if msg.kind == wire.STOP:
+      self.interrupted = msg.value != 0
+      self.stop.set()
+      self.published.wake()
+    elif msg.kind == wire.WEIGHTS and msg.version > self.published.version:
+      self.published.set(msg.version, msg.payload)
 
 
 def run_mpi(run: Any) -> tuple[PyTree, PyTree]:

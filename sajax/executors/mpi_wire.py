@@ -28,13 +28,14 @@ DEATH = 2     # learner k raised; payload = UTF-8 error text
 FAIL = 3      # the whole rank failed; payload = UTF-8 error text (rank 0 then ends the job)
 DONE = 4      # the rank has stopped; nothing more will come from it
 READY = 5     # the rank has its weights and has compiled its gradient step
+RESEND = 6    # the rank rejected the weights it was sent (malformed): send them again
 # kinds: PS -> learners
 WEIGHTS = 11  # θ_i with version i
 STOP = 12     # stop learning; value = 1.0 when the run was interrupted (Ctrl-C), 0.0 when finished
 SETUP = 13    # first message to a rank: its learners' sampler states as UTF-8 JSON (rank 0 restored them)
 START = 14    # every rank is READY: start the learners
-KINDS = {PUSH: "push", DEATH: "death", FAIL: "fail", DONE: "done", READY: "ready", WEIGHTS: "weights",
-         STOP: "stop", SETUP: "setup", START: "start"}
+KINDS = {PUSH: "push", DEATH: "death", FAIL: "fail", DONE: "done", READY: "ready", RESEND: "resend",
+         WEIGHTS: "weights", STOP: "stop", SETUP: "setup", START: "start"}
 FLOAT_KINDS = frozenset({PUSH, WEIGHTS})
 TEXT_KINDS = frozenset({DEATH, FAIL, SETUP})
 

@@ -36,6 +36,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from sajax.executors import batched, common
+from sajax.executors.faults import FaultPlan
 from sajax.server import ParameterServer, flat_transform
 
 PyTree = Any
@@ -75,11 +76,12 @@ class SpeedModel:
 
 
 
-class SimulatedEngine:
+class SimulatedEngine(common.Executor):
   """Drives a :class:`sajax.trainer.Run` through simulated time around one :class:`ParameterServer`.
 
-  Learner k's state: the version j it holds (None while it waits for a hardsync round), its ring entry, its
-  gradient once computed, and its step count (which, with k, seeds its augmentation and dropout).
+  Learner k's state: the version j it holds (None while it waits for a hardsync round or once dead), its ring
+  entry, its gradient once computed and the step it was computed at (learner k's stream in the run holds the
+  step count, which with k seeds its augmentation and dropout).
   """
 
   def __init__(self, run: Any, devices: Optional[list] = None) -> None:
@@ -95,9 +97,13 @@ class SimulatedEngine:
     flat_params, unravel = ravel_pytree(run.params)
     self.unravel = unravel
     self.ps = ParameterServer(flat_params, flat_transform(run.tx, unravel), run.protocol, device=self.devices[0],
-                              policy=config.policy)
+                              policy=run.policy, divergence_after=config.get("divergence_after", 100))
+    self.deaths = common.Deaths(learners, run.protocol, fail_fast=bool(config.get("fail_fast", False)),
+                                say=run.log)
+    self.faults = FaultPlan.from_config(config)
     if run.restored_meta.get("server"):
       self.ps.restore({"params": flat_params, "opt_state": run.opt_state}, run.restored_meta["server"])
+      self.deaths.restore(run.restored_meta.get("dead", {}), self.ps)
     size = batched.ring_size(learners, self.ps.gradients_per_update, self.per_device)
     size = min(size, config.get("sim_ring", 0) or size)
     self.rings = [batched.VersionRing(d, size, flat_params.size, flat_params.dtype) for d in self.devices]
@@ -108,7 +114,7 @@ class SimulatedEngine:
     self.version: list[Optional[int]] = [None] * learners
     self.entry = [0] * learners
     self.result: list[Optional[tuple]] = [None] * learners   # (loss, flat g on the learner's device, finite)
-    self.steps = [0] * learners
+    self.steps = [0] * learners                               # the step of each learner's current gradient
     self.events: list[tuple[float, int]] = []     # (finish time, learner): a heap, ties broken by learner id
     self.waiting: list[int] = []
     self.rng = np.random.default_rng([config.seed, 7919])
@@ -119,11 +125,9 @@ class SimulatedEngine:
       self._restore(run.restored_meta, run.restored_arrays)
     else:
       self.sim_time = float(run.restored_meta.get("sim_time", 0.0))
-      for k in range(learners):
+      for k in sorted(self.deaths.alive):
         self._start(k, self.sim_time)
-    run.staleness_summary = self.telemetry
-    run.executor_arrays = self.state_arrays
-    run.executor_meta = self.state_meta
+    run.attach(self)
 
   # ---- learners ---------------------------------------------------------------------------------------------
   def _device_of(self, k: int) -> int:
@@ -154,7 +158,10 @@ class SimulatedEngine:
     D = len(self.devices)
     on_device = [[k for k in pending if self._device_of(k) == d] for d in range(D)]
     K = max(len(ks) for ks in on_device)
-    batches = {k: self.run.next_batches([k]) for k in pending}
+    batches = {}
+    for k in pending:
+      images_k, labels_k, self.steps[k] = self.run.next_batch(k)
+      batches[k] = (images_k, labels_k)
     first_images, first_labels = batches[pending[0]]
     images = np.zeros((D, K, *np.shape(first_images)), np.asarray(first_images).dtype)
     labels = np.zeros((D, K, *np.shape(first_labels)), np.int32)
@@ -163,7 +170,6 @@ class SimulatedEngine:
       for s, k in enumerate(ks):
         images[d, s], labels[d, s] = batches[k]
         index[d, s], learner[d, s], step[d, s] = self.entry[k], k, self.steps[k]
-        self.steps[k] += 1
     ring = jax.make_array_from_single_device_arrays(
         (D, *self.rings[0].array.shape[1:]), self._ring_sharding, [r.array for r in self.rings])
     loss, flat, finite = self.grads(ring, index, images, labels, learner, step, self.run.key)
@@ -173,7 +179,10 @@ class SimulatedEngine:
       if ks:
         vectors = batched.unstack_slots(shards[self.devices[d]])
         for s, k in enumerate(ks):
-          self.result[k] = (loss[d, s], vectors[s], bool(finite[d, s]))
+          if self.faults.nonfinite(k, self.steps[k]):
+            self.result[k] = (loss[d, s], vectors[s] * np.float32(np.nan), False)
+          else:
+            self.result[k] = (loss[d, s], vectors[s], bool(finite[d, s]))
     self.calls += 1
 
   # ---- the event loop -----------------------------------------------------------------------------------------
@@ -188,18 +197,22 @@ class SimulatedEngine:
         loss, grads, finite = self.result[k]
         version = self.version[k]
         self.result[k] = self.version[k] = None
-        result = self.ps.push(k, version, grads, finite=finite)
-        if not result.dropped:
-          losses.append(loss)
-        if self.run.protocol.learners_wait:
-          self.waiting.append(k)
-          if result.applied_update:
-            for w in sorted(self.waiting):
-              self._start(w, self.sim_time)
-            self.waiting = []
+        if self.faults.raises(k, self.steps[k]):   # the learner raised instead of pushing: it is gone
+          self.ps.release(version)
+          applied = self.deaths.died(k, str(self.faults.error(k, self.steps[k])), self.ps)
         else:
-          self._start(k, self.sim_time)
-        if result.applied_update:
+          result = self.ps.push(k, version, grads, finite=finite)
+          applied = result.applied_update
+          if not result.dropped:
+            losses.append(loss)
+          if self.run.protocol.learners_wait and not result.dropped:
+            self.waiting.append(k)   # a dropped gradient's learner recomputes at once: the round needs it
+          else:
+            self._start(k, self.sim_time)
+        if applied:
+          for w in sorted(self.waiting):
+            self._start(w, self.sim_time)
+          self.waiting = []
           done, losses = losses, []
           self.run.after_update(done, gradients=len(done), current_state=current)
     except KeyboardInterrupt:
@@ -207,15 +220,16 @@ class SimulatedEngine:
       raise
     return current()
 
-  # ---- telemetry and checkpoints ----------------------------------------------------------------------------
+  # ---- the executor interface: telemetry and checkpoints ---------------------------------------------------
   def telemetry(self) -> dict:
-    out = common.telemetry(self.ps, learners_alive=self.learners, queue_depth=0)
+    out = common.telemetry(self.ps, learners_alive=len(self.deaths.alive), queue_depth=0,
+                           deaths=self.deaths.errors)
     out.update(sim_time=round(self.sim_time, 6), sim_gradient_calls=self.calls, sim_ring_flushes=self.flushes)
     return out
 
-  def state_arrays(self) -> dict:
+  def checkpoint_arrays(self) -> dict:
     """Computes the pending gradients, then returns every learner's unpushed gradient (and θ_j when the
-    policy reads it) as numpy arrays; called before :meth:`state_meta` when a checkpoint is saved."""
+    policy reads it) as numpy arrays; called before :meth:`checkpoint_meta` when a checkpoint is saved."""
     self._compute_pending()
     d = self.ps.params.size
     grads = np.zeros((self.learners, d), np.float32)
@@ -230,8 +244,9 @@ class SimulatedEngine:
                                          for v in self.version])
     return arrays
 
-  def state_meta(self) -> dict:
-    return {"server": self.ps.state_meta(), "sim_time": self.sim_time, "events": [list(e) for e in self.events],
+  def checkpoint_meta(self) -> dict:
+    return {"server": self.ps.state_meta(), "dead": self.deaths.to_json(), "sim_time": self.sim_time,
+            "events": [list(e) for e in self.events],
             "version": self.version, "computed": [r is not None for r in self.result], "steps": self.steps,
             "waiting": self.waiting, "rng": self.rng.bit_generator.state, "calls": self.calls,
             "flushes": self.flushes}

@@ -1,0 +1,195 @@
+"""The learner loop shared by the threads and MPI executors: λ host threads, each bound to a device.
+
+    learner k (thread, device k mod D)
+    (j, θ_j) ← published → θ_j on my device (once per (device, version)) → (indices, step) ← my stream →
+    jit grad on μ examples → g to the PS side → put(Push(k, j, g, finite, loss, θ_j))
+    hardsync: wait for a version newer than j, unless g was non-finite (the PS drops it: recompute at once)
+
+Only *where* a push goes differs between executors (``put``: the PS queue in-process; a queue drained to
+MPI rank 0 on other ranks) and *where* weights come from (:class:`Published`). Faults are injected here, by
+(learner, step), from :class:`~sajax.executors.faults.FaultPlan`. A learner that raises puts a
+:class:`Death` and ends; the run decides what follows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+import time
+import traceback
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from sajax.executors.faults import FaultPlan
+from sajax.server import all_finite
+
+log = logging.getLogger("sajax")
+PyTree = Any
+
+
+@dataclasses.dataclass
+class Push:
+  """One gradient on its way to the PS: learner k's flat g computed on version j (θ_j kept only for
+  policies that read it)."""
+
+  learner: int
+  version: int
+  grads: Any
+  finite: bool
+  loss: Any
+  stale_params: Any = None
+
+
+@dataclasses.dataclass
+class Death:
+  """Learner k raised: why."""
+
+  learner: int
+  error: str
+
+
+class Published:
+  """The weights learners pull, ``(version, flat θ)``, replaced as one value, with a condition to wait on."""
+
+  def __init__(self, version: Optional[int] = None, params: Any = None) -> None:
+    self.value: Optional[tuple[int, Any]] = None if version is None else (version, params)
+    self.changed = threading.Condition()
+
+  @property
+  def version(self) -> int:
+    return -1 if self.value is None else self.value[0]
+
+  def set(self, version: int, params: Any) -> None:
+    with self.changed:
+      self.value = (version, params)
+      self.changed.notify_all()
+
+  def wait_newer(self, version: int, stop: threading.Event) -> None:
+    """Blocks until a version newer than ``version`` is published, or ``stop`` is set."""
+    with self.changed:
+      self.changed.wait_for(lambda: self.version > version or stop.is_set())
+
+  def wake(self) -> None:
+    with self.changed:
+      self.changed.notify_all()
+
+
+class _SnapshotCache:
+  """The latest weights on each learner device: one transfer per (device, version), shared by learners."""
+
+  def __init__(self) -> None:
+    self._lock = threading.Lock()
+    self._latest: dict[Any, tuple[int, PyTree]] = {}
+
+  def get(self, device: jax.Device, version: int, params: PyTree) -> PyTree:
+    with self._lock:
+      cached = self._latest.get(device)
+      if cached is not None and cached[0] == version:
+        return cached[1]
+      local = jax.device_put(params, device)
+      self._latest[device] = (version, local)
+      return local
+
+
+def make_grad_step(loss_fn: Callable, unravel: Callable) -> Callable:
+  """``(flat θ_j, images, labels, key, step) -> (loss, flat g, finite)``, compiled, run on the learner's
+  device; ``key`` is learner k's own (``fold_in(run key, k)``), into which the step is folded."""
+  def step(flat_params, images, labels, key, step):
+    rng = jax.random.fold_in(key, step)
+    loss, grads = jax.value_and_grad(loss_fn)(unravel(flat_params), images, labels, rng)
+    flat_grads = ravel_pytree(grads)[0]
+    return loss, flat_grads, all_finite(flat_grads)
+  return jax.jit(step)
+
+
+class Learners:
+  """This process's learner threads around one run.
+
+  Args:
+    run: the :class:`sajax.trainer.Run` (data, streams, loss, key, config).
+    devices: learner id -> its device, for the learners this process runs.
+    published: where the weights come from.
+    put: hands a :class:`Push` or :class:`Death` on (blocking while the queue is full, until ``stop``).
+    stop: set when the run ends.
+    to_server: where a flat gradient goes before ``put`` (the PS device, or host memory for MPI).
+    keep_stale: whether a push carries θ_j (the PS's policy reads it).
+  """
+
+  def __init__(self, run: Any, devices: dict, published: Published, put: Callable[[Any], None],
+               stop: threading.Event, *, to_server: Callable[[Any], Any], keep_stale: bool = False) -> None:
+    self.run, self.devices, self.published, self.put, self.stop = run, devices, published, put, stop
+    self.to_server, self.keep_stale = to_server, keep_stale
+    self.protocol = run.protocol
+    self.faults = FaultPlan.from_config(run.config)
+    self.unravel = ravel_pytree(run.params)[1]
+    self.grad_step = make_grad_step(run.loss_fn, self.unravel)
+    self.cache = _SnapshotCache()
+    self.threads: list[threading.Thread] = []
+
+  def start(self) -> list[threading.Thread]:
+    self.threads = [threading.Thread(target=self._loop, args=(k,), name=f"learner-{k}", daemon=True)
+                    for k in self.devices]
+    for t in self.threads:
+      t.start()
+    return self.threads
+
+  def warm_up(self) -> None:
+    """Compiles the gradient step on each learner device (on real data; no stream advanced)."""
+    run = self.run
+    images, labels = run.dataset.train.gather(np.arange(run.config.batch_per_learner))
+    params = self.published.value[1]
+    for device in set(self.devices.values()):
+      out = self.grad_step(jax.device_put(params, device), images, np.asarray(labels, np.int32),
+                           jax.device_put(run.key, device), np.uint32(0))
+      jax.block_until_ready(out)
+
+  def _loop(self, k: int) -> None:
+    device = self.devices[k]
+    key = jax.device_put(jax.random.fold_in(self.run.key, k), device)
+    try:
+      while not self.stop.is_set():
+        version, params = self.published.value
+        local = self.cache.get(device, version, params)
+        images, labels, step = self.run.next_batch(k)
+        if self.faults.raises(k, step):
+          raise self.faults.error(k, step)
+        # numpy inputs are uncommitted: they follow θ_j onto the learner's device.
+        loss, grads, finite = self.grad_step(local, images, np.asarray(labels, np.int32), key, np.uint32(step))
+        if self.faults.nonfinite(k, step):
+          grads, finite = jnp.full_like(grads, jnp.nan), False
+        finite = bool(finite)
+        self.put(Push(k, version, self.to_server(grads), finite, loss, params if self.keep_stale else None))
+        if self.protocol.learners_wait and finite:
+          self.published.wait_newer(version, self.stop)
+    except Exception as e:  # noqa: BLE001 - a learner's failure is reported, the run goes on
+      detail = f"{type(e).__name__}: {e}"
+      log.error("learner %d died: %s\n%s", k, detail, traceback.format_exc(limit=3))
+      self.put(Death(k, detail))
+
+
+def join_learners(threads: list, q: queue.Queue, on_death: Callable[[Death], None], wait_s: float) -> None:
+  """Waits up to ``wait_s`` for stopping learner threads, draining ``q`` meanwhile (gradients in flight are
+  discarded, deaths handed to ``on_death``); warns about any thread still running."""
+  # A learner stops at its next check of ``stop``, after the gradient (or first compilation) it is in: under
+  # load a compilation took over 30 s. A second Ctrl-C interrupts the wait.
+  deadline = time.monotonic() + wait_s
+  while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+    try:
+      while True:
+        item = q.get_nowait()
+        if isinstance(item, Death):
+          on_death(item)
+    except queue.Empty:
+      pass
+    for t in threads:
+      t.join(timeout=0.05)
+  stuck = [t.name for t in threads if t.is_alive()]
+  if stuck:
+    log.warning("%d learner thread(s) still running after %.0f s, left behind: %s", len(stuck), wait_s,
+                ", ".join(stuck))
