@@ -1,7 +1,8 @@
 """sajax: staleness-aware asynchronous SGD (Zhang, Gupta, Lian & Liu, IJCAI 2016) in JAX.
 
-The optax transform (:func:`staleness_aware`, :func:`staleness_scale`) imports on its own; the trainers
-(:func:`train`) build on it.
+The optax transform (:func:`staleness_aware`, :func:`staleness_scale`), the protocols and the parameter-server
+core need only jax, optax and numpy (a plain ``pip install``); the trainers (:func:`train`) build on them and need
+the ``train`` extra (``pip install 'sajax[train]'``).
 """
 
 from sajax.optim import (StalenessAwareState, StalenessPolicy, available_policies, get_policy,
@@ -17,8 +18,14 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name):
-  # The trainer pulls in data, models, orbax and TensorBoard: load it only when asked for.
+  # The trainer pulls in data, models, orbax and TensorBoard (the train extra): load it only when asked for.
   if name == "train":
-    from sajax.trainer import train
+    try:
+      from sajax.trainer import train
+    except ModuleNotFoundError as e:
+      if (e.name or "").split(".")[0] == "sajax":
+        raise
+      raise ImportError(f"sajax.train needs the trainer's dependencies ({e.name} is not installed): "
+                        "pip install 'sajax[train]'") from e
     return train
   raise AttributeError(f"module 'sajax' has no attribute {name!r}")

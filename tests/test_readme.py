@@ -1,10 +1,12 @@
-"""The README's snippet (sajax.staleness_aware in someone else's loop) and the module doctests run as shown."""
+"""The README's snippets (sajax.staleness_aware in someone else's loop, the parameter server) and the module
+doctests run as shown; its Quick start commands install what they run, and CI runs its test command."""
 
 import contextlib
 import doctest
 import io
 import os
 import re
+import tomllib
 
 import sajax.optim
 
@@ -14,6 +16,45 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _python_blocks(path):
   with open(path) as f:
     return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+
+
+def _quick_start_commands():
+  """The Quick start's two commands: (run the main job, run the tests)."""
+  with open(os.path.join(ROOT, "README.md")) as f:
+    section = f.read().split("## Quick start", 1)[1].split("\n## ", 1)[0]
+  main, test = [b.strip() for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S)]
+  return main, test
+
+
+def _installed_requirements(command):
+  """The requirement names that ``pip install -e ".[a,b]" && ...`` installs directly, through our pyproject."""
+  with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+    project = tomllib.load(f)["project"]
+  install = re.match(r"""pip install -e "?\.(?:\[([\w,]+)\])?"? && """, command)
+  assert install, command
+  names, todo = set(), list(project["dependencies"]) + [f"sajax[{install.group(1) or ''}]"]
+  while todo:
+    name, extras = re.match(r"([\w.-]+)(?:\[([\w,]*)\])?", todo.pop()).groups()
+    if name == "sajax":
+      for extra in filter(None, (extras or "").split(",")):
+        todo.extend(project["optional-dependencies"][extra])
+    else:
+      names.add(name.lower())
+  return names
+
+
+def test_ci_runs_the_readme_test_command():
+  with open(os.path.join(ROOT, ".ci", "run")) as f:
+    commands = [line.strip() for line in f if line.strip() and not line.startswith(("#", "set ", "cd "))]
+  assert commands == [_quick_start_commands()[1]]
+
+
+def test_readme_commands_install_the_trainer_and_the_tests():
+  main, test = _quick_start_commands()
+  assert main.endswith("python launch/train.py") and test.endswith("python -m pytest -q")
+  trainer = {"flax", "orbax-checkpoint", "tensorflow-datasets", "grain", "ml-collections", "matplotlib"}
+  assert trainer <= _installed_requirements(main)
+  assert trainer | {"pytest"} <= _installed_requirements(test)
 
 
 def test_readme_snippet_runs_and_trains():
