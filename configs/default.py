@@ -24,7 +24,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.n = 2                        # n of n-softsync: c = ⌊λ/n⌋ gradients per update
   config.learners = 8                 # λ
   config.batch_per_learner = 16       # μ
-  config.policy = "inverse"           # staleness policy: inverse (α0/σ, the paper) | constant (plain ASGD)
+  config.policy = "inverse"           # staleness policy: inverse (α0/σ, the paper) | constant (plain ASGD) |
+                                      # polynomial | exponential | hinge | delay_adaptive | drop | dc_asgd |
+                                      # dc_asgd_adaptive | gap_aware (sajax/policies.py: formulas, references)
+  config.policy_args = "{}"           # the policy's arguments as JSON, e.g. '{"a": 0.5}' (polynomial) or
+                                      # '{"bound": 8}' (drop); unset ones take the paper's defaults, and
+                                      # learners and learning_rate default to λ and α0
   # optimisation: SGD with momentum and a step schedule, as in the paper
   # α0 for a mini-batch of λμ examples. Momentum 0.5, not 0.9: with stale gradients (even σ ≈ 1) momentum
   # 0.9 at this α0 trained far slower here (docs/benchmarks.md); asynchrony itself acts like extra momentum.

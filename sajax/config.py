@@ -6,12 +6,16 @@ allowed; the launcher prints it and exits with code 2 before anything is written
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import ml_collections
 
 from sajax.protocol import PROTOCOLS, Protocol
+
+if TYPE_CHECKING:
+  from sajax.optim import StalenessPolicy
 
 EXECUTORS: tuple[str, ...] = ("pmap", "threads", "simulated", "mpi")
 """pmap: SSGD data parallel (no PS); threads: λ learner threads around one parameter server; simulated:
@@ -29,12 +33,18 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "progress": (bool,), "workdir": (str,), "fail_fast": (bool,), "fault_learner": (int,),
     "fault_at_step": (int,), "sim_base_time": (float, int), "sim_jitter": (float, int),
     "sim_stragglers": (float, int), "sim_slowdown": (float, int), "sim_poisson": (bool,),
-    "sim_speeds": (tuple, list), "sim_ring": (int,), "sim_batching": (str,),
+    "sim_speeds": (tuple, list), "sim_ring": (int,), "sim_batching": (str,), "policy_args": (str, dict),
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
                            "fail_fast", "fault_learner", "fault_at_step", "sim_base_time", "sim_jitter",
                            "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds", "sim_ring",
-                           "sim_batching"})
+                           "sim_batching", "policy_args"})
+
+# What an optional key that a saved config lacks means (so a run saved before the key existed still resumes).
+ABSENT_MEANS: Mapping[str, Any] = {"policy_args": "{}"}
+
+# Executors whose learners send θ_j's version to a parameter server, so a policy that reads θ_j can run there.
+STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi")
 
 # Keys that may change between a run and its resumption in the same workdir.
 RESUMABLE_CHANGES = frozenset({"epochs", "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints",
@@ -81,6 +91,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("learning_rate", "epochs", "eval_every_epochs", "checkpoint_every_epochs", "eval_batch_size",
               "keep_checkpoints", "lr_decay"):
     positive(key)
+  _check_policy(config, values)
   if not 0 <= values["momentum"] < 1:
     raise ConfigError(f"config.momentum={values['momentum']!r} is invalid; allowed: 0 <= momentum < 1")
   if values.get("weight_decay", 0) < 0:
@@ -131,6 +142,50 @@ def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     raise ConfigError(f"unknown {key} {value!r}; allowed: {', '.join(allowed)}")
 
 
+def _check_policy(config: Any, values: Mapping[str, Any]) -> None:
+  """``policy_args`` builds ``policy`` (see :func:`policy_of`), and an executor without θ_j gets no policy
+  that reads it."""
+  try:
+    policy = policy_of(config)
+  except ValueError as e:
+    raise ConfigError(f"config.policy_args={values.get('policy_args', '{}')!r} is invalid for policy "
+                      f"{values['policy']!r}: {e}") from None
+  if policy.needs_stale_params and values["executor"] not in STALE_PARAMS_EXECUTORS:
+    raise ConfigError(f"policy {policy.name!r} needs θ_j (the weights each gradient was computed on), which "
+                      f"executor {values['executor']!r} does not keep; allowed executors: "
+                      f"{', '.join(STALE_PARAMS_EXECUTORS)}")
+
+
+def policy_args_of(config: Any) -> dict[str, Any]:
+  """``config.policy_args`` as a dict: a JSON object (as ``--config.policy_args='{"a": 0.5}'`` gives it) or a
+  dict; absent or ``""`` is ``{}``."""
+  raw = config.get("policy_args", "{}")
+  if hasattr(raw, "to_dict"):
+    raw = raw.to_dict()
+  if isinstance(raw, dict):
+    return dict(raw)
+  try:
+    args = json.loads(raw or "{}")
+  except (TypeError, ValueError):
+    args = None
+  if not isinstance(args, dict):
+    raise ValueError(f"config.policy_args={raw!r} is not a JSON object; allowed: e.g. '{{\"a\": 0.5}}' or '{{}}'")
+  return args
+
+
+def policy_of(config: Any) -> StalenessPolicy:
+  """The run's staleness policy: ``config.policy`` built with ``config.policy_args``. A policy taking
+  ``learners`` (λ) or ``learning_rate`` (α0) gets ``config.learners`` / ``config.learning_rate`` unless
+  ``policy_args`` sets it. Raises ValueError (one line) for a bad argument."""
+  from sajax import optim
+  args = policy_args_of(config)
+  names = optim.policy_arg_names(config.policy)
+  for key in ("learners", "learning_rate"):
+    if key in names:
+      args.setdefault(key, config[key])
+  return optim.get_policy(config.policy, **args)
+
+
 def protocol_of(config: ml_collections.ConfigDict) -> Protocol:
   """The run's protocol; the pmap executor is SSGD, i.e. hardsync, whatever ``config.protocol`` says."""
   if config.executor == "pmap":
@@ -157,13 +212,22 @@ def schedule_boundaries(config: ml_collections.ConfigDict, per_epoch: float) -> 
   return out
 
 
+def _json_or_same(value: Any) -> Any:
+  try:
+    return json.loads(value) if isinstance(value, str) else value
+  except ValueError:
+    return value
+
+
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   """Keys whose values differ between a saved run config and a new one, ignoring resumable keys."""
   diffs = []
   for key in sorted(set(old) | set(new)):
     if key in RESUMABLE_CHANGES:
       continue
-    a, b = old.get(key), new.get(key)
+    a, b = old.get(key, ABSENT_MEANS.get(key)), new.get(key, ABSENT_MEANS.get(key))
+    if key == "policy_args":
+      a, b = _json_or_same(a), _json_or_same(b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
       a, b = list(a), list(b)
     if isinstance(a, float) or isinstance(b, float):

@@ -71,11 +71,12 @@ def make_schedule(config: ml_collections.ConfigDict, per_epoch: float) -> optax.
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
                    ) -> optax.GradientTransformationExtraArgs:
-  """The paper's optimizer: SGD(α0 with step decays at epoch boundaries, momentum), wrapped staleness-aware."""
+  """The paper's optimizer: SGD(α0 with step decays at epoch boundaries, momentum), wrapped staleness-aware
+  with ``config.policy`` built from ``config.policy_args`` (:func:`sajax.config.policy_of`)."""
   base = optax.sgd(schedule, momentum=config.momentum or None)
   if config.get("weight_decay", 0.0):
     base = optax.chain(optax.add_decayed_weights(config.weight_decay), base)
-  return staleness_aware(base, policy=config.policy)
+  return staleness_aware(base, policy=config_lib.policy_of(config))
 
 
 class Run:

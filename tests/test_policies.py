@@ -1,12 +1,17 @@
 """The built-in staleness policies against numbers worked out by hand from each policy's formula."""
 
+import json
+
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import sajax
+from configs import default
+from sajax import config as config_lib
 from sajax import optim
 
 SIGMAS = [0, 1, 2, 3, 5, 10]
@@ -217,3 +222,47 @@ def test_external_factories_register_with_their_arguments():
                              [0.5, 0.25])
   with pytest.raises(ValueError, match="factory= alone"):
     optim.register_policy("test_bad", factory=sqrt_inverse, scale=lambda s: s)
+
+
+# ---- config ---------------------------------------------------------------------------------------------------
+def _config(**overrides):
+  config = default.get_config()
+  for key, value in overrides.items():
+    config[key] = value
+  return config
+
+
+def test_config_policy_args_build_the_policy_and_fill_learners_and_learning_rate():
+  config = _config(policy="polynomial", policy_args='{"a": 0.25}')
+  config_lib.validate(config)
+  assert dict(config_lib.policy_of(config).args) == {"a": 0.25}
+  config = _config(policy="delay_adaptive", learners=6)
+  config_lib.validate(config)
+  assert dict(config_lib.policy_of(config).args) == {"learners": 6}
+  config = _config(policy="gap_aware", learning_rate=0.2, policy_args=json.dumps({"decay": 0.99}))
+  assert dict(config_lib.policy_of(config).args) == {"learning_rate": 0.2, "decay": 0.99, "eps": 1e-8}
+  as_dict = ml_collections.ConfigDict(dict(_config(policy="drop").to_dict(), policy_args={"bound": 5}))
+  config_lib.validate(as_dict)        # a config file may give policy_args as a dict
+  assert dict(config_lib.policy_of(as_dict).args) == {"bound": 5}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"policy": "hinge", "policy_args": '{"c": 1}'}, r"'c' for policy 'hinge'; allowed: a, b"),
+    ({"policy": "drop"}, r"needs argument\(s\) bound; allowed: bound"),
+    ({"policy": "polynomial", "policy_args": "a=0.5"}, r"not a JSON object; allowed"),
+    ({"policy": "dc_asgd", "executor": "pmap"}, r"needs θ_j .*allowed executors: threads, simulated, mpi$"),
+    ({"policy": "gap_aware", "executor": "pmap"}, r"allowed executors: threads, simulated, mpi$"),
+])
+def test_config_rejects_bad_policy_args_in_one_line(overrides, message):
+  with pytest.raises(config_lib.ConfigError, match=message) as info:
+    config_lib.validate(_config(**overrides))
+  assert "\n" not in str(info.value)
+
+
+def test_config_differences_ignore_how_policy_args_are_spelled_and_their_absence():
+  new = _config(policy_args='{"a":0.5}').to_dict()
+  old = dict(new, policy_args='{"a": 0.5}')
+  assert config_lib.config_differences(old, new) == []
+  old = {k: v for k, v in _config().to_dict().items() if k != "policy_args"}
+  assert config_lib.config_differences(old, _config().to_dict()) == []
+  assert config_lib.config_differences(dict(old, policy_args='{"a": 1}'), _config().to_dict()) != []
