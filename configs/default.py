@@ -50,13 +50,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.fail_fast = False            # stop the run instead when a learner raises
   config.fault_learner = -1           # fault injection for experiments: this learner raises (-1: none) ...
   config.fault_at_step = 0            # ... at this step of its own
-  # simulated executor: each learner's simulated time per gradient
+  # simulated executor: each learner's simulated time per gradient (sajax/executors/speed.py)
+  config.sim_profile = ""             # "" (the keys below as they are) | one_slow (learner 0 sim_slowdown× slower)
+                                      # | heterogeneous (sim_speeds, default 0.58, 0.75, 1.51, 3.33 s as in async
+                                      # local-SGD, cycled over λ) | lognormal (mean-1 jitter of σ sim_jitter)
   config.sim_base_time = 1.0          # seconds of simulated time per gradient
-  config.sim_jitter = 0.0             # σ of a lognormal factor per gradient (0: none)
+  config.sim_jitter = 0.0             # σ of a lognormal factor per gradient (0: none; mean 1 in a named profile)
   config.sim_stragglers = 0.0         # fraction of learners (the lowest ids) that are slow ...
   config.sim_slowdown = 4.0           # ... by this factor
   config.sim_poisson = False          # exponential times with the same mean (Poisson arrivals)
-  config.sim_speeds = ()              # or one time factor per learner
+  config.sim_speeds = ()              # or one time factor per learner (heterogeneous: a pattern of any length)
   config.sim_ring = 0                 # versions kept per device for batched gradients (0: from the protocol)
   config.sim_batching = "auto"        # how a device batches its learners: auto | unrolled (CPU) | vmap (GPU)
   return config

@@ -34,14 +34,15 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "fault_at_step": (int,), "sim_base_time": (float, int), "sim_jitter": (float, int),
     "sim_stragglers": (float, int), "sim_slowdown": (float, int), "sim_poisson": (bool,),
     "sim_speeds": (tuple, list), "sim_ring": (int,), "sim_batching": (str,), "policy_args": (str, dict),
+    "sim_profile": (str,),
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
                            "fail_fast", "fault_learner", "fault_at_step", "sim_base_time", "sim_jitter",
                            "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds", "sim_ring",
-                           "sim_batching", "policy_args"})
+                           "sim_batching", "policy_args", "sim_profile"})
 
 # What an optional key that a saved config lacks means (so a run saved before the key existed still resumes).
-ABSENT_MEANS: Mapping[str, Any] = {"policy_args": "{}"}
+ABSENT_MEANS: Mapping[str, Any] = {"policy_args": "{}", "sim_profile": ""}
 
 # Executors whose learners send θ_j's version to a parameter server, so a policy that reads θ_j can run there.
 STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi")
@@ -116,11 +117,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.sim_jitter={values['sim_jitter']!r} is invalid; allowed: a number >= 0")
   if not 0 <= values.get("sim_stragglers", 0) <= 1:
     raise ConfigError(f"config.sim_stragglers={values['sim_stragglers']!r} is invalid; allowed: 0 <= fraction <= 1")
-  speeds = tuple(values.get("sim_speeds", ()))
-  if speeds and (len(speeds) != values["learners"] or not all(
-      isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in speeds)):
-    raise ConfigError(f"config.sim_speeds={speeds!r} is invalid; allowed: () or {values['learners']} positive "
-                      "time factors, one per learner")
+  _check_speed_profile(values)
   if not -1 <= values.get("fault_learner", -1) < values["learners"]:
     raise ConfigError(f"config.fault_learner={values['fault_learner']!r} is invalid; "
                       f"allowed: -1 (no fault) or a learner id 0..{values['learners'] - 1}")
@@ -154,6 +151,29 @@ def _check_policy(config: Any, values: Mapping[str, Any]) -> None:
     raise ConfigError(f"policy {policy.name!r} needs θ_j (the weights each gradient was computed on), which "
                       f"executor {values['executor']!r} does not keep; allowed executors: "
                       f"{', '.join(STALE_PARAMS_EXECUTORS)}")
+
+
+def _check_speed_profile(values: Mapping[str, Any]) -> None:
+  """``sim_profile`` and the ``sim_*`` keys it reads (see :mod:`sajax.executors.speed`)."""
+  from sajax.executors import speed
+  profile = values.get("sim_profile", "")
+  if profile not in speed.PROFILES:
+    raise ConfigError(f"unknown sim_profile {profile!r}; allowed: {', '.join(map(repr, speed.PROFILES))}")
+  speeds = tuple(values.get("sim_speeds", ()))
+  if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in speeds):
+    raise ConfigError(f"config.sim_speeds={speeds!r} is invalid; allowed: positive time factors")
+  if profile == "heterogeneous":
+    return    # sim_speeds, of any length, is the pattern cycled over the learners
+  if speeds and (profile or len(speeds) != values["learners"]):
+    allowed = f"() or {values['learners']} positive time factors, one per learner" if not profile else \
+        "() (sim_speeds is read by sim_profile '' or 'heterogeneous')"
+    raise ConfigError(f"config.sim_speeds={speeds!r} is invalid with sim_profile={profile!r}; allowed: {allowed}")
+  if profile and values.get("sim_stragglers", 0):
+    raise ConfigError(f"config.sim_stragglers={values['sim_stragglers']!r} is invalid with sim_profile="
+                      f"{profile!r}; allowed: 0 (sim_stragglers is read by sim_profile '' only)")
+  if profile == "lognormal" and not values.get("sim_jitter", 0) > 0:
+    raise ConfigError(f"config.sim_jitter={values.get('sim_jitter', 0)!r} is invalid with sim_profile='lognormal'; "
+                      "allowed: a number > 0 (the σ of the log of each gradient's time)")
 
 
 def policy_args_of(config: Any) -> dict[str, Any]:
