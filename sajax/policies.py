@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sajax.optim import StalenessPolicy, register_policy
+from sajax.optim import StalenessPolicy, _weighted_mean, register_policy
 
 Array = jax.Array
 PyTree = Any
@@ -139,7 +139,9 @@ def _init_square_average(params: PyTree) -> SquareAverageState:
 
 def _advance(state: SquareAverageState, grads: PyTree, decay: float) -> SquareAverageState:
   """ν ← β·ν + (1 − β)·(1/c) Σ_l g_l² for the c gradients stacked on the leading axis of ``grads``."""
-  nu = jax.tree.map(lambda v, g: decay * v + (1.0 - decay) * jnp.mean(jnp.square(g), axis=0).astype(v.dtype),
+  # _weighted_mean, not jnp.mean(..., axis=0): XLA CPU reduces a leading axis ~85× slower (36 vs 0.43 ms on a
+  # (4, 3136, 128) leaf), see sajax.optim.
+  nu = jax.tree.map(lambda v, g: decay * v + (1.0 - decay) * _weighted_mean(jnp.square(g), None).astype(v.dtype),
                     state.nu, grads)
   return SquareAverageState(count=state.count + 1, nu=nu)
 
