@@ -3,8 +3,9 @@
 Each function below builds a :class:`~sajax.optim.StalenessPolicy` from the policy's arguments and is
 registered under its own name, so ``staleness_aware(tx, policy="hinge", policy_args={"b": 8})``,
 ``get_policy("hinge", b=8)`` and ``policies.hinge(b=8)`` are the same policy. A default is the constant the
-policy's paper recommends (each docstring says which); an argument with no default has no such constant. σ is
-the staleness i − j of a gradient computed on θ_j and applied to θ_i; a negative σ counts as 0.
+policy's paper recommends (each docstring says which); an argument without one is either the run's own (λ,
+α0: :func:`sajax.config.policy_of` passes them) or has no recommended value (``drop``'s R). σ is the
+staleness i − j of a gradient computed on θ_j and applied to θ_i; a negative σ counts as 0.
 
 Scale policies multiply gradient l by s(σ_l). Policies that read θ_j (``needs_stale_params``) adjust each
 gradient element-wise; the two with state keep an EMA of squared gradients in the transform's state
