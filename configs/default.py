@@ -24,7 +24,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.n = 2                        # n of n-softsync: c = ⌊λ/n⌋ gradients per update
   config.learners = 8                 # λ
   config.batch_per_learner = 16       # μ
-  config.policy = "inverse"           # staleness policy: inverse (α0/σ, the paper) | constant (plain ASGD)
+  config.policy = "inverse"           # staleness policy: inverse (α0/σ, the paper) | constant (plain ASGD) |
+                                      # polynomial | exponential | hinge | delay_adaptive | drop | dc_asgd |
+                                      # dc_asgd_adaptive | gap_aware (sajax/policies.py: formulas, references)
+  config.policy_args = "{}"           # the policy's arguments as JSON, e.g. '{"a": 0.5}' (polynomial) or
+                                      # '{"bound": 8}' (drop); unset ones take the paper's defaults, and
+                                      # learners and learning_rate default to λ and α0
   # optimisation: SGD with momentum and a step schedule, as in the paper
   # α0 for a mini-batch of λμ examples. Momentum 0.5, not 0.9: with stale gradients (even σ ≈ 1) momentum
   # 0.9 at this α0 trained far slower here (docs/benchmarks.md); asynchrony itself acts like extra momentum.
@@ -52,13 +57,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.divergence_after = 100       # consecutive non-finite gradients that end the run as diverged (exit 3)
   config.mpi_timeout_s = 600.0        # executor=mpi: start-up/shutdown waits for another rank, then fail naming it
   config.fault_mpi_corrupt_weights = 0  # fault injection: rank 0 corrupts the first k weights messages to each rank
-  # simulated executor: each learner's simulated time per gradient
+  # simulated executor: each learner's simulated time per gradient (sajax/executors/speed.py)
+  config.sim_profile = ""             # "" (the keys below as they are) | one_slow (learner 0 sim_slowdown× slower)
+                                      # | heterogeneous (sim_speeds, default 0.58, 0.75, 1.51, 3.33 s as in async
+                                      # local-SGD, cycled over λ) | lognormal (mean-1 jitter of σ sim_jitter)
   config.sim_base_time = 1.0          # seconds of simulated time per gradient
-  config.sim_jitter = 0.0             # σ of a lognormal factor per gradient (0: none)
+  config.sim_jitter = 0.0             # σ of a lognormal factor per gradient (0: none; mean 1 in a named profile)
   config.sim_stragglers = 0.0         # fraction of learners (the lowest ids) that are slow ...
   config.sim_slowdown = 4.0           # ... by this factor
   config.sim_poisson = False          # exponential times with the same mean (Poisson arrivals)
-  config.sim_speeds = ()              # or one time factor per learner
+  config.sim_speeds = ()              # or one time factor per learner (heterogeneous: a pattern of any length)
   config.sim_ring = 0                 # versions kept per device for batched gradients (0: from the protocol)
   config.sim_batching = "auto"        # how a device batches its learners: auto | unrolled (CPU) | vmap (GPU)
   return config

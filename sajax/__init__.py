@@ -5,14 +5,16 @@ core need only jax, optax and numpy (a plain ``pip install``); the trainers (:fu
 the ``train`` extra (``pip install 'sajax[train]'``).
 """
 
-from sajax.optim import (StalenessAwareState, StalenessPolicy, available_policies, get_policy,
+from sajax.optim import (StalenessAwareState, StalenessPolicy, available_policies, get_policy, policy_arg_names,
                          register_policy, staleness_aware, staleness_scale)
+from sajax import policies  # noqa: E402,F401 - registers the built-in policies
 from sajax.protocol import Protocol
 from sajax.server import ParameterServer, PushResult, StalenessStats
 
 __all__ = [
-    "ParameterServer", "Protocol", "PushResult", "StalenessAwareState", "StalenessStats", "StalenessPolicy", "available_policies", "get_policy",
-    "register_policy", "staleness_aware", "staleness_scale", "train",
+    "ParameterServer", "Protocol", "PushResult", "StalenessAwareState", "StalenessStats", "StalenessPolicy",
+    "available_policies", "get_policy", "policies", "policy_arg_names", "register_policy", "staleness_aware",
+    "staleness_scale", "train",
 ]
 __version__ = "0.1.0"
 

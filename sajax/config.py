@@ -6,12 +6,16 @@ allowed; the launcher prints it and exits with code 2 before anything is written
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import ml_collections
 
 from sajax.protocol import PROTOCOLS, Protocol
+
+if TYPE_CHECKING:
+  from sajax.optim import StalenessPolicy
 
 EXECUTORS: tuple[str, ...] = ("pmap", "threads", "simulated", "mpi")
 """pmap: SSGD data parallel (no PS); threads: λ learner threads around one parameter server; simulated:
@@ -31,14 +35,21 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "divergence_after": (int,), "mpi_timeout_s": (float, int), "fault_mpi_corrupt_weights": (int,),
     "sim_base_time": (float, int), "sim_jitter": (float, int),
     "sim_stragglers": (float, int), "sim_slowdown": (float, int), "sim_poisson": (bool,),
-    "sim_speeds": (tuple, list), "sim_ring": (int,), "sim_batching": (str,),
+    "sim_speeds": (tuple, list), "sim_ring": (int,), "sim_batching": (str,), "policy_args": (str, dict),
+    "sim_profile": (str,),
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
                            "fail_fast", "fault_learner", "fault_at_step", "nan_learners", "nan_at_step",
                            "nan_steps", "divergence_after", "mpi_timeout_s", "fault_mpi_corrupt_weights",
                            "sim_base_time", "sim_jitter",
                            "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds", "sim_ring",
-                           "sim_batching"})
+                           "sim_batching", "policy_args", "sim_profile"})
+
+# What an optional key that a saved config lacks means (so a run saved before the key existed still resumes).
+ABSENT_MEANS: Mapping[str, Any] = {"policy_args": "{}", "sim_profile": ""}
+
+# Executors whose learners send θ_j's version to a parameter server, so a policy that reads θ_j can run there.
+STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi")
 
 # Keys that may change between a run and its resumption in the same workdir.
 RESUMABLE_CHANGES = frozenset({"epochs", "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints",
@@ -85,6 +96,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("learning_rate", "epochs", "eval_every_epochs", "checkpoint_every_epochs", "eval_batch_size",
               "keep_checkpoints", "lr_decay"):
     positive(key)
+  _check_policy(config, values)
   if not 0 <= values["momentum"] < 1:
     raise ConfigError(f"config.momentum={values['momentum']!r} is invalid; allowed: 0 <= momentum < 1")
   if values.get("weight_decay", 0) < 0:
@@ -109,11 +121,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.sim_jitter={values['sim_jitter']!r} is invalid; allowed: a number >= 0")
   if not 0 <= values.get("sim_stragglers", 0) <= 1:
     raise ConfigError(f"config.sim_stragglers={values['sim_stragglers']!r} is invalid; allowed: 0 <= fraction <= 1")
-  speeds = tuple(values.get("sim_speeds", ()))
-  if speeds and (len(speeds) != values["learners"] or not all(
-      isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in speeds)):
-    raise ConfigError(f"config.sim_speeds={speeds!r} is invalid; allowed: () or {values['learners']} positive "
-                      "time factors, one per learner")
+  _check_speed_profile(values)
   _check_faults(values)
   if not -1 <= values.get("fault_learner", -1) < values["learners"]:
     raise ConfigError(f"config.fault_learner={values['fault_learner']!r} is invalid; "
@@ -153,6 +161,73 @@ def _one_of(key: str, value: Any, allowed: tuple[str, ...]) -> None:
     raise ConfigError(f"unknown {key} {value!r}; allowed: {', '.join(allowed)}")
 
 
+def _check_policy(config: Any, values: Mapping[str, Any]) -> None:
+  """``policy_args`` builds ``policy`` (see :func:`policy_of`), and an executor without θ_j gets no policy
+  that reads it."""
+  try:
+    policy = policy_of(config)
+  except ValueError as e:
+    raise ConfigError(f"config.policy_args={values.get('policy_args', '{}')!r} is invalid for policy "
+                      f"{values['policy']!r}: {e}") from None
+  if policy.needs_stale_params and values["executor"] not in STALE_PARAMS_EXECUTORS:
+    raise ConfigError(f"policy {policy.name!r} needs θ_j (the weights each gradient was computed on), which "
+                      f"executor {values['executor']!r} does not keep; allowed executors: "
+                      f"{', '.join(STALE_PARAMS_EXECUTORS)}")
+
+
+def _check_speed_profile(values: Mapping[str, Any]) -> None:
+  """``sim_profile`` and the ``sim_*`` keys it reads (see :mod:`sajax.executors.speed`)."""
+  from sajax.executors import speed
+  profile = values.get("sim_profile", "")
+  if profile not in speed.PROFILES:
+    raise ConfigError(f"unknown sim_profile {profile!r}; allowed: {', '.join(map(repr, speed.PROFILES))}")
+  speeds = tuple(values.get("sim_speeds", ()))
+  if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in speeds):
+    raise ConfigError(f"config.sim_speeds={speeds!r} is invalid; allowed: positive time factors")
+  if profile == "heterogeneous":
+    return    # sim_speeds, of any length, is the pattern cycled over the learners
+  if speeds and (profile or len(speeds) != values["learners"]):
+    allowed = f"() or {values['learners']} positive time factors, one per learner" if not profile else \
+        "() (sim_speeds is read by sim_profile '' or 'heterogeneous')"
+    raise ConfigError(f"config.sim_speeds={speeds!r} is invalid with sim_profile={profile!r}; allowed: {allowed}")
+  if profile and values.get("sim_stragglers", 0):
+    raise ConfigError(f"config.sim_stragglers={values['sim_stragglers']!r} is invalid with sim_profile="
+                      f"{profile!r}; allowed: 0 (sim_stragglers is read by sim_profile '' only)")
+  if profile == "lognormal" and not values.get("sim_jitter", 0) > 0:
+    raise ConfigError(f"config.sim_jitter={values.get('sim_jitter', 0)!r} is invalid with sim_profile='lognormal'; "
+                      "allowed: a number > 0 (the σ of the log of each gradient's time)")
+
+
+def policy_args_of(config: Any) -> dict[str, Any]:
+  """``config.policy_args`` as a dict: a JSON object (as ``--config.policy_args='{"a": 0.5}'`` gives it) or a
+  dict; absent or ``""`` is ``{}``."""
+  raw = config.get("policy_args", "{}")
+  if hasattr(raw, "to_dict"):
+    raw = raw.to_dict()
+  if isinstance(raw, dict):
+    return dict(raw)
+  try:
+    args = json.loads(raw or "{}")
+  except (TypeError, ValueError):
+    args = None
+  if not isinstance(args, dict):
+    raise ValueError(f"config.policy_args={raw!r} is not a JSON object; allowed: e.g. '{{\"a\": 0.5}}' or '{{}}'")
+  return args
+
+
+def policy_of(config: Any) -> StalenessPolicy:
+  """The run's staleness policy: ``config.policy`` built with ``config.policy_args``. A policy taking
+  ``learners`` (λ) or ``learning_rate`` (α0) gets ``config.learners`` / ``config.learning_rate`` unless
+  ``policy_args`` sets it. Raises ValueError (one line) for a bad argument."""
+  from sajax import optim
+  args = policy_args_of(config)
+  names = optim.policy_arg_names(config.policy)
+  for key in ("learners", "learning_rate"):
+    if key in names:
+      args.setdefault(key, config[key])
+  return optim.get_policy(config.policy, **args)
+
+
 def protocol_of(config: ml_collections.ConfigDict) -> Protocol:
   """The run's protocol; the pmap executor is SSGD, i.e. hardsync, whatever ``config.protocol`` says."""
   if config.executor == "pmap":
@@ -179,13 +254,22 @@ def schedule_boundaries(config: ml_collections.ConfigDict, per_epoch: float) -> 
   return out
 
 
+def _json_or_same(value: Any) -> Any:
+  try:
+    return json.loads(value) if isinstance(value, str) else value
+  except ValueError:
+    return value
+
+
 def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
   """Keys whose values differ between a saved run config and a new one, ignoring resumable keys."""
   diffs = []
   for key in sorted(set(old) | set(new)):
     if key in RESUMABLE_CHANGES:
       continue
-    a, b = old.get(key), new.get(key)
+    a, b = old.get(key, ABSENT_MEANS.get(key)), new.get(key, ABSENT_MEANS.get(key))
+    if key == "policy_args":
+      a, b = _json_or_same(a), _json_or_same(b)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
       a, b = list(a), list(b)
     if isinstance(a, float) or isinstance(b, float):

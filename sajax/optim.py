@@ -9,15 +9,19 @@ the learning rate per gradient, α = α0 / σ (α0 when σ = 0). With c gradient
 
 where s is the *staleness policy*. :func:`staleness_aware` applies s to each gradient, combines the c
 gradients, and hands the result to any base optax optimizer (one base step, e.g. one momentum step, per PS
-update). Nothing here has threads or state beyond the base optimizer's: it is a pure optax transform that
-drops into anyone's training loop.
+update). Nothing here has threads, and no state beyond the base optimizer's and a policy's own (an EMA,
+inside the transform's state): it is a pure optax transform that drops into anyone's training loop.
+
+This module is the mechanism (the policy type, the registry, the transform); the built-in policies, each with
+its formula and reference, are in :mod:`sajax.policies`, registered when ``sajax`` is imported.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Optional
+import inspect
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -29,8 +33,25 @@ PyTree = Any
 ScaleFn = Callable[[Array], Array]
 """s(σ): staleness (int array, any shape) -> multiplicative factor (float32, same shape)."""
 
-AdjustFn = Callable[..., PyTree]
-"""(grads, staleness, *, params, stale_params) -> adjusted grads, for a single gradient (scalar σ)."""
+AdjustFn = Callable[..., Any]
+"""Stateless: (grads, staleness, *, params, stale_params) -> adjusted grads, for one gradient (scalar σ).
+Stateful (the policy has an ``init``): (grads, staleness, *, params, stale_params, state) -> (adjusted grads,
+new state), for all c gradients of an update at once (stacked on a leading axis, σ of shape (c,))."""
+
+InitFn = Callable[[PyTree], PyTree]
+"""params -> the policy's state (kept in :class:`StalenessAwareState`, so it is checkpointed)."""
+
+
+def no_state(params: PyTree) -> optax.EmptyState:
+  """The ``init`` of a stateless policy."""
+  del params
+  return optax.EmptyState()
+
+
+def accept_all(staleness: int) -> bool:
+  """The ``accepts`` of a policy that applies every gradient, however stale."""
+  del staleness
+  return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,49 +62,106 @@ class StalenessPolicy:
   ``adjust(grads, staleness, params=θ_i, stale_params=θ_j)`` for policies that also read the weights the
   gradient was computed on (delay-compensated ASGD, gap-aware scaling). ``needs_stale_params`` tells the
   parameter server to keep θ_j alive (a reference, not a copy) until the gradient computed on it is applied.
+
+  A policy with state (an EMA) gives ``init(params) -> state``; its ``adjust`` then sees the c gradients of an
+  update together and returns ``(adjusted, new_state)`` (see :data:`AdjustFn`), so the state advances once
+  per transform update. ``accepts(σ)`` is a host-side test the parameter server applies before counting a
+  gradient toward c: a rejected gradient is discarded (counted as stale-dropped), never applied.
+  ``args`` records the arguments the policy was built with.
   """
 
   name: str
   scale: Optional[ScaleFn] = None
   adjust: Optional[AdjustFn] = None
   needs_stale_params: bool = False
+  init: InitFn = no_state
+  accepts: Callable[[int], bool] = accept_all
+  args: tuple[tuple[str, Any], ...] = ()
+
+  @property
+  def stateful(self) -> bool:
+    """Whether the policy keeps state (its ``adjust`` then works on all c gradients and the state)."""
+    return self.init is not no_state
 
   def apply(self, grads: PyTree, staleness: Array, *, params: PyTree = None,
             stale_params: PyTree = None) -> PyTree:
-    """Adjusts one gradient (``staleness`` is a scalar)."""
+    """Adjusts one gradient (``staleness`` is a scalar) with a stateless policy."""
+    if self.stateful:
+      raise ValueError(f"policy {self.name!r} keeps state; adjust its gradients with combine_gradients")
     if self.adjust is not None:
       return self.adjust(grads, staleness, params=params, stale_params=stale_params)
     factor = self.scale(staleness)
     return jax.tree.map(lambda g: g * factor.astype(g.dtype), grads)
 
 
-_POLICIES: dict[str, StalenessPolicy] = {}
+PolicyFactory = Callable[..., StalenessPolicy]
+"""Keyword arguments (a policy's parameters) -> :class:`StalenessPolicy`."""
+
+_POLICIES: dict[str, PolicyFactory] = {}
 
 
 def register_policy(name: str, *, scale: Optional[ScaleFn] = None, adjust: Optional[AdjustFn] = None,
-                    needs_stale_params: bool = False, overwrite: bool = False) -> StalenessPolicy:
+                    needs_stale_params: bool = False, init: Optional[InitFn] = None,
+                    accepts: Optional[Callable[[int], bool]] = None, factory: Optional[PolicyFactory] = None,
+                    overwrite: bool = False) -> StalenessPolicy | PolicyFactory:
   """Adds a staleness policy under ``name`` so that ``staleness_aware(tx, policy=name)`` and configs find it.
 
-  Exactly one of ``scale`` (s(σ), jit/vmap-safe, elementwise on an int array) or ``adjust`` (a function of
-  the gradient, σ, the current θ_i and the stale θ_j) must be given. Code outside sajax extends the
-  registry this way; it never needs to edit sajax.
+  Either a fixed policy, from exactly one of ``scale`` (s(σ), jit/vmap-safe, elementwise on an int array) or
+  ``adjust`` (a function of the gradient, σ, the current θ_i and the stale θ_j; with ``init``, stateful, see
+  :data:`AdjustFn`), or a parametrised one: ``factory(**args) -> StalenessPolicy``, whose keyword parameters
+  are the policy's arguments (``get_policy(name, **args)``, ``policy_args=`` of :func:`staleness_aware`).
+  Code outside sajax extends the registry this way; it never needs to edit sajax.
+
+  Returns the fixed :class:`StalenessPolicy`, or ``factory``.
   """
-  if (scale is None) == (adjust is None):
-    raise ValueError(f"policy {name!r}: give exactly one of scale= or adjust=")
+  if factory is not None:
+    if scale is not None or adjust is not None or init is not None or accepts is not None or needs_stale_params:
+      raise ValueError(f"policy {name!r}: give factory= alone (the factory sets scale/adjust/init/accepts)")
+  elif (scale is None) == (adjust is None):
+    raise ValueError(f"policy {name!r}: give exactly one of scale=, adjust= or factory=")
+  elif init is not None and adjust is None:
+    raise ValueError(f"policy {name!r}: init= (state) needs adjust=, not scale=")
   if name in _POLICIES and not overwrite:
     raise ValueError(f"policy {name!r} is already registered; pass overwrite=True to replace it")
-  policy = StalenessPolicy(name, scale=scale, adjust=adjust, needs_stale_params=needs_stale_params)
-  _POLICIES[name] = policy
-  return policy
-
-
-def get_policy(policy: str | StalenessPolicy) -> StalenessPolicy:
-  """Looks a policy up by name (a :class:`StalenessPolicy` passes through)."""
-  if isinstance(policy, StalenessPolicy):
+  if factory is None:
+    policy = StalenessPolicy(name, scale=scale, adjust=adjust, needs_stale_params=needs_stale_params,
+                             init=init or no_state, accepts=accepts or accept_all)
+    _POLICIES[name] = lambda: policy
     return policy
+  _POLICIES[name] = factory
+  return factory
+
+
+def get_policy(policy: str | StalenessPolicy, **args: Any) -> StalenessPolicy:
+  """The policy registered as ``policy``, built with ``args`` (a :class:`StalenessPolicy` passes through).
+
+  >>> get_policy("polynomial", a=1.0).scale(3).item()
+  0.25
+
+  Raises:
+    ValueError: (one line) an unknown name, an argument the policy does not take, a missing one, or a bad value.
+  """
+  if isinstance(policy, StalenessPolicy):
+    if args:
+      raise ValueError(f"policy {policy.name!r} is already built; got arguments {', '.join(args)}; allowed: none")
+    return policy
+  allowed = policy_arg_names(policy)
+  for key in args:
+    if key not in allowed:
+      raise ValueError(f"unknown argument {key!r} for policy {policy!r}; allowed: {', '.join(allowed) or 'none'}")
+  factory = _POLICIES[policy]
+  missing = [p.name for p in inspect.signature(factory).parameters.values()
+             if p.default is inspect.Parameter.empty and p.name not in args]
+  if missing:
+    raise ValueError(f"policy {policy!r} needs argument(s) {', '.join(missing)}; allowed: {', '.join(allowed)}")
+  return factory(**args)
+
+
+def policy_arg_names(policy: str) -> tuple[str, ...]:
+  """The arguments a registered policy takes (``()`` for a fixed policy such as ``inverse``)."""
   if policy not in _POLICIES:
     raise ValueError(f"unknown staleness policy {policy!r}; allowed: {', '.join(available_policies())}")
-  return _POLICIES[policy]
+  return tuple(inspect.signature(_POLICIES[policy]).parameters)
 
 
 def available_policies() -> tuple[str, ...]:
@@ -91,59 +169,61 @@ def available_policies() -> tuple[str, ...]:
   return tuple(_POLICIES)
 
 
-def _inverse(staleness: Array) -> Array:
-  """The paper's rule: s(σ) = 1/σ for σ ≥ 1 and s(0) = 1 (a negative σ is treated as 0)."""
-  sigma = jnp.asarray(staleness, jnp.float32)
-  return jnp.where(sigma >= 1.0, 1.0 / jnp.maximum(sigma, 1.0), 1.0)
-
-
-def _constant(staleness: Array) -> Array:
-  """Plain ASGD: s ≡ 1, staleness is ignored (the paper's comparison)."""
-  return jnp.ones(jnp.shape(staleness), jnp.float32)
-
-
-register_policy("inverse", scale=_inverse)
-register_policy("constant", scale=_constant)
-
-
-def staleness_scale(staleness: Any, policy: str | StalenessPolicy = "inverse") -> Array:
+def staleness_scale(staleness: Any, policy: str | StalenessPolicy = "inverse",
+                    policy_args: Optional[Mapping[str, Any]] = None) -> Array:
   """s(σ) of a scale policy, as a float32 array of the shape of ``staleness``; jit- and vmap-safe.
 
   >>> staleness_scale(4).item(), staleness_scale(0).item()
   (0.25, 1.0)
   """
-  p = get_policy(policy)
+  p = get_policy(policy, **(policy_args or {}))
   if p.scale is None:
     raise ValueError(f"policy {p.name!r} adjusts gradients with parameters; it has no scalar scale s(σ)")
   return p.scale(jnp.asarray(staleness))
 
 
 class StalenessAwareState(NamedTuple):
-  """State of :func:`staleness_aware`: the base optimizer's state, untouched."""
+  """State of :func:`staleness_aware`: the base optimizer's state, untouched, and the policy's own state
+  (``optax.EmptyState()`` for a stateless policy)."""
 
   inner_state: optax.OptState
+  policy_state: PyTree = optax.EmptyState()
 
 
 def combine_gradients(grads: PyTree, staleness: Array, policy: StalenessPolicy, *, params: PyTree = None,
-                      stale_params: PyTree = None) -> PyTree:
-  """(1/c) Σ_l s(σ_l) · g_l for c gradients stacked on a leading axis; a scalar σ adjusts one gradient."""
+                      stale_params: PyTree = None, policy_state: PyTree = optax.EmptyState()
+                      ) -> tuple[PyTree, PyTree]:
+  """((1/c) Σ_l adjust_l(g_l), new policy state) for c gradients stacked on a leading axis (σ of shape (c,));
+  a scalar σ adjusts one gradient. For a scale policy adjust_l(g) = s(σ_l) · g."""
   staleness = jnp.asarray(staleness)
-  if staleness.ndim == 0:
-    return policy.apply(grads, staleness, params=params, stale_params=stale_params)
-  if staleness.ndim != 1:
+  if staleness.ndim > 1:
     raise ValueError(f"staleness must be a scalar or an int vector of length c, got shape {staleness.shape}")
-  c = staleness.shape[0]
+  single = staleness.ndim == 0
+  if policy.stateful:    # one call on all c gradients (a single one gets a leading axis of 1)
+    if single:
+      grads, stale_params = jax.tree.map(lambda x: x[None], (grads, stale_params))
+      staleness = staleness[None]
+    _check_leading_axis(grads, staleness.shape[0])
+    adjusted, policy_state = policy.adjust(grads, staleness, params=params, stale_params=stale_params,
+                                           state=policy_state)
+    return jax.tree.map(lambda g: g[0] if single else _weighted_mean(g, None), adjusted), policy_state
+  if single:
+    return policy.apply(grads, staleness, params=params, stale_params=stale_params), policy_state
+  _check_leading_axis(grads, staleness.shape[0])
+  if policy.adjust is None:
+    scales = policy.scale(staleness)
+    return jax.tree.map(lambda g: _weighted_mean(g, scales), grads), policy_state
+  stale_axis = None if stale_params is None else 0
+  adjusted = jax.vmap(lambda g, s, sp: policy.apply(g, s, params=params, stale_params=sp),
+                      in_axes=(0, 0, stale_axis))(grads, staleness, stale_params)
+  return jax.tree.map(lambda g: _weighted_mean(g, None), adjusted), policy_state
+
+
+def _check_leading_axis(grads: PyTree, c: int) -> None:
   for leaf in jax.tree.leaves(grads):
     if leaf.shape[:1] != (c,):
       raise ValueError(f"with staleness of length c={c}, every gradient leaf needs a leading axis of {c}; "
                        f"got a leaf of shape {leaf.shape}")
-  if policy.adjust is None:
-    scales = policy.scale(staleness)
-    return jax.tree.map(lambda g: _weighted_mean(g, scales), grads)
-  stale_axis = None if stale_params is None else 0
-  adjusted = jax.vmap(lambda g, s, sp: policy.apply(g, s, params=params, stale_params=sp),
-                      in_axes=(0, 0, stale_axis))(grads, staleness, stale_params)
-  return jax.tree.map(lambda g: _weighted_mean(g, None), adjusted)
 
 
 def _weighted_mean(stacked: Array, weights: Optional[Array]) -> Array:
@@ -160,8 +240,8 @@ def _weighted_mean(stacked: Array, weights: Optional[Array]) -> Array:
   return functools.reduce(jnp.add, terms) / c
 
 
-def staleness_aware(base_tx: optax.GradientTransformation,
-                    policy: str | StalenessPolicy = "inverse") -> optax.GradientTransformationExtraArgs:
+def staleness_aware(base_tx: optax.GradientTransformation, policy: str | StalenessPolicy = "inverse",
+                    policy_args: Optional[Mapping[str, Any]] = None) -> optax.GradientTransformationExtraArgs:
   """Wraps ``base_tx`` so that each gradient is modulated by its staleness before the base step.
 
   The update is ``base_tx`` applied to (1/c) Σ_l s(σ_l) · g_l: with SGD(α0) and the ``inverse`` policy this is
@@ -170,34 +250,39 @@ def staleness_aware(base_tx: optax.GradientTransformation,
   Args:
     base_tx: any optax transformation (``optax.sgd(schedule, momentum=0.9)`` in the paper; Adam,
       ``optax.chain``, ``optax.inject_hyperparams`` ... all work). Extra keyword args are forwarded to it.
-    policy: a registered policy name (``"inverse"`` s(σ) = 1/σ, s(0) = 1; ``"constant"`` s ≡ 1) or a
-      :class:`StalenessPolicy`.
+    policy: a registered policy name (``"inverse"`` s(σ) = 1/σ, s(0) = 1; ``"constant"`` s ≡ 1; the others in
+      :mod:`sajax.policies`) or a :class:`StalenessPolicy`.
+    policy_args: the policy's arguments, e.g. ``{"a": 0.5}`` for ``"polynomial"`` (see :func:`get_policy`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update(updates, state, params, *, staleness,
     stale_params=None, combined=False)`` takes either one gradient with a scalar σ, or c gradients stacked on a
     leading axis with an int vector σ of length c (``stale_params`` stacked the same way, for policies that
-    read θ_j), or, with ``combined=True`` and a scale policy, the combination (1/c) Σ_l s(σ_l) · g_l already
-    formed by the caller (the parameter server keeps it as a running sum: O(d) memory, not O(c·d)).
+    read θ_j), or, with ``combined=True`` and a stateless scale policy, the combination (1/c) Σ_l s(σ_l) · g_l
+    already formed by the caller (the parameter server keeps it as a running sum: O(d) memory, not O(c·d)).
+    A stateful policy's state lives in ``StalenessAwareState.policy_state`` and advances once per update.
     Stacked gradients must reach this transform first: put it outermost, or first in an ``optax.chain``.
   """
-  policy_obj = get_policy(policy)
+  policy_obj = get_policy(policy, **(policy_args or {}))
   base_tx = optax.with_extra_args_support(base_tx)
 
   def init_fn(params: PyTree) -> StalenessAwareState:
-    return StalenessAwareState(inner_state=base_tx.init(params))
+    return StalenessAwareState(inner_state=base_tx.init(params), policy_state=policy_obj.init(params))
 
   def update_fn(updates: PyTree, state: StalenessAwareState, params: PyTree = None, *, staleness: Any,
                 stale_params: PyTree = None, combined: bool = False,
                 **extra_args: Any) -> tuple[PyTree, StalenessAwareState]:
+    policy_state = state.policy_state
     if combined:   # the caller already formed (1/c) Σ s(σ_l) g_l, e.g. the parameter server's running sum
-      if policy_obj.scale is None:
-        raise ValueError(f"combined=True needs a scale policy; {policy_obj.name!r} adjusts each gradient")
+      if policy_obj.scale is None or policy_obj.stateful:
+        raise ValueError(f"combined=True needs a stateless scale policy; {policy_obj.name!r} adjusts each gradient")
     else:
-      if policy_obj.needs_stale_params and stale_params is None:
-        raise ValueError(f"policy {policy_obj.name!r} needs stale_params= (the weights θ_j each gradient used)")
-      updates = combine_gradients(updates, staleness, policy_obj, params=params, stale_params=stale_params)
+      if policy_obj.needs_stale_params and (stale_params is None or params is None):
+        raise ValueError(f"policy {policy_obj.name!r} needs params= (θ_i) and stale_params= (the weights θ_j "
+                         "each gradient used)")
+      updates, policy_state = combine_gradients(updates, staleness, policy_obj, params=params,
+                                                stale_params=stale_params, policy_state=policy_state)
     new_updates, inner_state = base_tx.update(updates, state.inner_state, params, **extra_args)
-    return new_updates, StalenessAwareState(inner_state=inner_state)
+    return new_updates, StalenessAwareState(inner_state=inner_state, policy_state=policy_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

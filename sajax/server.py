@@ -30,7 +30,8 @@ class PushResult(NamedTuple):
 
   applied_update: bool   # this push completed a set of c gradients and the PS applied an update
   staleness: int         # σ = i − j at the PS when it arrived
-  dropped: bool          # it held a NaN/Inf and was dropped (not buffered, not counted toward c)
+  dropped: bool          # it was dropped (not buffered, not counted toward c): NaN/Inf, or too stale
+  stale: bool = False    # dropped because the policy does not accept its σ (e.g. ``drop``: σ ≥ R)
 
 
 @dataclasses.dataclass
@@ -42,6 +43,7 @@ class LearnerStats:
   min: Optional[int] = None
   max: Optional[int] = None
   dropped: int = 0
+  stale_dropped: int = 0
 
   @property
   def mean(self) -> float:
@@ -56,7 +58,8 @@ class StalenessStats:
   count: int = 0
   total: int = 0
   max: int = 0
-  dropped: int = 0
+  dropped: int = 0             # non-finite gradients
+  stale_dropped: int = 0       # gradients the policy refused for their σ (``drop``)
   per_learner: dict = dataclasses.field(default_factory=dict)   # learner -> LearnerStats
 
   @property
@@ -82,15 +85,19 @@ class StalenessStats:
     self.dropped += 1
     self.per_learner.setdefault(learner, LearnerStats()).dropped += 1
 
+  def record_stale_dropped(self, learner: int) -> None:
+    self.stale_dropped += 1
+    self.per_learner.setdefault(learner, LearnerStats()).stale_dropped += 1
+
   def to_json(self) -> dict:
     return {"histogram": {str(k): v for k, v in sorted(self.histogram.items())}, "count": self.count,
-            "total": self.total, "max": self.max, "dropped": self.dropped,
+            "total": self.total, "max": self.max, "dropped": self.dropped, "stale_dropped": self.stale_dropped,
             "per_learner": {str(k): dataclasses.asdict(v) for k, v in sorted(self.per_learner.items())}}
 
   @classmethod
   def from_json(cls, d: dict) -> "StalenessStats":
     return cls(histogram={int(k): v for k, v in d["histogram"].items()}, count=d["count"], total=d["total"],
-               max=d["max"], dropped=d["dropped"],
+               max=d["max"], dropped=d["dropped"], stale_dropped=d.get("stale_dropped", 0),
                per_learner={int(k): LearnerStats(**v) for k, v in d["per_learner"].items()})
 
 
@@ -213,7 +220,8 @@ class ParameterServer:
     self.nonfinite_streak = 0                                 # consecutive non-finite pushes
     self.policy = None if policy is None else get_policy(policy)
     self._needs_stale = self.policy is not None and self.policy.needs_stale_params
-    self._running = self.policy is not None and self.policy.scale is not None and not self._needs_stale
+    self._running = (self.policy is not None and self.policy.scale is not None and not self._needs_stale
+                     and not self.policy.stateful)
     if self._running:
       self._accumulate = _make_accumulate(self.policy.scale)
       self._apply_combined = _make_apply_combined(tx)
@@ -247,7 +255,8 @@ class ParameterServer:
     device); otherwise the PS checks it, which waits for the gradient to be computed. ``stale_params`` is θ_j
     (a reference) for policies that read it, when the learner did not register it with ``pull(learner=)``.
     A non-finite gradient is dropped and counted; the ``divergence_after``-th in a row raises
-    :class:`DivergenceError`.
+    :class:`DivergenceError`. A finite gradient whose σ the policy does not accept (``policy.accepts``) is
+    dropped and counted apart (``stats.stale_dropped``). Neither counts toward c.
     """
     if not 0 <= version <= self.version:
       raise ValueError(f"version={version!r} is invalid; allowed: 0 <= version <= {self.version} (the PS version)")
@@ -263,6 +272,9 @@ class ParameterServer:
         raise DivergenceError(self.version, self.nonfinite_streak)
       return PushResult(applied_update=False, staleness=staleness, dropped=True)
     self.nonfinite_streak = 0
+    if self.policy is not None and not self.policy.accepts(staleness):
+      self.stats.record_stale_dropped(learner)
+      return PushResult(applied_update=False, staleness=staleness, dropped=True, stale=True)
     self.stats.record(learner, staleness)
     grads = jax.device_put(grads, self.device)
     if self._running:

@@ -25,7 +25,7 @@ import optax
 
 from sajax import checkpoint, config as config_lib, data, metrics, models, steps, streams
 from sajax.executors.common import Executor
-from sajax.optim import get_policy, staleness_aware
+from sajax.optim import staleness_aware
 from sajax.server import DivergenceError, all_finite_jit
 
 log = logging.getLogger("sajax")
@@ -71,13 +71,14 @@ def make_schedule(config: ml_collections.ConfigDict, per_epoch: float) -> optax.
   return optax.piecewise_constant_schedule(config.learning_rate, config_lib.schedule_boundaries(config, per_epoch))
 
 
-def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule
+def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule, policy: Optional[Any] = None
                    ) -> optax.GradientTransformationExtraArgs:
-  """The paper's optimizer: SGD(α0 with step decays at epoch boundaries, momentum), wrapped staleness-aware."""
+  """The paper's optimizer: SGD(α0 with step decays at epoch boundaries, momentum), wrapped staleness-aware
+  with ``config.policy`` built from ``config.policy_args`` (:func:`sajax.config.policy_of`)."""
   base = optax.sgd(schedule, momentum=config.momentum or None)
   if config.get("weight_decay", 0.0):
     base = optax.chain(optax.add_decayed_weights(config.weight_decay), base)
-  return staleness_aware(base, policy=config.policy)
+  return staleness_aware(base, policy=policy or config_lib.policy_of(config))
 
 
 class Run:
@@ -112,10 +113,10 @@ class Run:
     self.loss_fn = steps.make_loss_fn(self.model, preprocess)
     self.evaluator = steps.Evaluator(self.model, preprocess, dataset.test, batch_size=config.eval_batch_size)
     self.schedule = make_schedule(config, self.per_epoch)
-    self.tx = make_optimizer(config, self.schedule)
+    self.policy = config_lib.policy_of(config)   # built once: the optimizer and the PS share it
+    self.tx = make_optimizer(config, self.schedule, self.policy)
     self.params = models.init_params(self.model, jax.random.fold_in(self.key, 0), dataset.input_shape)
     self.opt_state = self.tx.init(self.params)
-    self.policy = get_policy(config.policy)
     self.streams = streams.learner_streams(
         data.learner_samplers(self.num_train, config.batch_per_learner, config.learners, config.seed))
     self.key = jax.random.fold_in(self.key, 1)  # the key executors fold the update count into

@@ -32,6 +32,8 @@ BAD_INPUT = [
     (["--config.model=resnet9000"], "resnet9000"),
     (["--config.executor=carrier_pigeon"], "carrier_pigeon"),
     (["--config.policy=nopolicy"], "nopolicy"),
+    (["--config.policy=hinge", '--config.policy_args={"c": 1}'], "'c'"),
+    (["--config.policy=dc_asgd", "--config.executor=pmap"], "dc_asgd"),
     (["--config.protocol=gossip"], "gossip"),
     (["--config.learning_rate=0"], "learning_rate=0"),
     (["--config.learning_rate=-0.1"], "learning_rate=-0.1"),

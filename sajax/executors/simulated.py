@@ -27,7 +27,6 @@ for the small CNN with λ = 8, but 7 GB for AlexNet with λ = 30.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 from typing import Any, Optional
 
@@ -37,43 +36,10 @@ from jax.flatten_util import ravel_pytree
 
 from sajax.executors import batched, common
 from sajax.executors.faults import FaultPlan
+from sajax.executors.speed import SpeedModel
 from sajax.server import ParameterServer, flat_transform
 
 PyTree = Any
-
-
-@dataclasses.dataclass(frozen=True)
-class SpeedModel:
-  """Seconds of simulated time a learner takes per gradient."""
-
-  base_time: float = 1.0
-  jitter: float = 0.0          # σ of a lognormal factor (0: none)
-  stragglers: float = 0.0      # fraction of the λ learners (the lowest ids) that are slow
-  slowdown: float = 4.0        # how much slower a straggler is
-  poisson: bool = False        # exponential times (Poisson arrivals) with the same mean
-  speeds: tuple = ()           # optional per-learner time factors, overriding stragglers
-
-  @classmethod
-  def from_config(cls, config: Any) -> "SpeedModel":
-    return cls(base_time=config.get("sim_base_time", 1.0), jitter=config.get("sim_jitter", 0.0),
-               stragglers=config.get("sim_stragglers", 0.0), slowdown=config.get("sim_slowdown", 4.0),
-               poisson=config.get("sim_poisson", False), speeds=tuple(config.get("sim_speeds", ())))
-
-  def factor(self, learner: int, learners: int) -> float:
-    """Learner k's fixed time factor (1 for a normal learner)."""
-    if self.speeds:
-      return float(self.speeds[learner])
-    return self.slowdown if learner < round(self.stragglers * learners) else 1.0
-
-  def duration(self, rng: np.random.Generator, learner: int, learners: int) -> float:
-    t = self.base_time * self.factor(learner, learners)
-    if self.poisson:
-      t *= rng.exponential(1.0)
-    if self.jitter:
-      t *= rng.lognormal(0.0, self.jitter)
-    return float(t)
-
-
 
 
 class SimulatedEngine(common.Executor):
