@@ -190,12 +190,12 @@ def _mnist5k_arrays() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, 
   rng = np.random.default_rng(_SPLIT_SEED)
   train, test = [], []
   for c in range(10):
-    idx = rng.permutation(np.flatnonzero(y == c))
-    train.append(idx[:_MNIST5K_TRAIN_PER_CLASS])
-    test.append(idx[_MNIST5K_TRAIN_PER_CLASS:])
+    order = rng.permutation(np.flatnonzero(y == c))
+    train.append(order[:_MNIST5K_TRAIN_PER_CLASS])
+    test.append(order[_MNIST5K_TRAIN_PER_CLASS:])
   arrays = []
-  for idx in (rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))):
-    xs, ys = x[idx], y[idx]
+  for order in (rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))):
+    xs, ys = x[order], y[order]
     xs.flags.writeable = ys.flags.writeable = False
     arrays.append((xs, ys))
   return tuple(arrays)
