@@ -1,22 +1,26 @@
 #!/usr/bin/env python
-"""The paper's experiment grid in one command (Zhang et al. 2016, §5), simulated, on the embedded mnist5k.
+"""The paper's experiment grid in one command (Zhang et al. 2016, §5), simulated, on mnist5k or Fashion-MNIST.
 
-``python launch/reproduce.py [--quick] [--seeds 0 1 2] [--epochs E] [--learners 4 8] [--n 1 2 lambda]``
+``python launch/reproduce.py [--dataset mnist5k|fashion_mnist] [--quick] [--seeds 0 1 2] [--epochs E]
+[--learners 4 8] [--n 1 2 lambda]``
 
 Grid: λ ∈ {4, 8, 16, 30} learners of μ = ⌈128/λ⌉ (λμ ≈ 128 as in the paper, so α0 stays right), n-softsync
 with n ∈ {1, 2, 4, λ} (c = ⌊λ/n⌋ gradients per update; n = λ is async, c = 1; a repeated n is run once) under
 the staleness policies ``inverse`` (α0/σ, the paper) and ``constant`` (plain ASGD), plus the SSGD baseline
-(hardsync: c = λ, σ = 0, one cell per λ). Every cell is configs/default.py (small CNN, α0 = 0.05 for a λμ
-mini-batch, momentum 0.5) run with ``executor="simulated"``: equal learner speeds with a lognormal jitter, so
-the same cell and seed give the same numbers on any machine.
+(hardsync: c = λ, σ = 0, one cell per λ). Every cell is the dataset's base config (:data:`BASE_CONFIGS`:
+configs/default.py for the embedded mnist5k, the quick default; configs/fashion_mnist.py, the SSGD baseline
+tuned on SSGD alone, for Fashion-MNIST) with its α0 (for a λμ mini-batch), momentum and step schedule unchanged
+(boundaries scaled with ``--epochs``), run with ``executor="simulated"``: equal learner speeds with a lognormal
+jitter, so the same cell and seed give the same numbers on any machine.
 
 Each cell trains into ``<root>/<cell>`` through ``sajax.train``, in a child process of its own on min(λ, 8)
 CPU-emulated devices (one process for a whole grid runs out of memory maps, see ``run_cell``). A cell is done
 once its ``final.json`` exists (written atomically after training), so rerunning skips done cells and resumes
 a half-done one from its last checkpoint. The report (``--out``, default docs/reproduction.md) has the final
-test errors (rows n, λ, μ; columns inverse, constant, SSGD; mean ± sd over seeds), the P4 verdict (every
-inverse cell within 0.5 point of its λ's SSGD), the staleness distribution per n (⟨σ⟩ ≈ n) and test error
-against epochs, as PNGs beside it.
+test errors (rows n, λ, μ; columns inverse, constant, SSGD; mean and 95 % Student-t interval over seeds), the
+paired difference inverse − SSGD (same λ and seed) with its interval, the three-valued P4 verdict per inverse
+cell (within 0.5 point of SSGD, worse, or undecided, with an estimate of the seeds that would decide it), the
+staleness distribution per n (⟨σ⟩ ≈ n) and test error against epochs, as PNGs beside it.
 ``--quick`` runs λ ∈ {4, 8} for 4 epochs (16 runs, ≤ 10 min on 2 cores); the report estimates the full grid's
 time from the runs' measured times. Bad input prints one line and exits with code 2 before anything is
 written; Ctrl-C keeps a checkpoint of the current run and exits with code 130.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -42,22 +47,25 @@ if ROOT not in sys.path:
 BATCH_TOTAL = 128                       # λμ ≈ 128
 LEARNERS, QUICK_LEARNERS = (4, 8, 16, 30), (4, 8)
 NS = ("1", "2", "4", "lambda")          # "lambda": n = λ (async)
-EPOCHS, QUICK_EPOCHS = 24.0, 4.0           # 24: configs/default.py (α ÷10 at 16 and 21)
+EPOCHS, QUICK_EPOCHS = 24.0, 4.0        # 24: configs/default.py (α ÷10 at 16 and 21)
+DATASETS = ("mnist5k", "fashion_mnist")
+BASE_CONFIGS = {"mnist5k": "default", "fashion_mnist": "fashion_mnist"}   # modules of configs/
+TRAIN_SIZES = {"mnist5k": 4000, "fashion_mnist": 60000}
 SIM_JITTER = 0.2                        # σ of the lognormal factor on each learner's time per gradient
 P4_POINTS = 0.5
-MNIST5K_TRAIN = 4000
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 CACHE_DIR = ".jax_cache"                # under --root: compiled executables shared by the cells' processes
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-  """One run of the grid: λ learners, n of n-softsync (0: the SSGD baseline), policy, seed."""
+  """One run of the grid: λ learners, n of n-softsync (0: the SSGD baseline), policy, seed, dataset."""
 
   learners: int
   n: int
   policy: str            # inverse | constant | ssgd
   seed: int
+  dataset: str = "mnist5k"
 
   @property
   def batch(self) -> int:
@@ -77,10 +85,11 @@ class Cell:
   def name(self, epochs: float, train_examples: int = 0) -> str:
     proto = "ssgd" if self.policy == "ssgd" else f"n{self.n}-{self.policy}"
     data = f"-t{train_examples}" if train_examples else ""
-    return f"lambda{self.learners}-mu{self.batch}-{proto}-e{epochs:g}{data}-seed{self.seed}"
+    prefix = "" if self.dataset == "mnist5k" else f"{self.dataset}-"
+    return f"{prefix}lambda{self.learners}-mu{self.batch}-{proto}-e{epochs:g}{data}-seed{self.seed}"
 
 
-def grid(learners: Iterable[int], ns: Iterable[str], seeds: Iterable[int]) -> list[Cell]:
+def grid(learners: Iterable[int], ns: Iterable[str], seeds: Iterable[int], dataset: str = "mnist5k") -> list[Cell]:
   """The cells in run order: per seed and λ, SSGD first, then each distinct n ≤ λ with inverse and constant.
 
   ``ns``: integers as strings, or ``"lambda"`` for n = λ; an n > λ is no cell for that λ.
@@ -88,16 +97,28 @@ def grid(learners: Iterable[int], ns: Iterable[str], seeds: Iterable[int]) -> li
   cells = []
   for seed in seeds:
     for lam in learners:
-      cells.append(Cell(lam, 0, "ssgd", seed))
+      cells.append(Cell(lam, 0, "ssgd", seed, dataset))
       for n in sorted({lam if v == "lambda" else int(v) for v in ns}):
-        cells += [Cell(lam, n, "inverse", seed), Cell(lam, n, "constant", seed)] if n <= lam else []
+        cells += [Cell(lam, n, "inverse", seed, dataset), Cell(lam, n, "constant", seed, dataset)] if n <= lam else []
   return cells
 
 
+def base_config(dataset: str):
+  """The config every cell of ``dataset`` starts from (configs/<BASE_CONFIGS[dataset]>.py)."""
+  return importlib.import_module(f"configs.{BASE_CONFIGS[dataset]}").get_config()
+
+
+def scaled_boundaries(config, epochs: float) -> tuple[float, ...]:
+  """``config``'s step-schedule boundaries (in epochs) scaled to a run of ``epochs``, to 0.01 epoch."""
+  scaled = {round(b * epochs / config.epochs, 2) for b in config.lr_boundaries_epochs}
+  return tuple(sorted(b for b in scaled if 0 < b < epochs))
+
+
 def cell_config(cell: Cell, epochs: float, train_examples: int = 0):
-  """configs/default.py for one cell: simulated executor, λ, μ, n, policy, seed; α ÷10 at ⅔ and ⅞ of epochs."""
-  from configs import default
-  config = default.get_config()
+  """The dataset's base config for one cell: simulated executor, λ, μ, n, policy, seed; its α0, momentum and
+  step schedule unchanged, the boundaries scaled by epochs / its epochs (configs/default.py: ⅔ and ⅞)."""
+  config = base_config(cell.dataset)
+  boundaries = scaled_boundaries(config, epochs)
   config.executor = "simulated"
   config.learners, config.batch_per_learner, config.seed = cell.learners, cell.batch, cell.seed
   if cell.policy == "ssgd":
@@ -105,8 +126,7 @@ def cell_config(cell: Cell, epochs: float, train_examples: int = 0):
   else:
     config.protocol, config.n, config.policy = "softsync", cell.n, cell.policy
   config.epochs = float(epochs)
-  config.lr_boundaries_epochs = tuple(sorted({b for b in (round(epochs * 2 / 3, 2), round(epochs * 7 / 8, 2))
-                                              if 0 < b < epochs}))
+  config.lr_boundaries_epochs = boundaries
   config.eval_every_epochs = max(epochs / 12, 0.5) if epochs > 1 else epochs
   config.checkpoint_every_epochs = max(epochs / 6, 1.0)
   config.train_examples = train_examples
@@ -117,7 +137,8 @@ def cell_config(cell: Cell, epochs: float, train_examples: int = 0):
 
 def gradients_of(cell: Cell, epochs: float, train_examples: int = 0) -> float:
   """Mini-batch gradients a cell computes: epochs · N / μ (what its wall time grows with)."""
-  return epochs * (train_examples or MNIST5K_TRAIN) / cell.batch
+  size = TRAIN_SIZES[cell.dataset]
+  return epochs * (min(train_examples, size) if train_examples else size) / cell.batch
 
 
 def updates_of(cell: Cell, epochs: float, train_examples: int = 0) -> float:
@@ -195,10 +216,10 @@ def train_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) ->
 
 def cell_main(args: argparse.Namespace) -> int:
   """``reproduce.py --cell JSON``: the child process of ``run_cell``."""
-  from sajax import config as config_lib
+  from sajax import config as config_lib, data
   try:
     train_cell(Cell(**json.loads(args.cell)), args.epochs, args.root, args.train_examples)
-  except config_lib.ConfigError as e:
+  except (config_lib.ConfigError, data.DatasetError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return EXIT_BAD_INPUT
   except KeyboardInterrupt:
@@ -217,17 +238,23 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p = _Parser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--root", default=os.path.join("runs", "reproduce"), help="folder of the cells' runs")
   p.add_argument("--out", default=os.path.join("docs", "reproduction.md"), help="report; PNGs go beside it")
-  p.add_argument("--quick", action="store_true", help=f"λ ∈ {QUICK_LEARNERS}, {QUICK_EPOCHS:g} epochs (≤ 10 min)")
+  p.add_argument("--dataset", default="mnist5k", help=f"one of {', '.join(DATASETS)} (default mnist5k)")
+  p.add_argument("--quick", action="store_true", help=f"λ ∈ {QUICK_LEARNERS}, {QUICK_EPOCHS:g} epochs (≤ 10 min "
+                 "on mnist5k)")
   p.add_argument("--seeds", nargs="+", type=int, default=[0])
-  p.add_argument("--epochs", type=float, default=None, help=f"default {EPOCHS:g} ({QUICK_EPOCHS:g} with --quick)")
+  p.add_argument("--epochs", type=float, default=None, help=f"default: the base config's ({EPOCHS:g} for mnist5k; "
+                 f"{QUICK_EPOCHS:g} with --quick)")
   p.add_argument("--learners", nargs="+", type=int, default=None, help=f"λ values (default {LEARNERS})")
   p.add_argument("--n", nargs="+", default=list(NS), help="n values: integers or 'lambda' (n = λ)")
-  p.add_argument("--train-examples", type=int, default=0, help="use the first N training digits (0: all 4,000)")
+  p.add_argument("--train-examples", type=int, default=0, help="use the first N training examples (0: all)")
   p.add_argument("--cell", default=None, help=argparse.SUPPRESS)   # internal: train one cell (see run_cell)
   args = p.parse_args(list(argv))
   args.learners = list(dict.fromkeys(args.learners or (QUICK_LEARNERS if args.quick else LEARNERS)))
   args.seeds, args.n = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.n))
-  args.epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else EPOCHS)
+  if args.dataset not in DATASETS:
+    raise ValueError(f"--dataset {args.dataset!r} is invalid; allowed: {', '.join(DATASETS)}")
+  args.full_epochs = float(base_config(args.dataset).epochs)
+  args.epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else args.full_epochs)
   for lam in args.learners:
     if not 1 <= lam <= BATCH_TOTAL:
       raise ValueError(f"--learners {lam} is invalid; allowed: integers 1..{BATCH_TOTAL} (μ = ⌈128/λ⌉)")
@@ -250,13 +277,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def main(argv: Sequence[str]) -> int:
   from launch.reproduce_report import (aggregate, estimate_text, p4_verdicts, plot_error_curves, plot_staleness_by_n,
-                                       render_markdown)
+                                       render_markdown, verdict_counts)
   try:
     args = parse_args(argv[1:])
-    cells = grid(args.learners, args.n, args.seeds)
+    cells = grid(args.learners, args.n, args.seeds, args.dataset)
     if args.cell is None and not any(c.policy != "ssgd" for c in cells):
       raise ValueError(f"--n {' '.join(args.n)} gives no cell: every n exceeds every λ in "
                        f"{args.learners}; allowed: n <= λ")
+    if args.cell is None:
+      from sajax import data
+      data.load_dataset(base_config(args.dataset).dataset)   # a missing dataset: one line now, not in a cell
   except ValueError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -302,19 +332,18 @@ def main(argv: Sequence[str]) -> int:
   pngs = [("test error vs epoch", plot_error_curves(histories, os.path.join(folder, "test_error.png")))]
   pngs += [(f"staleness, {n}-softsync", p) for n, p in plot_staleness_by_n(finals, folder)]
   estimate = estimate_text([(f["samples"], f["gradients"], f["updates"], f["wall_s"]) for f in finals],
-                           EPOCHS if args.quick else args.epochs)
+                           args.full_epochs if args.quick else args.epochs, dataset=args.dataset)
   command = "python launch/reproduce.py " + shlex.join(argv[1:])
   text = render_markdown(agg, verdicts, command=command.strip(), epochs=args.epochs, seeds=args.seeds,
                          wall_s=wall, estimate=estimate, figures=[(t, rel(p)) for t, p in pngs],
-                         runs=[(c.name(args.epochs, args.train_examples), f) for c, f in zip(cells, finals)])
+                         runs=[(c.name(args.epochs, args.train_examples), f) for c, f in zip(cells, finals)],
+                         dataset=args.dataset, train_examples=args.train_examples)
   tmp = args.out + ".tmp"
   with open(tmp, "w") as f:
     f.write(text)
   os.replace(tmp, args.out)
-  failing = [v for v in verdicts if not v["within"]]
   print(f"{len(cells)} cells ({trained} trained, {len(cells) - trained} already done) in {wall:.0f} s; "
-        f"P4: {len(verdicts) - len(failing)}/{len(verdicts)} inverse cells within {P4_POINTS} point of SSGD; "
-        f"report: {args.out}\n{estimate}")
+        f"P4 over {len(verdicts)} inverse cells: {verdict_counts(verdicts)}; report: {args.out}\n{estimate}")
   return 0
 
 

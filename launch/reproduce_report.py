@@ -1,66 +1,127 @@
-"""The report of launch/reproduce.py: aggregation over seeds, the P4 verdicts, the markdown and the PNGs.
+"""The report of launch/reproduce.py: statistics over seeds, the P4 verdicts, the markdown and the PNGs.
 
 Pure functions of the finished cells' ``final.json`` records and metrics histories (see launch/reproduce.py
 for the grid: λ learners of μ = ⌈128/λ⌉, n-softsync, the ``inverse``/``constant`` policies and SSGD).
+
+Uncertainty: a cell's test error over its seeds is reported as the mean with a 95 % Student-t
+interval (mean ± t₀.₉₇₅,ₖ₋₁ · sd/√k for k seeds). P4 compares each inverse cell with its λ's SSGD on the *paired*
+differences d_s = error(inverse, seed s) − error(SSGD, seed s): both runs of a seed share the initial weights
+and the data order, so the pairing removes most of the seed-to-seed spread. The verdict is three-valued
+against the margin of 0.5 point: **within** when the interval of the mean difference lies at or below +0.5
+(inverse is at most 0.5 point worse, or better), **worse** when it lies wholly above +0.5, **undecided** when it
+straddles +0.5 (or there is one seed, hence no interval).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from typing import Iterable, Sequence
 
-from launch.reproduce import (EPOCHS, LEARNERS, MNIST5K_TRAIN, NS, P4_POINTS, SIM_JITTER, Cell, gradients_of, grid,
-                              updates_of)
+from launch.reproduce import (BASE_CONFIGS, DATASETS, LEARNERS, NS, P4_POINTS, SIM_JITTER, TRAIN_SIZES, Cell,
+                              base_config, gradients_of, grid, scaled_boundaries, updates_of)
+
+CONFIDENCE = 0.95
+MAX_SEEDS = 1000        # seeds_to_decide gives up beyond this
+VERDICTS = ("within", "worse", "undecided")
 
 
-# ---- aggregation (pure) -------------------------------------------------------------------------------
+# ---- statistics over seeds (pure) ---------------------------------------------------------------------
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
   """Mean and sample standard deviation (0 for one value)."""
   return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def t_quantile(df: int, confidence: float = CONFIDENCE) -> float:
+  """Student t's two-sided quantile t_{(1+confidence)/2, df} (12.71 for df = 1, 2.78 for df = 4 at 95 %)."""
+  if df < 1:
+    raise ValueError(f"df={df!r} is invalid; allowed: an integer >= 1")
+  from scipy import stats
+  return float(stats.t.ppf((1 + confidence) / 2, df))
+
+
+def half_width(sd: float, k: int) -> float | None:
+  """The 95 % interval's half-width t_{0.975, k−1} · sd/√k of a mean over k seeds; None for one seed."""
+  return t_quantile(k - 1) * sd / math.sqrt(k) if k > 1 else None
+
+
+def seeds_to_decide(mean: float, sd: float, bound: float = P4_POINTS, have: int = 1) -> int | None:
+  """An estimate: the fewest seeds k > ``have`` whose interval t_{0.975, k−1} · sd/√k would exclude ``bound``,
+  if the mean difference and its sd stayed as observed. None when no k ≤ MAX_SEEDS would (mean on the bound)."""
+  gap = abs(mean - bound)
+  for k in range(max(have + 1, 2), MAX_SEEDS + 1):
+    if t_quantile(k - 1) * sd / math.sqrt(k) < gap:
+      return k
+  return None
+
+
 def aggregate(finals: Iterable[dict]) -> dict[tuple[int, int, str], dict]:
-  """Per cell key (λ, n, policy): test error and train loss (mean, sd over seeds, in % for errors), ⟨σ⟩."""
+  """Per cell key (λ, n, policy): test error in % (mean, sd, 95 % half-width, per seed), train loss, ⟨σ⟩."""
   by_key: dict[tuple, list[dict]] = {}
   for f in finals:
     c = f["cell"]
     by_key.setdefault((c["learners"], c["n"], c["policy"]), []).append(f)
   out = {}
   for key, fs in by_key.items():
-    out[key] = {"error": mean_sd([100 * f["test_error"] for f in fs]),
+    errors = [100 * f["test_error"] for f in fs]
+    out[key] = {"error": mean_sd(errors), "half": half_width(mean_sd(errors)[1], len(fs)),
+                "by_seed": {f["cell"]["seed"]: 100 * f["test_error"] for f in fs},
                 "loss": mean_sd([f["train_loss"] for f in fs]),
                 "staleness": statistics.fmean(f["staleness_mean"] for f in fs), "seeds": len(fs)}
   return out
 
 
+def paired_difference(a: dict, ssgd: dict) -> dict:
+  """inverse − SSGD over the seeds both ran (points): mean, sd, half-width (None for one pair), pairs, lo, hi."""
+  diffs = [a["by_seed"][s] - ssgd["by_seed"][s] for s in sorted(set(a["by_seed"]) & set(ssgd["by_seed"]))]
+  mean, sd = mean_sd(diffs)
+  half = half_width(sd, len(diffs))
+  lo, hi = (mean - half, mean + half) if half is not None else (None, None)
+  return {"mean": mean, "sd": sd, "half": half, "pairs": len(diffs), "lo": lo, "hi": hi}
+
+
+def verdict(diff: dict, points: float = P4_POINTS) -> str:
+  """within (interval at or below +points), worse (wholly above), undecided (straddles it, or one pair)."""
+  if diff["half"] is None:
+    return "undecided"
+  if round(diff["hi"], 6) <= points:     # no float noise at the edge
+    return "within"
+  return "worse" if round(diff["lo"], 6) > points else "undecided"
+
+
 def p4_verdicts(agg: dict, points: float = P4_POINTS) -> list[dict]:
-  """Per inverse cell: Δ = its error − its λ's SSGD error (points), within = |Δ| ≤ ``points``, and why not."""
+  """Per inverse cell with an SSGD run of a same seed: the paired difference, its verdict, the seeds that would
+  decide an undecided one (an estimate), and notes on why a cell is not within."""
   out = []
   for (lam, n, policy), a in sorted(agg.items()):
     ssgd = agg.get((lam, 0, "ssgd"))
     if policy != "inverse" or ssgd is None:
       continue
-    delta = a["error"][0] - ssgd["error"][0]
-    spread = max(a["error"][1], ssgd["error"][1])
-    within = round(abs(delta), 6) <= points   # errors are multiples of 0.1 point: no float noise at the edge
-    why = ""
-    if not within:
-      notes = []
-      if a["seeds"] == 1:
-        notes.append("one seed (single runs on 1,000 test digits differ by up to ±0.5–0.7 point; use --seeds 0 1 2)")
-      elif spread >= abs(delta) / 2:
-        notes.append(f"seed sd {spread:.2f} is of the order of the gap")
-      if delta > 0 and a["loss"][0] > 1.1 * ssgd["loss"][0]:
+    diff = paired_difference(a, ssgd)
+    if not diff["pairs"]:
+      continue
+    result = verdict(diff, points)
+    needed = None
+    if result == "undecided" and diff["pairs"] > 1:
+      needed = seeds_to_decide(diff["mean"], diff["sd"], points, have=diff["pairs"])
+    notes = []
+    if result != "within":
+      if diff["pairs"] == 1:
+        notes.append("one seed: no interval (use --seeds 0 1 2)")
+      if diff["mean"] > 0 and a["loss"][0] > 1.1 * ssgd["loss"][0]:
         notes.append(f"under-trained: train loss {a['loss'][0]:.4f} vs SSGD {ssgd['loss'][0]:.4f} "
                      f"(steps α0/σ with ⟨σ⟩ = {a['staleness']:.2f})")
-      elif delta > 0:
+      elif diff["mean"] > 0:
         notes.append(f"train loss on par ({a['loss'][0]:.4f} vs {ssgd['loss'][0]:.4f}): a generalisation gap")
-      else:
-        notes.append("better than SSGD")
-      why = "; ".join(notes)
-    out.append({"learners": lam, "n": n, "delta": delta, "within": within, "why": why})
+    out.append({"learners": lam, "n": n, "delta": diff["mean"], **{k: diff[k] for k in ("sd", "half", "lo", "hi",
+               "pairs")}, "verdict": result, "seeds_needed": needed, "why": "; ".join(notes)})
   return out
+
+
+def verdict_counts(verdicts: Sequence[dict]) -> str:
+  """'3 within, 1 worse, 2 undecided'."""
+  return ", ".join(f"{sum(v['verdict'] == name for v in verdicts)} {name}" for name in VERDICTS)
 
 
 def fit_seconds(points: Sequence[tuple[float, float, float, float]]) -> tuple[float, float, float]:
@@ -75,47 +136,72 @@ def fit_seconds(points: Sequence[tuple[float, float, float, float]]) -> tuple[fl
   return tuple(float(v) for v in coef)
 
 
-def _pct(ms: tuple[float, float], seeds: int) -> str:
-  return f"{ms[0]:.2f}" + (f" ± {ms[1]:.2f}" if seeds > 1 else "")
+def _pct(a: dict) -> str:
+  return f"{a['error'][0]:.2f}" + (f" ± {a['half']:.2f}" if a["half"] is not None else "")
+
+
+def _diff(v: dict) -> str:
+  return f"{v['delta']:+.2f}" + (f" ± {v['half']:.2f}" if v["half"] is not None else "")
+
+
+def _verdict_text(v: dict) -> str:
+  if v["verdict"] != "undecided" or v["pairs"] < 2:
+    return v["verdict"]
+  return f"undecided (≈ {v['seeds_needed']} seeds)" if v["seeds_needed"] else "undecided (on the boundary)"
+
+
+DESCRIPTIONS = {"mnist5k": "mnist5k (4,000 train / 1,000 test digits)",
+                "fashion_mnist": "Fashion-MNIST (60,000 train / 10,000 test images, IDX files)"}
 
 
 def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: float, seeds: Sequence[int],
                     wall_s: float, runs: Sequence[tuple[str, dict]], estimate: str,
-                    figures: Sequence[tuple[str, str]]) -> str:
-  """The report: command, table (rows n, λ, μ; columns inverse, constant, SSGD), P4, timing, figures."""
-  sd = " ± sd over seeds" if len(seeds) > 1 else ""
+                    figures: Sequence[tuple[str, str]], dataset: str = "mnist5k", train_examples: int = 0) -> str:
+  """The report: command, table (rows n, λ, μ; columns inverse, constant, SSGD, the paired difference and the
+  P4 verdict), P4, timing, figures."""
+  base = base_config(dataset)
+  ci = (" (mean ± half-width of the 95 % Student-t interval over seeds)" if len(seeds) > 1 else
+        " (one seed: no interval)")
+  subset = f" (the first {train_examples:,} training examples)" if train_examples else ""
   lines = [
-      "# Reproduction: staleness-aware async SGD vs SSGD (simulated, mnist5k)", "",
+      f"# Reproduction: staleness-aware async SGD vs SSGD (simulated, {dataset})", "",
       "Written by `launch/reproduce.py`; every number below comes from this command (each cell's runs are in "
       "`<root>/<cell>/`: `config.json`, `metrics.jsonl`, `final.json`):", "", "```bash", command, "```", "",
-      f"mnist5k (4,000 train / 1,000 test digits), small CNN, `executor=simulated` (equal learner speeds, "
-      f"lognormal jitter σ = {SIM_JITTER}), α0 = 0.05 for a λμ ≈ 128 mini-batch, momentum 0.5, "
-      f"{epochs:g} epochs, "
-      f"α ÷10 at ⅔ and ⅞ of them; seeds {', '.join(map(str, seeds))}. Final test error in %{sd}; "
-      "SSGD is hardsync (c = λ, σ = 0), one run per λ, repeated on each of its rows.", "",
-      "| n | λ | μ | c | ⟨σ⟩ | inverse | constant | SSGD | inverse − SSGD |",
-      "|---|---|---|---|---|---|---|---|---|"]
+      f"{DESCRIPTIONS[dataset]}{subset}, {base.model.replace('_', ' ')}, `executor=simulated` (equal learner "
+      f"speeds, lognormal jitter σ = {SIM_JITTER}), configs/{BASE_CONFIGS[dataset]}.py unchanged: "
+      f"α0 = {base.learning_rate:g} for a λμ ≈ 128 mini-batch, momentum {base.momentum:g}, {epochs:g} epochs, "
+      f"α ÷{1 / base.lr_decay:g} at epochs {', '.join(f'{b:g}' for b in scaled_boundaries(base, epochs))}; "
+      f"seeds {', '.join(map(str, seeds))}. Final test error in %{ci}; SSGD is hardsync (c = λ, σ = 0), one "
+      "run per λ and seed, repeated on each of its rows. inverse − SSGD is the mean of the paired differences "
+      "(same λ and seed) with its interval.", "",
+      "| n | λ | μ | c | ⟨σ⟩ | inverse | constant | SSGD | inverse − SSGD | P4 |",
+      "|---|---|---|---|---|---|---|---|---|---|"]
+  by_cell = {(v["learners"], v["n"]): v for v in verdicts}
   for (lam, n, policy), a in sorted(agg.items(), key=lambda kv: (kv[0][1], kv[0][0])):
     if policy != "inverse":
       continue
-    const, ssgd = agg.get((lam, n, "constant")), agg.get((lam, 0, "ssgd"))
-    cells = [_pct(x["error"], x["seeds"]) if x else "–" for x in (a, const, ssgd)]
-    delta = f"{a['error'][0] - ssgd['error'][0]:+.2f}" if ssgd else "–"
+    const, ssgd, v = agg.get((lam, n, "constant")), agg.get((lam, 0, "ssgd")), by_cell.get((lam, n))
+    cells = [_pct(x) if x else "–" for x in (a, const, ssgd)]
     cell = Cell(lam, n, policy, 0)
-    lines.append(f"| {n} | {lam} | {cell.batch} | {cell.c} | {a['staleness']:.2f} | "
-                 f"{' | '.join(cells)} | {delta} |")
-  failing = [v for v in verdicts if not v["within"]]
+    lines.append(f"| {n} | {lam} | {cell.batch} | {cell.c} | {a['staleness']:.2f} | {' | '.join(cells)} | "
+                 f"{_diff(v) if v else '–'} | {_verdict_text(v) if v else '–'} |")
   lines += ["", f"## P4: every inverse cell within {P4_POINTS} point of SSGD", ""]
   if not verdicts:
-    lines.append("No inverse cell with an SSGD baseline in this grid.")
-  elif not failing:
-    lines.append(f"**Met**: all {len(verdicts)} inverse cells are within {P4_POINTS} point of their λ's SSGD.")
+    lines.append("No inverse cell with an SSGD baseline of the same seed in this grid.")
   else:
-    lines += [f"**Not met** for {len(failing)} of {len(verdicts)} inverse cells:", ""]
-    lines += [f"- n = {v['n']}, λ = {v['learners']}: {v['delta']:+.2f} points — {v['why']}" for v in failing]
-  if epochs < EPOCHS:
-    lines += ["", f"These runs have {epochs:g} epochs, the full grid {EPOCHS:g} (configs/default.py's schedule): P4 is "
-              "judged there; here, the train losses in the table of every run show whether a gap is under-training."]
+    lines += [f"Over {len(verdicts)} inverse cells: **{verdict_counts(verdicts)}**. A cell is *within* when the "
+              f"95 % interval of its paired difference inverse − SSGD lies at or below +{P4_POINTS} point, *worse* "
+              f"when it lies wholly above, *undecided* when it straddles +{P4_POINTS} (or one seed gives no "
+              "interval). For an undecided cell, ≈ k seeds is an estimate: the fewest seeds whose interval would "
+              "exclude the boundary if the mean difference and its sd stayed as observed.", ""]
+    lines += [f"- n = {v['n']}, λ = {v['learners']}: {v['delta']:+.2f} points"
+              + (f", 95 % interval [{v['lo']:+.2f}, {v['hi']:+.2f}] over {v['pairs']} seeds (sd {v['sd']:.2f})"
+                 if v["half"] is not None else "") + f" — **{_verdict_text(v)}**"
+              + (f"; {v['why']}" if v["why"] else "") for v in verdicts if v["verdict"] != "within"]
+  if epochs < base.epochs:
+    lines += ["", f"These runs have {epochs:g} epochs, the full grid {base.epochs:g} (the base config's schedule): "
+              "P4 is judged there; here, the train losses in the table of every run show whether a gap is "
+              "under-training."]
   total = sum(f["wall_s"] for _, f in runs)
   loads = [f["load_avg_1min"] for _, f in runs if "load_avg_1min" in f]
   load = (f" The machine's 1-minute load average when each run ended: {min(loads):.1f} to {max(loads):.1f} on "
@@ -204,14 +290,15 @@ def plot_error_curves(histories: dict[tuple[int, int, str], list[list[dict]]], p
   return path
 
 
-def estimate_text(points: Sequence[tuple[float, float, float, float]], epochs: float) -> str:
+def estimate_text(points: Sequence[tuple[float, float, float, float]], epochs: float, dataset: str = "mnist5k") -> str:
   """The full grid's predicted time at ``epochs`` (the default with --quick) from this run's cells' times."""
   a, b, d = fit_seconds(points)
-  full = grid(LEARNERS, NS, [0])
-  seconds = sum(a * epochs * MNIST5K_TRAIN + b * gradients_of(c, epochs) + d * updates_of(c, epochs) for c in full)
-  flag = "" if epochs == EPOCHS else f" --epochs {epochs:g}"
-  return (f"Full grid estimate on this machine (`python launch/reproduce.py{flag}`: {epochs:g} epochs, λ ∈ "
+  full, size = grid(LEARNERS, NS, [0], dataset), TRAIN_SIZES[dataset]
+  seconds = sum(a * epochs * size + b * gradients_of(c, epochs) + d * updates_of(c, epochs) for c in full)
+  flags = ("" if dataset == DATASETS[0] else f" --dataset {dataset}") + (
+      "" if epochs == base_config(dataset).epochs else f" --epochs {epochs:g}")
+  return (f"Full grid estimate on this machine (`python launch/reproduce.py{flags}`: {epochs:g} epochs, λ ∈ "
           f"{{{', '.join(map(str, LEARNERS))}}}, {len(full)} cells per seed): **{seconds / 3600:.1f} h per seed** "
           f"({3 * seconds / 3600:.1f} h for `--seeds 0 1 2`), from a fit of this run's times: {1e3 * a:.3f} ms "
           f"per training example + {1e3 * b:.2f} ms per mini-batch gradient + {1e3 * d:.2f} ms per PS update "
-          f"(a run sees epochs · 4,000 examples in epochs · 4,000 / μ gradients and 1/c as many updates).")
+          f"(a run sees epochs · {size:,} examples in epochs · {size:,} / μ gradients and 1/c as many updates).")

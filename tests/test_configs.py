@@ -54,3 +54,33 @@ def test_imagenet_config_trains_simulated_async_alexnet(tmp_path):
   assert (m["updates"], m["gradients_per_update"], m["samples"]) == (4, 1, 8)
   assert set(m["staleness_histogram"]) <= {"0", "1", "2"} and m["staleness_max"] >= 1   # two learners interleave
   assert 0.0 <= m["test_error_top5"] <= m["test_error"] <= 1.0
+
+
+def test_fashion_mnist_config_is_ssgd_at_128_and_trains_on_idx_files_in_data_dir(tmp_path):
+  """The tuned SSGD baseline: λμ = 128, pmap; 2 epochs on 256 tiny IDX images written here (no Debian package)."""
+  import numpy as np
+  from configs import fashion_mnist
+  from sajax import idx
+  config = fashion_mnist.get_config()
+  config_lib.validate(config)
+  assert (config.dataset, config.executor, config.model) == ("fashion_mnist", "pmap", "small_cnn")
+  assert config.learners * config.batch_per_learner == 128 and config.momentum == 0.9
+  assert config_lib.protocol_of(config).gradients_per_update == config.learners       # SSGD: c = λ
+  config.executor, config.learners, config.batch_per_learner, config.n = "simulated", 8, 16, 2
+  config_lib.validate(config)                                      # the grid's overrides alone switch it to async
+  assert config_lib.protocol_of(config).gradients_per_update == 4
+
+  rng = np.random.default_rng(0)
+  for split, n in (("train", 256), ("t10k", 64)):
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    images = (labels[:, None, None] * 25 + rng.integers(0, 5, (n, 28, 28))).astype(np.uint8)   # learnable
+    idx.write(str(tmp_path / f"{split}-images-idx3-ubyte.gz"), images)
+    idx.write(str(tmp_path / f"{split}-labels-idx1-ubyte"), labels)
+  config = fashion_mnist.get_config()
+  config.data_dir, config.train_examples, config.epochs = str(tmp_path), 256, 2
+  config.lr_boundaries_epochs, config.eval_every_epochs, config.checkpoint_every_epochs = (1.5,), 1, 2
+  config.progress = False
+  result = sajax.train(config, workdir=str(tmp_path / "run"))
+  m = result.metrics
+  assert [r["updates"] for r in result.history] == [2, 4] and m["samples"] == 512
+  assert m["staleness_max"] == 0 and 0.0 <= m["test_error"] <= 1.0 and np.isfinite(m["train_loss"])

@@ -281,6 +281,6 @@ def test_unprepared_dataset_fails_fast_with_the_prepare_command(tmp_path):
 
 
 def test_unknown_dataset_is_named():
-  with pytest.raises(data.DatasetError, match=r"'no_such_set'.*mnist5k, mnist, cifar10, imagenet2012"):
+  with pytest.raises(data.DatasetError, match=r"'no_such_set'.*mnist5k, mnist, fashion_mnist, cifar10, imagenet2012"):
     data.load_dataset("no_such_set")
   assert issubclass(data.DatasetError, ValueError)

@@ -46,31 +46,83 @@ def _final(lam, n, policy, seed, error, loss=0.05, sigma=1.0):
           "train_loss": loss, "staleness_mean": sigma}
 
 
+def test_student_t_intervals_and_the_seeds_that_would_decide():
+  assert reproduce_report.t_quantile(1) == pytest.approx(12.706, abs=1e-3)       # the t-table at 95 %
+  assert reproduce_report.t_quantile(4) == pytest.approx(2.776, abs=1e-3)
+  assert reproduce_report.t_quantile(29) == pytest.approx(2.045, abs=1e-3)
+  assert reproduce_report.half_width(0.2, 3) == pytest.approx(4.303 * 0.2 / 3 ** 0.5, abs=1e-3)
+  assert reproduce_report.half_width(0.2, 1) is None
+  # mean 0.2, sd 0.4, bound 0.5: t(k−1)·0.4/√k < 0.3 first at k = 10 (2.262/√10 = 0.715 < 0.75; 2.306/3 = 0.769)
+  assert reproduce_report.seeds_to_decide(0.2, 0.4, have=2) == 10
+  assert reproduce_report.seeds_to_decide(0.8, 0.4, have=2) == 10          # the same gap above the bound
+  assert reproduce_report.seeds_to_decide(0.2, 0.4, have=12) == 13         # always more than we have
+  assert reproduce_report.seeds_to_decide(0.5, 0.4, have=2) is None        # on the bound: no number decides it
+  with pytest.raises(ValueError, match=r"df=0 is invalid; allowed: an integer >= 1"):
+    reproduce_report.t_quantile(0)
+
+
+@pytest.mark.parametrize("diffs, expected", [
+    ([0.1, 0.3, 0.2], "within"),            # [−0.05, +0.45]
+    ([-2.0, -1.6, -1.8], "within"),         # better than SSGD: never a failure
+    ([1.2, 1.2, 1.1], "worse"),             # [+1.02, +1.31]
+    ([0.0, 0.8, 0.4], "undecided"),         # [−0.59, +1.39]
+    ([0.4], "undecided"),                   # one seed: no interval
+    ([0.5, 0.5], "within"),                 # exactly +0.5 with no spread is within
+])
+def test_p4_verdict_is_three_valued_on_the_paired_interval(diffs, expected):
+  ssgd = {"by_seed": {s: 3.0 for s in range(len(diffs))}}
+  inverse = {"by_seed": {s: 3.0 + d for s, d in enumerate(diffs)}}
+  assert reproduce_report.verdict(reproduce_report.paired_difference(inverse, ssgd)) == expected
+
+
+def test_paired_difference_uses_only_seeds_both_cells_ran():
+  inverse = {"by_seed": {0: 3.5, 1: 3.9, 2: 9.0}}     # seed 2 has no SSGD run: left out
+  ssgd = {"by_seed": {0: 3.0, 1: 3.2, 5: 1.0}}
+  diff = reproduce_report.paired_difference(inverse, ssgd)
+  assert diff["pairs"] == 2 and diff["mean"] == pytest.approx(0.6) and diff["sd"] == pytest.approx(0.1414, abs=1e-4)
+  assert diff["half"] == pytest.approx(12.706 * 0.1, abs=1e-3)
+  assert (diff["lo"], diff["hi"]) == pytest.approx((0.6 - diff["half"], 0.6 + diff["half"]))
+
+
 def test_aggregate_p4_and_table_from_hand_made_results():
-  finals = [_final(8, 0, "ssgd", 0, 0.030), _final(8, 0, "ssgd", 1, 0.034),
-            _final(8, 2, "inverse", 0, 0.033, sigma=2.0), _final(8, 2, "inverse", 1, 0.035, sigma=2.2),
-            _final(8, 8, "inverse", 0, 0.050, loss=0.2, sigma=7.0),
-            _final(8, 8, "inverse", 1, 0.046, loss=0.2, sigma=7.0),
-            *[_final(8, 8, "constant", seed, 0.9, loss=2.3, sigma=7.0) for seed in (0, 1)]]
+  """λ = 8 over 3 seeds: SSGD 3.0/3.4/3.2 %; n = 2 within, n = 8 worse (under-trained), n = 4 undecided."""
+  finals = [_final(8, 0, "ssgd", s, e) for s, e in enumerate((0.030, 0.034, 0.032))]
+  finals += [_final(8, 2, "inverse", s, e, sigma=g) for s, e, g in zip(range(3), (0.031, 0.037, 0.034), (2.0, 2.2, 2.1))]
+  finals += [_final(8, 8, "inverse", s, e, loss=0.2, sigma=7.0) for s, e in enumerate((0.042, 0.046, 0.043))]
+  finals += [_final(8, 4, "inverse", s, e, sigma=4.0) for s, e in enumerate((0.030, 0.042, 0.036))]
+  finals += [_final(8, 8, "constant", s, 0.9, loss=2.3, sigma=7.0) for s in range(3)]
   agg = reproduce_report.aggregate(finals)
-  assert agg[(8, 0, "ssgd")]["error"] == pytest.approx((3.2, 0.2828427))
-  assert agg[(8, 2, "inverse")]["staleness"] == pytest.approx(2.1) and agg[(8, 2, "inverse")]["seeds"] == 2
+  assert agg[(8, 0, "ssgd")]["error"] == pytest.approx((3.2, 0.2))
+  assert agg[(8, 0, "ssgd")]["half"] == pytest.approx(0.4968, abs=1e-4)
+  assert agg[(8, 2, "inverse")]["staleness"] == pytest.approx(2.1) and agg[(8, 2, "inverse")]["seeds"] == 3
   verdicts = {v["n"]: v for v in reproduce_report.p4_verdicts(agg)}
-  assert verdicts[2]["within"] and verdicts[2]["delta"] == pytest.approx(0.2)
-  assert not verdicts[8]["within"] and verdicts[8]["delta"] == pytest.approx(1.6)
-  assert "under-trained" in verdicts[8]["why"] and set(verdicts) == {2, 8}
+  assert set(verdicts) == {2, 4, 8}
+  assert verdicts[2]["verdict"] == "within" and verdicts[2]["delta"] == pytest.approx(0.2)
+  assert verdicts[8]["verdict"] == "worse" and verdicts[8]["delta"] == pytest.approx(3.5 / 3)
+  assert "under-trained" in verdicts[8]["why"] and verdicts[8]["seeds_needed"] is None
+  assert verdicts[4]["verdict"] == "undecided" and verdicts[4]["pairs"] == 3
+  assert verdicts[4]["seeds_needed"] == reproduce_report.seeds_to_decide(0.4, 0.4, have=3) > 3
+  assert reproduce_report.verdict_counts(list(verdicts.values())) == "1 within, 1 worse, 1 undecided"
   runs = [("lambda8-x", {**finals[0], "updates": 7, "wall_s": 5.0})]
-  text = reproduce_report.render_markdown(agg, list(verdicts.values()), command="python launch/reproduce.py --seeds 0 1",
-                                   epochs=6, seeds=[0, 1], wall_s=10, runs=runs, estimate="E",
-                                   figures=[("curves", "reproduction/test_error.png")])
-  assert "| 2 | 8 | 16 | 4 | 2.10 | 3.40 ± 0.14 | – | 3.20 ± 0.28 | +0.20 |" in text
-  assert "| 8 | 8 | 16 | 1 | 7.00 | 4.80 ± 0.28 | 90.00 ± 0.00 | 3.20 ± 0.28 | +1.60 |" in text
-  assert "**Not met** for 1 of 2" in text and "- n = 8, λ = 8: +1.60 points" in text
+  text = reproduce_report.render_markdown(agg, list(verdicts.values()), command="python launch/reproduce.py --seeds 0 1 2",
+                                          epochs=6, seeds=[0, 1, 2], wall_s=10, runs=runs, estimate="E",
+                                          figures=[("curves", "reproduction/test_error.png")])
+  assert "| 2 | 8 | 16 | 4 | 2.10 | 3.40 ± 0.75 | – | 3.20 ± 0.50 | +0.20 ± 0.25 | within |" in text
+  assert "| 8 | 8 | 16 | 1 | 7.00 | 4.37 ± 0.52 | 90.00 ± 0.00 | 3.20 ± 0.50 | +1.17 ± 0.14 | worse |" in text
+  assert f"| 4 | 8 | 16 | 2 | 4.00 | 3.60 ± 1.49 | – | 3.20 ± 0.50 | +0.40 ± 0.99 | undecided (≈ {verdicts[4]['seeds_needed']} seeds) |" in text
+  assert "**1 within, 1 worse, 1 undecided**" in text
+  assert "- n = 8, λ = 8: +1.17 points, 95 % interval [+1.02, +1.31] over 3 seeds (sd 0.06) — **worse**; under-trained" in text
+  assert "- n = 4, λ = 8: +0.40 points, 95 % interval [-0.59, +1.39] over 3 seeds" in text
+  assert "- n = 2" not in text                                             # within: no line of its own
   assert "| `lambda8-x` | 3.00 | 0.0500 | 1.00 | 7 | 5 s |" in text
-  edge = {(4, 0, "ssgd"): {**agg[(8, 0, "ssgd")], "error": (2.6, 0.0)},      # 3.1 − 2.6 = 0.5000000000000004
-          (4, 2, "inverse"): {**agg[(8, 2, "inverse")], "error": (3.1, 0.0)}}
-  assert reproduce_report.p4_verdicts(edge)[0]["within"]                  # exactly 0.5 point is within
-  assert "python launch/reproduce.py --seeds 0 1" in text and "![curves](reproduction/test_error.png)" in text
+  assert "configs/default.py unchanged: α0 = 0.05 for a λμ ≈ 128 mini-batch, momentum 0.5, 6 epochs, α ÷10 at epochs 4, 5.25" in text
+  assert "python launch/reproduce.py --seeds 0 1 2" in text and "![curves](reproduction/test_error.png)" in text
+  one = reproduce_report.aggregate([finals[0], finals[3]])                   # one seed: undecided, no interval
+  [v] = reproduce_report.p4_verdicts(one)
+  assert (v["verdict"], v["half"], v["seeds_needed"]) == ("undecided", None, None) and "one seed" in v["why"]
+  text = reproduce_report.render_markdown(one, [v], command="c", epochs=6, seeds=[0], wall_s=1, runs=runs,
+                                          estimate="E", figures=[])
+  assert "| 2 | 8 | 16 | 4 | 2.00 | 3.10 | – | 3.00 | +0.10 | undecided |" in text and "one seed: no interval" in text
 
 
 def test_time_fit_recovers_a_linear_cost_model():
@@ -143,7 +195,8 @@ def test_tiny_grid_end_to_end_resumes_a_half_done_cell_and_skips_done_ones(tmp_p
     (["--learners", "0"], "--learners 0"), (["--learners", "x"], "invalid int value: 'x'"),
     (["--n", "two"], "--n 'two'"), (["--epochs", "0"], "--epochs 0"), (["--seeds", "-1"], "--seeds -1"),
     (["--out", "report.txt"], "'report.txt'"), (["--bogus"], "unrecognized arguments: --bogus"),
-    (["--learners", "4", "--n", "8"], "no cell"), (["--train-examples", "100"], "--train-examples 100")])
+    (["--learners", "4", "--n", "8"], "no cell"), (["--train-examples", "100"], "--train-examples 100"),
+    (["--dataset", "cifar10"], "--dataset 'cifar10'")])
 def test_bad_flags_give_one_line_and_exit_2_writing_nothing(flags, named, tmp_path, capsys):
   root = tmp_path / "runs"
   assert reproduce.main(["reproduce.py", "--root", str(root), "--out", str(tmp_path / "r.md"), *flags]) == 2
@@ -166,6 +219,42 @@ def test_flags_defaults_and_repeats(tmp_path):
   full = reproduce.parse_args(["--seeds", "1", "0", "1", "--learners", "8", "8", "--n", "2", "2"])
   assert (full.learners, full.epochs, full.seeds, full.n, full.out) == ([8], 24.0, [1, 0], ["2"], "docs/reproduction.md")
   assert not (tmp_path / "r").exists()
+
+
+def test_fashion_mnist_cells_use_its_tuned_config_unchanged_but_for_the_grids_keys(tmp_path):
+  from configs import fashion_mnist
+  tuned = fashion_mnist.get_config()
+  args = reproduce.parse_args(["--dataset", "fashion_mnist", "--root", str(tmp_path / "r")])
+  assert (args.dataset, args.epochs, args.full_epochs) == ("fashion_mnist", tuned.epochs, tuned.epochs)
+  assert reproduce.parse_args(["--dataset", "fashion_mnist", "--quick"]).epochs == reproduce.QUICK_EPOCHS
+  cell = Cell(8, 2, "inverse", 1, "fashion_mnist")
+  config = reproduce.cell_config(cell, epochs=tuned.epochs / 2)
+  config_lib.validate(config)
+  assert (config.dataset, config.executor, config.protocol, config.n, config.policy) == (
+      "fashion_mnist", "simulated", "softsync", 2, "inverse")
+  for key in ("learning_rate", "momentum", "weight_decay", "lr_decay", "model"):
+    assert config[key] == tuned[key], key
+  assert tuple(config.lr_boundaries_epochs) == tuple(round(b / 2, 2) for b in tuned.lr_boundaries_epochs)
+  assert cell.name(3, 0) == "fashion_mnist-lambda8-mu16-n2-inverse-e3-seed1"
+  assert reproduce.grid([4], ["1"], [0], "fashion_mnist")[0] == Cell(4, 0, "ssgd", 0, "fashion_mnist")
+  assert reproduce.gradients_of(cell, 2) == 2 * 60000 / 16 and reproduce.gradients_of(cell, 2, 1600) == 200
+  text = reproduce_report.estimate_text([(1000, 10, 5, 1.0)], tuned.epochs, dataset="fashion_mnist")
+  assert "`python launch/reproduce.py --dataset fashion_mnist`" in text and "epochs · 60,000 examples" in text
+
+
+def test_a_missing_dataset_gives_one_line_and_exit_2_before_any_cell(tmp_path, capsys, monkeypatch):
+  from sajax import data, idx
+  monkeypatch.setitem(idx.SYSTEM_FOLDERS, "fashion_mnist", str(tmp_path / "none"))
+  def unprepared(name, *args):
+    raise data.DatasetError(f"dataset {name!r} is not prepared")
+  monkeypatch.setattr(data, "_tfds_sources", unprepared)
+  root = tmp_path / "runs"
+  argv = ["reproduce.py", "--dataset", "fashion_mnist", "--root", str(root), "--out", str(tmp_path / "r.md")]
+  assert reproduce.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: dataset 'fashion_mnist' not found") and "\n" not in err
+  assert "apt-get install -y dataset-fashion-mnist" in err and "tfds build fashion_mnist" in err
+  assert not root.exists() and not (tmp_path / "r.md").exists()
 
 
 def test_a_cell_refused_in_its_child_process_gives_one_line_and_exit_2(tmp_path, capsys):
