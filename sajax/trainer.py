@@ -9,7 +9,6 @@ and the run outputs. An executor (``sync.run_ssgd`` for pmap) only moves gradien
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import signal
@@ -24,6 +23,7 @@ import numpy as np
 import optax
 
 from sajax import checkpoint, config as config_lib, data, metrics, models, steps, streams
+from sajax.workdir import check_workdir_writable, default_workdir, prepare_workdir  # noqa: F401 - public here too
 from sajax.executors.common import Executor
 from sajax.optim import staleness_aware
 from sajax.server import DivergenceError, all_finite_jit
@@ -40,30 +40,6 @@ class TrainResult:
   metrics: dict
   history: list
   workdir: str
-
-
-def default_workdir(name: str = "default", root: str = "runs") -> str:
-  """A fresh ``runs/<name>-<date>-<time>`` folder name (not created)."""
-  base = os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-  path, k = base, 1
-  while os.path.exists(path):
-    k += 1
-    path = f"{base}-{k}"
-  return path
-
-
-def check_workdir_writable(workdir: str) -> None:
-  """Raises ConfigError when ``workdir`` cannot be created or written; creates nothing."""
-  path = os.path.abspath(workdir)
-  probe = path
-  while not os.path.exists(probe):
-    probe = os.path.dirname(probe)
-  if not os.path.isdir(probe):
-    raise config_lib.ConfigError(f"workdir {workdir!r} is not writable: {probe!r} is not a directory; "
-                                 "allowed: a writable directory path")
-  if not os.access(probe, os.W_OK | os.X_OK):
-    raise config_lib.ConfigError(f"workdir {workdir!r} is not writable: no write permission on {probe!r}; "
-                                 "allowed: a writable directory path")
 
 
 def make_schedule(config: ml_collections.ConfigDict, per_epoch: float) -> optax.Schedule:
@@ -364,26 +340,6 @@ def _progress(config: ml_collections.ConfigDict, run: Run):
   from tqdm import tqdm
   return tqdm(total=run.total_samples, initial=run.samples, unit=" samples", unit_scale=True,
               dynamic_ncols=True, desc=f"{config.executor}", mininterval=0.5 if sys.stderr.isatty() else 10.0)
-
-
-def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Creates ``workdir`` and writes ``config.json``; a workdir holding another run's config is refused."""
-  check_workdir_writable(workdir)
-  values = config.to_dict()
-  values["workdir"] = os.path.abspath(workdir)
-  path = os.path.join(workdir, "config.json")
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-    diffs = config_lib.config_differences(old, values)
-    if diffs:
-      raise config_lib.ConfigError(f"workdir {workdir!r} holds a run with another config ({'; '.join(diffs)}); "
-                                   "allowed: the same config to resume, or a fresh --workdir")
-  os.makedirs(workdir, exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(values, f, indent=2, sort_keys=True, default=list)
-  os.replace(tmp, path)
 
 
 def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,

@@ -1,0 +1,59 @@
+"""The run folder (``--workdir``): its default name, the writability check, and ``config.json``.
+
+A workdir holds one run: a second run with another config is refused before anything is written, and the
+same config resumes (see :func:`sajax.config.config_differences` for the keys that may change).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import ml_collections
+
+from sajax import config as config_lib
+
+
+def default_workdir(name: str = "default", root: str = "runs") -> str:
+  """A fresh ``runs/<name>-<date>-<time>`` folder name (not created)."""
+  base = os.path.join(root, f"{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+  path, k = base, 1
+  while os.path.exists(path):
+    k += 1
+    path = f"{base}-{k}"
+  return path
+
+
+def check_workdir_writable(workdir: str) -> None:
+  """Raises ConfigError when ``workdir`` cannot be created or written; creates nothing."""
+  path = os.path.abspath(workdir)
+  probe = path
+  while not os.path.exists(probe):
+    probe = os.path.dirname(probe)
+  if not os.path.isdir(probe):
+    raise config_lib.ConfigError(f"workdir {workdir!r} is not writable: {probe!r} is not a directory; "
+                                 "allowed: a writable directory path")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise config_lib.ConfigError(f"workdir {workdir!r} is not writable: no write permission on {probe!r}; "
+                                 "allowed: a writable directory path")
+
+
+def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Creates ``workdir`` and writes ``config.json``; a workdir holding another run's config is refused."""
+  check_workdir_writable(workdir)
+  values = config.to_dict()
+  values["workdir"] = os.path.abspath(workdir)
+  path = os.path.join(workdir, "config.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diffs = config_lib.config_differences(old, values)
+    if diffs:
+      raise config_lib.ConfigError(f"workdir {workdir!r} holds a run with another config ({'; '.join(diffs)}); "
+                                   "allowed: the same config to resume, or a fresh --workdir")
+  os.makedirs(workdir, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(values, f, indent=2, sort_keys=True, default=list)
+  os.replace(tmp, path)
