@@ -61,7 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.sim_profile = ""             # "" (the keys below as they are) | one_slow (learner 0 sim_slowdown× slower)
                                       # | heterogeneous (sim_speeds, default 0.58, 0.75, 1.51, 3.33 s as in async
                                       # local-SGD, cycled over λ) | lognormal (mean-1 jitter of σ sim_jitter)
-  config.sim_base_time = 1.0          # seconds of simulated time per gradient
+  config.sim_base_time = 1.0          # seconds of simulated time per gradient ...
+  config.sim_example_time = 0.0       # ... or, when > 0, this many seconds per example (compute time ∝ μ) ...
+  config.sim_push_time = 0.0          # ... plus this fixed time per push (communication), for every learner
   config.sim_jitter = 0.0             # σ of a lognormal factor per gradient (0: none; mean 1 in a named profile)
   config.sim_stragglers = 0.0         # fraction of learners (the lowest ids) that are slow ...
   config.sim_slowdown = 4.0           # ... by this factor

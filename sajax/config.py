@@ -33,7 +33,8 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "progress": (bool,), "workdir": (str,), "fail_fast": (bool,), "fault_learner": (int,),
     "fault_at_step": (int,), "nan_learners": (tuple, list), "nan_at_step": (int,), "nan_steps": (int,),
     "divergence_after": (int,), "mpi_timeout_s": (float, int), "fault_mpi_corrupt_weights": (int,),
-    "sim_base_time": (float, int), "sim_jitter": (float, int),
+    "sim_base_time": (float, int), "sim_push_time": (float, int), "sim_example_time": (float, int),
+    "sim_jitter": (float, int),
     "sim_stragglers": (float, int), "sim_slowdown": (float, int), "sim_poisson": (bool,),
     "sim_speeds": (tuple, list), "sim_ring": (int,), "sim_batching": (str,), "policy_args": (str, dict),
     "sim_profile": (str,),
@@ -41,7 +42,7 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
                            "fail_fast", "fault_learner", "fault_at_step", "nan_learners", "nan_at_step",
                            "nan_steps", "divergence_after", "mpi_timeout_s", "fault_mpi_corrupt_weights",
-                           "sim_base_time", "sim_jitter",
+                           "sim_base_time", "sim_push_time", "sim_example_time", "sim_jitter",
                            "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds", "sim_ring",
                            "sim_batching", "policy_args", "sim_profile"})
 
@@ -117,6 +118,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("sim_base_time", "sim_slowdown"):
     if key in values and not values[key] > 0:
       raise ConfigError(f"config.{key}={values[key]!r} is invalid; allowed: a number > 0")
+  for key in ("sim_push_time", "sim_example_time"):
+    if values.get(key, 0) < 0:
+      raise ConfigError(f"config.{key}={values[key]!r} is invalid; allowed: seconds >= 0 (0: not used)")
   if values.get("sim_jitter", 0) < 0:
     raise ConfigError(f"config.sim_jitter={values['sim_jitter']!r} is invalid; allowed: a number >= 0")
   if not 0 <= values.get("sim_stragglers", 0) <= 1:

@@ -206,3 +206,35 @@ def test_a_diverged_mpi_run_exits_3_with_one_line(tmp_path):
   assert result.returncode == 3, result.stderr[-3000:]
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "diverged: 20 consecutive non-finite gradients at update" in lines[0], lines
+
+
+class _SilentComm:
+  """A communicator on which nothing ever arrives (a rank that never answers)."""
+
+  def Iprobe(self, **kwargs):
+    return False
+
+
+def test_a_rank_waiting_for_rank_0_gives_up_after_mpi_timeout_s_naming_itself():
+  pytest.importorskip("mpi4py")
+  from sajax.executors.mpi import LearnerRank
+  rank = LearnerRank.__new__(LearnerRank)   # only what _next reads: no run, no devices
+  rank.comm, rank.rank, rank.wait_s, rank.dim, rank.learners, rank.rejected = _SilentComm(), 2, 0.3, 10, 4, 0
+  start = time.monotonic()
+  with pytest.raises(RuntimeError, match=r"rank 2: nothing from rank 0 within 0.3 s while waiting for its setup "
+                                          r"\(config.mpi_timeout_s\)"):
+    rank._next(frozenset({wire.SETUP}), "its setup", time.monotonic() + 0.3)
+  assert time.monotonic() - start < 5
+
+
+def test_rank_0_stops_waiting_for_a_rank_that_never_says_done_and_names_it(caplog):
+  import logging
+  import threading
+  from sajax.executors.mpi import ServerRank
+  server = ServerRank.__new__(ServerRank)   # only what _stop_ranks reads
+  server.ranks, server.wait_s, server._lock, server._control = 3, 0.3, threading.Condition(), []
+  server._done, server._closing, server._abandoned = {1}, False, False
+  with caplog.at_level(logging.ERROR, logger="sajax"):
+    server._stop_ranks(False, [])
+  assert server._abandoned and [dest for dest, _ in server._control] == [1, 2]   # STOP was sent to both
+  assert any("rank(s) [2] did not stop within 0.3 s" in r.getMessage() for r in caplog.records)

@@ -18,7 +18,8 @@ ARGS = {"polynomial": {"a": 0.5}, "exponential": {}, "hinge": {}, "delay_adaptiv
 
 
 def _config(executor, policy, **overrides):
-  overrides.setdefault("epochs", 0.5)
+  overrides.setdefault("epochs", 1.0)
+  overrides.setdefault("train_examples", 256)      # 32 gradients of μ = 8: a smoke test, kept short for CI
   return smoke_config(executor, "async", learners=4, batch_per_learner=8, policy=policy,
                       policy_args=json.dumps(ARGS[policy]), **overrides)
 
@@ -31,7 +32,7 @@ def test_every_registered_policy_is_exercised_here():
 def test_each_policy_trains_in_the_simulation(policy, tmp_path):
   final = sajax.train(_config("simulated", policy), workdir=str(tmp_path)).metrics
   # It ran to the end through the PS (how well each policy learns is for a comparison at scale, not a smoke test).
-  assert np.isfinite(final["train_loss"]) and final["samples"] >= 512 and final["gradients_dropped"] == 0
+  assert np.isfinite(final["train_loss"]) and final["samples"] >= 256 and final["gradients_dropped"] == 0
   if policy == "drop":   # λ = 4 async: σ ≈ 3, so R = 6 drops only the stalest, and they do not count toward c
     assert final["staleness_max"] < 6
     assert sum(final["staleness_histogram"].values()) == final["updates"]
@@ -40,7 +41,7 @@ def test_each_policy_trains_in_the_simulation(policy, tmp_path):
 @pytest.mark.parametrize("policy", ["drop", "dc_asgd", "gap_aware"])
 def test_policies_train_with_threads(policy, tmp_path):
   final = sajax.train(_config("threads", policy), workdir=str(tmp_path)).metrics
-  assert np.isfinite(final["train_loss"]) and final["samples"] >= 512
+  assert np.isfinite(final["train_loss"]) and final["samples"] >= 256
   assert final["staleness_max"] >= 1        # stale gradients did reach the policy (θ_j handed over with the push)
 
 

@@ -76,3 +76,21 @@ def test_valid_profiles_pass_validation():
   config_lib.validate(_config(sim_profile="heterogeneous", sim_speeds=(1.0, 2.0, 3.0)))
   config_lib.validate(_config(sim_profile="lognormal", sim_jitter=0.3))
   config_lib.validate(_config(sim_profile="one_slow", sim_slowdown=10.0))
+
+
+def test_a_gradient_costs_a_fixed_push_time_plus_a_time_per_example():
+  """t = push_time + example_time · μ · factor (issue #13's speed model): μ = 16 at 0.01 s per example and a
+  0.05 s push is 0.21 s for a normal learner, 0.05 + 4 × 0.16 = 0.69 s for a 4× straggler."""
+  from sajax.executors.speed import SpeedModel
+  model = SpeedModel(push_time=0.05, example_time=0.01, batch=16, stragglers=0.25, slowdown=4.0)
+  rng = np.random.default_rng(0)
+  assert model.duration(rng, 1, 4) == pytest.approx(0.21)
+  assert model.duration(rng, 0, 4) == pytest.approx(0.69)
+  assert SpeedModel(base_time=2.0, push_time=0.5).duration(rng, 0, 1) == pytest.approx(2.5)   # no example_time
+
+
+def test_negative_push_or_example_time_is_refused_naming_it():
+  config = default.get_config()
+  config.sim_example_time = -0.01
+  with pytest.raises(config_lib.ConfigError, match=r"config.sim_example_time=-0.01 is invalid; allowed: seconds >= 0"):
+    config_lib.validate(config)

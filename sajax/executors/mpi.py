@@ -97,7 +97,7 @@ class ServerRank(ThreadedEngine):
       with self._lock:   # every rank has compiled its step: no rank's first pushes arrive many versions late
         if not self._lock.wait_for(lambda: len(self._ready | self._done) == self.ranks - 1, timeout=self.wait_s):
           missing = sorted(set(range(1, self.ranks)) - self._ready - self._done)
-          raise RuntimeError(f"rank(s) {missing} did not report ready within {self.wait_s:.0f} s "
+          raise RuntimeError(f"rank(s) {missing} did not report ready within {self.wait_s:g} s "
                              "(config.mpi_timeout_s)")
         self._control += [(r, wire.encode(wire.START)) for r in range(1, self.ranks)]
         self._lock.notify_all()
@@ -124,7 +124,7 @@ class ServerRank(ThreadedEngine):
       self._lock.notify_all()
       if not self._lock.wait_for(lambda: len(self._done) == self.ranks - 1, timeout=self.wait_s):
         missing = sorted(set(range(1, self.ranks)) - self._done)
-        log.error("rank 0: rank(s) %s did not stop within %.0f s (config.mpi_timeout_s); ending without them",
+        log.error("rank 0: rank(s) %s did not stop within %g s (config.mpi_timeout_s); ending without them",
                   missing, self.wait_s)
         self._abandoned = True
         self._lock.notify_all()
@@ -254,7 +254,7 @@ class LearnerRank:
     got = receive(self.comm, wire.TAG_TO_LEARNERS, source=0,
                   stop=lambda: deadline is not None and time.monotonic() > deadline)
     if got is None:
-      raise RuntimeError(f"rank {self.rank}: nothing from rank 0 within {self.wait_s:.0f} s while waiting for "
+      raise RuntimeError(f"rank {self.rank}: nothing from rank 0 within {self.wait_s:g} s while waiting for "
                          f"{what} (config.mpi_timeout_s)")
     try:
       return wire.decode(got[1], dim=self.dim, learners=self.learners, expect=expect)

@@ -1,7 +1,11 @@
 """Learner speeds for the simulated clock: how many seconds of simulated time each gradient takes.
 
-A learner's time per gradient is ``base_time`` × its fixed factor × (optionally) a random factor per gradient.
-The fixed factors come from a named *profile*, so simulated results can be compared with the literature:
+A learner's time per gradient is its compute time × its fixed factor, plus a fixed time per push, all times
+(optionally) a random factor per gradient. The compute time is ``base_time``, or, when ``example_time`` is set,
+``example_time`` × μ (a gradient of μ examples costs time proportional to μ, so the model can compare λ
+learners of μ = ⌈128/λ⌉ fairly); ``push_time`` is the fixed cost of one push (communication, the PS update),
+the same for every learner. The fixed factors come from a named *profile*, so simulated results can be compared
+with the literature:
 
 - ``""`` (custom): the ``sim_*`` keys as they are: ``speeds`` (one factor per learner) or a fraction
   ``stragglers`` of the learners (the lowest ids) ``slowdown``× slower; ``jitter`` multiplies each time by
@@ -51,6 +55,9 @@ class SpeedModel:
   poisson: bool = False        # exponential times (Poisson arrivals) with the same mean
   speeds: tuple = ()           # optional per-learner time factors, overriding stragglers
   profile: str = ""            # "" | one_slow | heterogeneous | lognormal (see the module docstring)
+  push_time: float = 0.0       # fixed seconds per push, whatever the learner's factor
+  example_time: float = 0.0    # seconds per example: the compute time is example_time × μ (0: base_time)
+  batch: int = 1               # μ, the examples per gradient
 
   @classmethod
   def from_config(cls, config: Any) -> "SpeedModel":
@@ -58,7 +65,9 @@ class SpeedModel:
     return cls.from_profile(config.get("sim_profile", ""), config.learners,
                             base_time=config.get("sim_base_time", 1.0), jitter=config.get("sim_jitter", 0.0),
                             stragglers=config.get("sim_stragglers", 0.0), slowdown=config.get("sim_slowdown", 4.0),
-                            poisson=config.get("sim_poisson", False), speeds=tuple(config.get("sim_speeds", ())))
+                            poisson=config.get("sim_poisson", False), speeds=tuple(config.get("sim_speeds", ())),
+                            push_time=config.get("sim_push_time", 0.0),
+                            example_time=config.get("sim_example_time", 0.0), batch=config.batch_per_learner)
 
   @classmethod
   def from_profile(cls, profile: str, learners: int, **keys: Any) -> "SpeedModel":
@@ -81,8 +90,13 @@ class SpeedModel:
       return float(self.speeds[learner])
     return self.slowdown if learner < round(self.stragglers * learners) else 1.0
 
+  @property
+  def compute_time(self) -> float:
+    """A normal learner's compute time per gradient: ``example_time`` × μ, or ``base_time``."""
+    return self.example_time * self.batch if self.example_time else self.base_time
+
   def duration(self, rng: np.random.Generator, learner: int, learners: int) -> float:
-    t = self.base_time * self.factor(learner, learners)
+    t = self.push_time + self.compute_time * self.factor(learner, learners)
     if self.poisson:
       t *= rng.exponential(1.0)
     if self.jitter:
