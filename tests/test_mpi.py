@@ -30,7 +30,7 @@ def _env():
   return env
 
 
-def _mpiexec(ranks, *args, timeout=240):
+def _mpiexec(ranks, *args, timeout=600):   # a bound on a hang, sized for a loaded machine (load 17 took > 240 s)
   return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, TRAIN, *args], capture_output=True,
                         text=True, env=_env(), timeout=timeout)
 
