@@ -20,8 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = "small_cnn"          # small_cnn | cifar10_full | alexnet
   # the paper's system
   config.executor = "threads"         # threads: λ learner threads + one parameter server | pmap: SSGD baseline
-  config.protocol = "softsync"        # hardsync | softsync | async  (pmap is always hardsync, σ = 0)
-  config.n = 2                        # n of n-softsync: c = ⌊λ/n⌋ gradients per update
+  config.protocol = "softsync"        # hardsync | softsync | async | ssp  (pmap is always hardsync, σ = 0)
+  config.n = 2                        # n of n-softsync and ssp: c = ⌊λ/n⌋ gradients per update
+  config.ssp_spread = 3               # s of ssp (bounded staleness, Ho et al. 2013): a learner more than s
+                                      # accepted gradients ahead of the slowest live one waits (s = 0, n = 1: SSGD)
   config.learners = 8                 # λ
   config.batch_per_learner = 16       # μ
   config.policy = "inverse"           # staleness policy: inverse (α0/σ, the paper) | constant (plain ASGD) |

@@ -37,17 +37,19 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "sim_jitter": (float, int),
     "sim_stragglers": (float, int), "sim_slowdown": (float, int), "sim_poisson": (bool,),
     "sim_speeds": (tuple, list), "sim_ring": (int,), "sim_batching": (str,), "policy_args": (str, dict),
-    "sim_profile": (str,),
+    "sim_profile": (str,), "ssp_spread": (int,),
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
                            "fail_fast", "fault_learner", "fault_at_step", "nan_learners", "nan_at_step",
                            "nan_steps", "divergence_after", "mpi_timeout_s", "fault_mpi_corrupt_weights",
                            "sim_base_time", "sim_push_time", "sim_example_time", "sim_jitter",
                            "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds", "sim_ring",
-                           "sim_batching", "policy_args", "sim_profile"})
+                           "sim_batching", "policy_args", "sim_profile", "ssp_spread"})
+
+DEFAULT_SSP_SPREAD = 3   # s of protocol ssp when a config does not set ssp_spread (configs/default.py sets it)
 
 # What an optional key that a saved config lacks means (so a run saved before the key existed still resumes).
-ABSENT_MEANS: Mapping[str, Any] = {"policy_args": "{}", "sim_profile": ""}
+ABSENT_MEANS: Mapping[str, Any] = {"policy_args": "{}", "sim_profile": "", "ssp_spread": DEFAULT_SSP_SPREAD}
 
 # Executors whose learners send θ_j's version to a parameter server, so a policy that reads θ_j can run there.
 STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi")
@@ -130,8 +132,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not -1 <= values.get("fault_learner", -1) < values["learners"]:
     raise ConfigError(f"config.fault_learner={values['fault_learner']!r} is invalid; "
                       f"allowed: -1 (no fault) or a learner id 0..{values['learners'] - 1}")
+  if values.get("ssp_spread", 0) < 0:
+    raise ConfigError(f"config.ssp_spread={values['ssp_spread']!r} is invalid; allowed: an integer >= 0 (accepted "
+                      "gradients a learner may be ahead of the slowest live learner)")
   try:
-    Protocol.from_name(values["protocol"], values["learners"], values["n"])
+    Protocol.from_name(values["protocol"], values["learners"], values["n"],
+                       values.get("ssp_spread", DEFAULT_SSP_SPREAD))
   except ValueError as e:
     raise ConfigError(str(e)) from None
 
@@ -236,7 +242,8 @@ def protocol_of(config: ml_collections.ConfigDict) -> Protocol:
   """The run's protocol; the pmap executor is SSGD, i.e. hardsync, whatever ``config.protocol`` says."""
   if config.executor == "pmap":
     return Protocol.hardsync(config.learners)
-  return Protocol.from_name(config.protocol, config.learners, config.n)
+  return Protocol.from_name(config.protocol, config.learners, config.n,
+                            config.get("ssp_spread", DEFAULT_SSP_SPREAD))
 
 
 def updates_per_epoch(num_examples: int, protocol: Protocol, batch_per_learner: int) -> float:

@@ -43,6 +43,7 @@ BAD_INPUT = [
     (["--config.learners=many"], "many"),
     (["--config=configs/does_not_exist.py"], "does_not_exist.py"),
     (["--config.protocol=softsync", "--config.n=9"], "n=9"),
+    (["--config.protocol=ssp", "--config.ssp_spread=-1"], "ssp_spread=-1"),
 ]
 
 

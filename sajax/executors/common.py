@@ -1,12 +1,12 @@
 """What every executor shares with the run: the :class:`Executor` interface, the staleness telemetry of a
-metrics record, and what happens when a learner dies."""
+metrics record, what happens when a learner dies, and the SSP gate built for a run."""
 
 from __future__ import annotations
 
 import logging
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
-from sajax.protocol import Protocol
+from sajax.protocol import Protocol, SpreadGate
 from sajax.server import ParameterServer
 
 log = logging.getLogger("sajax")
@@ -32,8 +32,9 @@ class Executor:
 
 
 def telemetry(ps: ParameterServer, *, learners_alive: int, queue_depth: int,
-              deaths: Mapping[int, str] | None = None) -> dict:
-  """Staleness statistics of the accepted pushes so far, per learner, and the executor's health."""
+              deaths: Mapping[int, str] | None = None, gate: Optional[SpreadGate] = None) -> dict:
+  """Staleness statistics of the accepted pushes so far, per learner, and the executor's health (and, under
+  ssp, s and the largest spread at which a learner started, ``ssp_max_spread`` ≤ s)."""
   stats = ps.stats
   per = {str(k): {"count": s.count, "min": s.min, "mean": round(s.mean, 4), "max": s.max, "dropped": s.dropped,
                   "stale_dropped": s.stale_dropped}
@@ -46,6 +47,8 @@ def telemetry(ps: ParameterServer, *, learners_alive: int, queue_depth: int,
       "learners_alive": learners_alive, "queue_depth": queue_depth,
       "gradients_per_update": ps.gradients_per_update,
   }
+  if gate is not None:
+    out.update(gate.telemetry())
   if deaths:
     out["learners_dead"] = {str(k): v for k, v in sorted(deaths.items())}
   return out
@@ -82,8 +85,7 @@ class Deaths:
 
   def gradients_per_update(self) -> int:
     """c for the live learners (n capped at their number)."""
-    live = len(self.alive)
-    return Protocol.from_name(self.protocol.name, live, min(self.protocol.n, live)).gradients_per_update
+    return self.protocol.with_learners(len(self.alive)).gradients_per_update
 
   def to_json(self) -> dict:
     return {str(k): v for k, v in sorted(self.errors.items())}
@@ -94,3 +96,17 @@ class Deaths:
       self.record(int(k), error)
     if self.errors:
       ps.set_gradients_per_update(self.gradients_per_update())
+
+
+def spread_gate(protocol: Protocol, ps: ParameterServer, deaths: Deaths,
+                saved: Optional[Mapping] = None) -> Optional[SpreadGate]:
+  """The run's :class:`~sajax.protocol.SpreadGate` under ssp (None otherwise): its counts of accepted pushes
+  are the PS's per-learner statistics (so a resumed run goes on from them), its live learners ``deaths``'s;
+  ``saved``: the gate's own checkpointed telemetry."""
+  if protocol.max_spread is None:
+    return None
+  per = ps.stats.per_learner
+  gate = SpreadGate(protocol.learners, protocol.max_spread,
+                    counts=[per[k].count if k in per else 0 for k in range(protocol.learners)], alive=deaths.alive)
+  gate.restore(saved or {})
+  return gate

@@ -4,11 +4,12 @@
     (j, θ_j) ← published → θ_j on my device (once per (device, version)) → (indices, step) ← my stream →
     jit grad on μ examples → g to the PS side → put(Push(k, j, g, finite, loss, θ_j))
     hardsync: wait for a version newer than j, unless g was non-finite (the PS drops it: recompute at once)
+    ssp: before each gradient, wait for a permission from the PS side (:meth:`Published.take`)
 
 Only *where* a push goes differs between executors (``put``: the PS queue in-process; a queue drained to
-MPI rank 0 on other ranks) and *where* weights come from (:class:`Published`). Faults are injected here, by
-(learner, step), from :class:`~sajax.executors.faults.FaultPlan`. A learner that raises puts a
-:class:`Death` and ends; the run decides what follows.
+MPI rank 0 on other ranks) and *where* weights and ssp permissions come from (:class:`Published`). Faults are
+injected here, by (learner, step), from :class:`~sajax.executors.faults.FaultPlan`. A learner that raises puts
+a :class:`Death` and ends; the run decides what follows.
 """
 
 from __future__ import annotations
@@ -55,11 +56,19 @@ class Death:
 
 
 class Published:
-  """The weights learners pull, ``(version, flat θ)``, replaced as one value, with a condition to wait on."""
+  """What the PS side hands learners: the weights they pull, ``(version, flat θ)``, replaced as one value, and
+  under ssp the permissions to start a gradient, with one condition to wait on.
+
+  A permission for learner k names a version: k starts only once weights at least that new are here. The PS
+  side grants it after publishing the update that released k (if any), so in one process that always holds;
+  on an MPI rank the permission may arrive before those weights, and k waits for them (s = 0 with c = λ then
+  still gives σ = 0). Each learner holds at most one permission: it is granted one per push the PS processed.
+  """
 
   def __init__(self, version: Optional[int] = None, params: Any = None) -> None:
     self.value: Optional[tuple[int, Any]] = None if version is None else (version, params)
     self.changed = threading.Condition()
+    self._permits: dict[int, int] = {}   # learner k -> the version it must at least pull
 
   @property
   def version(self) -> int:
@@ -74,6 +83,26 @@ class Published:
     """Blocks until a version newer than ``version`` is published, or ``stop`` is set."""
     with self.changed:
       self.changed.wait_for(lambda: self.version > version or stop.is_set())
+
+  def grant(self, learners: list[int], version: int) -> None:
+    """SSP: ``learners`` may each start one gradient, on weights of version ``version`` or newer."""
+    with self.changed:
+      for k in learners:
+        self._permits[k] = version
+      self.changed.notify_all()
+
+  def take(self, learner: int, stop: threading.Event) -> bool:
+    """SSP: blocks until learner k holds a permission and the weights it names are here (then uses it up and
+    returns True), or until ``stop`` is set (returns False)."""
+    def ready() -> bool:
+      needed = self._permits.get(learner)
+      return stop.is_set() or (needed is not None and self.version >= needed)
+    with self.changed:
+      self.changed.wait_for(ready)
+      if stop.is_set():
+        return False
+      del self._permits[learner]
+      return True
 
   def wake(self) -> None:
     with self.changed:
@@ -126,6 +155,7 @@ class Learners:
     self.run, self.devices, self.published, self.put, self.stop = run, devices, published, put, stop
     self.to_server, self.keep_stale = to_server, keep_stale
     self.protocol = run.protocol
+    self.gated = run.protocol.max_spread is not None
     self.faults = FaultPlan.from_config(run.config)
     self.unravel = ravel_pytree(run.params)[1]
     self.grad_step = make_grad_step(run.loss_fn, self.unravel)
@@ -154,6 +184,8 @@ class Learners:
     key = jax.device_put(jax.random.fold_in(self.run.key, k), device)
     try:
       while not self.stop.is_set():
+        if self.gated and not self.published.take(k, self.stop):
+          break
         version, params = self.published.value
         local = self.cache.get(device, version, params)
         images, labels, step = self.run.next_batch(k)

@@ -18,6 +18,12 @@ another rank during start-up and shutdown are bounded by ``mpi_timeout_s`` and f
 rerunning the same command resumes from the last checkpoint. For a policy that reads θ_j, rank 0 keeps (by
 reference) each version it sent until no remote learner can still hold it.
 
+Under ssp, rank 0 holds the run's one :class:`~sajax.protocol.SpreadGate`, since only the PS knows which pushes
+it accepted: after each push it processes (and each death) the gate names the learners that may start, and a
+learner on another rank is sent a PERMIT (learner k, the current version i); its rank is queued for θ_i as after
+a push, and the learner starts once it holds both (:meth:`~sajax.executors.learners.Published.take`), so s = 0
+with c = λ gives σ = 0 here too. The price: a remote learner waits one round trip to rank 0 after every push.
+
 MPI calls poll with a short sleep instead of blocking: MPICH's blocking calls spin a core, which learner
 threads on a few cores cannot spare.
 """
@@ -221,6 +227,18 @@ class ServerRank(ThreadedEngine):
     with self._lock:
       self._lock.notify_all()
 
+  def _permit(self, learners: list[int]) -> None:
+    """SSP: rank 0's own learners are permitted in process; another rank's get a PERMIT naming the current
+    version, and their rank is sent that version's weights unless it has them."""
+    super()._permit([k for k in learners if self.owner[k] == 0])
+    remote = [k for k in learners if self.owner[k] != 0]
+    if remote:
+      with self._lock:
+        for k in remote:
+          self._control.append((self.owner[k], wire.encode(wire.PERMIT, learner=k, version=self.ps.version)))
+          self._want.add(self.owner[k])
+        self._lock.notify_all()
+
   def telemetry(self) -> dict:
     out = super().telemetry()
     per = self.ps.stats.per_learner
@@ -313,11 +331,20 @@ class LearnerRank:
 
   def _receiver(self) -> None:
     while not self.stop.is_set():   # unbounded: rank 0 ends the job (MPI_Abort) if it fails
-      self._handle(self._next(frozenset({wire.WEIGHTS, wire.STOP}), "weights", None))
+      self._handle(self._next(frozenset({wire.WEIGHTS, wire.STOP, wire.PERMIT}), "weights", None))
 
   def _handle(self, msg: Optional[wire.Message]) -> None:
-    """WEIGHTS: the version the rank's learners pull from now on; STOP: the run is over."""
+    """WEIGHTS: the version the rank's learners pull from now on; PERMIT: learner k may start a gradient (ssp);
+    STOP: the run is over."""
     if msg is None:
+      return
+    if msg.kind == wire.PERMIT:
+      if msg.learner in self.local:
+        self.published.grant([msg.learner], msg.version)
+      else:
+        self.rejected += 1
+        log.error("rank %d: rejected a permission for learner %d, which runs on another rank", self.rank,
+                  msg.learner)
       return
     if msg.kind == wire.STOP:
       self.interrupted = msg.value != 0

@@ -5,7 +5,8 @@
     (an error text, or the JSON sampler states of a rank's learners)
 
 A push carries learner k, the version j its gradient was computed on and its training loss (``value``); a
-weights message carries version i and θ_i. Everything here is pure: :func:`encode` builds the byte buffer,
+weights message carries version i and θ_i; a permission (ssp) carries learner k and the version i it starts on
+at the earliest. Everything here is pure: :func:`encode` builds the byte buffer,
 :func:`decode` checks a received one (size, magic, kind, length, learner range, version) and raises
 :class:`WireError` naming what is wrong, so a malformed or truncated message is rejected, never applied.
 """
@@ -34,8 +35,9 @@ WEIGHTS = 11  # θ_i with version i
 STOP = 12     # stop learning; value = 1.0 when the run was interrupted (Ctrl-C), 0.0 when finished
 SETUP = 13    # first message to a rank: its learners' sampler states as UTF-8 JSON (rank 0 restored them)
 START = 14    # every rank is READY: start the learners
+PERMIT = 15   # ssp: learner k may start one gradient, on weights of this version or newer
 KINDS = {PUSH: "push", DEATH: "death", FAIL: "fail", DONE: "done", READY: "ready", RESEND: "resend",
-         WEIGHTS: "weights", STOP: "stop", SETUP: "setup", START: "start"}
+         WEIGHTS: "weights", STOP: "stop", SETUP: "setup", START: "start", PERMIT: "permit"}
 FLOAT_KINDS = frozenset({PUSH, WEIGHTS})
 TEXT_KINDS = frozenset({DEATH, FAIL, SETUP})
 
@@ -99,7 +101,7 @@ def decode(buf: np.ndarray, *, dim: int, learners: int, expect: frozenset) -> Me
     raise WireError(f"kind {kind} ({KINDS.get(kind, 'unknown')}) is not accepted here; allowed: "
                     f"{', '.join(KINDS[k] for k in sorted(expect))}")
   learner, version, value = int(h["learner"]), int(h["version"]), float(h["value"])
-  if kind in (PUSH, DEATH) and not 0 <= learner < learners:
+  if kind in (PUSH, DEATH, PERMIT) and not 0 <= learner < learners:
     raise WireError(f"learner {learner} is out of range; allowed: 0..{learners - 1}")
   if version < 0:
     raise WireError(f"version {version} is negative")

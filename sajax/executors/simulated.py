@@ -5,8 +5,10 @@ Each learner's time per gradient comes from a speed model (``sim_*`` config keys
 exponential (Poisson-arrival) option. Events run in simulated-time order, ties broken by learner id. A
 learner pulls (j, θ_j) when it starts and pushes its gradient when it finishes, so staleness comes from the
 event order alone; under hardsync a learner that pushed waits for the next version, so a round lasts as long
-as its slowest learner. The same config and seed give the same run, bit for bit (only wall-clock fields
-differ), whatever the machine's load.
+as its slowest learner; under ssp a learner that pushed asks the run's :class:`~sajax.protocol.SpreadGate`
+(the same rule as the threads and MPI executors) and waits, if more than s accepted gradients ahead of the
+slowest live learner, until that one's push or death releases it. The same config and seed give the same
+run, bit for bit (only wall-clock fields differ), whatever the machine's load.
 
 Gradients are not computed one event at a time: every learner's snapshot is known when it pulls, so when a
 push needs a gradient not computed yet, the gradients of *all* learners holding an uncomputed snapshot are
@@ -70,6 +72,7 @@ class SimulatedEngine(common.Executor):
     if run.restored_meta.get("server"):
       self.ps.restore({"params": flat_params, "opt_state": run.opt_state}, run.restored_meta["server"])
       self.deaths.restore(run.restored_meta.get("dead", {}), self.ps)
+    self.gate = common.spread_gate(run.protocol, self.ps, self.deaths, run.restored_meta.get("ssp"))
     size = batched.ring_size(learners, self.ps.gradients_per_update, self.per_device)
     size = min(size, config.get("sim_ring", 0) or size)
     self.rings = [batched.VersionRing(d, size, flat_params.size, flat_params.dtype) for d in self.devices]
@@ -91,7 +94,7 @@ class SimulatedEngine(common.Executor):
       self._restore(run.restored_meta, run.restored_arrays)
     else:
       self.sim_time = float(run.restored_meta.get("sim_time", 0.0))
-      for k in sorted(self.deaths.alive):
+      for k in self.gate.start() if self.gate is not None else sorted(self.deaths.alive):
         self._start(k, self.sim_time)
     run.attach(self)
 
@@ -163,18 +166,25 @@ class SimulatedEngine(common.Executor):
         loss, grads, finite = self.result[k]
         version = self.version[k]
         self.result[k] = self.version[k] = None
+        released = []                              # learners the SSP gate lets start now
         if self.faults.raises(k, self.steps[k]):   # the learner raised instead of pushing: it is gone
           self.ps.release(version)
           applied = self.deaths.died(k, str(self.faults.error(k, self.steps[k])), self.ps)
+          if self.gate is not None:
+            released = self.gate.died(k)
         else:
           result = self.ps.push(k, version, grads, finite=finite)
           applied = result.applied_update
           if not result.dropped:
             losses.append(loss)
-          if self.run.protocol.learners_wait and not result.dropped:
+          if self.gate is not None:
+            released = self.gate.pushed(k, accepted=not result.dropped)
+          elif self.run.protocol.learners_wait and not result.dropped:
             self.waiting.append(k)   # a dropped gradient's learner recomputes at once: the round needs it
           else:
             self._start(k, self.sim_time)
+        for w in released:
+          self._start(w, self.sim_time)
         if applied:
           for w in sorted(self.waiting):
             self._start(w, self.sim_time)
@@ -189,7 +199,7 @@ class SimulatedEngine(common.Executor):
   # ---- the executor interface: telemetry and checkpoints ---------------------------------------------------
   def telemetry(self) -> dict:
     out = common.telemetry(self.ps, learners_alive=len(self.deaths.alive), queue_depth=0,
-                           deaths=self.deaths.errors)
+                           deaths=self.deaths.errors, gate=self.gate)
     out.update(sim_time=round(self.sim_time, 6), sim_gradient_calls=self.calls, sim_ring_flushes=self.flushes)
     return out
 
@@ -211,16 +221,21 @@ class SimulatedEngine(common.Executor):
     return arrays
 
   def checkpoint_meta(self) -> dict:
-    return {"server": self.ps.state_meta(), "dead": self.deaths.to_json(), "sim_time": self.sim_time,
+    meta = {"server": self.ps.state_meta(), "dead": self.deaths.to_json(), "sim_time": self.sim_time,
             "events": [list(e) for e in self.events],
             "version": self.version, "computed": [r is not None for r in self.result], "steps": self.steps,
             "waiting": self.waiting, "rng": self.rng.bit_generator.state, "calls": self.calls,
             "flushes": self.flushes}
+    if self.gate is not None:
+      meta["ssp"] = {**self.gate.to_json(), "waiting": sorted(self.gate.waiting)}
+    return meta
 
   def _restore(self, meta: dict, arrays: dict) -> None:
     self.sim_time = float(meta["sim_time"])
     self.events = [(float(t), int(k)) for t, k in meta["events"]]    # saved in heap order
     self.version, self.steps, self.waiting = list(meta["version"]), list(meta["steps"]), list(meta["waiting"])
+    if self.gate is not None:
+      self.gate.waiting = set(meta["ssp"]["waiting"])
     self.rng.bit_generator.state = meta["rng"]
     self.calls, self.flushes = int(meta["calls"]), int(meta["flushes"])
     for k, computed in enumerate(meta["computed"]):

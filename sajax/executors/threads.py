@@ -8,10 +8,13 @@ The picture (Podracer/Sebulba's three nouns)::
                                                                                    c gradients → publish θ_i
 
 Learners never wait under softsync/async; under hardsync a learner waits for the next version before it
-pulls again (unless its gradient was non-finite: the PS drops it, so the learner recomputes at once). The PS
-loop stops when epochs × N samples have been applied; gradients still in flight are discarded. A learner
-that raises is reported and the run goes on with the others, c re-derived from the live learners (so
-hardsync cannot deadlock), unless ``fail_fast`` is set. Divergence (too many non-finite gradients in a row)
+pulls again (unless its gradient was non-finite: the PS drops it, so the learner recomputes at once). Under
+ssp the PS loop holds the run's :class:`~sajax.protocol.SpreadGate`: after each push it processes (and each
+death) it publishes any new θ_i, then permits the learners the gate lets start; a learner waits for its
+permission before each gradient. The PS loop stops when epochs × N samples have been applied; gradients still
+in flight are discarded. A learner that raises is reported and the run goes on with the others, c re-derived
+from the live learners (so hardsync cannot deadlock, and it leaves the ssp minimum), unless ``fail_fast`` is
+set. Divergence (too many non-finite gradients in a row)
 ends the run from the PS core.
 """
 
@@ -79,6 +82,7 @@ class ThreadedEngine(common.Executor):
     if run.restored_meta.get("server"):
       self.ps.restore({"params": flat_params, "opt_state": run.opt_state}, run.restored_meta["server"])
       self.deaths.restore(run.restored_meta.get("dead", {}), self.ps)
+    self.gate = common.spread_gate(self.protocol, self.ps, self.deaths, run.restored_meta.get("ssp"))
     self.queue: queue.Queue = queue.Queue(maxsize=max(2, self.learners))
     self.stop = threading.Event()
     self.published = Published(self.ps.version, self.ps.params)
@@ -96,6 +100,11 @@ class ThreadedEngine(common.Executor):
     """Makes the PS's current (i, θ_i) the one learners pull, and wakes learners waiting for it."""
     self.published.set(self.ps.version, self.ps.params)
 
+  def _permit(self, learners: list[int]) -> None:
+    """SSP: ``learners`` may each start one gradient, on the current version or newer."""
+    if learners:
+      self.published.grant(learners, self.ps.version)
+
   # ---- the PS loop -----------------------------------------------------------------------------------
   def run_loop(self) -> tuple[PyTree, PyTree]:
     threads = self.pool.start()
@@ -103,12 +112,18 @@ class ThreadedEngine(common.Executor):
     self.run.log(f"threads: {len(threads)} learners on {len(devices)} device(s), PS on {self.ps_device}, "
                  f"protocol {self.protocol.name} (c = {self.ps.gradients_per_update})")
     current = lambda: (self.unravel(self.ps.params), self.ps.opt_state)  # noqa: E731
+    if self.gate is not None:
+      self._permit(self.gate.start())
     try:
       while not self.run.done:
         item = self.queue.get()
         if isinstance(item, Death):
-          if self.deaths.died(item.learner, item.error, self.ps):
-            self._after_update(current)
+          applied = self.deaths.died(item.learner, item.error, self.ps)
+          released = self.gate.died(item.learner) if self.gate is not None else []
+          if applied:
+            self._after_update(current, released)
+          else:
+            self._permit(released)
           continue
         self._push(item, current)
     except KeyboardInterrupt:
@@ -126,15 +141,19 @@ class ThreadedEngine(common.Executor):
                           stale_params=item.stale_params)
     if not result.dropped:
       self._pending_losses.append(item.loss)
+    released = self.gate.pushed(item.learner, accepted=not result.dropped) if self.gate is not None else []
     if result.applied_update:
-      self._after_update(current)
+      self._after_update(current, released)
+    else:
+      self._permit(released)
 
-  def _after_update(self, current: Any) -> None:
+  def _after_update(self, current: Any, released: list[int]) -> None:
     # θ_i is published as soon as its update is dispatched, not once computed: waiting for it here made
     # learners start sooner (P1 0.88 -> 0.94) but serialised the PS on its own updates, so the queue
     # backed up and ⟨σ⟩ drifted far above n (7.4 for n = 4, 12.9 for n = 8). See docs/benchmarks.md.
     losses, self._pending_losses = self._pending_losses, []
     self._publish()
+    self._permit(released)   # after publishing: a learner the update released pulls it (s = 0, c = λ: σ = 0)
     self.run.after_update(losses, gradients=len(losses), current_state=current)
 
   def _shutdown(self, threads: list) -> None:
@@ -146,10 +165,13 @@ class ThreadedEngine(common.Executor):
   # ---- the executor interface -------------------------------------------------------------------------
   def telemetry(self) -> dict:
     return common.telemetry(self.ps, learners_alive=len(self.deaths.alive), queue_depth=self.queue.qsize(),
-                            deaths=self.deaths.errors)
+                            deaths=self.deaths.errors, gate=self.gate)
 
   def checkpoint_meta(self) -> dict:
-    return {"server": self.ps.state_meta(), "dead": self.deaths.to_json()}
+    meta = {"server": self.ps.state_meta(), "dead": self.deaths.to_json()}
+    if self.gate is not None:
+      meta["ssp"] = self.gate.to_json()
+    return meta
 
 
 def run_threads(run: Any) -> tuple[PyTree, PyTree]:
