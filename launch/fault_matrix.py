@@ -1,0 +1,681 @@
+#!/usr/bin/env python
+"""The fault matrix of docs/reliability.md in one command: every fault, run through the CLI as a user would.
+
+``python launch/fault_matrix.py [--out docs/reliability.md] [--rows 1,2,...] [--executors threads,...]
+[--protocols hardsync,...] [--timeout 300] [--scratch DIR] [--rerun]``
+
+Rows (README "When things go wrong"): a non-finite gradient; every gradient non-finite (divergence); a learner
+that raises (and the same with ``fail_fast``); kill -9 mid-run then the same command again; a corrupt newest
+checkpoint; a bad config. Columns: executor {threads, simulated, mpi (``mpiexec -n 2``, λ = 4 over 2 ranks)}
+× protocol {hardsync, softsync n = 2, async}. Every cell is ``python launch/train.py --config
+configs/smoke.py`` with λ = 4, μ = 8, momentum 0.5, in a workdir of its own under ``--scratch``; every
+subprocess has a timeout (a timeout is a ✘ cell), so the matrix always ends. Each cell records the exit code,
+whether the outcome is the documented one (✔/✘), the seconds from launch to exit, the one-line reason, and what
+was kept (checkpoint steps, metrics.jsonl records, corrupt-* folders). The report is rewritten after every
+cell, cells not yet run marked "not run", so an interrupted matrix still leaves its numbers; the cells are
+saved in ``<scratch>/results.json``, so the same ``--scratch`` resumes a stopped matrix (``--rerun`` runs the
+chosen cells again) and the report always covers the whole matrix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join("launch", "train.py")
+BASE = ("--config", "configs/smoke.py", "--config.learners=4", "--config.batch_per_learner=8",
+        "--config.momentum=0.5")
+LEARNERS, MPI_RANKS = 4, 2
+EXECUTORS = ("threads", "simulated", "mpi")
+PROTOCOLS = (("hardsync", 1), ("softsync", 2), ("async", 1))
+TIMEOUT_S = 300
+TAIL_LINES = 15
+RESUMED = "resuming from the checkpoint at update"
+UNREADABLE = "is unreadable"
+EXCEPTION = re.compile(r"^[\w.]*(Error|Exception|Interrupt): ")   # the last line of a traceback
+RESULTS = "results.json"
+NAN_ALL = ("--config.nan_learners=(0,1,2,3)", "--config.nan_steps=0")
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+  """One column of the matrix: an executor and a protocol (n of n-softsync)."""
+
+  executor: str
+  protocol: str
+  n: int
+
+  @property
+  def name(self) -> str:
+    return f"{self.executor} {self.protocol}" + (f" n={self.n}" if self.protocol == "softsync" else "")
+
+  @property
+  def slug(self) -> str:
+    return f"{self.executor}-{self.protocol}{self.n if self.protocol == 'softsync' else ''}"
+
+
+COLUMNS = tuple(Column(e, p, n) for e in EXECUTORS for p, n in PROTOCOLS)
+
+
+@dataclasses.dataclass
+class Launch:
+  """One subprocess: the command as a user types it, its exit code (None: timed out), seconds, output."""
+
+  command: str
+  code: Optional[int]
+  seconds: float
+  output: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Kept:
+  """What a workdir holds after a run."""
+
+  exists: bool = False
+  checkpoints: tuple = ()
+  corrupt: tuple = ()
+  epochs: tuple = ()
+  final: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class Cell:
+  """One cell's result. ``ok`` None: the row does not apply here (``note`` says why) or it was not run."""
+
+  ok: Optional[bool]
+  code: str = ""
+  seconds: str = ""
+  reason: str = ""
+  kept: str = ""
+  note: str = ""
+  failure: str = ""     # command and output tail of a ✘ cell
+
+
+# ---- pure helpers: reading output and workdirs, judging, rendering ------------------------------------------
+def error_lines(output: str) -> list[str]:
+  """The lines of ``output`` that start with ``error:`` (the CLI's one-line reasons)."""
+  return [line.strip() for line in output.splitlines() if line.strip().startswith("error:")]
+
+
+def reason(output: str) -> str:
+  """The one-line reason a run gave: its ``error:`` line(s), else the exception line that ends its traceback,
+  else ''."""
+  errors = error_lines(output)
+  if errors:
+    return " / ".join(errors)
+  if "Traceback" in output:
+    lines = [line.strip() for line in output.splitlines()]
+    return next((line for line in reversed(lines) if EXCEPTION.match(line)), "")
+  return ""
+
+
+def tail(output: str, lines: int = TAIL_LINES) -> str:
+  """The last ``lines`` non-empty lines of ``output``."""
+  return "\n".join([line for line in output.splitlines() if line.strip()][-lines:])
+
+
+def read_kept(workdir: str) -> Kept:
+  """Checkpoint steps, corrupt-* folders, and the epochs (in file order) and last record of metrics.jsonl."""
+  if not os.path.isdir(workdir):
+    return Kept()
+  folder = os.path.join(workdir, "checkpoints")
+  names = os.listdir(folder) if os.path.isdir(folder) else []
+  records = []
+  path = os.path.join(workdir, "metrics.jsonl")
+  if os.path.exists(path):
+    with open(path) as f:
+      records = [json.loads(line) for line in f if line.strip()]
+  aside = [n for n in os.listdir(workdir) + names if n.startswith("corrupt-")]   # beside checkpoints/ or in it
+  return Kept(exists=True, checkpoints=tuple(sorted(int(n) for n in names if n.isdigit())),
+              corrupt=tuple(sorted(aside)),
+              epochs=tuple(r.get("epoch") for r in records), final=records[-1] if records else {})
+
+
+def describe_kept(kept: Kept) -> str:
+  """'ckpt 32, 64 · 2 records (epochs 1, 2) · corrupt-64' for the table."""
+  if not kept.exists:
+    return "no workdir"
+  steps = ", ".join(str(s) for s in kept.checkpoints) or "none"
+  epochs = ", ".join(f"{e:g}" for e in kept.epochs)
+  parts = [f"ckpt {steps}", f"{len(kept.epochs)} records" + (f" (epochs {epochs})" if epochs else "")]
+  return " · ".join(parts + list(kept.corrupt))
+
+
+def code_text(launch: Launch) -> str:
+  return "timeout" if launch.code is None else str(launch.code)
+
+
+def judge_dropped(launch: Launch, kept: Kept) -> bool:
+  """Row 1: exit 0 and exactly one gradient dropped."""
+  return launch.code == 0 and kept.final.get("gradients_dropped") == 1
+
+
+def judge_diverged(launch: Launch) -> bool:
+  """Row 2: exit 3 and one ``error: diverged: ...`` line."""
+  errors = error_lines(launch.output)
+  return launch.code == 3 and len(errors) == 1 and errors[0].startswith("error: diverged: ")
+
+
+def judge_survived(launch: Launch, kept: Kept, learners: int = LEARNERS) -> bool:
+  """Row 3: exit 0 with λ − 1 learners alive."""
+  return launch.code == 0 and kept.final.get("learners_alive") == learners - 1
+
+
+def judge_fail_fast(launch: Launch) -> bool:
+  """Row 3, fail_fast: a non-zero exit whose reason names fail_fast."""
+  return launch.code not in (0, None) and "fail_fast" in reason(launch.output)
+
+
+def judge_resumed(killed: Launch, rerun: Launch, kept: Kept, epochs: Sequence[float]) -> bool:
+  """Row 4: the first run was killed (did not exit 0), the rerun exits 0, says it resumed, and metrics.jsonl
+  has one record per epoch, in order."""
+  return (killed.code not in (0, None) and rerun.code == 0 and RESUMED in rerun.output
+          and list(kept.epochs) == list(epochs))
+
+
+def judge_corrupt(rerun: Launch, kept: Kept, corrupt_step: int, previous_step: int) -> bool:
+  """Row 5: exit 0, the damaged checkpoint moved to corrupt-<step> with a warning, resumed from the previous."""
+  return (rerun.code == 0 and f"corrupt-{corrupt_step}" in kept.corrupt and UNREADABLE in rerun.output
+          and f"{RESUMED} {previous_step} " in rerun.output)
+
+
+def judge_bad_config(launch: Launch, kept: Kept) -> bool:
+  """Row 6: exit 2, one ``error:`` line, no traceback, and the workdir not created."""
+  return (launch.code == 2 and len(error_lines(launch.output)) == 1 and "Traceback" not in launch.output
+          and not kept.exists)
+
+
+def mark(ok: Optional[bool]) -> str:
+  return {True: "✔", False: "✘", None: "–"}[ok]
+
+
+def summary_cell(cell: Optional[Cell]) -> str:
+  """A cell of the summary matrix: '✔ 41', '✘ 300' (seconds), 'not run', or '–' where the row runs elsewhere."""
+  if cell is None:
+    return "not run"
+  if cell.ok is None:
+    return "–"
+  return f"{mark(cell.ok)} {cell.seconds}"
+
+
+def count(results: dict) -> tuple[int, int]:
+  """(✔, ✘) over every cell that ran."""
+  oks = [c.ok for cells in results.values() for c in cells.values() if c is not None and c.ok is not None]
+  return sum(oks), len(oks) - sum(oks)
+
+
+# ---- running ------------------------------------------------------------------------------------------------
+def train_command(column: Column, workdir: str, *extra: str) -> list[str]:
+  """``[mpiexec -n 2] python launch/train.py`` with the base config, the column and ``extra`` overrides."""
+  prefix = ["mpiexec", "-n", str(MPI_RANKS)] if column.executor == "mpi" else []
+  return [*prefix, "python", TRAIN, *BASE, f"--config.executor={column.executor}",
+          f"--config.protocol={column.protocol}", f"--config.n={column.n}", *extra, "--workdir", workdir]
+
+
+def _executable(argv: list[str]) -> list[str]:
+  """The command with this interpreter (and its mpiexec) in place of the names a user types."""
+  bindir = os.path.dirname(sys.executable)
+  names = {"python": sys.executable, "mpiexec": shutil.which("mpiexec", path=bindir) or shutil.which("mpiexec")}
+  head = argv.index(TRAIN)
+  return [names.get(a, a) for a in argv[:head]] + argv[head:]
+
+
+def _env() -> dict:
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  env.pop("XLA_FLAGS", None)   # the launcher sets the device count itself
+  return env
+
+
+def _stop(process: subprocess.Popen) -> None:
+  """Kills the process group the run started (mpiexec and its ranks too)."""
+  try:
+    os.killpg(process.pid, signal.SIGKILL)
+  except ProcessLookupError:
+    pass
+  process.wait()
+
+
+def launch(argv: list[str], log: str, timeout: float, during: Optional[Callable] = None) -> Launch:
+  """Runs ``argv`` from the repository root in a session of its own, output to ``log``; ``during(process)``
+  is polled while it runs. Past ``timeout`` seconds the whole group is killed and the code is None."""
+  start = time.monotonic()
+  with open(log, "w") as out:
+    process = subprocess.Popen(_executable(argv), cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+      code = _wait(process, start, timeout, during)
+    finally:
+      if process.poll() is None:
+        _stop(process)
+  with open(log, errors="replace") as f:
+    output = f.read()
+  return Launch(shlex.join(argv), code, time.monotonic() - start, output)
+
+
+def _wait(process: subprocess.Popen, start: float, timeout: float, during: Optional[Callable]) -> Optional[int]:
+  while process.poll() is None:
+    if time.monotonic() - start > timeout:
+      _stop(process)
+      return None
+    if during is not None:
+      during(process)
+    time.sleep(0.2)
+  return process.returncode
+
+
+def _children() -> dict[int, list[int]]:
+  table: dict[int, list[int]] = {}
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/stat") as f:
+          parent = int(f.read().rsplit(")", 1)[1].split()[1])
+      except (OSError, IndexError, ValueError):
+        continue
+      table.setdefault(parent, []).append(int(entry))
+  return table
+
+
+def rank_pid(root: int, rank: int) -> Optional[int]:
+  """The process of MPI rank ``rank`` under ``root`` (mpiexec): a descendant running train.py with PMI_RANK."""
+  table, todo = _children(), [root]
+  while todo:
+    pid = todo.pop(0)
+    for child in table.get(pid, []):
+      try:
+        with open(f"/proc/{child}/environ", "rb") as f:
+          env = f.read().split(b"\0")
+        with open(f"/proc/{child}/cmdline", "rb") as f:
+          cmdline = f.read()
+      except OSError:
+        continue
+      if f"PMI_RANK={rank}".encode() in env and TRAIN.encode() in cmdline:
+        return child
+      todo.append(child)
+  return None
+
+
+class Matrix:
+  """Runs the cells into ``scratch`` and keeps their results, rewriting the report after every cell."""
+
+  def __init__(self, scratch: str, timeout: float, report: Callable[["Matrix"], None], results: dict) -> None:
+    self.scratch, self.timeout, self.report, self.results = scratch, timeout, report, results
+    os.makedirs(os.path.join(scratch, "logs"), exist_ok=True)
+
+  def workdir(self, row: str, column: Column, suffix: str = "") -> str:
+    return os.path.join(self.scratch, f"{row}-{column.slug}{suffix}")
+
+  def launch(self, argv: list[str], name: str, during: Optional[Callable] = None) -> Launch:
+    print(f"  $ {shlex.join(argv)}", file=sys.stderr, flush=True)
+    return launch(argv, os.path.join(self.scratch, "logs", f"{name}.log"), self.timeout, during)
+
+  def record(self, row: str, column: Column, cell: Cell) -> None:
+    self.results.setdefault(row, {})[column.slug] = cell
+    said = cell.note if cell.ok is None else f"exit {cell.code} in {cell.seconds} s {cell.reason}"
+    print(f"  {row} {column.name}: {mark(cell.ok)} {said}", file=sys.stderr, flush=True)
+    self.report(self)
+
+
+def _failure(*launches: Launch) -> str:
+  return "\n".join(f"$ {run.command}\n# exit {code_text(run)} after {run.seconds:.0f} s\n{tail(run.output)}"
+                   for run in launches)
+
+
+def _cell(ok: bool, runs: Sequence[Launch], kept: Kept, *, seconds: str = "", note: str = "") -> Cell:
+  last = runs[-1]
+  return Cell(ok=ok, code=" → ".join(code_text(r) for r in runs), seconds=seconds or f"{last.seconds:.0f}",
+              reason=reason(last.output) if last.code != 0 else "", kept=describe_kept(kept), note=note,
+              failure="" if ok else _failure(*runs))
+
+
+# ---- the rows -----------------------------------------------------------------------------------------------
+def row_nan(matrix: Matrix, column: Column) -> Cell:
+  """Learner 2's gradient at its step 3 is NaN: dropped, counted once, the run finishes."""
+  workdir = matrix.workdir("1", column)
+  run = matrix.launch(train_command(column, workdir, "--config.nan_learners=(2,)", "--config.nan_at_step=3",
+                                    "--config.epochs=1"), f"1-{column.slug}")
+  kept = read_kept(workdir)
+  return _cell(judge_dropped(run, kept), [run], kept,
+               note=f"gradients_dropped = {kept.final.get('gradients_dropped')}")
+
+
+def row_diverged(matrix: Matrix, column: Column) -> Cell:
+  """α0 = 1e9 (the issue's command); where that does not end as diverged, every gradient NaN instead."""
+  workdir = matrix.workdir("2", column)
+  run = matrix.launch(train_command(column, workdir, "--config.learning_rate=1e9"), f"2-{column.slug}")
+  if judge_diverged(run):
+    return _cell(True, [run], read_kept(workdir), note="--config.learning_rate=1e9")
+  first = f"--config.learning_rate=1e9 gave exit {code_text(run)}: {reason(run.output) or 'no reason'}"
+  workdir = matrix.workdir("2", column, "-nan")
+  fallback = matrix.launch(train_command(column, workdir, *NAN_ALL), f"2-{column.slug}-nan")
+  cell = _cell(judge_diverged(fallback), [fallback], read_kept(workdir),
+               note=f"{first}; used {' '.join(NAN_ALL)}")
+  cell.failure = _failure(run, fallback) if not cell.ok else _failure(run)
+  return cell
+
+
+def row_raises(matrix: Matrix, column: Column) -> Cell:
+  """Learner 1 raises at its step 3: reported, the run goes on with λ − 1 learners."""
+  workdir = matrix.workdir("3", column)
+  run = matrix.launch(train_command(column, workdir, "--config.fault_learner=1", "--config.fault_at_step=3",
+                                    "--config.epochs=1"), f"3-{column.slug}")
+  kept = read_kept(workdir)
+  return _cell(judge_survived(run, kept), [run], kept, note=f"learners_alive = {kept.final.get('learners_alive')}")
+
+
+def row_fail_fast(matrix: Matrix, column: Column) -> Cell:
+  """The same fault with fail_fast: the run stops, non-zero, with the reason."""
+  if column.protocol != "hardsync":
+    return Cell(ok=None, note="once per executor (hardsync)")
+  workdir = matrix.workdir("3ff", column)
+  run = matrix.launch(train_command(column, workdir, "--config.fault_learner=1", "--config.fault_at_step=3",
+                                    "--config.fail_fast=True", "--config.epochs=1"), f"3ff-{column.slug}")
+  traceback = "Traceback" in run.output
+  return _cell(judge_fail_fast(run), [run], read_kept(workdir),
+               note="ends with a traceback; the reason is its exception line" if traceback else "")
+
+
+def row_kill(matrix: Matrix, column: Column) -> Cell:
+  """kill -9 once the first checkpoint exists (MPI: rank 1), then the same command again."""
+  workdir = matrix.workdir("4", column)
+  argv = train_command(column, workdir)
+  killed_at: list[float] = []
+  start = time.monotonic()
+
+  def kill_after_first_checkpoint(process: subprocess.Popen) -> None:
+    if killed_at or not read_kept(workdir).checkpoints:
+      return
+    pid = rank_pid(process.pid, 1) if column.executor == "mpi" else process.pid
+    if pid is not None:
+      os.kill(pid, signal.SIGKILL)
+      killed_at.append(time.monotonic() - start)
+
+  killed = matrix.launch(argv, f"4-{column.slug}-killed", during=kill_after_first_checkpoint)
+  before = describe_kept(read_kept(workdir))
+  rerun = matrix.launch(argv, f"4-{column.slug}-rerun")
+  kept = read_kept(workdir)
+  ok = bool(killed_at) and judge_resumed(killed, rerun, kept, epochs=(1.0, 2.0))
+  when = f"killed at {killed_at[0]:.0f} s" if killed_at else "never killed"
+  who = "rank 1" if column.executor == "mpi" else "the process"
+  return _cell(ok, [killed, rerun], kept, seconds=f"{killed.seconds:.0f} + {rerun.seconds:.0f}",
+               note=f"{who} {when}, kept {before}; rerun: "
+                    + ("resumed" if RESUMED in rerun.output else "did not say it resumed"))
+
+
+def corrupt(folder: str) -> int:
+  """Overwrites every file under ``folder`` with garbage of its own length (at least 64 bytes); their count."""
+  files = 0
+  for parent, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(parent, name)
+      size = max(os.path.getsize(path), 64)
+      with open(path, "wb") as f:
+        f.write((b"not a checkpoint \xff\x00" * (size // 19 + 1))[:size])
+      files += 1
+  return files
+
+
+def row_corrupt(matrix: Matrix, column: Column) -> Cell:
+  """A finished 1-epoch run (checkpoints every half epoch), its newest checkpoint's state overwritten with
+  garbage, then rerun with --config.epochs=2: corrupt-<step>, a warning, resumed from the previous one."""
+  workdir = matrix.workdir("5", column)
+  every = "--config.checkpoint_every_epochs=0.5"
+  first = matrix.launch(train_command(column, workdir, every, "--config.epochs=1"), f"5-{column.slug}-first")
+  steps = read_kept(workdir).checkpoints
+  if first.code != 0 or len(steps) < 2:
+    return _cell(False, [first], read_kept(workdir), note=f"the first run left checkpoints {steps}")
+  newest, previous = steps[-1], steps[-2]
+  files = corrupt(os.path.join(workdir, "checkpoints", str(newest), "state"))
+  rerun = matrix.launch(train_command(column, workdir, every, "--config.epochs=2"), f"5-{column.slug}-rerun")
+  kept = read_kept(workdir)
+  return _cell(judge_corrupt(rerun, kept, newest, previous), [first, rerun], kept,
+               seconds=f"{first.seconds:.0f} + {rerun.seconds:.0f}",
+               note=f"{files} files of checkpoints/{newest}/state garbled; expected resume from {previous}")
+
+
+def bad_config_row(key: str, override: str) -> Callable[[Matrix, Column], Cell]:
+  """Row 6: ``override`` is refused with exit 2 and one line, before the workdir is created."""
+
+  def row(matrix: Matrix, column: Column) -> Cell:
+    if column.protocol != "hardsync":
+      return Cell(ok=None, note="executor-independent: once per executor")
+    workdir = matrix.workdir(key, column)
+    run = matrix.launch(train_command(column, workdir, override), f"{key}-{column.slug}")
+    kept = read_kept(workdir)
+    return _cell(judge_bad_config(run, kept), [run], kept,
+                 note="workdir not created" if not kept.exists else "workdir created")
+  row.__doc__ = f"Bad config {override}: exit 2, one error: line, no workdir."
+  return row
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  key: str
+  fault: str
+  command: str
+  expected: str
+  run: Callable[[Matrix, Column], Cell]
+
+
+ROWS = (
+    Row("1", "non-finite gradient at learner 2, its step 3",
+        "`--config.nan_learners='(2,)' --config.nan_at_step=3 --config.epochs=1`",
+        "exit 0, gradients_dropped = 1", row_nan),
+    Row("2", "every gradient non-finite (divergence)", "`--config.learning_rate=1e9`",
+        "exit 3, one `error: diverged: ...` line", row_diverged),
+    Row("3", "a learner raises (learner 1, its step 3)",
+        "`--config.fault_learner=1 --config.fault_at_step=3 --config.epochs=1`",
+        "exit 0, learners_alive = λ − 1 = 3", row_raises),
+    Row("3ff", "the same with fail_fast", "row 3 + `--config.fail_fast=True`",
+        "non-zero exit, the reason names fail_fast", row_fail_fast),
+    Row("4", "kill -9 after the first checkpoint, rerun the same command", "base command (2 epochs), twice",
+        "rerun exits 0, says it resumed, metrics.jsonl epochs 1, 2 in order", row_kill),
+    Row("5", "newest checkpoint corrupt",
+        "`--config.checkpoint_every_epochs=0.5 --config.epochs=1`; garble `checkpoints/<newest>/state/*`; "
+        "rerun with `--config.epochs=2`",
+        "exit 0, `corrupt-<newest>`, a warning, resumed from the previous checkpoint", row_corrupt),
+    Row("6a", "bad config: learner id out of range", "`--config.nan_learners='(9,)'`",
+        "exit 2, one `error:` line, workdir not created", bad_config_row("6a", "--config.nan_learners=(9,)")),
+    Row("6b", "bad config: divergence bound 0", "`--config.divergence_after=0`",
+        "exit 2, one `error:` line, workdir not created", bad_config_row("6b", "--config.divergence_after=0")),
+)
+
+
+# ---- results.json: a stopped matrix resumes -----------------------------------------------------------------
+def load_results(scratch: str) -> tuple[dict, list]:
+  """The cells and sessions saved in ``scratch``/results.json; ({}, []) when there are none."""
+  path = os.path.join(scratch, RESULTS)
+  if not os.path.exists(path):
+    return {}, []
+  with open(path) as f:
+    saved = json.load(f)
+  cells = {row: {slug: Cell(**cell) for slug, cell in by_slug.items()} for row, by_slug in saved["cells"].items()}
+  return cells, saved["sessions"]
+
+
+def save_results(scratch: str, results: dict, sessions: list) -> None:
+  """Writes ``scratch``/results.json atomically."""
+  path = os.path.join(scratch, RESULTS)
+  cells = {row: {slug: dataclasses.asdict(cell) for slug, cell in by_slug.items()}
+           for row, by_slug in results.items()}
+  with open(path + ".tmp", "w") as f:
+    json.dump({"cells": cells, "sessions": sessions}, f, indent=1, ensure_ascii=False)
+  os.replace(path + ".tmp", path)
+
+
+# ---- the report ---------------------------------------------------------------------------------------------
+def load_average() -> str:
+  return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def machine() -> dict:
+  """nproc, load average and date at the start of a session, for the report."""
+  return {"nproc": os.cpu_count(), "load": load_average(),
+          "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def describe_session(session: dict) -> str:
+  """'2026-11-28 22:17 UTC, nproc 2, load average 9.73 11.49 10.83 → 13.10 ..., 48.2 min, 72 cells (cmd)'."""
+  load = session["load"] + (f" → {session['load_end']}" if session.get("load_end") else "")
+  took = f"{session['minutes']:.1f} min" if "minutes" in session else "not finished"
+  return (f"{session['date']}, `nproc` = {session['nproc']}, load average {load}, {took}, {session['cells']} cells "
+          f"(`python launch/fault_matrix.py{session.get('args', '')}`)")
+
+
+def render(results: dict, rows: Sequence[Row], columns: Sequence[Column], sessions: Sequence[dict],
+           timeout: str) -> str:
+  """docs/reliability.md: the summary matrix, one table per row, and the command and output of ✘ cells."""
+  good, bad = count(results)
+  not_run = sum(results.get(row.key, {}).get(c.slug) is None for row in rows for c in columns)
+  minutes = sum(s.get("minutes", 0) for s in sessions)
+  lines = [
+      "# Reliability: the fault matrix",
+      "",
+      "The faults of README \"When things go wrong\", injected from the command line and run through the CLI as a",
+      "user would, in every executor and protocol. Not in the matrix: a checkpoint that reads but does not fit the",
+      "run (exit 2, tests/test_checkpoint.py), any other exception (tests/test_reliability.py), an MPI rank that",
+      "does not answer (`--config.mpi_timeout_s`). Base command of every cell (λ = 4 learners, μ = 8; MPI:",
+      "`mpiexec -n 2`, 2 learners per rank):",
+      "",
+      "```bash",
+      f"[mpiexec -n 2] python launch/train.py {' '.join(BASE)} \\",
+      "    --config.executor=X --config.protocol=Y --config.n=N <fault flags> --workdir <fresh folder>",
+      "```",
+      "",
+      "Regenerate this page (every subprocess has a timeout, so it always ends; a timeout is a ✘). With",
+      "`--scratch DIR` a stopped matrix resumes, finished cells kept; `--rows`, `--executors`, `--protocols`",
+      "and `--rerun` run some cells again:",
+      "",
+      "```bash",
+      "python launch/fault_matrix.py",
+      "```",
+      "",
+      f"Verdict: {good} ✔, {bad} ✘" + (f", {not_run} not run" if not_run else "")
+      + f"; {minutes:.1f} min in all, timeout {timeout} s per subprocess. Sessions:",
+      "",
+      *[f"* {describe_session(s)}" for s in sessions],
+      "",
+      "Each cell: ✔ (the documented outcome) or ✘, and the seconds from launch to exit (two runs: first + rerun);",
+      "– where the row runs once per executor (its hardsync column). Details per row below the matrix.",
+      "",
+      "| row | fault | expected | " + " | ".join(c.name for c in columns) + " |",
+      "|---|---|---|" + "---|" * len(columns),
+  ]
+  for row in rows:
+    cells = results.get(row.key, {})
+    lines.append(f"| {row.key} | {row.fault} | {row.expected} | "
+                 + " | ".join(summary_cell(cells.get(c.slug)) for c in columns) + " |")
+  for row in rows:
+    lines += _row_section(row, results.get(row.key, {}), columns)
+  failures = [(row, c, results[row.key][c.slug]) for row in rows for c in columns
+              if results.get(row.key, {}).get(c.slug) is not None and results[row.key][c.slug].failure]
+  if failures:
+    lines += ["", "## Commands and output tails", ""]
+    for row, column, cell in failures:
+      lines += [f"Row {row.key}, {column.name} ({mark(cell.ok)}):", "", "```", cell.failure, "```", ""]
+  return "\n".join(lines).rstrip() + "\n"
+
+
+def _row_section(row: Row, cells: dict, columns: Sequence[Column]) -> list[str]:
+  lines = ["", f"## Row {row.key}: {row.fault}", "", f"Flags: {row.command}. Expected: {row.expected}.", "",
+           "| executor | protocol | exit | ok | s | reason | kept | note |", "|---|---|---|---|---|---|---|---|"]
+  for column in columns:
+    cell = cells.get(column.slug)
+    protocol = column.name.split(" ", 1)[1]
+    if cell is None:
+      lines.append(f"| {column.executor} | {protocol} | | not run | | | | |")
+    elif cell.ok is None:
+      lines.append(f"| {column.executor} | {protocol} | | – | | | | {cell.note} |")
+    else:
+      fields = [cell.code, mark(cell.ok), cell.seconds, cell.reason, cell.kept, cell.note]
+      lines.append(f"| {column.executor} | {protocol} | " + " | ".join(_escape(f) for f in fields) + " |")
+  return lines
+
+
+def _escape(text: str) -> str:
+  return text.replace("|", "\\|").replace("\n", " ")
+
+
+# ---- the command --------------------------------------------------------------------------------------------
+def _pick(text: Optional[str], allowed: Sequence[str], what: str) -> list[str]:
+  if not text:
+    return list(allowed)
+  picked = [t.strip() for t in text.split(",") if t.strip()]
+  for p in picked:
+    if p not in allowed:
+      raise ValueError(f"--{what} {p!r} is invalid; allowed: {', '.join(allowed)}")
+  return picked
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", default=os.path.join(ROOT, "docs", "reliability.md"))
+  parser.add_argument("--rows", help="comma-separated row keys (default: all): "
+                                     + ", ".join(r.key for r in ROWS))
+  parser.add_argument("--executors", help="comma-separated (default: all): " + ", ".join(EXECUTORS))
+  parser.add_argument("--protocols", help="comma-separated (default: all): " + ", ".join(p for p, _ in PROTOCOLS))
+  parser.add_argument("--timeout", type=float, default=TIMEOUT_S, help="seconds per subprocess")
+  parser.add_argument("--scratch", help="folder for the runs' workdirs, logs and results.json (default: a fresh "
+                                        "temp folder); an existing one resumes, its finished cells kept")
+  parser.add_argument("--rerun", action="store_true", help="run the chosen cells again even if finished")
+  return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str]) -> int:
+  args = parse_args(argv)
+  try:
+    keys = _pick(args.rows, [r.key for r in ROWS], "rows")
+    executors = _pick(args.executors, EXECUTORS, "executors")
+    protocols = _pick(args.protocols, [p for p, _ in PROTOCOLS], "protocols")
+    if not args.timeout > 0:
+      raise ValueError(f"--timeout {args.timeout} is invalid; allowed: seconds > 0")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  scratch = args.scratch or tempfile.mkdtemp(prefix="sajax-fault-matrix-")
+  results, sessions = load_results(scratch)
+  todo = [(row, column) for row in ROWS if row.key in keys for column in COLUMNS
+          if column.executor in executors and column.protocol in protocols
+          and (args.rerun or results.get(row.key, {}).get(column.slug) is None)]
+  flags = "".join(f" --{k} {v}" for k, v in (("rows", args.rows), ("executors", args.executors),
+                                              ("protocols", args.protocols)) if v)
+  session = {**machine(), "args": flags + (" --rerun" if args.rerun else ""), "cells": 0}
+  if todo:                     # a session that runs nothing only rewrites the report
+    sessions.append(session)
+  start = time.monotonic()
+
+  def report(matrix: Matrix) -> None:
+    session["minutes"] = (time.monotonic() - start) / 60
+    save_results(scratch, matrix.results, sessions)
+    with open(args.out, "w") as f:
+      f.write(render(matrix.results, ROWS, COLUMNS, sessions, f"{args.timeout:g}"))
+
+  matrix = Matrix(scratch, args.timeout, report, results)
+  print(f"fault matrix: {len(todo)} cells into {scratch}, report {args.out}", file=sys.stderr, flush=True)
+  for row, column in todo:
+    print(f"row {row.key} {column.name}", file=sys.stderr, flush=True)
+    cell = row.run(matrix, column)
+    session["cells"] += 1
+    matrix.record(row.key, column, cell)
+  session["load_end"] = load_average()
+  report(matrix)
+  good, bad = count(matrix.results)
+  print(f"fault matrix: {good} ✔, {bad} ✘ in {session['minutes']:.1f} min; {args.out}", file=sys.stderr)
+  return 0 if bad == 0 else 1
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,133 @@
+"""launch/fault_matrix.py's pure helpers: reading a run's output and workdir, judging a cell, the report.
+
+No training here: the matrix itself is `python launch/fault_matrix.py` (docs/reliability.md).
+"""
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "launch"))
+
+import fault_matrix as fm  # noqa: E402
+
+DIVERGED = ("sajax: training into runs/x\ndiverged: 100 consecutive non-finite gradients at update 3; no checkpoint "
+            "was saved\nerror: diverged: 100 consecutive non-finite gradients at update 3; no checkpoint was saved\n")
+FAIL_FAST = ("learner 1 died: RuntimeError: injected fault\nTraceback (most recent call last):\n  File \"x.py\"\n"
+             "RuntimeError: learner 1 failed (RuntimeError: injected fault) and fail_fast is set\n")
+
+
+def _launch(code, output=""):
+  return fm.Launch(command="python launch/train.py", code=code, seconds=12.3, output=output)
+
+
+def _workdir(tmp_path, epochs=(1.0, 2.0), steps=(32, 64), aside=(), **final):
+  for step in steps:
+    (tmp_path / "checkpoints" / str(step)).mkdir(parents=True)
+  for name in aside:
+    (tmp_path / name).mkdir()
+  records = [{"epoch": e, **final} for e in epochs]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+  return str(tmp_path)
+
+
+def test_reason_is_the_error_line_else_the_last_line_of_a_traceback():
+  assert fm.reason(DIVERGED) == "error: diverged: 100 consecutive non-finite gradients at update 3; no checkpoint " \
+                                "was saved"
+  assert fm.reason(FAIL_FAST).endswith("and fail_fast is set")
+  assert fm.reason("all fine\n") == ""
+  assert fm.reason(FAIL_FAST + "=" * 64 + "\n") == fm.reason(FAIL_FAST)   # not a separator printed after it
+
+
+def test_read_kept_finds_checkpoints_records_and_corrupt_folders(tmp_path):
+  kept = fm.read_kept(_workdir(tmp_path, steps=(16, 48, 64), aside=("corrupt-32",), gradients_dropped=1))
+  assert kept.exists and kept.checkpoints == (16, 48, 64) and kept.corrupt == ("corrupt-32",)
+  assert kept.epochs == (1.0, 2.0) and kept.final["gradients_dropped"] == 1
+  assert fm.describe_kept(kept) == "ckpt 16, 48, 64 · 2 records (epochs 1, 2) · corrupt-32"
+  assert fm.describe_kept(fm.read_kept(str(tmp_path / "absent"))) == "no workdir"
+
+
+def test_judges_accept_the_documented_outcome_and_nothing_else(tmp_path):
+  kept = fm.read_kept(_workdir(tmp_path, gradients_dropped=1, learners_alive=3))
+  assert fm.judge_dropped(_launch(0), kept) and not fm.judge_dropped(_launch(1), kept)
+  assert fm.judge_diverged(_launch(3, DIVERGED))
+  assert not fm.judge_diverged(_launch(3, DIVERGED + "error: again\n"))      # one line, not two
+  assert not fm.judge_diverged(_launch(0, DIVERGED))
+  assert fm.judge_survived(_launch(0), kept) and not fm.judge_survived(_launch(0), kept, learners=8)
+  assert fm.judge_fail_fast(_launch(1, FAIL_FAST))
+  assert not fm.judge_fail_fast(_launch(None, FAIL_FAST))                   # a timeout is never the outcome
+  assert not fm.judge_fail_fast(_launch(0, FAIL_FAST))
+
+
+def test_resume_needs_a_killed_run_a_resumed_rerun_and_one_record_per_epoch_in_order(tmp_path):
+  resumed = _launch(0, f"{fm.RESUMED} 32 (epoch 1.00)\n")
+  kept = fm.read_kept(_workdir(tmp_path))
+  assert fm.judge_resumed(_launch(-9), resumed, kept, epochs=(1.0, 2.0))
+  assert not fm.judge_resumed(_launch(0), resumed, kept, epochs=(1.0, 2.0))     # finished before the kill
+  assert not fm.judge_resumed(_launch(-9), _launch(0, "fresh start\n"), kept, epochs=(1.0, 2.0))
+  assert not fm.judge_resumed(_launch(-9), resumed, kept, epochs=(1.0, 1.0, 2.0))
+
+
+def test_a_corrupt_checkpoint_must_be_moved_aside_with_a_warning_and_the_previous_one_used(tmp_path):
+  output = (f"checkpoint at step 32 {fm.UNREADABLE} (ValueError: x); moved it to w/corrupt-32\n"
+            f"{fm.RESUMED} 16 (epoch 0.50)\n")
+  kept = fm.read_kept(_workdir(tmp_path, steps=(16, 32, 64), aside=("corrupt-32",)))
+  assert fm.judge_corrupt(_launch(0, output), kept, corrupt_step=32, previous_step=16)
+  assert not fm.judge_corrupt(_launch(0, output), kept, corrupt_step=64, previous_step=32)
+  assert not fm.judge_corrupt(_launch(2, output), kept, corrupt_step=32, previous_step=16)
+
+
+def test_bad_config_needs_exit_2_one_line_and_no_workdir(tmp_path):
+  line = "error: config.divergence_after=0 is invalid; allowed: an integer >= 1\n"
+  absent = fm.read_kept(str(tmp_path / "run"))
+  assert fm.judge_bad_config(_launch(2, line), absent)
+  assert not fm.judge_bad_config(_launch(2, line), fm.read_kept(str(tmp_path)))
+  assert not fm.judge_bad_config(_launch(2, line + "Traceback (most recent call last):\n"), absent)
+  assert not fm.judge_bad_config(_launch(1, line), absent)
+
+
+def test_corrupt_overwrites_every_file_with_garbage_of_its_length(tmp_path):
+  (tmp_path / "d").mkdir()
+  (tmp_path / "d" / "a").write_bytes(b"x" * 200)
+  (tmp_path / "b").write_bytes(b"")
+  assert fm.corrupt(str(tmp_path)) == 2
+  assert len((tmp_path / "d" / "a").read_bytes()) == 200 and b"x" not in (tmp_path / "d" / "a").read_bytes()
+  assert len((tmp_path / "b").read_bytes()) == 64
+
+
+def test_mpi_commands_wrap_the_train_command_in_mpiexec():
+  threads, mpi = fm.COLUMNS[0], fm.COLUMNS[-1]
+  assert fm.train_command(threads, "w")[:2] == ["python", fm.TRAIN]
+  assert fm.train_command(mpi, "w", "--config.epochs=1")[:5] == ["mpiexec", "-n", "2", "python", fm.TRAIN]
+  assert fm.train_command(mpi, "w", "--config.epochs=1")[-3:] == ["--config.epochs=1", "--workdir", "w"]
+  assert fm._executable(fm.train_command(mpi, "w"))[3] == sys.executable
+
+
+def test_report_counts_cells_and_marks_the_missing_ones_not_run():
+  rows, columns = fm.ROWS[:2], fm.COLUMNS[:2]
+  results = {"1": {columns[0].slug: fm.Cell(ok=True, code="0", seconds="41", kept="ckpt 32"),
+                   columns[1].slug: fm.Cell(ok=False, code="timeout", seconds="300", failure="$ cmd\nlast line")}}
+  sessions = [{"nproc": 2, "load": "1.00 1.00 1.00", "date": "today", "cells": 2, "minutes": 1.5}]
+  text = fm.render(results, rows, columns, sessions, "300")
+  assert fm.count(results) == (1, 1)
+  assert "1 ✔, 1 ✘, 2 not run; 1.5 min in all" in text
+  assert "| ✔ 41 | ✘ 300 |" in text and "| not run | not run |" in text
+  assert "$ cmd\nlast line" in text
+
+
+@pytest.mark.parametrize("argv", [["--rows", "9"], ["--executors", "pmap"], ["--timeout", "0"]])
+def test_bad_arguments_exit_2_with_one_line(argv, capsys, tmp_path):
+  assert fm.main([*argv, "--out", str(tmp_path / "r.md")]) == 2
+  assert capsys.readouterr().err.startswith("error: ")
+  assert not (tmp_path / "r.md").exists()
+
+
+def test_results_survive_a_stopped_matrix(tmp_path):
+  results = {"4": {"mpi-async": fm.Cell(ok=False, code="1 → 0", seconds="31 + 33", note="rank 1 killed")}}
+  sessions = [{"nproc": 2, "load": "1.00 1.00 1.00", "date": "today", "cells": 1}]
+  fm.save_results(str(tmp_path), results, sessions)
+  assert fm.load_results(str(tmp_path)) == (results, sessions)
+  assert fm.load_results(str(tmp_path / "fresh")) == ({}, [])
