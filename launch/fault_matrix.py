@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import glob
 import json
 import os
 import re
@@ -175,8 +176,9 @@ def judge_survived(launch: Launch, kept: Kept, learners: int = LEARNERS) -> bool
 
 
 def judge_fail_fast(launch: Launch) -> bool:
-  """Row 3, fail_fast: a non-zero exit whose reason names fail_fast."""
-  return launch.code not in (0, None) and "fail_fast" in reason(launch.output)
+  """Row 3, fail_fast: exit 4 with one ``error:`` line naming fail_fast."""
+  errors = error_lines(launch.output)
+  return launch.code == 4 and len(errors) == 1 and "fail_fast" in errors[0]
 
 
 def judge_resumed(killed: Launch, rerun: Launch, kept: Kept, epochs: Sequence[float]) -> bool:
@@ -667,6 +669,8 @@ def main(argv: Sequence[str]) -> int:
   print(f"fault matrix: {len(todo)} cells into {scratch}, report {args.out}", file=sys.stderr, flush=True)
   for row, column in todo:
     print(f"row {row.key} {column.name}", file=sys.stderr, flush=True)
+    for old in glob.glob(matrix.workdir(row.key, column) + "*"):   # a cell always starts from a fresh workdir
+      shutil.rmtree(old, ignore_errors=True)
     cell = row.run(matrix, column)
     session["cells"] += 1
     matrix.record(row.key, column, cell)

@@ -4,7 +4,8 @@
 With no flags it runs configs/default.py (embedded mnist5k, no network) into a fresh ``runs/`` folder and says
 where. Rerunning with the same ``--workdir`` resumes from its last checkpoint. Bad input prints one line and
 exits with code 2; a diverged run (too many non-finite gradients in a row) prints one line naming the update,
-the count and the newest checkpoint and exits with code 3; Ctrl-C saves a checkpoint and exits with code 130.
+the count and the newest checkpoint and exits with code 3; a learner failure under ``fail_fast`` (or every learner
+dead) prints one line and exits with code 4; Ctrl-C saves a checkpoint and exits with code 130.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (created; an existin
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
+EXIT_LEARNERS_FAILED = 4
 EXIT_INTERRUPTED = 130
 
 
@@ -179,6 +181,7 @@ def main(argv: list[str]) -> int:
     say(f"error: {_one_line(e)}")
     return EXIT_BAD_INPUT
   from sajax.checkpoint import CheckpointMismatch
+  from sajax.executors.common import LearnersFailed
   from sajax.server import DivergenceError
   try:
     result = sajax.train(config, workdir=workdir)
@@ -188,6 +191,9 @@ def main(argv: list[str]) -> int:
   except DivergenceError as e:
     say(f"error: {_one_line(e)}")
     return EXIT_DIVERGED
+  except LearnersFailed as e:
+    say(f"error: {_one_line(e)}")
+    return EXIT_LEARNERS_FAILED
   except KeyboardInterrupt:
     say(f"\ninterrupted; rerun with --workdir {workdir} to resume from its last checkpoint")
     return EXIT_INTERRUPTED

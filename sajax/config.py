@@ -49,7 +49,10 @@ OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", 
 DEFAULT_SSP_SPREAD = 3   # s of protocol ssp when a config does not set ssp_spread (configs/default.py sets it)
 
 # What an optional key that a saved config lacks means (so a run saved before the key existed still resumes).
-ABSENT_MEANS: Mapping[str, Any] = {"policy_args": "{}", "sim_profile": "", "ssp_spread": DEFAULT_SSP_SPREAD}
+ABSENT_MEANS: Mapping[str, Any] = {
+    "policy_args": "{}", "sim_profile": "", "ssp_spread": DEFAULT_SSP_SPREAD, "sim_push_time": 0.0,
+    "sim_example_time": 0.0, "nan_learners": (), "nan_at_step": 0, "nan_steps": 1, "divergence_after": 100,
+    "mpi_timeout_s": 600.0, "fault_mpi_corrupt_weights": 0}
 
 # Executors whose learners send θ_j's version to a parameter server, so a policy that reads θ_j can run there.
 STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi")

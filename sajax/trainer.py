@@ -358,8 +358,16 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
   primary = mpi_comm.prepare_processes(config)   # under mpiexec: False on ranks > 0, which write nothing
   dataset = data.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
                               download=config.get("download", False))
+  refused = None
   if primary:
-    prepare_workdir(config, workdir)
+    try:
+      prepare_workdir(config, workdir)
+    except config_lib.ConfigError as e:
+      refused = e
+  refused = mpi_comm.rank0_outcome(config, refused)   # every process stops together, none waits for rank 0
+  if refused is not None:
+    raise refused
+  if primary:
     log.info("sajax: training into %s", os.path.abspath(workdir))
   run = Run(config, workdir, dataset, callbacks, outputs=primary)
   from sajax import sync

@@ -84,3 +84,14 @@ def test_fashion_mnist_config_is_ssgd_at_128_and_trains_on_idx_files_in_data_dir
   m = result.metrics
   assert [r["updates"] for r in result.history] == [2, 4] and m["samples"] == 512
   assert m["staleness_max"] == 0 and 0.0 <= m["test_error"] <= 1.0 and np.isfinite(m["train_loss"])
+
+
+def test_a_run_saved_before_an_optional_key_existed_still_resumes():
+  """A config.json without a newer optional key means that key's default (ABSENT_MEANS = configs/default.py)."""
+  from configs import default
+  from sajax import config as config_lib
+  values = default.get_config().to_dict()
+  for key, absent in config_lib.ABSENT_MEANS.items():
+    assert values[key] == absent or list(values[key]) == list(absent), key
+    older = {k: v for k, v in values.items() if k != key}
+    assert config_lib.config_differences(older, values) == [], key

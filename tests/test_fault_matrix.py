@@ -57,9 +57,12 @@ def test_judges_accept_the_documented_outcome_and_nothing_else(tmp_path):
   assert not fm.judge_diverged(_launch(3, DIVERGED + "error: again\n"))      # one line, not two
   assert not fm.judge_diverged(_launch(0, DIVERGED))
   assert fm.judge_survived(_launch(0), kept) and not fm.judge_survived(_launch(0), kept, learners=8)
-  assert fm.judge_fail_fast(_launch(1, FAIL_FAST))
-  assert not fm.judge_fail_fast(_launch(None, FAIL_FAST))                   # a timeout is never the outcome
-  assert not fm.judge_fail_fast(_launch(0, FAIL_FAST))
+  one_line = "learner 1 died: RuntimeError: injected fault\nerror: learner 1 failed (RuntimeError: injected " \
+             "fault) and fail_fast is set\n"
+  assert fm.judge_fail_fast(_launch(4, one_line))
+  assert not fm.judge_fail_fast(_launch(1, FAIL_FAST))                      # a traceback is not one line
+  assert not fm.judge_fail_fast(_launch(None, one_line))                    # a timeout is never the outcome
+  assert not fm.judge_fail_fast(_launch(0, one_line))
 
 
 def test_resume_needs_a_killed_run_a_resumed_rerun_and_one_record_per_epoch_in_order(tmp_path):

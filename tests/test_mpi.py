@@ -238,3 +238,19 @@ def test_rank_0_stops_waiting_for_a_rank_that_never_says_done_and_names_it(caplo
     server._stop_ranks(False, [])
   assert server._abandoned and [dest for dest, _ in server._control] == [1, 2]   # STOP was sent to both
   assert any("rank(s) [2] did not stop within 0.3 s" in r.getMessage() for r in caplog.records)
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("executor", ["mpi", "pmap"])
+def test_a_workdir_refused_on_rank_0_ends_every_rank_at_once(executor, tmp_path):
+  """Rank 0 refuses a workdir holding another run's config: every rank exits 2 at once (the others used to wait
+  for rank 0's first message, up to mpi_timeout_s)."""
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(json.dumps({"learners": 99}))
+  start = time.time()
+  result = _mpiexec(2, *ARGS, f"--config.executor={executor}", "--workdir", str(workdir), timeout=300)
+  assert result.returncode == 2, result.stderr[-3000:]
+  lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "holds a run with another config" in lines[0]
+  assert time.time() - start < 200

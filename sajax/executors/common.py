@@ -12,6 +12,10 @@ from sajax.server import ParameterServer
 log = logging.getLogger("sajax")
 
 
+class LearnersFailed(RuntimeError):
+  """The run stopped because a learner raised and ``fail_fast`` is set, or every learner died (one line)."""
+
+
 class Executor:
   """What :class:`sajax.trainer.Run` asks of the executor attached to it (``run.attach(executor)``).
 
@@ -76,9 +80,9 @@ class Deaths:
     """Records a death and sets the PS's c for the live learners; returns whether that applied an update."""
     self.record(learner, error)
     if self.fail_fast:
-      raise RuntimeError(f"learner {learner} failed ({error}) and fail_fast is set")
+      raise LearnersFailed(f"learner {learner} failed ({error}) and fail_fast is set")
     if not self.alive:
-      raise RuntimeError(f"every learner died; the last: learner {learner}: {error}")
+      raise LearnersFailed(f"every learner died; the last: learner {learner}: {error}")
     c = self.gradients_per_update()
     self.say(f"learner {learner} died ({error}); going on with {len(self.alive)} learners, c = {c}")
     return ps.set_gradients_per_update(c)

@@ -45,6 +45,7 @@ from sajax.executors import mpi_comm, mpi_wire as wire
 from sajax.executors.learners import Death, Learners, Published, Push, join_learners
 from sajax.executors.mpi_comm import receive, send, world
 from sajax.executors.threads import SHUTDOWN_WAIT_S, ThreadedEngine, bounded_put, learner_devices
+from sajax.executors.common import LearnersFailed
 from sajax.server import DivergenceError
 
 log = logging.getLogger("sajax")
@@ -111,8 +112,8 @@ class ServerRank(ThreadedEngine):
     except KeyboardInterrupt:
       interrupted = True
       raise
-    except DivergenceError:
-      raise                      # an orderly end with one line (exit 3): the other ranks stop as if finished
+    except (DivergenceError, LearnersFailed):
+      raise                      # an orderly end with one line (exit 3 or 4): the other ranks stop as if finished
     except BaseException:
       if self.ranks > 1:
         mpi_comm.fatal_error(f"rank 0 failed, ending the job:\n{traceback.format_exc().rstrip()}")

@@ -71,6 +71,16 @@ def prepare_processes(config: Any) -> bool:
   return True
 
 
+def rank0_outcome(config: Any, error: Optional[Exception]) -> Optional[Exception]:
+  """Rank 0's refusal of the workdir (a ConfigError, or None) on every process of an ``mpiexec`` job, so that a
+  refused run ends on every rank at once instead of leaving the others waiting for rank 0. Outside a
+  multi-process job: ``error`` unchanged."""
+  if config.executor not in ("mpi", "pmap") or world_size_from_env() <= 1:
+    return error
+  text = world().bcast(None if error is None else str(error), root=0)   # one small control message
+  return None if text is None else config_lib.ConfigError(text)
+
+
 def rank_metrics(run: Any) -> dict:
   """What ``sajax.train`` returns on a rank > 0 (rank 0 returns the run's metrics)."""
   comm = world()
