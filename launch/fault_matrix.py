@@ -379,7 +379,7 @@ def row_raises(matrix: Matrix, column: Column) -> Cell:
 
 
 def row_fail_fast(matrix: Matrix, column: Column) -> Cell:
-  """The same fault with fail_fast: the run stops, non-zero, with the reason."""
+  """The same fault with fail_fast: the run stops with exit 4 and one line naming the reason."""
   if column.protocol != "hardsync":
     return Cell(ok=None, note="once per executor (hardsync)")
   workdir = matrix.workdir("3ff", column)
@@ -482,7 +482,7 @@ ROWS = (
         "`--config.fault_learner=1 --config.fault_at_step=3 --config.epochs=1`",
         "exit 0, learners_alive = λ − 1 = 3", row_raises),
     Row("3ff", "the same with fail_fast", "row 3 + `--config.fail_fast=True`",
-        "non-zero exit, the reason names fail_fast", row_fail_fast),
+        "exit 4, one `error:` line naming fail_fast", row_fail_fast),
     Row("4", "kill -9 after the first checkpoint, rerun the same command", "base command (2 epochs), twice",
         "rerun exits 0, says it resumed, metrics.jsonl epochs 1, 2 in order", row_kill),
     Row("5", "newest checkpoint corrupt",
