@@ -38,7 +38,7 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -149,19 +149,27 @@ def updates_of(cell: Cell, epochs: float, train_examples: int = 0) -> float:
 def run_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> tuple[dict, bool]:
   """Trains one cell into ``<root>/<cell>`` unless its final.json exists; returns (final record, trained).
 
-  The cell trains in a child process (``reproduce.py --cell``): XLA CPU never frees a process's compiled
-  executables, and a 20-cell grid in one process ran out of memory maps ("LLVM: cannot allocate section
-  memory" with 22 GB free). Raises ConfigError (the child's one-line message) when the child exits 2,
-  KeyboardInterrupt once an interrupted child has saved its checkpoint, RuntimeError on any other failure.
+  The cell trains in a child process (``reproduce.py --cell``, see :func:`run_in_child`).
   """
-  path = final_path(cell, epochs, root, train_examples)
+  command = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(dataclasses.asdict(cell)),
+             "--epochs", repr(float(epochs)), "--root", root, "--train-examples", str(train_examples)]
+  return run_in_child(final_path(cell, epochs, root, train_examples), command, cell_environment(cell, root),
+                      cell.name(epochs, train_examples))
+
+
+def run_in_child(path: str, command: Sequence[str], env: dict, name: str) -> tuple[dict, bool]:
+  """Runs ``command`` (a cell's child process, which writes ``path``) unless ``path`` exists; returns (the
+  record in ``path``, whether the child ran).
+
+  A child process per cell: XLA CPU never frees a process's compiled executables, and a 20-cell grid in one
+  process ran out of memory maps ("LLVM: cannot allocate section memory" with 22 GB free). Raises ConfigError
+  (the child's one-line message) when the child exits 2, KeyboardInterrupt once an interrupted child has saved
+  its checkpoint, RuntimeError naming the cell ``name`` on any other failure.
+  """
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f), False
-  command = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(dataclasses.asdict(cell)),
-             "--epochs", repr(float(epochs)), "--root", root, "--train-examples", str(train_examples)]
-  child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                           env=cell_environment(cell, root))
+  child = subprocess.Popen(list(command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
   try:
     _, err = child.communicate()
   except KeyboardInterrupt:   # Ctrl-C reached the child too: let it save its checkpoint
@@ -174,7 +182,7 @@ def run_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> t
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     raise config_lib.ConfigError(lines[-1][len("error: "):] if lines else err.strip())
   if child.returncode != 0 or not os.path.exists(path):
-    raise RuntimeError(f"cell {cell.name(epochs, train_examples)} failed (exit code {child.returncode}); rerun "
+    raise RuntimeError(f"cell {name} failed (exit code {child.returncode}); rerun "
                        f"to resume it from its last checkpoint. Its stderr ends:\n{err[-3000:]}")
   with open(path) as f:
     return json.load(f), True
@@ -205,8 +213,14 @@ def train_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) ->
   import sajax
   path = final_path(cell, epochs, root, train_examples)
   result = sajax.train(cell_config(cell, epochs, train_examples), workdir=os.path.dirname(path))
-  final = {"cell": dataclasses.asdict(cell), "epochs": epochs, "gradients": gradients_of(cell, epochs, train_examples),
-           "load_avg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), **result.metrics}
+  return write_final(path, {"cell": dataclasses.asdict(cell), "epochs": epochs,
+                            "gradients": gradients_of(cell, epochs, train_examples), **result.metrics})
+
+
+def write_final(path: str, record: dict) -> dict:
+  """Writes a cell's final ``record`` to ``path`` atomically (the cell is done once it exists), with the
+  machine's 1-minute load average and core count; returns what it wrote."""
+  final = {"load_avg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), **record}
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(final, f, indent=1, sort_keys=True)
@@ -216,9 +230,15 @@ def train_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) ->
 
 def cell_main(args: argparse.Namespace) -> int:
   """``reproduce.py --cell JSON``: the child process of ``run_cell``."""
+  return child_main(lambda: train_cell(Cell(**json.loads(args.cell)), args.epochs, args.root, args.train_examples))
+
+
+def child_main(train: Callable[[], object]) -> int:
+  """Runs a cell's ``train()`` in its child process; returns the exit code :func:`run_in_child` reads: 0, 2
+  (bad input, one line on stderr) or 130 (interrupted after saving a checkpoint)."""
   from sajax import config as config_lib, data
   try:
-    train_cell(Cell(**json.loads(args.cell)), args.epochs, args.root, args.train_examples)
+    train()
   except (config_lib.ConfigError, data.DatasetError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -227,15 +247,61 @@ def cell_main(args: argparse.Namespace) -> int:
   return 0
 
 
+class GridStopped(Exception):
+  """:func:`run_cells` stopped (its reason already printed); ``code`` is the exit code."""
+
+  def __init__(self, code: int) -> None:
+    super().__init__(code)
+    self.code = code
+
+
+def run_cells(cells: Sequence, run: Callable[[object], tuple[dict, bool]], name: Callable[[object], str],
+              desc: str = "reproduce") -> tuple[list[dict], int]:
+  """Runs ``run(cell) -> (final, trained)`` for each cell in order under a progress bar; returns (the finals,
+  how many cells trained). On bad input, a failed cell or Ctrl-C it prints one line and raises
+  :class:`GridStopped` with the exit code (2, 1, 130); the cells done so far stay done."""
+  from tqdm import tqdm
+  from sajax import config as config_lib
+  finals, trained = [], 0
+  with tqdm(cells, desc=desc, unit=" cell", dynamic_ncols=True) as bar:
+    for cell in bar:
+      bar.set_postfix_str(name(cell), refresh=True)
+      try:
+        final, ran = run(cell)
+      except config_lib.ConfigError as e:   # bar.write: on a line of its own, not after the bar
+        bar.write(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        raise GridStopped(EXIT_BAD_INPUT) from None
+      except RuntimeError as e:
+        bar.write(f"error: {e}", file=sys.stderr)
+        raise GridStopped(1) from None
+      except KeyboardInterrupt:
+        bar.write(f"interrupted; rerun the same command to resume ({len(finals)} of {len(cells)} cells done)",
+                  file=sys.stderr)
+        raise GridStopped(EXIT_INTERRUPTED) from None
+      finals.append(final)
+      trained += ran
+  return finals, trained
+
+
+def quiet_logging() -> None:
+  """Warnings and errors only, one line each, on stderr; absl, jax, orbax and TFDS errors only."""
+  import logging
+  logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+  for noisy in ("absl", "jax", "orbax", "tensorflow_datasets"):
+    logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
 # ---- command line -------------------------------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
+class OneLineParser(argparse.ArgumentParser):
+  """An argument parser whose errors are one-line ValueErrors (the caller prints them and exits 2)."""
+
   def error(self, message: str):   # one line and exit 2, like launch/train.py
-    raise ValueError(f"{message}; allowed: the flags and values of reproduce.py --help")
+    raise ValueError(f"{message}; allowed: the flags and values of {self.prog} --help")
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   """The flags, checked; raises ValueError with one line naming the bad value and what is allowed."""
-  p = _Parser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = OneLineParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--root", default=os.path.join("runs", "reproduce"), help="folder of the cells' runs")
   p.add_argument("--out", default=os.path.join("docs", "reproduction.md"), help="report; PNGs go beside it")
   p.add_argument("--dataset", default="mnist5k", help=f"one of {', '.join(DATASETS)} (default mnist5k)")
@@ -261,6 +327,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   for v in args.n:
     if v != "lambda" and not (v.isdigit() and int(v) >= 1):
       raise ValueError(f"--n {v!r} is invalid; allowed: integers >= 1 or 'lambda' (n = λ)")
+  check_run_args(args)
+  return args
+
+
+def check_run_args(args: argparse.Namespace) -> None:
+  """The flags every grid script shares: ``seeds``, ``epochs``, ``train_examples``, ``out`` (a .md report) and
+  a writable ``root``; raises ValueError with one line naming the bad value and what is allowed."""
   if any(s < 0 for s in args.seeds):
     raise ValueError(f"--seeds {min(args.seeds)} is invalid; allowed: integers >= 0")
   if not args.epochs > 0:
@@ -272,7 +345,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   from sajax import trainer
   for path in (args.root, os.path.dirname(os.path.abspath(args.out))):
     trainer.check_workdir_writable(path)
-  return args
+
+
+def write_text(path: str, text: str) -> None:
+  """Writes ``text`` to ``path`` atomically (a reader sees the old file or the new one, never half of one)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
 
 
 def main(argv: Sequence[str]) -> int:
@@ -290,34 +370,17 @@ def main(argv: Sequence[str]) -> int:
   except ValueError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return EXIT_BAD_INPUT
-  import logging
-  logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-  for noisy in ("absl", "jax", "orbax", "tensorflow_datasets"):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
+  quiet_logging()
   if args.cell is not None:
     return cell_main(args)
-  from tqdm import tqdm
-  from sajax import config as config_lib, metrics
+  from sajax import metrics
 
   start = time.perf_counter()
-  finals, trained = [], 0
-  with tqdm(cells, desc="reproduce", unit=" cell", dynamic_ncols=True) as bar:
-    for cell in bar:
-      bar.set_postfix_str(cell.name(args.epochs, args.train_examples), refresh=True)
-      try:
-        final, ran = run_cell(cell, args.epochs, args.root, args.train_examples)
-      except config_lib.ConfigError as e:   # bar.write: on a line of its own, not after the bar
-        bar.write(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-      except RuntimeError as e:
-        bar.write(f"error: {e}", file=sys.stderr)
-        return 1
-      except KeyboardInterrupt:
-        bar.write(f"interrupted; rerun the same command to resume ({len(finals)} of {len(cells)} cells done)",
-                  file=sys.stderr)
-        return EXIT_INTERRUPTED
-      finals.append(final)
-      trained += ran
+  try:
+    finals, trained = run_cells(cells, lambda c: run_cell(c, args.epochs, args.root, args.train_examples),
+                                lambda c: c.name(args.epochs, args.train_examples))
+  except GridStopped as e:
+    return e.code
   wall = time.perf_counter() - start
 
   agg = aggregate(finals)
@@ -338,10 +401,7 @@ def main(argv: Sequence[str]) -> int:
                          wall_s=wall, estimate=estimate, figures=[(t, rel(p)) for t, p in pngs],
                          runs=[(c.name(args.epochs, args.train_examples), f) for c, f in zip(cells, finals)],
                          dataset=args.dataset, train_examples=args.train_examples)
-  tmp = args.out + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, args.out)
+  write_text(args.out, text)
   print(f"{len(cells)} cells ({trained} trained, {len(cells) - trained} already done) in {wall:.0f} s; "
         f"P4 over {len(verdicts)} inverse cells: {verdict_counts(verdicts)}; report: {args.out}\n{estimate}")
   return 0

@@ -136,7 +136,8 @@ def fit_seconds(points: Sequence[tuple[float, float, float, float]]) -> tuple[fl
   return tuple(float(v) for v in coef)
 
 
-def _pct(a: dict) -> str:
+def error_text(a: dict) -> str:
+  """A cell's test error in %: '3.12 ± 0.40' (mean ± 95 % half-width), or '3.12' for one seed."""
   return f"{a['error'][0]:.2f}" + (f" ± {a['half']:.2f}" if a["half"] is not None else "")
 
 
@@ -181,7 +182,7 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
     if policy != "inverse":
       continue
     const, ssgd, v = agg.get((lam, n, "constant")), agg.get((lam, 0, "ssgd")), by_cell.get((lam, n))
-    cells = [_pct(x) if x else "–" for x in (a, const, ssgd)]
+    cells = [error_text(x) if x else "–" for x in (a, const, ssgd)]
     cell = Cell(lam, n, policy, 0)
     lines.append(f"| {n} | {lam} | {cell.batch} | {cell.c} | {a['staleness']:.2f} | {' | '.join(cells)} | "
                  f"{_diff(v) if v else '–'} | {_verdict_text(v) if v else '–'} |")
@@ -218,7 +219,8 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
 
 
 # ---- figures ------------------------------------------------------------------------------------------
-def _save(fig, path: str) -> str:
+def save_figure(fig, path: str) -> str:
+  """Saves ``fig`` (tight layout, 90 dpi) to the PNG ``path`` atomically; returns ``path``."""
   tmp = path[:-4] + ".tmp.png"
   fig.tight_layout()
   fig.savefig(tmp, dpi=90)
@@ -255,7 +257,7 @@ def plot_staleness_by_n(finals: Iterable[dict], folder: str) -> list[tuple[int, 
     ax.set(xlabel="staleness σ = i − j (dotted: ⟨σ⟩)", ylabel="fraction of gradients",
            title=f"{n}-softsync: staleness of accepted gradients")
     ax.legend(fontsize=8)
-    paths.append((n, _save(fig, os.path.join(folder, f"staleness_n{n}.png"))))
+    paths.append((n, save_figure(fig, os.path.join(folder, f"staleness_n{n}.png"))))
     plt.close(fig)
   return paths
 
@@ -285,7 +287,7 @@ def plot_error_curves(histories: dict[tuple[int, int, str], list[list[dict]]], p
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
-  _save(fig, path)
+  save_figure(fig, path)
   plt.close(fig)
   return path
 

@@ -1,0 +1,496 @@
+#!/usr/bin/env python
+"""One comparison that ranks the staleness policies (issue #11): async λ = 30 under two speed profiles.
+
+``python launch/compare_policies.py [--dataset fashion_mnist|mnist5k] [--epochs E] [--train-examples N]
+[--seeds 0 1 2] [--profiles one_slow heterogeneous] [--policies inverse constant ... ssp] [--ssp-spread 2]``
+
+Every cell is launch/reproduce.py's cell (the dataset's base config: α0 for a λμ ≈ 128 mini-batch, momentum and
+step schedule unchanged, boundaries scaled with ``--epochs``; the simulated executor with the lognormal jitter
+σ = 0.2) for λ = 30 learners of μ = ⌈128/30⌉ = 5, the hardest staleness of the paper, under a speed profile of
+sajax/executors/speed.py (``one_slow``: learner 0 4× slower; ``heterogeneous``: the 0.58, 0.75, 1.51, 3.33 s
+pattern cycled over the learners), with one of the rows:
+
+* **SSGD**: hardsync (c = λ, σ = 0), the same profile and seeds: the baseline whose simulated time async is
+  compared against (a round lasts as long as its slowest learner);
+* each policy of ``sajax.optim.available_policies()`` on async (c = 1) with SSGD's α0 and the constants its paper
+  recommends (the defaults of sajax/policies.py; ``drop``'s R, which has no default, is 2λ: see
+  :data:`DROP_BOUND`);
+* **SSP** (``protocol=ssp``, plain SGD, a fast learner at most ``--ssp-spread`` clocks ahead of the slowest), run
+  only when ``"ssp" in sajax.protocol.PROTOCOLS``, otherwise reported as not run.
+
+Each cell trains in a child process of its own through launch/reproduce.py's machinery (a cell is done once its
+``final.json`` exists; reruns skip done cells and resume half-done ones; a run that diverges is a result,
+recorded as such). The report (``--out``, default docs/policies.md, PNG beside it) ranks the rows of each profile
+by final test error (mean and 95 % Student-t interval over seeds); one row is *decidedly* better than another
+only where the 95 % interval of their paired differences (same seed) lies wholly on one side of 0. Per row also:
+the simulated time to the SSGD target (SSGD's mean final error + 0.5 point; the first evaluation at or below it),
+⟨σ⟩ and max σ, and the fraction of gradients dropped (non-finite, or refused by the policy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import re
+import shlex
+import statistics
+import sys
+import time
+from typing import Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from launch import reproduce  # noqa: E402
+from launch.reproduce_report import (error_text, half_width, mean_sd, paired_difference, save_figure,  # noqa: E402
+                                     verdict)
+
+LEARNERS = 30                       # λ: the paper's largest, async at λ = 30 is its hardest staleness
+PROFILES = ("one_slow", "heterogeneous")
+DROP_BOUND = 2 * LEARNERS           # drop's R: see the README of docs/policies.md and the module docstring
+SSP_SPREAD = 2
+TARGET_POINTS = reproduce.P4_POINTS  # the target: SSGD's final error + 0.5 point
+EVALS = 10                          # evaluations per run: the resolution of the time to target
+SSGD, SSP = "ssgd", "ssp"
+NOT_RUN = "not run (protocol not available)"
+NOTE_START, NOTE_END = "<!-- note -->", "<!-- /note -->"
+
+SOURCES = {   # where each policy's constants come from (sajax/policies.py has the formulas)
+    "inverse": "Zhang et al., IJCAI 2016 (α0/σ)",
+    "constant": "plain ASGD (staleness ignored)",
+    "polynomial": "FedAsync (Xie et al. 2019); a = 0.5 from async local-SGD (Liu et al. 2024)",
+    "exponential": "no paper fixes β; sajax's default",
+    "hinge": "FedAsync (Xie et al. 2019), its experiments' a, b",
+    "delay_adaptive": "Mishchenko et al., NeurIPS 2022 (threshold λ)",
+    "drop": "Ringmaster ASGD (Maranjyan et al. 2025); no default R: ours, 2λ",
+    "dc_asgd": "DC-ASGD (Zheng et al., ICML 2017); MXNet's default λ",
+    "dc_asgd_adaptive": "DC-ASGD-a (Zheng et al., ICML 2017), the paper's setting",
+    "gap_aware": "Gap-Aware (Barkai et al., ICLR 2020); β, ε of the authors' group's code",
+    SSGD: "hardsync, c = λ (the baseline)",
+    SSP: "Stale Synchronous Parallel (Ho et al., NIPS 2013), plain SGD",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A row of the comparison: a protocol (``hardsync``, ``async`` or ``ssp``) with a policy and its arguments."""
+
+  name: str
+  protocol: str
+  policy: str
+  policy_args: str = "{}"     # JSON, as --config.policy_args takes it
+  spread: int = 0             # SSP's bound on how far a learner may run ahead of the slowest
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyCell:
+  """One run: a variant under a speed profile, with a seed, on a dataset, with λ learners."""
+
+  variant: Variant
+  profile: str
+  seed: int
+  dataset: str = "mnist5k"
+  learners: int = LEARNERS
+
+  @property
+  def batch(self) -> int:
+    """μ = ⌈128/λ⌉."""
+    return math.ceil(reproduce.BATCH_TOTAL / self.learners)
+
+  def name(self, epochs: float, train_examples: int = 0) -> str:
+    data = f"-t{train_examples}" if train_examples else ""
+    return (f"{self.dataset}-{self.profile}-{self.variant.name}-lambda{self.learners}-mu{self.batch}-e{epochs:g}"
+            f"{data}-seed{self.seed}")
+
+
+def ssp_available() -> bool:
+  """Whether this sajax has the SSP protocol (another branch adds it)."""
+  from sajax import protocol
+  return SSP in protocol.PROTOCOLS
+
+
+def variants(policies: Sequence[str], learners: int = LEARNERS, spread: int = SSP_SPREAD) -> list[Variant]:
+  """SSGD, then each of ``policies`` on async with its recommended constants (drop: R = 2λ), then SSP if
+  ``policies`` names it."""
+  out = [Variant(SSGD, "hardsync", "constant")]
+  for p in policies:
+    if p == SSP:
+      continue
+    args = json.dumps({"bound": 2 * learners}) if p == "drop" else "{}"
+    out.append(Variant(p, "async", p, args))
+  if SSP in policies:
+    out.append(Variant(SSP, SSP, "constant", spread=spread))
+  return out
+
+
+def grid(variant_list: Sequence[Variant], profiles: Sequence[str], seeds: Sequence[int], dataset: str,
+         runnable: bool = True) -> list[PolicyCell]:
+  """The cells in run order: per seed, per profile, every variant (a whole seed is done before the next starts).
+  SSP's cells are left out unless ``runnable`` (the protocol exists)."""
+  return [PolicyCell(v, profile, seed, dataset) for seed in seeds for profile in profiles for v in variant_list
+          if runnable or v.protocol != SSP]
+
+
+def cell_config(cell: PolicyCell, epochs: float, train_examples: int = 0):
+  """launch/reproduce.py's cell config for λ, μ, seed and dataset, with this cell's protocol, policy, profile;
+  :data:`EVALS` evaluations per run."""
+  v = cell.variant
+  ssgd = v.protocol == "hardsync"
+  base = reproduce.Cell(cell.learners, 0 if ssgd else cell.learners, SSGD if ssgd else v.policy, cell.seed,
+                        cell.dataset)
+  config = reproduce.cell_config(base, epochs, train_examples)
+  if not ssgd:
+    config.protocol, config.n = v.protocol, cell.learners
+  if v.protocol == SSP:
+    config.ssp_spread = v.spread
+  config.policy, config.policy_args = v.policy, v.policy_args
+  config.sim_profile = cell.profile
+  config.eval_every_epochs = epochs / EVALS
+  return config
+
+
+def constants_text(variant: Variant, config) -> str:
+  """The constants a row runs with: its policy's arguments as built (defaults, λ and α0 filled in)."""
+  if variant.protocol == "hardsync":
+    return f"c = λ = {config.learners}, σ = 0"
+  if variant.protocol == SSP:
+    return f"spread s = {variant.spread}, c = 1"
+  from sajax import config as config_lib
+  args = config_lib.policy_of(config).args
+  return ", ".join(f"{k} = {v:g}" if isinstance(v, float) else f"{k} = {v}" for k, v in args) or "none"
+
+
+# ---- running a cell -------------------------------------------------------------------------------------
+def final_path(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0) -> str:
+  return os.path.join(root, cell.name(epochs, train_examples), "final.json")
+
+
+def cell_from_json(text: str) -> PolicyCell:
+  d = json.loads(text)
+  return PolicyCell(**{**d, "variant": Variant(**d["variant"])})
+
+
+def run_cell(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0) -> tuple[dict, bool]:
+  """Trains one cell in a child process (``compare_policies.py --cell``) unless it is done; (final, trained)."""
+  command = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(dataclasses.asdict(cell)),
+             "--epochs", repr(float(epochs)), "--root", root, "--train-examples", str(train_examples)]
+  return reproduce.run_in_child(final_path(cell, epochs, root, train_examples), command,
+                                reproduce.cell_environment(cell, root), cell.name(epochs, train_examples))
+
+
+def train_cell(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0) -> dict:
+  """Trains one cell here and writes its final.json; a diverged run is recorded (``diverged``: the reason,
+  ``test_error``: None, the telemetry of its last evaluation) rather than failing the comparison."""
+  import sajax
+  from sajax import metrics
+  from sajax.server import DivergenceError
+  path = final_path(cell, epochs, root, train_examples)
+  try:
+    record = dict(sajax.train(cell_config(cell, epochs, train_examples), workdir=os.path.dirname(path)).metrics)
+  except DivergenceError as e:
+    history = metrics.read_metrics(os.path.dirname(path))
+    record = {**(history[-1] if history else {}), "diverged": str(e), "test_error": None}
+  return reproduce.write_final(path, {"cell": dataclasses.asdict(cell), "epochs": epochs, **record})
+
+
+# ---- the numbers (pure) -----------------------------------------------------------------------------------
+def time_to_target(history: Sequence[dict], target: float) -> Optional[float]:
+  """Simulated time of the first evaluation whose test error (in %) is at or below ``target``; None if none."""
+  for r in history:
+    if r.get("test_error") is not None and 100 * r["test_error"] <= target + 1e-9:
+      return float(r["sim_time"])
+  return None
+
+
+def dropped_fraction(finals: Sequence[dict]) -> float:
+  """Dropped gradients (non-finite or refused for their σ) over all pushed, summed over runs."""
+  dropped = sum(f.get("gradients_dropped", 0) + f.get("gradients_stale_dropped", 0) for f in finals)
+  accepted = sum(sum(f.get("staleness_histogram", {}).values()) for f in finals)
+  return dropped / (dropped + accepted) if dropped + accepted else 0.0
+
+
+def summarize(runs: Sequence[tuple[PolicyCell, dict, list[dict]]], points: float = TARGET_POINTS) -> dict:
+  """Per (profile, variant name): final test error in % over the seeds that did not diverge (mean, sd, 95 %
+  half-width, per seed), diverged seeds, the time to the profile's SSGD target (mean over seeds that reached it,
+  how many did), ⟨σ⟩ (mean over seeds), max σ, the fraction dropped, and the histories. Plus per profile
+  ``(profile, None)``: the target (SSGD's mean final error + ``points``), None without SSGD runs."""
+  groups: dict[tuple[str, str], list[tuple[PolicyCell, dict, list[dict]]]] = {}
+  for cell, final, history in runs:
+    groups.setdefault((cell.profile, cell.variant.name), []).append((cell, final, history))
+  out: dict = {}
+  for (profile, name), rs in groups.items():
+    finished = [(c.seed, 100 * f["test_error"]) for c, f, _ in rs if f.get("test_error") is not None]
+    errors = [e for _, e in finished]
+    stats = mean_sd(errors) if errors else (math.nan, 0.0)
+    out[(profile, name)] = {
+        "variant": rs[0][0].variant, "error": stats, "half": half_width(stats[1], len(errors)) if errors else None,
+        "by_seed": dict(finished), "seeds": len(rs), "diverged": sum(bool(f.get("diverged")) for _, f, _ in rs),
+        "sigma_mean": statistics.fmean(f.get("staleness_mean", 0.0) for _, f, _ in rs),
+        "sigma_max": max(f.get("staleness_max", 0) for _, f, _ in rs),
+        "dropped": dropped_fraction([f for _, f, _ in rs]), "histories": [h for _, _, h in rs]}
+  for profile in {p for p, _ in groups}:
+    ssgd = out.get((profile, SSGD))
+    target = ssgd["error"][0] + points if ssgd and ssgd["by_seed"] else None
+    out[(profile, None)] = target
+    for (p, name), s in list(out.items()):
+      if p == profile and name is not None:
+        times = [time_to_target(h, target) for h in s["histories"]] if target is not None else []
+        reached = [t for t in times if t is not None]
+        s["time"] = statistics.fmean(reached) if reached else None
+        s["reached"] = len(reached)
+  return out
+
+
+def rank(summary: dict, profile: str) -> list[dict]:
+  """The rows of ``profile`` by final error (rows with a diverged seed last), each with ``better_than``: the rows
+  it is decidedly better than (the 95 % interval of the paired differences other − this lies above 0), and
+  ``vs_ssgd``: the paired difference this − SSGD with ``decided`` (better, worse, or undecided)."""
+  rows = [s for (p, name), s in summary.items() if p == profile and name is not None]
+  rows.sort(key=lambda s: (s["diverged"] > 0, s["error"][0] if s["by_seed"] else math.inf, s["variant"].name))
+  ssgd = summary.get((profile, SSGD))
+  out = []
+  for s in rows:
+    name = s["variant"].name
+    beats = [o["variant"].name for o in rows if o is not s and _decides(o, s)]
+    row = {**s, "better_than": beats, "vs_ssgd": None}
+    if ssgd and name != SSGD and set(s["by_seed"]) & set(ssgd["by_seed"]):
+      decided = "worse" if _decides(s, ssgd) else "better" if _decides(ssgd, s) else "undecided"
+      row["vs_ssgd"] = {**paired_difference(s, ssgd), "decided": decided}
+    out.append(row)
+  return out
+
+
+def _decides(worse: dict, better: dict) -> bool:
+  """Whether the 95 % interval of the paired differences worse − better (seeds both finished, at least two) lies
+  wholly above 0."""
+  if len(set(worse["by_seed"]) & set(better["by_seed"])) < 2:
+    return False
+  return verdict(paired_difference(worse, better), 0.0) == "worse"
+
+
+# ---- the report ---------------------------------------------------------------------------------------------
+def kept_note(old_text: str) -> str:
+  """The hand-written block between ``<!-- note -->`` and ``<!-- /note -->`` of an earlier report ('' if none):
+  the reason for the setting stays when the report is written again."""
+  m = re.search(re.escape(NOTE_START) + r"(.*?)" + re.escape(NOTE_END), old_text, re.S)
+  return m.group(1).strip() if m else ""
+
+
+def _time_text(s: dict, ssgd: Optional[dict]) -> tuple[str, str]:
+  if s.get("time") is None:
+    return "not reached", "–"
+  part = "" if s["reached"] == s["seeds"] else f" ({s['reached']} of {s['seeds']} seeds)"
+  ratio = f"{ssgd['time'] / s['time']:.2f}×" if ssgd and ssgd.get("time") and s["variant"].name != SSGD else "–"
+  return f"{s['time']:.1f}{part}", ratio
+
+
+def table_lines(rows: Sequence[dict], constants: dict, ssgd: Optional[dict], missing: Sequence[str] = ()) -> list[str]:
+  """The ranking table of one profile; ``missing``: rows not run (SSP without its protocol)."""
+  lines = ["| rank | row | constants | test error % | − SSGD (paired) | decidedly better than | time to target | "
+           "SSGD time ÷ | ⟨σ⟩ | max σ | dropped |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for i, s in enumerate(rows, 1):
+    name = s["variant"].name
+    error = error_text(s) if s["by_seed"] else "–"
+    if s["diverged"]:
+      error += f" (diverged in {s['diverged']} of {s['seeds']} seeds)"
+    v = s["vs_ssgd"]
+    vs = "–" if v is None else f"{v['mean']:+.2f}" + (f" ± {v['half']:.2f}" if v["half"] is not None else "") + (
+        f" ({v['decided']})" if v["decided"] != "undecided" else "")
+    time_text, ratio = _time_text(s, ssgd)
+    lines.append(f"| {i} | **{name}** | {constants.get(name, '')} | {error} | {vs} | "
+                 f"{', '.join(s['better_than']) or '–'} | {time_text} | {ratio} | {s['sigma_mean']:.1f} | "
+                 f"{s['sigma_max']} | {100 * s['dropped']:.1f} % |")
+  lines += [f"| – | **{name}** | {constants.get(name, '')} | {NOT_RUN} | | | | | | | |" for name in missing]
+  return lines
+
+
+def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, command: str, note: str,
+                    setting: str, seeds: Sequence[int], wall_s: float, figure: str,
+                    runs: Sequence[tuple[str, dict]], missing: Sequence[str] = ()) -> str:
+  """docs/policies.md: the note (why this setting), the command, one ranking table per profile, the constants
+  and their sources, the figure, the time and load, and every run."""
+  lines = ["# Staleness policies ranked: async λ = 30 under slow learners (simulated)", "",
+           NOTE_START, note, NOTE_END, "",
+           "Written by `launch/compare_policies.py`; every number below comes from this command (each run is in "
+           "`<root>/<run>/`: `config.json`, `metrics.jsonl`, `final.json`):", "", "```bash", command, "```", "",
+           setting, ""]
+  for profile in profiles:
+    target = summary.get((profile, None))
+    ssgd = summary.get((profile, SSGD))
+    rows = rank(summary, profile)
+    lines += [f"## Profile `{profile}`", ""]
+    if not rows:
+      lines += ["No run of this profile.", ""]
+      continue
+    lines += [f"SSGD target: {target:.2f} % test error (SSGD's mean final error + {TARGET_POINTS} point)."
+              if target is not None else "No SSGD run: no target.", ""]
+    lines += table_lines(rows, constants, ssgd, missing) + [""]
+  lines += [
+      "Columns: final test error, mean ± half-width of the 95 % Student-t interval over seeds; − SSGD: the mean "
+      "of the paired differences row − SSGD (same seed) with its interval, *(better)*/*(worse)* only where the "
+      "interval excludes 0; *decidedly better than*: the rows whose paired differences with this one have an "
+      "interval wholly above 0 (no verdict anywhere else: the order of the other rows is within the noise of "
+      f"{len(seeds)} seeds); time to target: simulated seconds (a learner of factor 1 takes 1 s per gradient) "
+      f"to the first of the {EVALS} evaluations at or below the target, mean over the seeds that reached it; "
+      "SSGD time ÷: SSGD's time to the target over this row's (above 1: faster than SSGD); ⟨σ⟩: mean staleness "
+      "of the accepted gradients (mean over seeds), max σ over all seeds; dropped: gradients refused for their "
+      "σ or non-finite, over all pushed.", "", "## Constants", "", "| row | constants | from |", "|---|---|---|"]
+  lines += [f"| {name} | {c} | {SOURCES.get(name, 'see sajax/policies.py')} |" for name, c in constants.items()]
+  total = sum(f.get("wall_s", 0.0) for _, f in runs)
+  loads = [f["load_avg_1min"] for _, f in runs if "load_avg_1min" in f]
+  lines += ["", "## Time and load", "",
+            f"The {len(runs)} runs trained for {total:.0f} s in all ({total / 60:.1f} min of their `wall_s`); the "
+            f"last invocation took {wall_s:.0f} s (runs already done are not rerun)."
+            + (f" The machine's 1-minute load average when each run ended: {min(loads):.1f} to {max(loads):.1f} "
+               f"(median {statistics.median(loads):.1f}) on {runs[0][1].get('cpu_count')} cores, shared with "
+               "other jobs." if loads else ""), "", "## Test error against simulated time", "",
+            f"![test error against simulated time]({figure})", "", "## Every run", "",
+            "| run (folder under the root) | test error % | ⟨σ⟩ | max σ | dropped | sim time | training wall |",
+            "|---|---|---|---|---|---|---|"]
+  for name, f in runs:
+    error = "diverged" if f.get("diverged") else f"{100 * f['test_error']:.2f}"
+    lines.append(f"| `{name}` | {error} | {f.get('staleness_mean', 0.0):.2f} | {f.get('staleness_max', 0)} | "
+                 f"{f.get('gradients_dropped', 0) + f.get('gradients_stale_dropped', 0)} | "
+                 f"{f.get('sim_time', 0.0):.0f} | {f.get('wall_s', 0.0):.0f} s |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_error_vs_time(summary: dict, profiles: Sequence[str], path: str) -> str:
+  """One panel per profile: test error (mean over seeds per evaluation) against simulated time (mean over seeds),
+  one line per row, SSGD in black, the target dotted."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  import matplotlib.ticker
+  fig, axes = plt.subplots(1, len(profiles), figsize=(6.5 * len(profiles), 4.6), squeeze=False)
+  styles = ["-", "--", "-.", ":"]
+  for ax, profile in zip(axes[0], profiles):
+    rows = [s for (p, name), s in sorted(summary.items(), key=lambda kv: str(kv[0])) if p == profile and name]
+    for i, s in enumerate(sorted(rows, key=lambda s: s["variant"].name)):
+      runs = [h for h in s["histories"] if h]
+      if not runs:
+        continue
+      length = min(len(h) for h in runs)
+      times = [statistics.fmean(h[j]["sim_time"] for h in runs) for j in range(length)]
+      errors = [100 * statistics.fmean(h[j]["test_error"] for h in runs) for j in range(length)]
+      name = s["variant"].name
+      style = dict(color="k", linewidth=2.2) if name == SSGD else dict(color=f"C{i % 10}",
+                                                                     linestyle=styles[i // 10 % 4])
+      ax.plot(times, errors, marker=".", label=name, **style)
+    target = summary.get((profile, None))
+    if target is not None:
+      ax.axhline(target, color="grey", linestyle=":", label=f"SSGD target {target:.1f} %")
+    ax.set(xscale="log", yscale="log", xlabel="simulated time (s, log)", ylabel="test error (%, log)",
+           title=f"profile {profile}")
+    for axis in (ax.xaxis, ax.yaxis):
+      axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+      axis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+  save_figure(fig, path)
+  plt.close(fig)
+  return path
+
+
+# ---- command line -------------------------------------------------------------------------------------------
+def default_dataset() -> str:
+  """fashion_mnist when its IDX files are installed, else the embedded mnist5k."""
+  from sajax import idx
+  return "fashion_mnist" if idx.find_folder("fashion_mnist", None) else "mnist5k"
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+  """The flags, checked; raises ValueError with one line naming the bad value and what is allowed."""
+  from sajax import optim
+  policies = optim.available_policies()
+  p = reproduce.OneLineParser(prog="compare_policies.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--root", default=os.path.join("runs", "compare_policies"), help="folder of the runs")
+  p.add_argument("--out", default=os.path.join("docs", "policies.md"), help="report; its PNG goes beside it")
+  p.add_argument("--dataset", default=None, help="fashion_mnist (default when installed) or mnist5k")
+  p.add_argument("--epochs", type=float, default=None, help="default: the base config's (12 for fashion_mnist)")
+  p.add_argument("--train-examples", type=int, default=0, help="use the first N training examples (0: all)")
+  p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+  p.add_argument("--profiles", nargs="+", default=list(PROFILES), help=f"of {', '.join(PROFILES)}")
+  p.add_argument("--policies", nargs="+", default=[*policies, SSP], help="policies (default: all) and 'ssp'")
+  p.add_argument("--ssp-spread", type=int, default=SSP_SPREAD, help="SSP's spread s")
+  p.add_argument("--cell", default=None, help=argparse.SUPPRESS)   # internal: train one cell (see run_cell)
+  args = p.parse_args(list(argv))
+  args.dataset = args.dataset or default_dataset()
+  args.seeds, args.profiles = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.profiles))
+  args.policies = list(dict.fromkeys(args.policies))
+  if args.dataset not in reproduce.DATASETS:
+    raise ValueError(f"--dataset {args.dataset!r} is invalid; allowed: {', '.join(reproduce.DATASETS)}")
+  args.epochs = args.epochs if args.epochs is not None else float(reproduce.base_config(args.dataset).epochs)
+  for name in args.profiles:
+    if name not in PROFILES:
+      raise ValueError(f"--profiles {name!r} is invalid; allowed: {', '.join(PROFILES)}")
+  for name in args.policies:
+    if name not in (*policies, SSP):
+      raise ValueError(f"--policies {name!r} is invalid; allowed: {', '.join(policies)}, {SSP}")
+  if args.ssp_spread < 0:
+    raise ValueError(f"--ssp-spread {args.ssp_spread} is invalid; allowed: an integer >= 0")
+  reproduce.check_run_args(args)
+  return args
+
+
+def main(argv: Sequence[str]) -> int:
+  try:
+    args = parse_args(argv[1:])
+    if args.cell is None:
+      from sajax import data
+      data.load_dataset(reproduce.base_config(args.dataset).dataset)   # a missing dataset: one line now
+  except ValueError as e:
+    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+    return reproduce.EXIT_BAD_INPUT
+  reproduce.quiet_logging()
+  if args.cell is not None:
+    return reproduce.child_main(lambda: train_cell(cell_from_json(args.cell), args.epochs, args.root,
+                                                   args.train_examples))
+  from sajax import metrics
+  runnable = ssp_available()
+  rows = variants(args.policies, LEARNERS, args.ssp_spread)
+  cells = grid(rows, args.profiles, args.seeds, args.dataset, runnable)
+  start = time.perf_counter()
+  try:
+    finals, trained = reproduce.run_cells(
+        cells, lambda c: run_cell(c, args.epochs, args.root, args.train_examples),
+        lambda c: c.name(args.epochs, args.train_examples), desc="compare")
+  except reproduce.GridStopped as e:
+    return e.code
+  wall = time.perf_counter() - start
+
+  names = [c.name(args.epochs, args.train_examples) for c in cells]
+  runs = [(c, f, metrics.read_metrics(os.path.join(args.root, n))) for c, f, n in zip(cells, finals, names)]
+  summary = summarize(runs)
+  constants = {v.name: constants_text(v, cell_config(PolicyCell(v, args.profiles[0], 0, args.dataset), args.epochs,
+                                                     args.train_examples)) for v in rows}
+  missing = [] if runnable else [v.name for v in rows if v.protocol == SSP]
+  folder = os.path.splitext(args.out)[0]
+  os.makedirs(folder, exist_ok=True)
+  png = plot_error_vs_time(summary, args.profiles, os.path.join(folder, "test_error_vs_time.png"))
+  old = open(args.out).read() if os.path.exists(args.out) else ""
+  base = reproduce.base_config(args.dataset)
+  subset = f", the first {args.train_examples:,} training examples" if args.train_examples else ""
+  setting = (f"Setting: {args.dataset}{subset}, {args.epochs:g} epoch{'' if args.epochs == 1 else 's'}, seeds {', '.join(map(str, args.seeds))}; "
+             f"λ = {LEARNERS} learners of μ = {cells[0].batch}, simulated executor (lognormal jitter σ = "
+             f"{reproduce.SIM_JITTER}); configs/{reproduce.BASE_CONFIGS[args.dataset]}.py's α0 = "
+             f"{base.learning_rate:g}, momentum {base.momentum:g}, α ÷{1 / base.lr_decay:g} at epochs "
+             f"{', '.join(f'{b:g}' for b in reproduce.scaled_boundaries(base, args.epochs)) or '(none)'} in every "
+             f"row; profiles: {', '.join(args.profiles)} (sim_slowdown {base.sim_slowdown:g} for one_slow).")
+  text = render_markdown(summary, profiles=args.profiles, constants=constants,
+                         command=("python launch/compare_policies.py " + shlex.join(argv[1:])).strip(),
+                         note=kept_note(old), setting=setting, seeds=args.seeds, wall_s=wall,
+                         figure=os.path.relpath(png, os.path.dirname(os.path.abspath(args.out))),
+                         runs=list(zip(names, finals)), missing=missing)
+  reproduce.write_text(args.out, text)
+  print(f"{len(cells)} runs ({trained} trained, {len(cells) - trained} already done) in {wall:.0f} s; "
+        f"report: {args.out}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

@@ -1,0 +1,185 @@
+"""launch/compare_policies.py: the rows and cells, time to target, ranking with paired verdicts, the report."""
+
+import json
+
+import pytest
+
+from launch import compare_policies as cp
+from sajax import config as config_lib, optim
+
+POLICIES = optim.available_policies()
+
+
+def test_rows_are_ssgd_then_every_policy_on_async_then_ssp():
+  rows = cp.variants([*POLICIES, cp.SSP])
+  assert [v.name for v in rows] == [cp.SSGD, *POLICIES, cp.SSP]
+  assert rows[0] == cp.Variant("ssgd", "hardsync", "constant")
+  assert {v.protocol for v in rows[1:-1]} == {"async"}
+  assert json.loads(next(v for v in rows if v.name == "drop").policy_args) == {"bound": 60}   # R = 2λ
+  assert all(json.loads(v.policy_args) == {} for v in rows if v.name != "drop")
+  assert rows[-1] == cp.Variant("ssp", "ssp", "constant", spread=2)
+  assert [v.name for v in cp.variants(["inverse"], learners=8)] == ["ssgd", "inverse"]   # no ssp unless named
+
+
+def test_grid_runs_a_whole_seed_first_and_leaves_out_ssp_when_it_cannot_run():
+  rows = cp.variants([*POLICIES, cp.SSP])
+  cells = cp.grid(rows, cp.PROFILES, [0, 1, 2], "mnist5k", runnable=False)
+  assert len(cells) == len(set(cells)) == 3 * 2 * (len(POLICIES) + 1)
+  assert [c.seed for c in cells] == sorted(c.seed for c in cells)
+  assert cp.SSP not in {c.variant.name for c in cells}
+  assert len(cp.grid(rows, cp.PROFILES, [0, 1, 2], "mnist5k", runnable=True)) == 3 * 2 * (len(POLICIES) + 2)
+  cell = cells[1]
+  assert (cell.learners, cell.batch) == (30, 5)
+  assert cell.name(1.0) == "mnist5k-one_slow-inverse-lambda30-mu5-e1-seed0"
+  assert cp.cell_from_json(json.dumps(__import__("dataclasses").asdict(cell))) == cell
+
+
+def test_cell_config_is_async_with_the_profile_and_ssgd_is_hardsync():
+  rows = {v.name: v for v in cp.variants(POLICIES)}
+  drop = cp.cell_config(cp.PolicyCell(rows["drop"], "heterogeneous", 2), epochs=1.0)
+  config_lib.validate(drop)
+  assert (drop.executor, drop.protocol, drop.policy, drop.sim_profile, drop.seed) == (
+      "simulated", "async", "drop", "heterogeneous", 2)
+  assert config_lib.protocol_of(drop).gradients_per_update == 1
+  assert drop.eval_every_epochs == pytest.approx(1.0 / cp.EVALS)
+  ssgd = cp.cell_config(cp.PolicyCell(rows["ssgd"], "one_slow", 0), epochs=1.0)
+  config_lib.validate(ssgd)
+  assert (ssgd.protocol, config_lib.protocol_of(ssgd).gradients_per_update, ssgd.sim_profile) == (
+      "hardsync", 30, "one_slow")
+  assert ssgd.learning_rate == drop.learning_rate                              # SSGD's α0 everywhere
+
+
+def test_constants_are_the_built_policys_with_lambda_and_alpha0_filled_in():
+  rows = {v.name: v for v in cp.variants([*POLICIES, cp.SSP])}
+
+  def text(name):
+    return cp.constants_text(rows[name], cp.cell_config(cp.PolicyCell(rows[name], "one_slow", 0), epochs=1.0))
+  assert text("drop") == "bound = 60"
+  assert text("delay_adaptive") == "learners = 30"
+  assert text("gap_aware").startswith("learning_rate = 0.05, decay = 0.999")
+  assert text("hinge") == "a = 10, b = 4"
+  assert text("inverse") == "none"
+  assert text("ssgd") == "c = λ = 30, σ = 0" and text("ssp") == "spread s = 2, c = 1"
+
+
+def _curve(points):
+  return [{"sim_time": t, "test_error": e / 100} for t, e in points]
+
+
+def test_time_to_target_is_the_first_evaluation_at_or_below_it():
+  curve = _curve([(10, 60.0), (20, 30.0), (30, 12.0), (40, 14.0), (50, 9.0)])
+  assert cp.time_to_target(curve, 12.0) == 30          # at the target counts
+  assert cp.time_to_target(curve, 13.0) == 30          # the first crossing, not the last
+  assert cp.time_to_target(curve, 9.5) == 50
+  assert cp.time_to_target(curve, 5.0) is None
+  assert cp.time_to_target(curve[:1], 70.0) == 10
+
+
+def test_dropped_fraction_counts_both_kinds_over_all_pushed():
+  finals = [{"gradients_dropped": 1, "gradients_stale_dropped": 9, "staleness_histogram": {"1": 60, "30": 30}},
+            {"gradients_dropped": 0, "gradients_stale_dropped": 0, "staleness_histogram": {"2": 100}}]
+  assert cp.dropped_fraction(finals) == pytest.approx(10 / 200)
+  assert cp.dropped_fraction([{}]) == 0.0
+
+
+def _runs(errors_by_row, profile="one_slow", times=None):
+  """Fabricated runs: per row, one final error (%) per seed (None: diverged); the curve falls linearly from 90 %
+  to the final error over 10 evaluations at simulated times 1..10 (SSGD: 4..40)."""
+  rows = {v.name: v for v in cp.variants(POLICIES)}
+  out = []
+  for name, errors in errors_by_row.items():
+    scale = 4.0 if name == "ssgd" else 1.0
+    for seed, error in enumerate(errors):
+      end = 90.0 if error is None else error
+      history = [{"sim_time": scale * k, "test_error": (90.0 + (end - 90.0) * k / 10) / 100} for k in range(1, 11)]
+      final = {"test_error": None if error is None else error / 100, "staleness_mean": 0.0 if name == "ssgd" else 29.0,
+               "staleness_max": 0 if name == "ssgd" else 120 + seed, "gradients_dropped": 0,
+               "gradients_stale_dropped": 10 if name == "drop" else 0, "staleness_histogram": {"29": 90},
+               **({"diverged": "diverged: 100 consecutive non-finite gradients"} if error is None else {})}
+      out.append((cp.PolicyCell(rows[name], profile, seed), final, history))
+  return out
+
+
+RUNS = {"ssgd": [10.0, 11.0, 12.0], "inverse": [10.1, 11.0, 11.7], "constant": [14.0, 15.2, 16.1],
+        "drop": [9.0, 12.0, 10.0], "hinge": [10.0, 11.0, None], "dc_asgd": [None, None, None]}
+
+
+def test_summary_target_and_time_to_target():
+  summary = cp.summarize(_runs(RUNS))
+  assert summary[("one_slow", None)] == pytest.approx(11.5)                 # SSGD's mean + 0.5
+  inverse = summary[("one_slow", "inverse")]
+  assert inverse["error"][0] == pytest.approx(32.8 / 3) and inverse["half"] is not None
+  assert (inverse["sigma_mean"], inverse["sigma_max"], inverse["seeds"]) == (29.0, 122, 3)
+  # seed errors 10.1, 11.0, 11.7 reach 11.5 at the 10th, 10th and never: (10 + 10)/2 over 2 seeds
+  assert (inverse["time"], inverse["reached"]) == (pytest.approx(10.0), 2)
+  ssgd = summary[("one_slow", "ssgd")]
+  assert (ssgd["time"], ssgd["reached"]) == (pytest.approx(40.0), 2)      # 10, 11 reach 11.5; 12 does not
+  assert summary[("one_slow", "drop")]["dropped"] == pytest.approx(10 / 100)
+  hinge = summary[("one_slow", "hinge")]
+  assert (hinge["diverged"], hinge["by_seed"]) == (1, {0: 10.0, 1: 11.0})
+
+
+def test_rank_sorts_by_error_and_decides_only_where_the_paired_interval_does():
+  rows = cp.rank(cp.summarize(_runs(RUNS)), "one_slow")
+  assert [r["variant"].name for r in rows] == ["drop", "inverse", "ssgd", "constant", "hinge", "dc_asgd"]
+  # diverged last; a row that diverged in every seed has no error, no paired difference, no verdict
+  assert (rows[-1]["better_than"], rows[-1]["vs_ssgd"], rows[-1]["time"]) == ([], None, None)
+  assert all("dc_asgd" not in r["better_than"] for r in rows)
+  by = {r["variant"].name: r for r in rows}
+  # constant is ≈ 4 points worse than SSGD in every seed: decided; inverse is −0.07 ± 0.52: undecided
+  assert by["constant"]["vs_ssgd"]["decided"] == "worse"
+  assert by["inverse"]["vs_ssgd"]["decided"] == "undecided"
+  assert "constant" in by["ssgd"]["better_than"] and "constant" in by["inverse"]["better_than"]
+  assert "inverse" not in by["ssgd"]["better_than"] and "ssgd" not in by["inverse"]["better_than"]
+  # drop has the lowest mean, but its differences with SSGD are noisy (−1, +1, −2): it beats only constant
+  assert by["drop"]["better_than"] == ["constant"]
+  assert by["ssgd"]["vs_ssgd"] is None
+
+
+def test_one_seed_decides_nothing():
+  rows = cp.rank(cp.summarize(_runs({"ssgd": [10.0], "constant": [30.0]})), "one_slow")
+  assert [r["better_than"] for r in rows] == [[], []]
+  assert rows[1]["vs_ssgd"]["decided"] == "undecided"
+
+
+def test_report_has_a_row_per_policy_the_missing_ssp_the_note_and_the_figure():
+  summary = cp.summarize(_runs(RUNS))
+  runs = [(c.name(1.0), f) for c, f, _ in _runs(RUNS)]
+  text = cp.render_markdown(summary, profiles=["one_slow", "heterogeneous"], constants={"drop": "bound = 60"},
+                            command="python launch/compare_policies.py --epochs 1", note="Why: the machine.",
+                            setting="Setting: x.", seeds=[0, 1, 2], wall_s=12.0, figure="policies/x.png",
+                            runs=runs, missing=["ssp"])
+  assert "<!-- note -->\nWhy: the machine.\n<!-- /note -->" in text
+  assert cp.kept_note(text) == "Why: the machine."
+  assert "python launch/compare_policies.py --epochs 1" in text and "![test error against simulated time]" in text
+  assert "SSGD target: 11.50 %" in text and "No run of this profile." in text
+  table = [line for line in text.splitlines() if line.startswith("| ") and "**" in line]
+  assert [line.split("|")[2].strip() for line in table] == ["**drop**", "**inverse**", "**ssgd**", "**constant**",
+                                                          "**hinge**", "**dc_asgd**", "**ssp**"]
+  assert "| 1 | **drop** | bound = 60 | 10.33 ± " in table[0]
+  assert "(worse)" in table[3] and "diverged in 1 of 3 seeds" in table[4] and cp.NOT_RUN in table[6]
+  assert "| – (diverged in 3 of 3 seeds) | – | – | not reached |" in table[5]
+  assert "| 10.0 (2 of 3 seeds) | 4.00× |" in table[1]                     # SSGD's 40 s over inverse's 10 s
+  assert "| `mnist5k-one_slow-hinge-lambda30-mu5-e1-seed2` | diverged |" in text
+  assert cp.kept_note("no markers") == ""
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--profiles", "fast"], "--profiles 'fast' is invalid"),
+    (["--policies", "sqrt"], "--policies 'sqrt' is invalid"),
+    (["--dataset", "cifar10"], "--dataset 'cifar10' is invalid"),
+    (["--epochs", "0"], "--epochs 0 is invalid"),
+    (["--seeds", "-1"], "--seeds -1 is invalid"),
+    (["--train-examples", "5"], "--train-examples 5 is invalid"),
+    (["--out", "x.txt"], "--out 'x.txt' is invalid"),
+])
+def test_bad_flags_are_one_line_errors(argv, message, tmp_path):
+  with pytest.raises(ValueError, match=message):
+    cp.parse_args(["--root", str(tmp_path / "r"), "--dataset", "mnist5k", *argv])
+
+
+def test_defaults_are_the_issues_full_setting(tmp_path):
+  args = cp.parse_args(["--root", str(tmp_path / "r"), "--out", str(tmp_path / "p.md")])
+  assert args.dataset == cp.default_dataset()
+  assert args.epochs == (12.0 if args.dataset == "fashion_mnist" else 24.0)
+  assert (args.seeds, args.profiles, args.policies) == ([0, 1, 2], list(cp.PROFILES), [*POLICIES, cp.SSP])
