@@ -98,8 +98,8 @@ class PolicyCell:
 
   @property
   def batch(self) -> int:
-    """μ = ⌈128/λ⌉."""
-    return math.ceil(reproduce.BATCH_TOTAL / self.learners)
+    """μ = ⌈128/λ⌉, as in launch/reproduce.py."""
+    return reproduce.Cell(self.learners, 0, SSGD, self.seed).batch
 
   def name(self, epochs: float, train_examples: int = 0) -> str:
     data = f"-t{train_examples}" if train_examples else ""
@@ -184,16 +184,19 @@ def run_cell(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0
 
 def train_cell(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0) -> dict:
   """Trains one cell here and writes its final.json; a diverged run is recorded (``diverged``: the reason,
-  ``test_error``: None, the telemetry of its last evaluation) rather than failing the comparison."""
+  ``test_error``: None, the telemetry of its last evaluation if it had one, ``wall_s`` up to the divergence)
+  rather than failing the comparison."""
   import sajax
   from sajax import metrics
   from sajax.server import DivergenceError
   path = final_path(cell, epochs, root, train_examples)
+  start = time.perf_counter()
   try:
     record = dict(sajax.train(cell_config(cell, epochs, train_examples), workdir=os.path.dirname(path)).metrics)
   except DivergenceError as e:
     history = metrics.read_metrics(os.path.dirname(path))
-    record = {**(history[-1] if history else {}), "diverged": str(e), "test_error": None}
+    record = {**(history[-1] if history else {}), "diverged": str(e), "test_error": None,
+              "wall_s": round(time.perf_counter() - start, 3)}
   return reproduce.write_final(path, {"cell": dataclasses.asdict(cell), "epochs": epochs, **record})
 
 
@@ -206,11 +209,29 @@ def time_to_target(history: Sequence[dict], target: float) -> Optional[float]:
   return None
 
 
-def dropped_fraction(finals: Sequence[dict]) -> float:
-  """Dropped gradients (non-finite or refused for their σ) over all pushed, summed over runs."""
+def mean_curve(histories: Sequence[Sequence[dict]]) -> list[tuple[float, float]]:
+  """(simulated time, test error in %) per evaluation, each the mean over the runs, up to the shortest run's
+  last evaluation (runs without any are left out)."""
+  runs = [h for h in histories if h]
+  length = min((len(h) for h in runs), default=0)
+  return [(statistics.fmean(h[j]["sim_time"] for h in runs), 100 * statistics.fmean(h[j]["test_error"] for h in runs))
+          for j in range(length)]
+
+
+def error_at(curve: Sequence[tuple[float, float]], t: float) -> Optional[float]:
+  """The curve's test error at simulated time ``t``, linear between evaluations; None outside the curve."""
+  for (t0, e0), (t1, e1) in zip(curve, curve[1:]):
+    if t0 <= t <= t1:
+      return e0 + (e1 - e0) * (t - t0) / (t1 - t0) if t1 > t0 else e1
+  return curve[0][1] if len(curve) == 1 and curve[0][0] == t else None
+
+
+def dropped_fraction(finals: Sequence[dict]) -> Optional[float]:
+  """Dropped gradients (non-finite or refused for their σ) over all pushed, summed over runs; None when no run
+  recorded its pushes (each diverged before its first evaluation)."""
   dropped = sum(f.get("gradients_dropped", 0) + f.get("gradients_stale_dropped", 0) for f in finals)
   accepted = sum(sum(f.get("staleness_histogram", {}).values()) for f in finals)
-  return dropped / (dropped + accepted) if dropped + accepted else 0.0
+  return dropped / (dropped + accepted) if dropped + accepted else None
 
 
 def summarize(runs: Sequence[tuple[PolicyCell, dict, list[dict]]], points: float = TARGET_POINTS) -> dict:
@@ -229,8 +250,7 @@ def summarize(runs: Sequence[tuple[PolicyCell, dict, list[dict]]], points: float
     out[(profile, name)] = {
         "variant": rs[0][0].variant, "error": stats, "half": half_width(stats[1], len(errors)) if errors else None,
         "by_seed": dict(finished), "seeds": len(rs), "diverged": sum(bool(f.get("diverged")) for _, f, _ in rs),
-        "sigma_mean": statistics.fmean(f.get("staleness_mean", 0.0) for _, f, _ in rs),
-        "sigma_max": max(f.get("staleness_max", 0) for _, f, _ in rs),
+        **_staleness([f for _, f, _ in rs]),
         "dropped": dropped_fraction([f for _, f, _ in rs]), "histories": [h for _, _, h in rs]}
   for profile in {p for p, _ in groups}:
     ssgd = out.get((profile, SSGD))
@@ -243,6 +263,15 @@ def summarize(runs: Sequence[tuple[PolicyCell, dict, list[dict]]], points: float
         s["time"] = statistics.fmean(reached) if reached else None
         s["reached"] = len(reached)
   return out
+
+
+def _staleness(finals: Sequence[dict]) -> dict:
+  """⟨σ⟩ (mean over runs) and max σ of the runs that evaluated at least once (None if none did)."""
+  seen = [f for f in finals if "staleness_mean" in f]
+  if not seen:
+    return {"sigma_mean": None, "sigma_max": None}
+  return {"sigma_mean": statistics.fmean(f["staleness_mean"] for f in seen),
+          "sigma_max": max(f["staleness_max"] for f in seen)}
 
 
 def rank(summary: dict, profile: str) -> list[dict]:
@@ -288,6 +317,11 @@ def _time_text(s: dict, ssgd: Optional[dict]) -> tuple[str, str]:
   return f"{s['time']:.1f}{part}", ratio
 
 
+def _number(value, spec: str) -> str:
+  """``value`` formatted with ``spec``, or '–' when it is None (a run that diverged before evaluating)."""
+  return "–" if value is None else format(value, spec)
+
+
 def table_lines(rows: Sequence[dict], constants: dict, ssgd: Optional[dict], missing: Sequence[str] = ()) -> list[str]:
   """The ranking table of one profile; ``missing``: rows not run (SSP without its protocol)."""
   lines = ["| rank | row | constants | test error % | − SSGD (paired) | decidedly better than | time to target | "
@@ -301,16 +335,32 @@ def table_lines(rows: Sequence[dict], constants: dict, ssgd: Optional[dict], mis
     vs = "–" if v is None else f"{v['mean']:+.2f}" + (f" ± {v['half']:.2f}" if v["half"] is not None else "") + (
         f" ({v['decided']})" if v["decided"] != "undecided" else "")
     time_text, ratio = _time_text(s, ssgd)
+    dropped = "–" if s["dropped"] is None else f"{100 * s['dropped']:.1f} %"
     lines.append(f"| {i} | **{name}** | {constants.get(name, '')} | {error} | {vs} | "
-                 f"{', '.join(s['better_than']) or '–'} | {time_text} | {ratio} | {s['sigma_mean']:.1f} | "
-                 f"{s['sigma_max']} | {100 * s['dropped']:.1f} % |")
+                 f"{', '.join(s['better_than']) or '–'} | {time_text} | {ratio} | "
+                 f"{_number(s['sigma_mean'], '.1f')} | {_number(s['sigma_max'], 'd')} | {dropped} |")
   lines += [f"| – | **{name}** | {constants.get(name, '')} | {NOT_RUN} | | | | | | | |" for name in missing]
   return lines
 
 
+def equal_time_lines(rows: Sequence[dict], ssgd: Optional[dict]) -> list[str]:
+  """A sentence: when the async rows' runs end (mean simulated time of their last evaluations) and SSGD's mean
+  test error at that time, against the best async row's final error."""
+  ends = [h[-1]["sim_time"] for s in rows if s["variant"].name != SSGD for h in s["histories"] if h]
+  curve = mean_curve(ssgd["histories"]) if ssgd else []
+  error = error_at(curve, statistics.fmean(ends)) if ends and curve else None
+  if error is None:
+    return []
+  best = next((s for s in rows if s["variant"].name != SSGD and s["by_seed"]), None)
+  return [f"Equal simulated time: the async runs end at ≈ {statistics.fmean(ends):.0f} s; SSGD's mean test error "
+          f"then is {error:.1f} %" + (f" (the best async row, {best['variant'].name}, ends at "
+          f"{best['error'][0]:.2f} %)" if best else "") + f"; SSGD ends at {curve[-1][0]:.0f} s with "
+          f"{curve[-1][1]:.2f} %.", ""]
+
+
 def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, command: str, note: str,
                     setting: str, seeds: Sequence[int], wall_s: float, figure: str,
-                    runs: Sequence[tuple[str, dict]], missing: Sequence[str] = ()) -> str:
+                    runs: Sequence[tuple[str, dict]], missing: Sequence[str] = (), trained: int = 0) -> str:
   """docs/policies.md: the note (why this setting), the command, one ranking table per profile, the constants
   and their sources, the figure, the time and load, and every run."""
   lines = ["# Staleness policies ranked: async λ = 30 under slow learners (simulated)", "",
@@ -328,7 +378,7 @@ def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, 
       continue
     lines += [f"SSGD target: {target:.2f} % test error (SSGD's mean final error + {TARGET_POINTS} point)."
               if target is not None else "No SSGD run: no target.", ""]
-    lines += table_lines(rows, constants, ssgd, missing) + [""]
+    lines += table_lines(rows, constants, ssgd, missing) + [""] + equal_time_lines(rows, ssgd)
   lines += [
       "Columns: final test error, mean ± half-width of the 95 % Student-t interval over seeds; − SSGD: the mean "
       "of the paired differences row − SSGD (same seed) with its interval, *(better)*/*(worse)* only where the "
@@ -343,8 +393,10 @@ def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, 
   total = sum(f.get("wall_s", 0.0) for _, f in runs)
   loads = [f["load_avg_1min"] for _, f in runs if "load_avg_1min" in f]
   lines += ["", "## Time and load", "",
-            f"The {len(runs)} runs trained for {total:.0f} s in all ({total / 60:.1f} min of their `wall_s`); the "
-            f"last invocation took {wall_s:.0f} s (runs already done are not rerun)."
+            f"The {len(runs)} runs trained for {total:.0f} s in all ({total / 60:.1f} min of their `wall_s`); "
+            + (f"the invocation that wrote this page trained {trained} of them in {wall_s:.0f} s (runs already "
+               "done are not rerun)." if trained else "the invocation that wrote this page trained none of them "
+               "(all were done) and only wrote the report.")
             + (f" The machine's 1-minute load average when each run ended: {min(loads):.1f} to {max(loads):.1f} "
                f"(median {statistics.median(loads):.1f}) on {runs[0][1].get('cpu_count')} cores, shared with "
                "other jobs." if loads else ""), "", "## Test error against simulated time", "",
@@ -353,9 +405,10 @@ def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, 
             "|---|---|---|---|---|---|---|"]
   for name, f in runs:
     error = "diverged" if f.get("diverged") else f"{100 * f['test_error']:.2f}"
-    lines.append(f"| `{name}` | {error} | {f.get('staleness_mean', 0.0):.2f} | {f.get('staleness_max', 0)} | "
+    lines.append(f"| `{name}` | {error} | {_number(f.get('staleness_mean'), '.2f')} | "
+                 f"{_number(f.get('staleness_max'), 'd')} | "
                  f"{f.get('gradients_dropped', 0) + f.get('gradients_stale_dropped', 0)} | "
-                 f"{f.get('sim_time', 0.0):.0f} | {f.get('wall_s', 0.0):.0f} s |")
+                 f"{_number(f.get('sim_time'), '.0f')} | {f.get('wall_s', 0.0):.0f} s |")
   return "\n".join(lines) + "\n"
 
 
@@ -371,12 +424,10 @@ def plot_error_vs_time(summary: dict, profiles: Sequence[str], path: str) -> str
   for ax, profile in zip(axes[0], profiles):
     rows = [s for (p, name), s in sorted(summary.items(), key=lambda kv: str(kv[0])) if p == profile and name]
     for i, s in enumerate(sorted(rows, key=lambda s: s["variant"].name)):
-      runs = [h for h in s["histories"] if h]
-      if not runs:
+      curve = mean_curve(s["histories"])
+      if not curve:
         continue
-      length = min(len(h) for h in runs)
-      times = [statistics.fmean(h[j]["sim_time"] for h in runs) for j in range(length)]
-      errors = [100 * statistics.fmean(h[j]["test_error"] for h in runs) for j in range(length)]
+      times, errors = zip(*curve)
       name = s["variant"].name
       style = dict(color="k", linewidth=2.2) if name == SSGD else dict(color=f"C{i % 10}",
                                                                      linestyle=styles[i // 10 % 4])
@@ -386,9 +437,10 @@ def plot_error_vs_time(summary: dict, profiles: Sequence[str], path: str) -> str
       ax.axhline(target, color="grey", linestyle=":", label=f"SSGD target {target:.1f} %")
     ax.set(xscale="log", yscale="log", xlabel="simulated time (s, log)", ylabel="test error (%, log)",
            title=f"profile {profile}")
-    for axis in (ax.xaxis, ax.yaxis):
-      axis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
-      axis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
   save_figure(fig, path)
@@ -407,7 +459,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   """The flags, checked; raises ValueError with one line naming the bad value and what is allowed."""
   from sajax import optim
   policies = optim.available_policies()
-  p = reproduce.OneLineParser(prog="compare_policies.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p = reproduce.OneLineParser(prog="compare_policies.py", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--root", default=os.path.join("runs", "compare_policies"), help="folder of the runs")
   p.add_argument("--out", default=os.path.join("docs", "policies.md"), help="report; its PNG goes beside it")
   p.add_argument("--dataset", default=None, help="fashion_mnist (default when installed) or mnist5k")
@@ -435,6 +488,20 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     raise ValueError(f"--ssp-spread {args.ssp_spread} is invalid; allowed: an integer >= 0")
   reproduce.check_run_args(args)
   return args
+
+
+def setting_text(args: argparse.Namespace) -> str:
+  """One paragraph: the dataset, epochs, seeds, λ, μ and the base config's hyperparameters every row shares."""
+  base = reproduce.base_config(args.dataset)
+  subset = f", the first {args.train_examples:,} training examples" if args.train_examples else ""
+  boundaries = ", ".join(f"{b:g}" for b in reproduce.scaled_boundaries(base, args.epochs)) or "(none)"
+  return (f"Setting: {args.dataset}{subset}, {args.epochs:g} epoch{'' if args.epochs == 1 else 's'}, seeds "
+          f"{', '.join(map(str, args.seeds))}; λ = {LEARNERS} learners of μ = "
+          f"{reproduce.Cell(LEARNERS, 0, SSGD, 0).batch}, "
+          f"simulated executor (lognormal jitter σ = {reproduce.SIM_JITTER}); "
+          f"configs/{reproduce.BASE_CONFIGS[args.dataset]}.py's α0 = {base.learning_rate:g}, momentum "
+          f"{base.momentum:g}, α ÷{1 / base.lr_decay:g} at epochs {boundaries} in every row; profiles: "
+          f"{', '.join(args.profiles)} (sim_slowdown {base.sim_slowdown:g} for one_slow).")
 
 
 def main(argv: Sequence[str]) -> int:
@@ -473,19 +540,11 @@ def main(argv: Sequence[str]) -> int:
   os.makedirs(folder, exist_ok=True)
   png = plot_error_vs_time(summary, args.profiles, os.path.join(folder, "test_error_vs_time.png"))
   old = open(args.out).read() if os.path.exists(args.out) else ""
-  base = reproduce.base_config(args.dataset)
-  subset = f", the first {args.train_examples:,} training examples" if args.train_examples else ""
-  setting = (f"Setting: {args.dataset}{subset}, {args.epochs:g} epoch{'' if args.epochs == 1 else 's'}, seeds {', '.join(map(str, args.seeds))}; "
-             f"λ = {LEARNERS} learners of μ = {cells[0].batch}, simulated executor (lognormal jitter σ = "
-             f"{reproduce.SIM_JITTER}); configs/{reproduce.BASE_CONFIGS[args.dataset]}.py's α0 = "
-             f"{base.learning_rate:g}, momentum {base.momentum:g}, α ÷{1 / base.lr_decay:g} at epochs "
-             f"{', '.join(f'{b:g}' for b in reproduce.scaled_boundaries(base, args.epochs)) or '(none)'} in every "
-             f"row; profiles: {', '.join(args.profiles)} (sim_slowdown {base.sim_slowdown:g} for one_slow).")
   text = render_markdown(summary, profiles=args.profiles, constants=constants,
                          command=("python launch/compare_policies.py " + shlex.join(argv[1:])).strip(),
-                         note=kept_note(old), setting=setting, seeds=args.seeds, wall_s=wall,
+                         note=kept_note(old), setting=setting_text(args), seeds=args.seeds, wall_s=wall,
                          figure=os.path.relpath(png, os.path.dirname(os.path.abspath(args.out))),
-                         runs=list(zip(names, finals)), missing=missing)
+                         runs=list(zip(names, finals)), missing=missing, trained=trained)
   reproduce.write_text(args.out, text)
   print(f"{len(cells)} runs ({trained} trained, {len(cells) - trained} already done) in {wall:.0f} s; "
         f"report: {args.out}")

@@ -75,11 +75,21 @@ def test_time_to_target_is_the_first_evaluation_at_or_below_it():
   assert cp.time_to_target(curve[:1], 70.0) == 10
 
 
+def test_mean_curve_and_error_at_equal_simulated_time():
+  runs = [_curve([(10, 60.0), (20, 30.0), (30, 20.0)]), _curve([(12, 50.0), (22, 40.0)]), []]
+  curve = cp.mean_curve(runs)                      # the empty run is left out; the shortest run sets the length
+  assert curve == [(pytest.approx(11.0), pytest.approx(55.0)), (pytest.approx(21.0), pytest.approx(35.0))]
+  assert cp.error_at(curve, 16.0) == pytest.approx(45.0)
+  assert cp.error_at(curve, 11.0) == pytest.approx(55.0) and cp.error_at(curve, 21.0) == pytest.approx(35.0)
+  assert cp.error_at(curve, 5.0) is None and cp.error_at(curve, 30.0) is None
+  assert cp.mean_curve([[], []]) == []
+
+
 def test_dropped_fraction_counts_both_kinds_over_all_pushed():
   finals = [{"gradients_dropped": 1, "gradients_stale_dropped": 9, "staleness_histogram": {"1": 60, "30": 30}},
             {"gradients_dropped": 0, "gradients_stale_dropped": 0, "staleness_histogram": {"2": 100}}]
   assert cp.dropped_fraction(finals) == pytest.approx(10 / 200)
-  assert cp.dropped_fraction([{}]) == 0.0
+  assert cp.dropped_fraction([{"gradients_dropped": 0, "staleness_histogram": {"3": 5}}]) == 0.0
 
 
 def _runs(errors_by_row, profile="one_slow", times=None):
@@ -115,6 +125,7 @@ def test_summary_target_and_time_to_target():
   ssgd = summary[("one_slow", "ssgd")]
   assert (ssgd["time"], ssgd["reached"]) == (pytest.approx(40.0), 2)      # 10, 11 reach 11.5; 12 does not
   assert summary[("one_slow", "drop")]["dropped"] == pytest.approx(10 / 100)
+  assert summary[("one_slow", "dc_asgd")]["sigma_mean"] == 29.0             # diverged after evaluating
   hinge = summary[("one_slow", "hinge")]
   assert (hinge["diverged"], hinge["by_seed"]) == (1, {0: 10.0, 1: 11.0})
 
@@ -134,6 +145,17 @@ def test_rank_sorts_by_error_and_decides_only_where_the_paired_interval_does():
   # drop has the lowest mean, but its differences with SSGD are noisy (−1, +1, −2): it beats only constant
   assert by["drop"]["better_than"] == ["constant"]
   assert by["ssgd"]["vs_ssgd"] is None
+
+
+def test_runs_that_diverged_before_evaluating_have_no_staleness():
+  rows = {v.name: v for v in cp.variants(POLICIES)}
+  final = {"test_error": None, "diverged": "diverged: 100 consecutive non-finite gradients", "gradients_dropped": 100}
+  summary = cp.summarize(_runs({"ssgd": [10.0]}) + [(cp.PolicyCell(rows["dc_asgd"], "one_slow", 0), final, [])])
+  dc = summary[("one_slow", "dc_asgd")]
+  assert (dc["sigma_mean"], dc["sigma_max"], dc["dropped"], dc["time"]) == (None, None, 1.0, None)
+  table = cp.table_lines(cp.rank(summary, "one_slow"), {}, summary[("one_slow", "ssgd")])
+  assert table[-1].endswith("| not reached | – | – | – | 100.0 % |")
+  assert cp.dropped_fraction([{"test_error": None}]) is None                  # nothing recorded: no fraction
 
 
 def test_one_seed_decides_nothing():
@@ -161,6 +183,10 @@ def test_report_has_a_row_per_policy_the_missing_ssp_the_note_and_the_figure():
   assert "| – (diverged in 3 of 3 seeds) | – | – | not reached |" in table[5]
   assert "| 10.0 (2 of 3 seeds) | 4.00× |" in table[1]                     # SSGD's 40 s over inverse's 10 s
   assert "| `mnist5k-one_slow-hinge-lambda30-mu5-e1-seed2` | diverged |" in text
+  # the async runs end at 10 s, when SSGD's curve (4 s per evaluation, 90 % → 11 %) is at 90 − 79·2.5/10 %
+  assert ("Equal simulated time: the async runs end at ≈ 10 s; SSGD's mean test error then is 70.2 % (the best "
+          "async row, drop, ends at 10.33 %); SSGD ends at 40 s with 11.00 %.") in text
+  assert "trained none of them (all were done) and only wrote the report" in text
   assert cp.kept_note("no markers") == ""
 
 
