@@ -7,17 +7,14 @@ hardsync, softsync, async.
 """
 
 import json
-import logging
 import os
 import signal
-import shutil
 
 import numpy as np
 import pytest
 
 import sajax
 from sajax import metrics as metrics_lib
-from sajax.checkpoint import CheckpointMismatch
 from sajax.server import DivergenceError
 from tests.helpers import smoke_config
 
