@@ -71,6 +71,4 @@ def get_config() -> ml_collections.ConfigDict:
   config.sim_slowdown = 4.0           # ... by this factor
   config.sim_poisson = False          # exponential times with the same mean (Poisson arrivals)
   config.sim_speeds = ()              # or one time factor per learner (heterogeneous: a pattern of any length)
-  config.sim_ring = 0                 # versions kept per device for batched gradients (0: from the protocol)
-  config.sim_batching = "auto"        # how a device batches its learners: auto | unrolled (CPU) | vmap (GPU)
   return config

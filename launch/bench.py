@@ -4,15 +4,14 @@
 ``python launch/bench.py default [--repeats R]``: wall time of the main job (``python launch/train.py`` on
 configs/default.py, a fresh workdir each time, process start to exit) and its final test error.
 
-``python launch/bench.py p1 [--learners 8 --batch 16 --protocol softsync --n 2 --repeats 3]``: samples/s of
+``python launch/bench.py p1 [--learners 8 --batch 16 --protocol softsync --n 2 --repeats 5]``: samples/s of
 the threads engine ÷ samples/s of the same λ learner threads doing bare jit gradient steps on the same
 devices and μ (the paper's cifar10_full net on random 32×32×3 images), measured in one process, alternating
-baseline and engine repeats and pooling them. Goal ≥ 0.90.
+baseline and engine repeats; the figure is the median of the per-repeat ratios, with their range. Goal ≥ 0.95.
 
 ``python launch/bench.py p2 [--learners 32 --batch 4 --devices 8 --steps 40 --repeats 3]``: time per sample of
 the simulated executor with λ = 32 async learners of μ = 4 ÷ that of pmap SSGD at the same global batch λμ,
-same model (cifar10_full) and devices, one process (launch/bench_p2.py). Also times each slot batching
-(``--batchings auto vmap``). Goal ≤ 1.3.
+same model (cifar10_full) and devices, one process (launch/bench_p2.py). Goal ≤ 1.3.
 
 ``python launch/bench.py p3``: time to accuracy with one straggler (1 of 8 learners 4× slower), simulated
 executor on mnist5k with the default config: simulated time for async with the ``inverse`` policy to reach the
@@ -31,6 +30,16 @@ the executor's polling send/receive).
 ``python launch/bench.py psmem [--learners 30 --model cifar10_full]``: live device bytes the parameter server
 holds for one update of c = λ gradients, stacked (no known policy) vs the running sum of a scale policy
 (launch/bench_psmem.py).
+
+``python launch/bench.py simloop [--learners 32 --batch 4 --devices 8 --steps 20 --repeats 5]``: samples/s of
+the simulated executor (async, λ learners of μ, small CNN, mnist5k) ÷ samples/s of the plain per-event loop
+public simulators run (one jitted gradient on the learner's stale snapshot, one jitted update, per event),
+alternating repeats, median and range (launch/bench_simloop.py). Goal ≥ 3.
+
+``python launch/bench.py tax [--learners 8 --batch 16 --n 2 --steps 40 --repeats 5 --models small_cnn
+cifar10_full]``: the async tax, threads-executor samples/s ÷ pmap SSGD samples/s at the same λμ on the same
+devices, one process, alternating repeats, median and range of the per-repeat ratios (launch/bench_tax.py).
+Goal ≥ 0.8 for the small CNN.
 
 The last line printed is one JSON object with ``figure`` and ``value``.
 """
@@ -174,7 +183,7 @@ def mpi_pingpong_rank() -> int:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("figure", choices=["default", "p1", "p2", "p3", "accuracy", "mpi", "mpi-pingpong",
-                                                   "psmem"])
+                                                   "psmem", "simloop", "tax"])
   parser.add_argument("--ranks", type=int, default=3)
   parser.add_argument("--max-epochs-factor", type=float, default=3.0,
                       help="p3: asynchronous sides run at most this many times SSGD's epochs")
@@ -182,14 +191,14 @@ def main() -> None:
   parser.add_argument("--learners", type=int, default=None, help="λ (p1: 8, p2: 32)")
   parser.add_argument("--batch", type=int, default=None, help="μ (p1: 16, p2: 4)")
   parser.add_argument("--devices", type=int, default=8, help="p2: CPU-emulated devices")
-  parser.add_argument("--batchings", nargs="+", default=["auto", "vmap"], help="p2: sim_batching choices to time")
   parser.add_argument("--protocol", default="softsync")
   parser.add_argument("--n", type=int, default=2)
   parser.add_argument("--model", default="cifar10_full")
+  parser.add_argument("--models", nargs="+", default=None, help="tax: models to time (small_cnn cifar10_full)")
   parser.add_argument("--steps", type=int, default=40, help="gradient steps per learner per repeat")
   args, extra = parser.parse_known_args()
-  args.learners = args.learners or {"p2": 32, "psmem": 30}.get(args.figure, 8)
-  args.batch = args.batch or (4 if args.figure == "p2" else 16)
+  args.learners = args.learners or {"p2": 32, "psmem": 30, "simloop": 32}.get(args.figure, 8)
+  args.batch = args.batch or (4 if args.figure in ("p2", "simloop") else 16)
   if args.figure == "default":
     result = bench_default(args.repeats, extra)
   elif args.figure == "accuracy":
@@ -203,12 +212,13 @@ def main() -> None:
   else:
     sys.path.insert(0, ROOT)
     from launch.train import COLLECTIVE_TIMEOUT_FLAG   # imports no jax: the flags below still apply
-    devices = args.learners + 1 if args.figure == "p1" else args.devices
+    devices = args.learners + 1 if args.figure in ("p1", "tax") else args.devices
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={devices}"
                                f" {COLLECTIVE_TIMEOUT_FLAG}").strip()
-    from launch import bench_p1, bench_p2, bench_p3, bench_psmem
-    result = {"p1": bench_p1, "p2": bench_p2, "p3": bench_p3, "psmem": bench_psmem}[args.figure].run(args, extra)
+    from launch import bench_p1, bench_p2, bench_p3, bench_psmem, bench_simloop, bench_tax
+    result = {"p1": bench_p1, "p2": bench_p2, "p3": bench_p3, "psmem": bench_psmem,
+              "simloop": bench_simloop, "tax": bench_tax}[args.figure].run(args, extra)
   print(json.dumps(result))
 
 

@@ -9,6 +9,7 @@ update before the final evaluation, so compilation and the final evaluation/chec
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 import threading
 import sys
@@ -103,16 +104,16 @@ def run(args, extra: list[str] = ()) -> dict:
   model = models.create_model(args.model, 10)
   params = models.init_params(model, jax.random.PRNGKey(0), (32, 32, 3))
   loss_fn = steps.make_loss_fn(model, data.make_preprocess(dataset))
-  totals = {"baseline": [0, 0.0], "engine": [0, 0.0]}
+  rates: dict[str, list[float]] = {"baseline": [], "engine": []}
   for r in range(args.repeats):
     for name in ("baseline", "engine"):
       samples, seconds = (baseline_rate(args, dataset, model, loss_fn, params) if name == "baseline"
                           else engine_rate(args, dataset))
-      totals[name][0] += samples
-      totals[name][1] += seconds
+      rates[name].append(samples / seconds)
       print(f"repeat {r + 1}/{args.repeats} {name}: {samples / seconds:.0f} samples/s", flush=True)
-  rates = {k: s / t for k, (s, t) in totals.items()}
-  return {"figure": "p1", "value": round(rates["engine"] / rates["baseline"], 3),
-          "baseline_samples_per_s": round(rates["baseline"], 1), "engine_samples_per_s": round(rates["engine"], 1),
-          "model": args.model, "learners": args.learners, "batch_per_learner": args.batch, "protocol": args.protocol, "n": args.n,
-          "devices": len(jax.local_devices()), "backend": jax.default_backend()}
+  ratios = [e / b for e, b in zip(rates["engine"], rates["baseline"])]
+  return {"figure": "p1", "value": round(statistics.median(ratios), 3),
+          "range": [round(min(ratios), 3), round(max(ratios), 3)], "ratios": [round(x, 3) for x in ratios],
+          "samples_per_s": {k: [round(v, 1) for v in vs] for k, vs in rates.items()},
+          "model": args.model, "learners": args.learners, "batch_per_learner": args.batch, "protocol": args.protocol,
+          "n": args.n, "devices": len(jax.local_devices()), "backend": jax.default_backend()}

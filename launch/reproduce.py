@@ -2,7 +2,7 @@
 """The paper's experiment grid in one command (Zhang et al. 2016, §5), simulated, on mnist5k or Fashion-MNIST.
 
 ``python launch/reproduce.py [--dataset mnist5k|fashion_mnist] [--quick] [--seeds 0 1 2] [--epochs E]
-[--learners 4 8] [--n 1 2 lambda]``
+[--learners 4 8] [--n 1 2 lambda] [--constant-n 4 lambda] [--train-examples N]``
 
 Grid: λ ∈ {4, 8, 16, 30} learners of μ = ⌈128/λ⌉ (λμ ≈ 128 as in the paper, so α0 stays right), n-softsync
 with n ∈ {1, 2, 4, λ} (c = ⌊λ/n⌋ gradients per update; n = λ is async, c = 1; a repeated n is run once) under
@@ -55,17 +55,25 @@ SIM_JITTER = 0.2                        # σ of the lognormal factor on each lea
 P4_POINTS = 0.5
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 CACHE_DIR = ".jax_cache"                # under --root: compiled executables shared by the cells' processes
+# The speedup figure's learner-speed model (``--speedup``): a gradient of μ examples costs a fixed push time
+# plus a time ∝ μ (128 examples: 1 s), each time × a mean-1 lognormal factor (σ = SIM_JITTER), and learner 0
+# is a straggler STRAGGLER_SLOWDOWN× slower in its compute (λ ≥ 2).
+SPEEDUP_LEARNERS = (1, 2, 4, 8, 16, 30)
+EXAMPLE_TIME, PUSH_TIME, STRAGGLER_SLOWDOWN = 1.0 / BATCH_TOTAL, 0.1, 4.0
 
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-  """One run of the grid: λ learners, n of n-softsync (0: the SSGD baseline), policy, seed, dataset."""
+  """One run of the grid: λ learners, n of n-softsync (0: the SSGD baseline), policy, seed, dataset, and the
+  learner-speed model: ``"equal"`` (equal speeds, jitter) or ``"cost"`` (the speedup figure's: push time +
+  time ∝ μ, jitter, one straggler)."""
 
   learners: int
   n: int
   policy: str            # inverse | constant | ssgd
   seed: int
   dataset: str = "mnist5k"
+  speed: str = "equal"
 
   @property
   def batch(self) -> int:
@@ -85,21 +93,39 @@ class Cell:
   def name(self, epochs: float, train_examples: int = 0) -> str:
     proto = "ssgd" if self.policy == "ssgd" else f"n{self.n}-{self.policy}"
     data = f"-t{train_examples}" if train_examples else ""
-    prefix = "" if self.dataset == "mnist5k" else f"{self.dataset}-"
+    prefix = ("" if self.dataset == "mnist5k" else f"{self.dataset}-") + ("" if self.speed == "equal" else
+                                                                             f"{self.speed}-")
     return f"{prefix}lambda{self.learners}-mu{self.batch}-{proto}-e{epochs:g}{data}-seed{self.seed}"
 
 
-def grid(learners: Iterable[int], ns: Iterable[str], seeds: Iterable[int], dataset: str = "mnist5k") -> list[Cell]:
-  """The cells in run order: per seed and λ, SSGD first, then each distinct n ≤ λ with inverse and constant.
+def grid(learners: Iterable[int], ns: Iterable[str], seeds: Iterable[int], dataset: str = "mnist5k",
+         constant_ns: Optional[Iterable[str]] = None) -> list[Cell]:
+  """The cells in run order: per seed and λ, SSGD first, then each distinct n ≤ λ with inverse and (when n is
+  in ``constant_ns``, default every n) constant.
 
-  ``ns``: integers as strings, or ``"lambda"`` for n = λ; an n > λ is no cell for that λ.
+  ``ns``, ``constant_ns``: integers as strings, or ``"lambda"`` for n = λ; an n > λ is no cell for that λ.
   """
+  as_ints = lambda values, lam: {lam if v == "lambda" else int(v) for v in values}   # noqa: E731
   cells = []
   for seed in seeds:
     for lam in learners:
       cells.append(Cell(lam, 0, "ssgd", seed, dataset))
-      for n in sorted({lam if v == "lambda" else int(v) for v in ns}):
-        cells += [Cell(lam, n, "inverse", seed, dataset), Cell(lam, n, "constant", seed, dataset)] if n <= lam else []
+      constant = as_ints(ns if constant_ns is None else constant_ns, lam)
+      for n in sorted(as_ints(ns, lam)):
+        if n <= lam:
+          cells.append(Cell(lam, n, "inverse", seed, dataset))
+          cells += [Cell(lam, n, "constant", seed, dataset)] if n in constant else []
+  return cells
+
+
+def speedup_cells(learners: Iterable[int], seeds: Iterable[int], dataset: str) -> list[Cell]:
+  """The speedup figure's cells under the ``cost`` speed model: per seed and λ, hardsync (SSGD), 1-softsync
+  and async (n = λ) with the inverse rule; for λ = 1 they are one run (c = 1, σ = 0), kept as SSGD."""
+  cells = []
+  for seed in seeds:
+    for lam in learners:
+      cells.append(Cell(lam, 0, "ssgd", seed, dataset, "cost"))
+      cells += [Cell(lam, n, "inverse", seed, dataset, "cost") for n in sorted({1, lam})] if lam > 1 else []
   return cells
 
 
@@ -131,6 +157,10 @@ def cell_config(cell: Cell, epochs: float, train_examples: int = 0):
   config.checkpoint_every_epochs = max(epochs / 6, 1.0)
   config.train_examples = train_examples
   config.sim_jitter = SIM_JITTER
+  if cell.speed == "cost":      # the speedup figure: time in simulated seconds, evaluated every ½ epoch
+    config.sim_profile = "one_slow" if cell.learners > 1 else "lognormal"
+    config.sim_slowdown, config.sim_example_time, config.sim_push_time = STRAGGLER_SLOWDOWN, EXAMPLE_TIME, PUSH_TIME
+    config.eval_every_epochs = 0.5
   config.progress = False
   return config
 
@@ -312,21 +342,31 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                  f"{QUICK_EPOCHS:g} with --quick)")
   p.add_argument("--learners", nargs="+", type=int, default=None, help=f"λ values (default {LEARNERS})")
   p.add_argument("--n", nargs="+", default=list(NS), help="n values: integers or 'lambda' (n = λ)")
+  p.add_argument("--constant-n", nargs="+", default=None,
+                 help="n values at which the constant policy also runs (default: every --n)")
   p.add_argument("--train-examples", type=int, default=0, help="use the first N training examples (0: all)")
+  p.add_argument("--speedup", nargs="*", type=int, default=None,
+                 help=f"also the speedup figure's runs at these λ (no values: {' '.join(map(str, SPEEDUP_LEARNERS))})")
   p.add_argument("--cell", default=None, help=argparse.SUPPRESS)   # internal: train one cell (see run_cell)
   args = p.parse_args(list(argv))
   args.learners = list(dict.fromkeys(args.learners or (QUICK_LEARNERS if args.quick else LEARNERS)))
+  if args.speedup is not None:
+    args.speedup = list(dict.fromkeys(args.speedup or SPEEDUP_LEARNERS))
   args.seeds, args.n = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.n))
   if args.dataset not in DATASETS:
     raise ValueError(f"--dataset {args.dataset!r} is invalid; allowed: {', '.join(DATASETS)}")
   args.full_epochs = float(base_config(args.dataset).epochs)
   args.epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick else args.full_epochs)
-  for lam in args.learners:
-    if not 1 <= lam <= BATCH_TOTAL:
-      raise ValueError(f"--learners {lam} is invalid; allowed: integers 1..{BATCH_TOTAL} (μ = ⌈128/λ⌉)")
-  for v in args.n:
-    if v != "lambda" and not (v.isdigit() and int(v) >= 1):
-      raise ValueError(f"--n {v!r} is invalid; allowed: integers >= 1 or 'lambda' (n = λ)")
+  for flag, values in (("--learners", args.learners), ("--speedup", args.speedup or [])):
+    for lam in values:
+      if not 1 <= lam <= BATCH_TOTAL:
+        raise ValueError(f"{flag} {lam} is invalid; allowed: integers 1..{BATCH_TOTAL} (μ = ⌈128/λ⌉)")
+  for flag, values in (("--n", args.n), ("--constant-n", args.constant_n or [])):
+    for v in values:
+      if v != "lambda" and not (v.isdigit() and int(v) >= 1):
+        raise ValueError(f"{flag} {v!r} is invalid; allowed: integers >= 1 or 'lambda' (n = λ)")
+      if flag == "--constant-n" and v not in args.n:
+        raise ValueError(f"--constant-n {v!r} is invalid; allowed: values of --n ({' '.join(args.n)})")
   check_run_args(args)
   return args
 
@@ -356,11 +396,16 @@ def write_text(path: str, text: str) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-  from launch.reproduce_report import (aggregate, estimate_text, p4_verdicts, plot_error_curves, plot_staleness_by_n,
-                                       render_markdown, verdict_counts)
+  from launch.reproduce_report import (aggregate, estimate_text, p4_verdicts, plot_error_curves, plot_error_vs_n,
+                                       plot_speedup, plot_staleness_by_n, render_markdown, speedup_markdown,
+                                       speedup_rows, verdict_counts)
   try:
     args = parse_args(argv[1:])
-    cells = grid(args.learners, args.n, args.seeds, args.dataset)
+    cells = grid(args.learners, args.n, args.seeds, args.dataset, args.constant_n)
+    speed_cells = speedup_cells(args.speedup, args.seeds, args.dataset) if args.speedup else []
+    if args.speedup and 1 not in args.speedup:
+      raise ValueError(f"--speedup {' '.join(map(str, args.speedup))} is invalid; allowed: λ values including 1 "
+                       "(the λ = 1 run sets the target error)")
     if args.cell is None and not any(c.policy != "ssgd" for c in cells):
       raise ValueError(f"--n {' '.join(args.n)} gives no cell: every n exceeds every λ in "
                        f"{args.learners}; allowed: n <= λ")
@@ -377,11 +422,13 @@ def main(argv: Sequence[str]) -> int:
 
   start = time.perf_counter()
   try:
-    finals, trained = run_cells(cells, lambda c: run_cell(c, args.epochs, args.root, args.train_examples),
+    finals, trained = run_cells(cells + speed_cells,
+                                lambda c: run_cell(c, args.epochs, args.root, args.train_examples),
                                 lambda c: c.name(args.epochs, args.train_examples))
   except GridStopped as e:
     return e.code
   wall = time.perf_counter() - start
+  finals, speed_finals = finals[:len(cells)], finals[len(cells):]
 
   agg = aggregate(finals)
   verdicts = p4_verdicts(agg)
@@ -392,15 +439,24 @@ def main(argv: Sequence[str]) -> int:
     histories.setdefault(cell.key, []).append(
         metrics.read_metrics(os.path.join(args.root, cell.name(args.epochs, args.train_examples))))
   rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.out)))  # noqa: E731
-  pngs = [("test error vs epoch", plot_error_curves(histories, os.path.join(folder, "test_error.png")))]
+  pngs = [("final test error vs n", plot_error_vs_n(agg, os.path.join(folder, "error_vs_n.png"))),
+          ("test error vs epoch", plot_error_curves(histories, os.path.join(folder, "test_error.png")))]
   pngs += [(f"staleness, {n}-softsync", p) for n, p in plot_staleness_by_n(finals, folder)]
+  speedup = []
+  if speed_cells:
+    runs = [(dataclasses.asdict(c), metrics.read_metrics(os.path.join(args.root, c.name(args.epochs,
+                                                                                          args.train_examples))))
+            for c in speed_cells]
+    target, rows = speedup_rows(runs)
+    speedup = speedup_markdown(target, rows, rel(plot_speedup(rows, target, os.path.join(folder, "speedup.png"))))
   estimate = estimate_text([(f["samples"], f["gradients"], f["updates"], f["wall_s"]) for f in finals],
                            args.full_epochs if args.quick else args.epochs, dataset=args.dataset)
   command = "python launch/reproduce.py " + shlex.join(argv[1:])
   text = render_markdown(agg, verdicts, command=command.strip(), epochs=args.epochs, seeds=args.seeds,
                          wall_s=wall, estimate=estimate, figures=[(t, rel(p)) for t, p in pngs],
-                         runs=[(c.name(args.epochs, args.train_examples), f) for c, f in zip(cells, finals)],
-                         dataset=args.dataset, train_examples=args.train_examples)
+                         runs=[(c.name(args.epochs, args.train_examples), f)
+                               for c, f in zip(cells + speed_cells, finals + speed_finals)],
+                         dataset=args.dataset, train_examples=args.train_examples, extra=speedup)
   write_text(args.out, text)
   print(f"{len(cells)} cells ({trained} trained, {len(cells) - trained} already done) in {wall:.0f} s; "
         f"P4 over {len(verdicts)} inverse cells: {verdict_counts(verdicts)}; report: {args.out}\n{estimate}")

@@ -157,7 +157,8 @@ DESCRIPTIONS = {"mnist5k": "mnist5k (4,000 train / 1,000 test digits)",
 
 def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: float, seeds: Sequence[int],
                     wall_s: float, runs: Sequence[tuple[str, dict]], estimate: str,
-                    figures: Sequence[tuple[str, str]], dataset: str = "mnist5k", train_examples: int = 0) -> str:
+                    figures: Sequence[tuple[str, str]], dataset: str = "mnist5k", train_examples: int = 0,
+                    extra: Sequence[str] = ()) -> str:
   """The report: command, table (rows n, λ, μ; columns inverse, constant, SSGD, the paired difference and the
   P4 verdict), P4, timing, figures."""
   base = base_config(dataset)
@@ -211,6 +212,7 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
             f"run's `wall_s`, in the table at the end).{load} The last invocation took {wall_s:.0f} s (runs already "
             "done are not rerun).", "", estimate, "", "## Figures", ""]
   lines += [f"![{title}]({path})" for title, path in figures]
+  lines += list(extra)
   lines += ["", "## Every run", "", "| run (folder under the root) | test error % | train loss | ⟨σ⟩ | updates | "
             "training wall |", "|---|---|---|---|---|---|"]
   lines += [f"| `{name}` | {100 * f['test_error']:.2f} | {f['train_loss']:.4f} | {f['staleness_mean']:.2f} | "
@@ -290,6 +292,123 @@ def plot_error_curves(histories: dict[tuple[int, int, str], list[list[dict]]], p
   save_figure(fig, path)
   plt.close(fig)
   return path
+
+
+def plot_error_vs_n(agg: dict, path: str) -> str:
+  """The paper's accuracy figure: final test error against n, one panel per λ, inverse and constant with their
+  95 % interval bars (none for one seed), SSGD as a band (mean ± half-width)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  lams = sorted({lam for lam, _, _ in agg})
+  fig, axes = plt.subplots(1, len(lams), figsize=(4.5 * len(lams), 3.8), squeeze=False)
+  for ax, lam in zip(axes[0], lams):
+    ssgd = agg.get((lam, 0, "ssgd"))
+    if ssgd:
+      mean, half = ssgd["error"][0], ssgd["half"] or 0.0
+      ax.axhspan(mean - half, mean + half, color="k", alpha=0.12)
+      ax.axhline(mean, color="k", linewidth=2, label=f"SSGD {error_text(ssgd)}")
+    for policy, style in (("inverse", dict(color="C0", marker="o")), ("constant", dict(color="C3", marker="s",
+                                                                                           linestyle="--"))):
+      rows = sorted((n, a) for (l, n, p), a in agg.items() if l == lam and p == policy)
+      if rows:
+        ax.errorbar([n for n, _ in rows], [a["error"][0] for _, a in rows],
+                    yerr=[a["half"] or 0.0 for _, a in rows], capsize=3, label=policy, **style)
+    ns = sorted({n for (l, n, p) in agg if l == lam and p != "ssgd"})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.set(xlabel="n (n-softsync; n = λ is async)", ylabel="final test error (%)",
+           title=f"λ = {lam}, μ = {Cell(lam, 0, 'ssgd', 0).batch}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  save_figure(fig, path)
+  plt.close(fig)
+  return path
+
+
+# ---- the speedup figure (simulated time to a target error) -------------------------------------------------
+PROTOCOL_OF = {"ssgd": "hardsync (SSGD)", "n1": "1-softsync, inverse", "async": "async, inverse"}
+
+
+def protocol_of(cell: dict) -> str:
+  """A speedup cell's protocol name: hardsync (SSGD), 1-softsync or async (n = λ > 1)."""
+  if cell["policy"] == "ssgd":
+    return PROTOCOL_OF["ssgd"]
+  return PROTOCOL_OF["async"] if cell["n"] == cell["learners"] else PROTOCOL_OF["n1"]
+
+
+def time_to(history: Sequence[dict], target_percent: float) -> float | None:
+  """Simulated seconds at the first evaluation whose test error is at or below the target; None if never."""
+  for record in history:
+    if 100 * record["test_error"] <= target_percent:
+      return float(record["sim_time"])
+  return None
+
+
+def speedup_rows(runs: Sequence[tuple[dict, list[dict]]], points: float = P4_POINTS) -> tuple[float, list[dict]]:
+  """(target %, rows): the target is the λ = 1 runs' mean final test error + ``points``; a row per (protocol, λ)
+  with the time to target per seed, their mean (None unless every seed reached it) and the speedup over λ = 1."""
+  base = [100 * h[-1]["test_error"] for cell, h in runs if cell["learners"] == 1]
+  if not base:
+    raise ValueError("the speedup figure needs the λ = 1 run (its final error sets the target); allowed: "
+                     "--speedup values including 1")
+  target = statistics.fmean(base) + points
+  by: dict[tuple[str, int], list] = {}
+  for cell, h in runs:
+    protocols = list(PROTOCOL_OF.values()) if cell["learners"] == 1 else [protocol_of(cell)]
+    for protocol in protocols:                      # λ = 1: one run is every protocol's first point
+      by.setdefault((protocol, cell["learners"]), []).append(time_to(h, target))
+  t1 = statistics.fmean(t for t in by.get((PROTOCOL_OF["ssgd"], 1), []) if t is not None) if all(
+      t is not None for t in by.get((PROTOCOL_OF["ssgd"], 1), [None])) else None
+  rows = []
+  for (protocol, lam), times in sorted(by.items()):
+    mean = statistics.fmean(times) if all(t is not None for t in times) else None
+    rows.append({"protocol": protocol, "learners": lam, "times": times, "mean": mean,
+                 "speedup": t1 / mean if t1 and mean else None})
+  return target, rows
+
+
+def plot_speedup(rows: Sequence[dict], target: float, path: str) -> str:
+  """Simulated time to the target error against λ (log-log), one line per protocol; ideal: T(1)/λ."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for i, protocol in enumerate(PROTOCOL_OF.values()):
+    pts = [(r["learners"], r["mean"]) for r in rows if r["protocol"] == protocol and r["mean"] is not None]
+    if pts:
+      ax.plot(*zip(*pts), marker="o", color=f"C{i}", label=protocol)
+  t1 = [r["mean"] for r in rows if r["learners"] == 1 and r["mean"] is not None]
+  lams = sorted({r["learners"] for r in rows})
+  if t1:
+    ax.plot(lams, [t1[0] / lam for lam in lams], color="grey", linestyle=":", label="ideal T(1)/λ")
+  ax.set(xscale="log", yscale="log", xlabel="learners λ (μ = ⌈128/λ⌉)",
+         ylabel="simulated time to target (s)", title=f"time to {target:.2f} % test error")
+  ax.set_xticks(lams, [str(lam) for lam in lams])
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  save_figure(fig, path)
+  plt.close(fig)
+  return path
+
+
+def speedup_markdown(target: float, rows: Sequence[dict], figure: str) -> list[str]:
+  """The speedup section: the speed model, the table of times to target, the figure."""
+  from launch.reproduce import EXAMPLE_TIME, PUSH_TIME, STRAGGLER_SLOWDOWN
+  lines = ["", "## Speedup in simulated time", "",
+           f"Learner-speed model: a gradient of μ examples costs {PUSH_TIME:g} s (push) + μ × {EXAMPLE_TIME:.6g} s "
+           f"(128 examples: {128 * EXAMPLE_TIME:g} s), times a mean-1 lognormal factor (σ = {SIM_JITTER}); for λ ≥ 2 "
+           f"learner 0 computes {STRAGGLER_SLOWDOWN:g}× slower. Target: the λ = 1 run's final test error + "
+           f"{P4_POINTS} point = **{target:.2f} %**; time = simulated seconds at the first evaluation (every ½ "
+           "epoch) at or below it; – when a seed never reached it. Speedup = T(λ = 1) / T(λ).", "",
+           "| protocol | λ | μ | time to target (s), per seed | mean | speedup |", "|---|---|---|---|---|---|"]
+  for r in rows:
+    per_seed = ", ".join("–" if t is None else f"{t:.0f}" for t in r["times"])
+    mean = "–" if r["mean"] is None else f"{r['mean']:.0f}"
+    speedup = "–" if r["speedup"] is None else f"{r['speedup']:.2f}×"
+    lines.append(f"| {r['protocol']} | {r['learners']} | {Cell(r['learners'], 0, 'ssgd', 0).batch} | {per_seed} | "
+                 f"{mean} | {speedup} |")
+  return lines + ["", f"![speedup]({figure})"]
 
 
 def estimate_text(points: Sequence[tuple[float, float, float, float]], epochs: float, dataset: str = "mnist5k") -> str:

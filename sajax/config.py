@@ -36,15 +36,19 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "sim_base_time": (float, int), "sim_push_time": (float, int), "sim_example_time": (float, int),
     "sim_jitter": (float, int),
     "sim_stragglers": (float, int), "sim_slowdown": (float, int), "sim_poisson": (bool,),
-    "sim_speeds": (tuple, list), "sim_ring": (int,), "sim_batching": (str,), "policy_args": (str, dict),
+    "sim_speeds": (tuple, list), "policy_args": (str, dict),
     "sim_profile": (str,), "ssp_spread": (int,),
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
                            "fail_fast", "fault_learner", "fault_at_step", "nan_learners", "nan_at_step",
                            "nan_steps", "divergence_after", "mpi_timeout_s", "fault_mpi_corrupt_weights",
                            "sim_base_time", "sim_push_time", "sim_example_time", "sim_jitter",
-                           "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds", "sim_ring",
-                           "sim_batching", "policy_args", "sim_profile", "ssp_spread"})
+                           "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds", "policy_args",
+                           "sim_profile", "ssp_spread"})
+
+# Keys of earlier versions that no longer mean anything (the simulated executor's version ring and slot
+# batching, gone since it dispatches each gradient at its pull): a saved run that has them still resumes.
+RETIRED_KEYS = frozenset({"sim_ring", "sim_batching"})
 
 DEFAULT_SSP_SPREAD = 3   # s of protocol ssp when a config does not set ssp_spread (configs/default.py sets it)
 
@@ -114,12 +118,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if isinstance(b, bool) or not isinstance(b, (int, float)) or b <= 0:
       raise ConfigError(f"config.lr_boundaries_epochs={tuple(values['lr_boundaries_epochs'])!r} is invalid; "
                         "allowed: positive epoch numbers")
-  if values.get("sim_ring", 0) < 0:
-    raise ConfigError(f"config.sim_ring={values['sim_ring']!r} is invalid; allowed: 0 (sized from the protocol) "
-                      "or a positive number of versions")
-  if "sim_batching" in values:
-    from sajax.executors.batched import BATCHING
-    _one_of("sim_batching", values["sim_batching"], BATCHING)
   for key in ("sim_base_time", "sim_slowdown"):
     if key in values and not values[key] > 0:
       raise ConfigError(f"config.{key}={values[key]!r} is invalid; allowed: a number > 0")
@@ -279,7 +277,7 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
   """Keys whose values differ between a saved run config and a new one, ignoring resumable keys."""
   diffs = []
   for key in sorted(set(old) | set(new)):
-    if key in RESUMABLE_CHANGES:
+    if key in RESUMABLE_CHANGES or key in RETIRED_KEYS:
       continue
     a, b = old.get(key, ABSENT_MEANS.get(key)), new.get(key, ABSENT_MEANS.get(key))
     if key == "policy_args":

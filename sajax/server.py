@@ -347,7 +347,7 @@ class ParameterServer:
     return params
 
   def _apply_pending(self) -> None:
-    staleness = jnp.asarray(np.array(self._staleness, np.int32))
+    staleness = np.array(self._staleness, np.int32)
     if self._running:
       count = np.float32(len(self._staleness))
       self.params, self.opt_state = self._apply_combined(self.params, self.opt_state, self._total, count, staleness)

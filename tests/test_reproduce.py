@@ -29,6 +29,54 @@ def test_grid_is_the_papers_with_n_equal_lambda_deduplicated():
   assert reproduce.grid([2], ["4"], seeds=[0]) == [Cell(2, 0, "ssgd", 0)]   # n > λ is not a cell
 
 
+def test_constant_policy_only_at_the_chosen_n():
+  cells = reproduce.grid([8, 30], reproduce.NS, seeds=[0], constant_ns=["4", "lambda"])
+  constant = sorted((c.learners, c.n) for c in cells if c.policy == "constant")
+  assert constant == [(8, 4), (8, 8), (30, 4), (30, 30)]
+  assert len(cells) == 2 * (1 + 4 + 2)                 # per λ: SSGD, inverse at 4 n, constant at 2
+
+
+def test_speedup_cells_and_their_speed_model():
+  cells = reproduce.speedup_cells([1, 2, 8], seeds=[0], dataset="mnist5k")
+  assert [(c.learners, c.n, c.policy) for c in cells] == [
+      (1, 0, "ssgd"), (2, 0, "ssgd"), (2, 1, "inverse"), (2, 2, "inverse"), (8, 0, "ssgd"), (8, 1, "inverse"),
+      (8, 8, "inverse")]
+  assert all(c.speed == "cost" for c in cells) and cells[0].name(12) != Cell(1, 0, "ssgd", 0).name(12)
+  config = reproduce.cell_config(cells[-1], 12)
+  assert (config.sim_profile, config.sim_slowdown, config.sim_push_time) == ("one_slow", 4.0, 0.1)
+  assert config.sim_example_time == 1 / 128 and config.sim_jitter == 0.2 and config.eval_every_epochs == 0.5
+  assert reproduce.cell_config(cells[0], 12).sim_profile == "lognormal"      # λ = 1: no straggler
+  assert reproduce.cell_config(Cell(8, 8, "inverse", 0), 12).sim_example_time == 0.0   # the grid's: equal speeds
+
+
+def test_speedup_rows_time_to_target_and_figure(tmp_path):
+  def history(errors, dt):
+    return [{"test_error": e / 100, "sim_time": dt * (i + 1)} for i, e in enumerate(errors)]
+  runs = [({"learners": 1, "n": 0, "policy": "ssgd"}, history([20, 12, 10], 100.0)),
+          ({"learners": 4, "n": 0, "policy": "ssgd"}, history([20, 12, 10.4], 40.0)),
+          ({"learners": 4, "n": 1, "policy": "inverse"}, history([15, 10.2, 10.1], 30.0)),
+          ({"learners": 4, "n": 4, "policy": "inverse"}, history([30, 20, 11], 20.0))]
+  target, rows = reproduce_report.speedup_rows(runs)
+  assert target == 10.5
+  by = {(r["protocol"], r["learners"]): r for r in rows}
+  assert by[("hardsync (SSGD)", 1)]["mean"] == 300.0 and by[("async, inverse", 1)]["mean"] == 300.0
+  assert by[("hardsync (SSGD)", 4)]["mean"] == 120.0 and by[("hardsync (SSGD)", 4)]["speedup"] == 2.5
+  assert by[("1-softsync, inverse", 4)]["mean"] == 60.0 and by[("1-softsync, inverse", 4)]["speedup"] == 5.0
+  assert by[("async, inverse", 4)]["mean"] is None and by[("async, inverse", 4)]["times"] == [None]
+  lines = reproduce_report.speedup_markdown(target, rows, "x/speedup.png")
+  assert "| async, inverse | 4 | 32 | – | – | – |" in lines and "| 1-softsync, inverse | 4 | 32 | 60 | 60 | 5.00× |" in lines
+  assert _is_png(reproduce_report.plot_speedup(rows, target, str(tmp_path / "s.png")))
+  with pytest.raises(ValueError, match="λ = 1"):
+    reproduce_report.speedup_rows(runs[1:])
+
+
+def test_error_vs_n_figure(tmp_path):
+  finals = [{"cell": {"learners": lam, "n": n, "policy": p, "seed": s}, "test_error": e, "train_loss": 0.1,
+             "staleness_mean": float(n)} for lam in (8, 30) for s, e in ((0, 0.1), (1, 0.12))
+            for n, p in ((0, "ssgd"), (1, "inverse"), (lam, "inverse"), (lam, "constant"))]
+  assert _is_png(reproduce_report.plot_error_vs_n(reproduce_report.aggregate(finals), str(tmp_path / "e.png")))
+
+
 def test_cell_config_is_the_default_config_in_simulated_mode():
   config = reproduce.cell_config(Cell(30, 4, "constant", 2), epochs=12)
   config_lib.validate(config)
@@ -196,7 +244,8 @@ def test_tiny_grid_end_to_end_resumes_a_half_done_cell_and_skips_done_ones(tmp_p
     (["--n", "two"], "--n 'two'"), (["--epochs", "0"], "--epochs 0"), (["--seeds", "-1"], "--seeds -1"),
     (["--out", "report.txt"], "'report.txt'"), (["--bogus"], "unrecognized arguments: --bogus"),
     (["--learners", "4", "--n", "8"], "no cell"), (["--train-examples", "100"], "--train-examples 100"),
-    (["--dataset", "cifar10"], "--dataset 'cifar10'")])
+    (["--dataset", "cifar10"], "--dataset 'cifar10'"), (["--constant-n", "3"], "--constant-n '3'"),
+    (["--speedup", "2", "4"], "--speedup 2 4"), (["--speedup", "0"], "--speedup 0")])
 def test_bad_flags_give_one_line_and_exit_2_writing_nothing(flags, named, tmp_path, capsys):
   root = tmp_path / "runs"
   assert reproduce.main(["reproduce.py", "--root", str(root), "--out", str(tmp_path / "r.md"), *flags]) == 2

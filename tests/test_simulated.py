@@ -61,11 +61,15 @@ def test_bad_speed_model_is_refused(tmp_path):
     sajax.train(_config("async", sim_speeds=(1.0, 2.0)), workdir=str(tmp_path / "x"))
   with pytest.raises(config_lib.ConfigError, match="sim_stragglers=1.5"):
     sajax.train(_config("async", sim_stragglers=1.5), workdir=str(tmp_path / "y"))
-  with pytest.raises(config_lib.ConfigError, match="sim_ring=-1"):
-    sajax.train(_config("async", sim_ring=-1), workdir=str(tmp_path / "z"))
-  with pytest.raises(config_lib.ConfigError, match="sim_batching 'grouped'; allowed: auto, unrolled, vmap"):
-    sajax.train(_config("async", sim_batching="grouped"), workdir=str(tmp_path / "w"))
-  assert not any((tmp_path / d).exists() for d in "xyzw")
+  with pytest.raises(config_lib.ConfigError, match="unknown config key 'sim_ring'"):   # retired with the ring
+    sajax.train(_config("async", sim_ring=1), workdir=str(tmp_path / "z"))
+  assert not any((tmp_path / d).exists() for d in "xyz")
+
+
+def test_a_run_saved_with_retired_keys_still_resumes():
+  saved = {"sim_ring": 0, "sim_batching": "auto", "learners": 4}
+  assert config_lib.config_differences(saved, {"learners": 4}) == []
+  assert config_lib.config_differences(saved, {"learners": 8}) == ["learners: 4 -> 8"]
 
 
 def _stop_at(update):
@@ -86,64 +90,57 @@ def test_a_stopped_and_resumed_run_ends_bit_identical(tmp_path):
   resumed = sajax.train(config, workdir=str(tmp_path / "stopped"))
   assert _reproducible(resumed.history) == _reproducible(whole.history)
   assert _reproducible(metrics_lib.read_metrics(resumed.workdir)) == _reproducible(metrics_lib.read_metrics(whole.workdir))
-  assert resumed.metrics["sim_gradient_calls"] == whole.metrics["sim_gradient_calls"]
 
 
-def test_a_one_entry_ring_forces_flushes_and_changes_no_gradient(tmp_path):
-  """A ring of one version per device cannot hold the snapshots of learners still computing: every such pull
-  forces a batched call first (counted), so the calls group learners differently, yet no number changes.
-  λ = 16 learners on the 8 test devices: two share each device's ring."""
-  config = _config("async", learners=16, sim_jitter=0.3)
-  auto = sajax.train(config, workdir=str(tmp_path / "auto"))
-  config.sim_ring = 1
-  tiny = sajax.train(config, workdir=str(tmp_path / "tiny"))
-  assert auto.metrics["sim_ring_flushes"] == 0 and tiny.metrics["sim_ring_flushes"] > 0
-  assert tiny.metrics["sim_gradient_calls"] > auto.metrics["sim_gradient_calls"]
-  drop = {"sim_gradient_calls", "sim_ring_flushes"}
-  assert ([{k: v for k, v in r.items() if k not in drop} for r in _reproducible(tiny.history)] ==
-          [{k: v for k, v in r.items() if k not in drop} for r in _reproducible(auto.history)])
+def test_the_simulation_equals_a_plain_event_loop(tmp_path):
+  """The reference is the loop public simulators run, written here from the protocol: λ = 4 equally fast
+  async learners finish in (time, id) order; per event, learner k's gradient on its own snapshot θ_j and its
+  next mini-batch, one update with σ = i − j (inverse rule, SGD with momentum), and k pulls θ_i. The executor
+  dispatches each gradient at the pull and applies it at the push: the final weights must agree."""
+  import heapq
 
-
-@pytest.mark.parametrize("how", ["unrolled", "vmap"])
-def test_batched_gradients_equal_one_at_a_time_gradients(how):
-  """The batched call (several learners, versions and batches per device) gives each learner the gradient a
-  plain jitted value_and_grad gives on its own snapshot and batch, with either slot batching."""
   import jax
   import numpy as np
-  from jax.flatten_util import ravel_pytree
-  from sajax import data, models, steps
-  from sajax.executors import batched
+  import optax
+  from sajax import data, models, steps, trainer
+  from sajax.executors import simulated
 
-  ds = data.load_dataset("mnist5k")
-  model = models.create_model("small_cnn", 10)
-  p0 = models.init_params(model, jax.random.PRNGKey(0), ds.input_shape)
-  flat0, unravel = ravel_pytree(p0)
-  versions = [flat0, flat0 * 0.9, flat0 + 0.01]
-  loss_fn = steps.make_loss_fn(model, data.make_preprocess(ds))
-  devices = jax.local_devices()[:2]
-  rings = [batched.VersionRing(d, 2, flat0.size, flat0.dtype) for d in devices]
-  entries = [[rings[0].slot_for(0, versions[0], set()), rings[0].slot_for(1, versions[1], {0})],
-             [rings[1].slot_for(2, versions[2], set()), rings[1].slot_for(2, versions[2], {2})]]
-  assert rings[0].slot_for(2, versions[2], {0, 1}) is None      # full of needed versions: the caller must flush
-  which = [[0, 1], [2, 2]]
-  mu, key = 8, jax.random.PRNGKey(3)
-  images = np.asarray(ds.train.images[:4 * mu]).reshape(2, 2, mu, *ds.input_shape)
-  labels = np.asarray(ds.train.labels[:4 * mu]).reshape(2, 2, mu).astype(np.int32)
-  learner = np.array([[0, 2], [1, 3]], np.int32)
-  step = np.array([[5, 0], [1, 7]], np.int32)
-  ring = jax.make_array_from_single_device_arrays(
-      (2, 2, flat0.size), jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), ("d",)),
-                                                     jax.sharding.PartitionSpec("d")), [r.array for r in rings])
-  grads = batched.make_batched_gradients(loss_fn, unravel, devices, how=how)
-  loss, flat, finite = grads(ring, np.array(entries, np.int32), images, labels, learner, step, key)
-  assert np.asarray(finite).all()
-  single = jax.jit(jax.value_and_grad(loss_fn))
-  for d in range(2):
-    for s in range(2):
-      rng = jax.random.fold_in(jax.random.fold_in(key, learner[d, s]), step[d, s])
-      ref_loss, ref = single(unravel(versions[which[d][s]]), images[d, s], labels[d, s], rng)
-      np.testing.assert_allclose(np.asarray(loss)[d, s], ref_loss, rtol=1e-5)
-      np.testing.assert_allclose(np.asarray(flat)[d, s], ravel_pytree(ref)[0], rtol=1e-4, atol=1e-6)
+  config = _config("async", train_examples=256, lr_boundaries_epochs=(), epochs=1.0, learning_rate=0.05)
+  dataset = data.load_dataset("mnist5k")
+  trainer.prepare_workdir(config, str(tmp_path))
+  run = trainer.Run(config, str(tmp_path), dataset)
+  try:
+    params, _ = simulated.SimulatedEngine(run).run_loop()
+  finally:
+    run.close()
+  updates = run.updates
+  assert updates == 256 // 16
+
+  λ, μ = config.learners, config.batch_per_learner
+  model = models.create_model(config.model, dataset.num_classes)
+  loss_fn = steps.make_loss_fn(model, data.make_preprocess(dataset))
+  key = jax.random.PRNGKey(config.seed)
+  theta = models.init_params(model, jax.random.fold_in(key, 0), dataset.input_shape)
+  key = jax.random.fold_in(key, 1)
+  tx = sajax.staleness_aware(optax.sgd(0.05, momentum=0.5), "inverse")
+  state = tx.init(theta)
+  samplers = data.learner_samplers(256, μ, λ, config.seed)
+  held, steps_of, version = [(0, theta)] * λ, [0] * λ, 0
+  events = [(1.0, k) for k in range(λ)]
+  grad = jax.jit(jax.value_and_grad(loss_fn))
+  for _ in range(updates):
+    now, k = heapq.heappop(events)
+    j, theta_j = held[k]
+    images, labels = dataset.train.gather(next(samplers[k]))
+    _, g = grad(theta_j, images, labels, jax.random.fold_in(jax.random.fold_in(key, k), steps_of[k]))
+    step_updates, state = tx.update(g, state, theta, staleness=version - j)
+    theta, version = optax.apply_updates(theta, step_updates), version + 1
+    steps_of[k] += 1
+    held[k] = (version, theta)
+    heapq.heappush(events, (now + 1.0, k))
+  assert run.executor.ps.stats.to_json()["histogram"] == {"0": 1, "1": 1, "2": 1, "3": updates - 3}
+  for ours, ref in zip(jax.tree.leaves(params), jax.tree.leaves(theta)):
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-6)
 
 
 def test_a_policy_reading_stale_weights_resumes_bit_identical(tmp_path):
