@@ -400,7 +400,8 @@ def speedup_markdown(target: float, rows: Sequence[dict], figure: str) -> list[s
            f"(128 examples: {128 * EXAMPLE_TIME:g} s), times a mean-1 lognormal factor (σ = {SIM_JITTER}); for λ ≥ 2 "
            f"learner 0 computes {STRAGGLER_SLOWDOWN:g}× slower. Target: the λ = 1 run's final test error + "
            f"{P4_POINTS} point = **{target:.2f} %**; time = simulated seconds at the first evaluation (every ½ "
-           "epoch) at or below it; – when a seed never reached it. Speedup = T(λ = 1) / T(λ).", "",
+           "epoch) at or below it; – when a seed never reached it. Speedup = T(λ = 1) / T(λ). One seed per run "
+           "(the grid's first).", "",
            "| protocol | λ | μ | time to target (s), per seed | mean | speedup |", "|---|---|---|---|---|---|"]
   for r in rows:
     per_seed = ", ".join("–" if t is None else f"{t:.0f}" for t in r["times"])
