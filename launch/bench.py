@@ -190,13 +190,15 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--learners", type=int, default=None, help="λ (p1: 8, p2: 32)")
   parser.add_argument("--batch", type=int, default=None, help="μ (p1: 16, p2: 4)")
-  parser.add_argument("--devices", type=int, default=8, help="p2: CPU-emulated devices")
+  parser.add_argument("--devices", type=int, default=None,
+                      help="CPU-emulated devices (p2, simloop: 8; tax: learner devices, default min(λ, cores))")
   parser.add_argument("--protocol", default="softsync")
   parser.add_argument("--n", type=int, default=2)
   parser.add_argument("--model", default="cifar10_full")
   parser.add_argument("--models", nargs="+", default=None, help="tax: models to time (small_cnn cifar10_full)")
   parser.add_argument("--steps", type=int, default=40, help="gradient steps per learner per repeat")
   args, extra = parser.parse_known_args()
+  args.devices = args.devices or (None if args.figure == "tax" else 8)
   args.learners = args.learners or {"p2": 32, "psmem": 30, "simloop": 32}.get(args.figure, 8)
   args.batch = args.batch or (4 if args.figure in ("p2", "simloop") else 16)
   if args.figure == "default":
@@ -212,7 +214,9 @@ def main() -> None:
   else:
     sys.path.insert(0, ROOT)
     from launch.train import COLLECTIVE_TIMEOUT_FLAG   # imports no jax: the flags below still apply
-    devices = args.learners + 1 if args.figure in ("p1", "tax") else args.devices
+    from launch.train import threads_learner_devices
+    devices = {"p1": args.learners + 1,
+               "tax": (args.devices or threads_learner_devices(args.learners)) + 1}.get(args.figure, args.devices)
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={devices}"
                                f" {COLLECTIVE_TIMEOUT_FLAG}").strip()

@@ -47,8 +47,16 @@ def _one_line(error: BaseException) -> str:
 COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds=1800"
 
 
-# The simulated executor batches several learners per device: it needs no device per learner.
+# The simulated executor spreads its learners' gradients over at most this many devices (learner k on device
+# k mod D); more would only add compilations (one per device).
 SIMULATED_DEVICES = 8
+
+
+def threads_learner_devices(learners: int, cores: int | None = None) -> int:
+  """Devices for the threads executor's learners on the CPU platform: min(λ, cores). Emulated devices beyond
+  the cores add no compute, and each compiles the learner step again: on 2 cores the default run's first epoch
+  took 23 s with 8 learner devices, 12 s with 2, at the same speed afterwards (docs/benchmarks.md)."""
+  return max(1, min(learners, cores or os.cpu_count() or 1))
 
 
 def mpi_rank_size() -> tuple[int, int]:
@@ -62,12 +70,14 @@ def mpi_rank_size() -> tuple[int, int]:
 
 
 def cpu_device_flags(learners: int, executor: str, flags_now: str = "") -> str:
-  """``flags_now`` (XLA_FLAGS) plus a request for λ CPU-emulated devices (one per learner; one more for the PS
-  of the threads executor; at most 8 for the simulated executor) unless it already names a count, plus a long
+  """``flags_now`` (XLA_FLAGS) plus a request for λ CPU-emulated devices (one per learner; for the threads
+  executor min(λ, cores) and one more for the PS; at most 8 for the simulated executor) unless it already names
+  a count, plus a long
   collective timeout. It only affects the CPU platform. Under mpiexec each process asks for its share:
   executor=mpi its block of learners (+1 for the PS on rank 0, blocks as in ``mpi_wire.learner_blocks``),
   executor=pmap λ/P."""
-  count = {"threads": learners + 1, "simulated": min(learners, SIMULATED_DEVICES)}.get(executor, learners)
+  count = {"threads": threads_learner_devices(learners) + 1,
+           "simulated": min(learners, SIMULATED_DEVICES)}.get(executor, learners)
   rank, size = mpi_rank_size()
   if executor == "mpi":
     count = max(1, (rank + 1) * learners // size - rank * learners // size) + (rank == 0)

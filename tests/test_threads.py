@@ -124,3 +124,22 @@ def test_memory_stays_flat_over_a_run_ten_times_longer(tmp_path):
   # 1,350 more updates, each making new weights and 8 gradients of 0.4 M floats (1.7 MB): a leak of even one
   # snapshot per update would add > 2 GB. Allow 10 % for allocator noise.
   assert rss[1500] <= rss[150] * 1.10 + 20, rss
+
+
+def test_learner_devices_one_per_core_and_one_for_the_parameter_server(monkeypatch):
+  """On CPU the launcher asks for min(λ, cores) learner devices + 1; the PS takes the extra one and learner k
+  goes to device k mod min(λ, cores). With a device per learner (or per MPI block) nothing changes."""
+  import jax
+  from launch import train as launcher
+  from sajax.executors.threads import learner_devices
+  devs = jax.local_devices()
+  learners, ps = learner_devices(8, devs[:3])
+  assert learners == [devs[k % 2] for k in range(8)] and ps == devs[2]
+  assert learner_devices(2, devs[:3]) == ([devs[0], devs[1]], devs[2])
+  assert learner_devices(4, devs[:4]) == (devs[:4], devs[0])         # as many devices as learners
+  monkeypatch.setattr(os, "cpu_count", lambda: 2)
+  assert "device_count=3 " in launcher.cpu_device_flags(8, "threads") + " "
+  assert "device_count=3 " in launcher.cpu_device_flags(2, "threads") + " "
+  assert "device_count=2 " in launcher.cpu_device_flags(1, "threads") + " "
+  monkeypatch.setattr(os, "cpu_count", lambda: 16)
+  assert "device_count=9 " in launcher.cpu_device_flags(8, "threads") + " "

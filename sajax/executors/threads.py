@@ -40,11 +40,15 @@ PyTree = Any
 def learner_devices(learners: int, devices: Optional[list] = None) -> tuple[list, jax.Device]:
   """Learner k's device (k mod D over the devices the learners use) and the PS device.
 
-  The PS gets a device of its own when there are more devices than learners, else it shares device 0.
+  The PS gets a device of its own when there are more devices than learners, or, with CPU-emulated devices
+  fewer than the learners (the launcher asks for min(λ, cores) + 1 of them), the last one; otherwise it
+  shares device 0.
   """
   devices = devices or jax.local_devices()
   if len(devices) > learners:
     return [devices[k] for k in range(learners)], devices[learners]
+  if devices[0].platform == "cpu" and 1 < len(devices) < learners:
+    return [devices[k % (len(devices) - 1)] for k in range(learners)], devices[-1]
   return [devices[k % len(devices)] for k in range(learners)], devices[0]
 
 
