@@ -1,5 +1,5 @@
 """Every staleness policy trains end to end through the parameter server in every executor that has one:
-simulated (all policies, async), threads (one of each kind) and MPI (a θ_j-reading, stateful one)."""
+simulated, threads and MPI (all policies, async)."""
 
 import json
 import os
@@ -38,8 +38,8 @@ def test_each_policy_trains_in_the_simulation(policy, tmp_path):
     assert sum(final["staleness_histogram"].values()) == final["updates"]
 
 
-@pytest.mark.parametrize("policy", ["drop", "dc_asgd", "gap_aware"])
-def test_policies_train_with_threads(policy, tmp_path):
+@pytest.mark.parametrize("policy", sorted(ARGS))
+def test_each_policy_trains_with_threads(policy, tmp_path):
   final = sajax.train(_config("threads", policy), workdir=str(tmp_path)).metrics
   assert np.isfinite(final["train_loss"]) and final["samples"] >= 256
   assert final["staleness_max"] >= 1        # stale gradients did reach the policy (θ_j handed over with the push)
@@ -66,3 +66,19 @@ def test_a_theta_j_reading_stateful_policy_trains_across_mpi_ranks(tmp_path):
   final = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])
   assert final["pushes_per_rank"][1] > 0 and final["staleness_max"] >= 1
   assert np.isfinite(final["train_loss"]) and final["samples"] >= 1024
+
+
+@pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec not installed (pip install '.[mpi]')")
+def test_each_policy_trains_across_mpi_ranks(tmp_path):
+  """One ``mpiexec -n 2`` job trains every policy in turn (tests/mpi_policies.py): rank 1's learners push to
+  rank 0's parameter server under each rule."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(ROOT, "tests", "mpi_policies.py"),
+                           str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  finals = {r["policy"]: r for r in map(json.loads, [l for l in result.stdout.splitlines() if l.startswith("{")])}
+  assert sorted(finals) == sorted(ARGS)
+  for policy, final in finals.items():
+    assert np.isfinite(final["train_loss"]) and final["samples"] >= 128, policy
+    assert final["pushes_per_rank"][1] > 0 and final["gradients_dropped"] == 0, policy
+  assert finals["drop"]["staleness_max"] < ARGS["drop"]["bound"]

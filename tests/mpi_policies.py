@@ -1,0 +1,31 @@
+"""Run under ``mpiexec -n 2``: every registered staleness policy trains through the mpi executor, one short
+run each in the same two processes (one job for all of them keeps the test cheap). Rank 0 prints one JSON
+line per policy with its final record; any failure raises and ends the job non-zero."""
+
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from launch.train import set_cpu_device_count  # noqa: E402  (imports no jax)
+set_cpu_device_count(4, "mpi")                 # this rank's learners (+ the PS on rank 0), before jax loads
+
+import sajax  # noqa: E402
+from tests.helpers import smoke_config  # noqa: E402
+from tests.test_policies_e2e import ARGS  # noqa: E402
+
+
+def main(root: str) -> None:
+  from sajax.executors import mpi_comm
+  rank = mpi_comm.world().Get_rank()
+  for policy in sorted(ARGS):
+    config = smoke_config("mpi", "async", learners=4, batch_per_learner=8, policy=policy,
+                          policy_args=json.dumps(ARGS[policy]), epochs=1.0, train_examples=128)
+    result = sajax.train(config, workdir=os.path.join(root, policy))
+    if rank == 0:
+      print(json.dumps({"policy": policy, **result.metrics}), flush=True)
+
+
+if __name__ == "__main__":
+  main(sys.argv[1])
