@@ -47,7 +47,7 @@ if ROOT not in sys.path:
 BATCH_TOTAL = 128                       # λμ ≈ 128
 LEARNERS, QUICK_LEARNERS = (4, 8, 16, 30), (4, 8)
 NS = ("1", "2", "4", "lambda")          # "lambda": n = λ (async)
-EPOCHS, QUICK_EPOCHS = 24.0, 4.0        # 24: configs/default.py (α ÷10 at 16 and 21)
+EPOCHS, QUICK_EPOCHS = 20.0, 4.0        # 20: configs/default.py (α ÷10 at 13.33 and 17.5)
 DATASETS = ("mnist5k", "fashion_mnist")
 BASE_CONFIGS = {"mnist5k": "default", "fashion_mnist": "fashion_mnist"}   # modules of configs/
 TRAIN_SIZES = {"mnist5k": 4000, "fashion_mnist": 60000}

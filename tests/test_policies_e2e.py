@@ -17,10 +17,10 @@ ARGS = {"polynomial": {"a": 0.5}, "exponential": {}, "hinge": {}, "delay_adaptiv
         "dc_asgd": {}, "dc_asgd_adaptive": {}, "gap_aware": {}, "inverse": {}, "constant": {}}
 
 
-def _config(executor, policy, **overrides):
+def _config(executor, policy, learners=4, **overrides):
   overrides.setdefault("epochs", 1.0)
   overrides.setdefault("train_examples", 256)      # 32 gradients of μ = 8: a smoke test, kept short for CI
-  return smoke_config(executor, "async", learners=4, batch_per_learner=8, policy=policy,
+  return smoke_config(executor, "async", learners=learners, batch_per_learner=8, policy=policy,
                       policy_args=json.dumps(ARGS[policy]), **overrides)
 
 
@@ -40,7 +40,8 @@ def test_each_policy_trains_in_the_simulation(policy, tmp_path):
 
 @pytest.mark.parametrize("policy", sorted(ARGS))
 def test_each_policy_trains_with_threads(policy, tmp_path):
-  final = sajax.train(_config("threads", policy), workdir=str(tmp_path)).metrics
+  # λ = 2: one compile per learner device, and still stale gradients (σ ≥ 1) for the policy to act on
+  final = sajax.train(_config("threads", policy, learners=2), workdir=str(tmp_path)).metrics
   assert np.isfinite(final["train_loss"]) and final["samples"] >= 256
   assert final["staleness_max"] >= 1        # stale gradients did reach the policy (θ_j handed over with the push)
 
@@ -73,6 +74,8 @@ def test_each_policy_trains_across_mpi_ranks(tmp_path):
   """One ``mpiexec -n 2`` job trains every policy in turn (tests/mpi_policies.py): rank 1's learners push to
   rank 0's parameter server under each rule."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  # The runs compile the same steps again (new closures per run): a persistent cache makes the repeats loads.
+  env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(ROOT, "tests", "mpi_policies.py"),
                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -179,10 +179,11 @@ def test_time_fit_recovers_a_linear_cost_model():
   points = [(s, g, u, 0.001 * s + 0.005 * g + 0.002 * u) for s, g, u in sizes]
   assert reproduce_report.fit_seconds(points) == pytest.approx((0.001, 0.005, 0.002))
   assert reproduce_report.fit_seconds([(100, 10, 5, 1.0)]) == pytest.approx((0.01, 0.0, 0.0))   # never negative
-  text = reproduce_report.estimate_text(points, epochs=24)
-  seconds = sum(0.001 * 24 * 4000 + 0.005 * reproduce.gradients_of(c, 24) + 0.002 * reproduce.updates_of(c, 24)
-                for c in reproduce.grid(reproduce.LEARNERS, reproduce.NS, [0]))
-  assert f"**{seconds / 3600:.1f} h per seed**" in text and "`python launch/reproduce.py`: 24 epochs" in text
+  epochs = reproduce.base_config("mnist5k").epochs
+  text = reproduce_report.estimate_text(points, epochs=epochs)
+  seconds = sum(0.001 * epochs * 4000 + 0.005 * reproduce.gradients_of(c, epochs)
+                + 0.002 * reproduce.updates_of(c, epochs) for c in reproduce.grid(reproduce.LEARNERS, reproduce.NS, [0]))
+  assert f"**{seconds / 3600:.1f} h per seed**" in text and f"`python launch/reproduce.py`: {epochs:g} epochs" in text
 
 
 def _is_png(path):
@@ -190,9 +191,10 @@ def _is_png(path):
     return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_tiny_grid_end_to_end_resumes_a_half_done_cell_and_skips_done_ones(tmp_path, capsys):
+def test_tiny_grid_end_to_end_resumes_a_half_done_cell_and_skips_done_ones(tmp_path, capsys, monkeypatch):
   """λ = 2, μ = 64 on 256 digits, 2 epochs: SSGD and 2-softsync (async) under both policies; the inverse cell
   is interrupted first, so the grid is half done when the script starts."""
+  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)   # the grid's own cache (tests/conftest.py sets one)
   root, out = str(tmp_path / "runs"), str(tmp_path / "docs" / "reproduction.md")
   half = Cell(2, 2, "inverse", 0)
   workdir = os.path.join(root, half.name(2, 256))
@@ -266,7 +268,8 @@ def test_flags_defaults_and_repeats(tmp_path):
   quick = reproduce.parse_args(["--quick", "--root", str(tmp_path / "r")])
   assert (quick.learners, quick.epochs, quick.seeds, quick.n) == ([4, 8], 4.0, [0], ["1", "2", "4", "lambda"])
   full = reproduce.parse_args(["--seeds", "1", "0", "1", "--learners", "8", "8", "--n", "2", "2"])
-  assert (full.learners, full.epochs, full.seeds, full.n, full.out) == ([8], 24.0, [1, 0], ["2"], "docs/reproduction.md")
+  assert (full.learners, full.epochs, full.seeds, full.n, full.out) == ([8], 20.0, [1, 0], ["2"], "docs/reproduction.md")
+  assert full.epochs == reproduce.base_config("mnist5k").epochs == reproduce.EPOCHS
   assert not (tmp_path / "r").exists()
 
 
