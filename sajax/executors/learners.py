@@ -28,6 +28,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from sajax.executors.faults import FaultPlan
+from sajax.server import all_finite
 
 
 log = logging.getLogger("sajax")
@@ -131,7 +132,7 @@ def make_tree_grad_step(loss_fn: Callable) -> Callable:
   ``key`` is learner k's own, into which the step is folded, as in :func:`make_grad_step`."""
   def step(params, images, labels, key, step):
     loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, jax.random.fold_in(key, step))
-    return loss, grads, jnp.all(jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    return loss, grads, all_finite(grads)
   return jax.jit(step)
 
 
