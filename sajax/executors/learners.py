@@ -110,8 +110,9 @@ class Published:
       self.changed.notify_all()
 
 
-class _SnapshotCache:
-  """The latest weights on each learner device: one transfer per (device, version), shared by learners."""
+class SnapshotCache:
+  """The latest weights on each learner device: one transfer per (device, version), shared by learners
+  (the threads and MPI learner loop, and the simulated executor)."""
 
   def __init__(self) -> None:
     self._lock = threading.Lock()
@@ -140,26 +141,22 @@ def make_grad_step(loss_fn: Callable, unravel: Callable) -> Callable:
   """``(flat θ_j, images, labels, key, step) -> (loss, flat g, finite)``, run on the device θ_j lives on, without
   waiting; ``key`` is learner k's own (``fold_in(run key, k)``), into which the step is folded.
 
-  Two compiled calls: the gradient as a pytree, then its flattening and finiteness check. On XLA CPU,
+  Two compiled calls: :func:`make_tree_grad_step` on the unflattened θ_j, then the flattening of g. On XLA CPU,
   flattening inside the gradient's program slowed it by about 1 ms per call for the small CNN (the concatenate
   fused into the backward pass), more than the separate call costs (launch/bench.py simloop).
   """
-  def tree_grad(flat_params, images, labels, key, step):
-    return jax.value_and_grad(loss_fn)(unravel(flat_params), images, labels, jax.random.fold_in(key, step))
-  tree_grad = jax.jit(tree_grad)
+  tree_step = make_tree_grad_step(lambda flat_params, *batch: loss_fn(unravel(flat_params), *batch))
 
   def grad_step(flat_params, images, labels, key, step):
-    loss, grads = tree_grad(flat_params, images, labels, key, step)
-    flat_grads, finite = flatten_checked(grads)
-    return loss, flat_grads, finite
+    loss, grads, finite = tree_step(flat_params, images, labels, key, step)
+    return loss, flatten(grads), finite
   return grad_step
 
 
 @jax.jit
-def flatten_checked(tree: PyTree) -> tuple[jax.Array, jax.Array]:
-  """``tree``'s leaves as one flat vector (``ravel_pytree``'s order) and whether all of it is finite."""
-  flat = jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
-  return flat, jnp.all(jnp.isfinite(flat))
+def flatten(tree: PyTree) -> jax.Array:
+  """``tree``'s leaves as one flat vector, in ``ravel_pytree``'s order."""
+  return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
 
 
 class Learners:
@@ -184,7 +181,7 @@ class Learners:
     self.faults = FaultPlan.from_config(run.config)
     self.unravel = ravel_pytree(run.params)[1]
     self.grad_step = make_grad_step(run.loss_fn, self.unravel)
-    self.cache = _SnapshotCache()
+    self.cache = SnapshotCache()
     self.threads: list[threading.Thread] = []
 
   def start(self) -> list[threading.Thread]:

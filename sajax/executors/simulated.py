@@ -38,7 +38,7 @@ from jax.flatten_util import ravel_pytree
 
 from sajax.executors import common
 from sajax.executors.faults import FaultPlan
-from sajax.executors.learners import make_tree_grad_step
+from sajax.executors.learners import SnapshotCache, make_tree_grad_step
 from sajax.executors.speed import SpeedModel
 from sajax.server import ParameterServer
 
@@ -75,7 +75,7 @@ class SimulatedEngine(common.Executor):
     self.grad_step = make_tree_grad_step(run.loss_fn)
     self._keys = [jax.device_put(jax.random.fold_in(run.key, k), self.devices[self._device_of(k)])
                   for k in range(learners)]
-    self._copies: list[Optional[tuple[int, PyTree]]] = [None] * len(self.devices)   # (j, θ_j) per device
+    self.cache = SnapshotCache()                  # the newest θ_j pulled on each device, moved there once
     self.version: list[Optional[int]] = [None] * learners
     self.result: list[Optional[tuple]] = [None] * learners   # (loss, g on the learner's device, finite)
     self.steps = [0] * learners                               # the step of each learner's current gradient
@@ -106,13 +106,10 @@ class SimulatedEngine(common.Executor):
   def _dispatch(self, learner: int, version: int, params: PyTree) -> tuple:
     """Starts learner ``learner``'s gradient on θ_j (``version``) and its next mini-batch; returns without
     waiting (loss, g, finite are device arrays)."""
-    d = self._device_of(learner)
-    copy = self._copies[d]
-    if copy is None or copy[0] != version:
-      copy = self._copies[d] = (version, jax.device_put(params, self.devices[d]))
+    local = self.cache.get(self.devices[self._device_of(learner)], version, params)
     images, labels, step = self.run.next_batch(learner)
     self.steps[learner] = step
-    loss, grads, finite = self.grad_step(copy[1], images, labels, self._keys[learner], step)
+    loss, grads, finite = self.grad_step(local, images, labels, self._keys[learner], step)
     if self.faults.nonfinite(learner, step):
       grads, finite = jax.tree.map(lambda g: g * np.float32(np.nan), grads), np.False_
     return loss, grads, finite
