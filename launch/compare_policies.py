@@ -183,21 +183,11 @@ def run_cell(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0
 
 
 def train_cell(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0) -> dict:
-  """Trains one cell here and writes its final.json; a diverged run is recorded (``diverged``: the reason,
-  ``test_error``: None, the telemetry of its last evaluation if it had one, ``wall_s`` up to the divergence)
-  rather than failing the comparison."""
-  import sajax
-  from sajax import metrics
-  from sajax.server import DivergenceError
-  path = final_path(cell, epochs, root, train_examples)
-  start = time.perf_counter()
-  try:
-    record = dict(sajax.train(cell_config(cell, epochs, train_examples), workdir=os.path.dirname(path)).metrics)
-  except DivergenceError as e:
-    history = metrics.read_metrics(os.path.dirname(path))
-    record = {**(history[-1] if history else {}), "diverged": str(e), "test_error": None,
-              "wall_s": round(time.perf_counter() - start, 3)}
-  return reproduce.write_final(path, {"cell": dataclasses.asdict(cell), "epochs": epochs, **record})
+  """Trains one cell here and writes its final.json; a diverged run is recorded as such rather than failing
+  the comparison (:func:`launch.reproduce.train_and_record`)."""
+  return reproduce.train_and_record(cell_config(cell, epochs, train_examples),
+                                    final_path(cell, epochs, root, train_examples),
+                                    {"cell": dataclasses.asdict(cell), "epochs": epochs})
 
 
 # ---- the numbers (pure) -----------------------------------------------------------------------------------

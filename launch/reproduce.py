@@ -240,11 +240,28 @@ def cell_environment(cell: Cell, root: str, environ: Optional[dict] = None) -> d
 
 def train_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> dict:
   """Trains one cell in this process and writes its final.json atomically; returns the final record."""
+  return train_and_record(cell_config(cell, epochs, train_examples), final_path(cell, epochs, root, train_examples),
+                          {"cell": dataclasses.asdict(cell), "epochs": epochs,
+                           "gradients": gradients_of(cell, epochs, train_examples)})
+
+
+def train_and_record(config, path: str, head: dict) -> dict:
+  """Trains ``config`` into ``path``'s folder and writes ``head`` plus the run's final metrics to ``path``
+  atomically; returns that record. A run that diverged (:class:`sajax.server.DivergenceError`) is a result,
+  not a failed cell: its record has ``diverged`` (the reason), ``test_error`` None, the telemetry of its last
+  evaluation if it had one and ``wall_s`` up to the divergence, so one diverged cell does not stop a grid
+  (its reports show it as diverged)."""
   import sajax
-  path = final_path(cell, epochs, root, train_examples)
-  result = sajax.train(cell_config(cell, epochs, train_examples), workdir=os.path.dirname(path))
-  return write_final(path, {"cell": dataclasses.asdict(cell), "epochs": epochs,
-                            "gradients": gradients_of(cell, epochs, train_examples), **result.metrics})
+  from sajax import metrics
+  from sajax.server import DivergenceError
+  start = time.perf_counter()
+  try:
+    record = dict(sajax.train(config, workdir=os.path.dirname(path)).metrics)
+  except DivergenceError as e:
+    history = metrics.read_metrics(os.path.dirname(path))
+    record = {**(history[-1] if history else {}), "diverged": str(e), "test_error": None,
+              "wall_s": round(time.perf_counter() - start, 3)}
+  return write_final(path, {**head, **record})
 
 
 def write_final(path: str, record: dict) -> dict:
@@ -450,7 +467,8 @@ def main(argv: Sequence[str]) -> int:
             for c in speed_cells]
     target, rows = speedup_rows(runs)
     speedup = speedup_markdown(target, rows, rel(plot_speedup(rows, target, os.path.join(folder, "speedup.png"))))
-  estimate = estimate_text([(f["samples"], f["gradients"], f["updates"], f["wall_s"]) for f in finals],
+  estimate = estimate_text([(f["samples"], f["gradients"], f["updates"], f["wall_s"]) for f in finals
+                            if not f.get("diverged")],      # a diverged run stopped early: not the cost model's
                            args.full_epochs if args.quick else args.epochs, dataset=args.dataset)
   command = "python launch/reproduce.py " + shlex.join(argv[1:])
   text = render_markdown(agg, verdicts, command=command.strip(), epochs=args.epochs, seeds=args.seeds,

@@ -57,18 +57,23 @@ def seeds_to_decide(mean: float, sd: float, bound: float = P4_POINTS, have: int 
 
 
 def aggregate(finals: Iterable[dict]) -> dict[tuple[int, int, str], dict]:
-  """Per cell key (λ, n, policy): test error in % (mean, sd, 95 % half-width, per seed), train loss, ⟨σ⟩."""
+  """Per cell key (λ, n, policy): test error in % (mean, sd, 95 % half-width, per seed), train loss, ⟨σ⟩ over
+  the seeds that finished, and how many ``diverged`` (no final error; error, loss and ⟨σ⟩ are None when every
+  seed diverged, ⟨σ⟩ also when none evaluated)."""
   by_key: dict[tuple, list[dict]] = {}
   for f in finals:
     c = f["cell"]
     by_key.setdefault((c["learners"], c["n"], c["policy"]), []).append(f)
   out = {}
   for key, fs in by_key.items():
-    errors = [100 * f["test_error"] for f in fs]
-    out[key] = {"error": mean_sd(errors), "half": half_width(mean_sd(errors)[1], len(fs)),
-                "by_seed": {f["cell"]["seed"]: 100 * f["test_error"] for f in fs},
-                "loss": mean_sd([f["train_loss"] for f in fs]),
-                "staleness": statistics.fmean(f["staleness_mean"] for f in fs), "seeds": len(fs)}
+    done = [f for f in fs if f.get("test_error") is not None]
+    errors = [100 * f["test_error"] for f in done]
+    sigmas = [f["staleness_mean"] for f in fs if f.get("staleness_mean") is not None]
+    out[key] = {"error": mean_sd(errors) if done else None, "half": half_width(mean_sd(errors)[1], len(done)) if done
+                else None, "by_seed": {f["cell"]["seed"]: 100 * f["test_error"] for f in done},
+                "loss": mean_sd([f["train_loss"] for f in done]) if done else None,
+                "staleness": statistics.fmean(sigmas) if sigmas else None, "seeds": len(fs),
+                "diverged": len(fs) - len(done)}
   return out
 
 
@@ -96,7 +101,13 @@ def p4_verdicts(agg: dict, points: float = P4_POINTS) -> list[dict]:
   out = []
   for (lam, n, policy), a in sorted(agg.items()):
     ssgd = agg.get((lam, 0, "ssgd"))
-    if policy != "inverse" or ssgd is None:
+    if policy != "inverse" or ssgd is None or not ssgd["by_seed"]:
+      continue
+    if a["diverged"]:        # a diverged seed is not within anything: worse, whatever the others did
+      diff = paired_difference(a, ssgd) if a["by_seed"] else dict.fromkeys(("mean", "sd", "half", "lo", "hi"))
+      out.append({"learners": lam, "n": n, "delta": diff["mean"], **{k: diff[k] for k in ("sd", "half", "lo", "hi")},
+                  "pairs": diff.get("pairs", 0), "verdict": "worse", "seeds_needed": None,
+                  "why": f"diverged in {a['diverged']} of {a['seeds']} seeds"})
       continue
     diff = paired_difference(a, ssgd)
     if not diff["pairs"]:
@@ -137,11 +148,17 @@ def fit_seconds(points: Sequence[tuple[float, float, float, float]]) -> tuple[fl
 
 
 def error_text(a: dict) -> str:
-  """A cell's test error in %: '3.12 ± 0.40' (mean ± 95 % half-width), or '3.12' for one seed."""
-  return f"{a['error'][0]:.2f}" + (f" ± {a['half']:.2f}" if a["half"] is not None else "")
+  """A cell's test error in %: '3.12 ± 0.40' (mean ± 95 % half-width), '3.12' for one seed, 'diverged' when
+  every seed diverged, and '3.12 (1 of 3 diverged)' when some did."""
+  if a["error"] is None:
+    return "diverged" + (f" ({a['seeds']} of {a['seeds']})" if a["seeds"] > 1 else "")
+  text = f"{a['error'][0]:.2f}" + (f" ± {a['half']:.2f}" if a["half"] is not None else "")
+  return text + (f" ({a['diverged']} of {a['seeds']} diverged)" if a.get("diverged") else "")
 
 
 def _diff(v: dict) -> str:
+  if v["delta"] is None:
+    return "–"
   return f"{v['delta']:+.2f}" + (f" ± {v['half']:.2f}" if v["half"] is not None else "")
 
 
@@ -185,7 +202,8 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
     const, ssgd, v = agg.get((lam, n, "constant")), agg.get((lam, 0, "ssgd")), by_cell.get((lam, n))
     cells = [error_text(x) if x else "–" for x in (a, const, ssgd)]
     cell = Cell(lam, n, policy, 0)
-    lines.append(f"| {n} | {lam} | {cell.batch} | {cell.c} | {a['staleness']:.2f} | {' | '.join(cells)} | "
+    sigma = "–" if a["staleness"] is None else f"{a['staleness']:.2f}"
+    lines.append(f"| {n} | {lam} | {cell.batch} | {cell.c} | {sigma} | {' | '.join(cells)} | "
                  f"{_diff(v) if v else '–'} | {_verdict_text(v) if v else '–'} |")
   lines += ["", f"## P4: every inverse cell within {P4_POINTS} point of SSGD", ""]
   if not verdicts:
@@ -196,7 +214,8 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
               f"when it lies wholly above, *undecided* when it straddles +{P4_POINTS} (or one seed gives no "
               "interval). For an undecided cell, ≈ k seeds is an estimate: the fewest seeds whose interval would "
               "exclude the boundary if the mean difference and its sd stayed as observed.", ""]
-    lines += [f"- n = {v['n']}, λ = {v['learners']}: {v['delta']:+.2f} points"
+    lines += [f"- n = {v['n']}, λ = {v['learners']}: " + ("no paired difference" if v["delta"] is None else
+                                                          f"{v['delta']:+.2f} points")
               + (f", 95 % interval [{v['lo']:+.2f}, {v['hi']:+.2f}] over {v['pairs']} seeds (sd {v['sd']:.2f})"
                  if v["half"] is not None else "") + f" — **{_verdict_text(v)}**"
               + (f"; {v['why']}" if v["why"] else "") for v in verdicts if v["verdict"] != "within"]
@@ -205,6 +224,7 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
               "P4 is judged there; here, the train losses in the table of every run show whether a gap is "
               "under-training."]
   total = sum(f["wall_s"] for _, f in runs)
+  num = lambda f, key, spec: "–" if f.get(key) is None else format(f[key], spec)   # noqa: E731
   loads = [f["load_avg_1min"] for _, f in runs if "load_avg_1min" in f]
   load = (f" The machine's 1-minute load average when each run ended: {min(loads):.1f} to {max(loads):.1f} on "
           f"{runs[0][1]['cpu_count']} cores (other jobs share it; times grow with the load)." if loads else "")
@@ -215,8 +235,9 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
   lines += list(extra)
   lines += ["", "## Every run", "", "| run (folder under the root) | test error % | train loss | ⟨σ⟩ | updates | "
             "training wall |", "|---|---|---|---|---|---|"]
-  lines += [f"| `{name}` | {100 * f['test_error']:.2f} | {f['train_loss']:.4f} | {f['staleness_mean']:.2f} | "
-            f"{f['updates']} | {f['wall_s']:.0f} s |" for name, f in runs]
+  lines += [f"| `{name}` | {'diverged' if f.get('diverged') else format(100 * f['test_error'], '.2f')} | "
+            f"{num(f, 'train_loss', '.4f')} | {num(f, 'staleness_mean', '.2f')} | {num(f, 'updates', 'd')} | "
+            f"{f['wall_s']:.0f} s |" for name, f in runs]
   return "\n".join(lines) + "\n"
 
 
@@ -241,10 +262,13 @@ def plot_staleness_by_n(finals: Iterable[dict], folder: str) -> list[tuple[int, 
     if f["cell"]["policy"] == "ssgd":
       continue
     h = hists.setdefault(f["cell"]["n"], {}).setdefault(f["cell"]["learners"], {})
-    for s, count in f["staleness_histogram"].items():
+    for s, count in f.get("staleness_histogram", {}).items():   # none: diverged before its first evaluation
       h[int(s)] = h.get(int(s), 0) + count
   paths = []
   for n, by_lam in sorted(hists.items()):
+    by_lam = {lam: h for lam, h in by_lam.items() if h}
+    if not by_lam:
+      continue
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for i, (lam, h) in enumerate(sorted(by_lam.items())):
       total = sum(h.values())
@@ -275,7 +299,8 @@ def plot_error_curves(histories: dict[tuple[int, int, str], list[list[dict]]], p
   fig, axes = plt.subplots(1, len(lams), figsize=(4.5 * len(lams), 3.8), squeeze=False)
   for ax, lam in zip(axes[0], lams):
     for (l, n, policy), runs in sorted(histories.items()):
-      if l != lam:
+      runs = [r for r in runs if r]          # a run that diverged before its first evaluation has no curve
+      if l != lam or not runs:
         continue
       length = min(len(r) for r in runs)
       epochs = [runs[0][i]["epoch"] for i in range(length)]
@@ -304,16 +329,19 @@ def plot_error_vs_n(agg: dict, path: str) -> str:
   fig, axes = plt.subplots(1, len(lams), figsize=(4.5 * len(lams), 3.8), squeeze=False)
   for ax, lam in zip(axes[0], lams):
     ssgd = agg.get((lam, 0, "ssgd"))
-    if ssgd:
+    if ssgd and ssgd["error"] is not None:
       mean, half = ssgd["error"][0], ssgd["half"] or 0.0
       ax.axhspan(mean - half, mean + half, color="k", alpha=0.12)
       ax.axhline(mean, color="k", linewidth=2, label=f"SSGD {error_text(ssgd)}")
     for policy, style in (("inverse", dict(color="C0", marker="o")), ("constant", dict(color="C3", marker="s",
                                                                                            linestyle="--"))):
-      rows = sorted((n, a) for (l, n, p), a in agg.items() if l == lam and p == policy)
+      rows = sorted((n, a) for (l, n, p), a in agg.items() if l == lam and p == policy and a["error"] is not None)
       if rows:
         ax.errorbar([n for n, _ in rows], [a["error"][0] for _, a in rows],
                     yerr=[a["half"] or 0.0 for _, a in rows], capsize=3, label=policy, **style)
+    gone = sorted(f"{p} n = {n}" for (l, n, p), a in agg.items() if l == lam and a["error"] is None)
+    if gone:                                    # no point to draw: say so on the panel
+      ax.text(0.02, 0.98, "diverged: " + ", ".join(gone), transform=ax.transAxes, va="top", fontsize=7)
     ns = sorted({n for (l, n, p) in agg if l == lam and p != "ssgd"})
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
@@ -348,7 +376,7 @@ def time_to(history: Sequence[dict], target_percent: float) -> float | None:
 def speedup_rows(runs: Sequence[tuple[dict, list[dict]]], points: float = P4_POINTS) -> tuple[float, list[dict]]:
   """(target %, rows): the target is the λ = 1 runs' mean final test error + ``points``; a row per (protocol, λ)
   with the time to target per seed, their mean (None unless every seed reached it) and the speedup over λ = 1."""
-  base = [100 * h[-1]["test_error"] for cell, h in runs if cell["learners"] == 1]
+  base = [100 * h[-1]["test_error"] for cell, h in runs if cell["learners"] == 1 and h]
   if not base:
     raise ValueError("the speedup figure needs the λ = 1 run (its final error sets the target); allowed: "
                      "--speedup values including 1")
@@ -414,6 +442,8 @@ def speedup_markdown(target: float, rows: Sequence[dict], figure: str) -> list[s
 
 def estimate_text(points: Sequence[tuple[float, float, float, float]], epochs: float, dataset: str = "mnist5k") -> str:
   """The full grid's predicted time at ``epochs`` (the default with --quick) from this run's cells' times."""
+  if not points:
+    return "No run finished, so there is no time estimate for the full grid."
   a, b, d = fit_seconds(points)
   full, size = grid(LEARNERS, NS, [0], dataset), TRAIN_SIZES[dataset]
   seconds = sum(a * epochs * size + b * gradients_of(c, epochs) + d * updates_of(c, epochs) for c in full)

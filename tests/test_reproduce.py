@@ -338,3 +338,42 @@ def test_cell_environment_asks_for_min_lambda_8_devices_and_a_shared_compilation
   env = reproduce.cell_environment(Cell(30, 2, "inverse", 0), "r", environ=chosen)
   assert f"{flag}=2" in env["XLA_FLAGS"] and f"{flag}=8" not in env["XLA_FLAGS"]
   assert env["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
+
+
+def test_a_diverged_cell_is_a_result_the_grid_reports_not_a_failure(tmp_path):
+  """α0 = 1e9 (the issue's diverging run) in a real cell: train_and_record writes its final.json with the reason
+  and no test error; the table shows it as diverged and its P4 verdict is worse."""
+  cell = Cell(2, 2, "inverse", 0)
+  config = reproduce.cell_config(cell, 1, 256)
+  config.learning_rate, config.divergence_after, config.eval_every_epochs = 1e9, 4, 0.25
+  config.batch_per_learner = 8                     # 32 gradients in the epoch: room to diverge
+  path = reproduce.final_path(cell, 1, str(tmp_path), 256)
+  final = reproduce.train_and_record(config, path, {"cell": {**cell.__dict__}, "epochs": 1})
+  with open(path) as f:
+    assert json.load(f) == final
+  assert final["test_error"] is None and final["wall_s"] > 0
+  assert re.fullmatch(r"diverged: 4 consecutive non-finite gradients at update \d+; .*", final["diverged"])
+  ssgd = [_final(2, 0, "ssgd", s, 0.10) for s in (0, 1)]
+  agg = reproduce_report.aggregate(ssgd + [final, {**final, "cell": {**final["cell"], "seed": 1}}])
+  assert agg[(2, 2, "inverse")]["error"] is None and agg[(2, 2, "inverse")]["diverged"] == 2
+  [v] = reproduce_report.p4_verdicts(agg)
+  assert (v["verdict"], v["delta"], v["why"]) == ("worse", None, "diverged in 2 of 2 seeds")
+  text = reproduce_report.render_markdown(agg, [v], command="c", epochs=1, seeds=[0, 1], wall_s=1,
+                                          runs=[("inv", final)], estimate="E", figures=[])
+  assert "| diverged (2 of 2) | – | 10.00 ± 0.00 | – | worse |" in text
+  assert "- n = 2, λ = 2: no paired difference — **worse**; diverged in 2 of 2 seeds" in text
+  assert re.search(r"\| `inv` \| diverged \| .* s \|", text)
+  assert reproduce_report.plot_staleness_by_n([final], str(tmp_path)) == [] or final.get("staleness_histogram")
+
+
+def test_some_seeds_diverged_the_others_keep_their_mean_and_the_cell_is_worse():
+  finals = [_final(8, 0, "ssgd", s, 0.10) for s in range(3)]
+  finals += [_final(8, 4, "inverse", 0, 0.11), _final(8, 4, "inverse", 1, 0.12),
+             {"cell": {"learners": 8, "n": 4, "policy": "inverse", "seed": 2}, "test_error": None, "diverged": "d"}]
+  agg = reproduce_report.aggregate(finals)
+  a = agg[(8, 4, "inverse")]
+  assert a["error"] == pytest.approx((11.5, 0.7071), abs=1e-4) and (a["seeds"], a["diverged"]) == (3, 1)
+  assert reproduce_report.error_text(a) == f"11.50 ± {a['half']:.2f} (1 of 3 diverged)"
+  [v] = reproduce_report.p4_verdicts(agg)
+  assert v["verdict"] == "worse" and v["delta"] == pytest.approx(1.5) and v["pairs"] == 2
+  assert reproduce_report.estimate_text([], 20).startswith("No run finished")
