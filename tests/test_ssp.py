@@ -7,6 +7,7 @@ gate. s = 0 with c = λ is hardsync (σ = 0); a dead learner leaves the minimum.
 """
 
 import random
+import threading
 import time
 
 import pytest
@@ -233,3 +234,41 @@ def test_mpi_two_ranks_s_0_with_c_lambda_is_hardsync(tmp_path):
   assert min(final["pushes_per_rank"]) > 0 and final["gradients_per_update"] == 4
   assert final["staleness_max"] == 0 and final["ssp_max_spread"] == 0 and final["messages_rejected"] == 0
   assert {v["count"] for v in final["staleness_per_learner"].values()} == {final["updates"]}
+
+
+@needs_mpiexec
+def test_mpi_a_corrupted_permit_is_sent_again_and_the_run_stays_hardsync(tmp_path):
+  """Rank 0 corrupts the first PERMIT to rank 1: the rank rejects it and asks again (RESEND); rank 0 resends that
+  learner's outstanding permit, so the run ends (it waited forever before) and s = 0, c = λ still gives σ = 0."""
+  workdir = tmp_path / "run"
+  result = _mpiexec(2, *MPI_ARGS, "--config.executor=mpi", "--config.protocol=ssp", "--config.n=1",
+                    "--config.ssp_spread=0", "--config.epochs=1", "--config.fault_mpi_corrupt_permits=1",
+                    "--workdir", str(workdir), timeout=300)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "rank 1: rejected a malformed message from rank 0" in result.stderr and "asking again" in result.stderr
+  final = _records(workdir)[-1]
+  assert final["staleness_max"] == 0 and final["ssp_max_spread"] == 0 and min(final["pushes_per_rank"]) > 0
+  assert {v["count"] for v in final["staleness_per_learner"].values()} == {final["updates"]}
+
+
+def test_a_rank_grants_each_permit_serial_once_so_a_resent_permit_never_starts_a_second_gradient():
+  pytest.importorskip("mpi4py")
+  from sajax.executors import mpi_wire as wire
+  from sajax.executors.learners import Published
+  from sajax.executors.mpi import LearnerRank
+  rank = LearnerRank.__new__(LearnerRank)   # only what _handle reads
+  rank.local, rank._granted, rank.published, rank.rejected, rank.rank = [2, 3], {2: 0, 3: 0}, Published(5, None), 0, 1
+  stop = threading.Event()
+
+  def permit(k, serial, version=5):
+    rank._handle(wire.Message(wire.PERMIT, k, version, float(serial)))
+
+  permit(2, 1)
+  assert rank.published.take(2, stop)                    # granted and used
+  permit(2, 1)                                           # resent after a RESEND: already granted
+  assert 2 not in rank.published._permits
+  permit(2, 2)
+  permit(3, 1)
+  assert rank.published._permits == {2: 5, 3: 5}
+  permit(0, 1)                                           # another rank's learner: rejected, never granted
+  assert rank.rejected == 1 and 0 not in rank.published._permits

@@ -23,6 +23,9 @@ it accepted: after each push it processes (and each death) the gate names the le
 learner on another rank is sent a PERMIT (learner k, the current version i); its rank is queued for θ_i as after
 a push, and the learner starts once it holds both (:meth:`~sajax.executors.learners.Published.take`), so s = 0
 with c = λ gives σ = 0 here too. The price: a remote learner waits one round trip to rank 0 after every push.
+A PERMIT is never lost: each carries learner k's serial number (1, 2, …), rank 0 keeps it until k's next push
+(or death) arrives and sends it again when the rank asks for a RESEND (it rejected some message, perhaps that
+one), and the rank ignores a serial it has already granted, so a resent permit never lets k start twice.
 
 MPI calls poll with a short sleep instead of blocking: MPICH's blocking calls spin a core, which learner
 threads on a few cores cannot spare.
@@ -54,7 +57,7 @@ DEFAULT_WAIT_S = 600.0   # start-up and shutdown waits for another rank (a first
 
 
 def _corrupted(buf: np.ndarray) -> np.ndarray:
-  """``buf`` with a bad magic number (fault injection: ``fault_mpi_corrupt_weights``)."""
+  """``buf`` with a bad magic number (fault injection: ``fault_mpi_corrupt_weights``, ``fault_mpi_corrupt_permits``)."""
   bad = buf.copy()
   bad[:4] = 0
   return bad
@@ -77,6 +80,9 @@ class ServerRank(ThreadedEngine):
     self._want: set[int] = set()                        # ranks that pushed since they were last sent θ
     self._sent = {r: -1 for r in range(1, self.ranks)}  # the last version each rank was sent
     self._corrupt = {r: int(run.config.get("fault_mpi_corrupt_weights", 0)) for r in range(1, self.ranks)}
+    self._corrupt_permits = {r: int(run.config.get("fault_mpi_corrupt_permits", 0)) for r in range(1, self.ranks)}
+    self._permit_serial = {k: 0 for r in range(1, self.ranks) for k in self.blocks[r]}
+    self._outstanding: dict[int, np.ndarray] = {}      # ssp: learner k -> its PERMIT not yet followed by a push
     self._done: set[int] = set()
     self._ready: set[int] = set()
     self._closing = self._abandoned = False
@@ -160,18 +166,22 @@ class ServerRank(ThreadedEngine):
                              f"checkpoint):\n{msg.text}")
       elif msg.kind in (wire.DONE, wire.READY, wire.RESEND):
         with self._lock:
-          if msg.kind == wire.RESEND:    # its copy of θ was rejected: send the newest again
+          if msg.kind == wire.RESEND:    # it rejected a message: the newest θ and its outstanding permits again
             self._sent[source] = -1
             self._want.add(source)
+            self._control += [(source, self._outstanding[k]) for k in self.blocks[source] if k in self._outstanding]
           else:
             (self._done if msg.kind == wire.DONE else self._ready).add(source)
           self._lock.notify_all()
       elif self.stop.is_set():
         continue                                  # in flight when the run ended: discarded
       elif msg.kind == wire.DEATH:
+        with self._lock:
+          self._outstanding.pop(msg.learner, None)
         self._put(Death(msg.learner, msg.text))
       else:
         with self._lock:   # the pushing learner pulls next: send its rank θ as soon as there is a newer one
+          self._outstanding.pop(msg.learner, None)   # ssp: it used its permit
           self._want.add(source)
           self._lock.notify_all()
           stale = self._stale_params(msg.learner, msg.version)
@@ -230,14 +240,22 @@ class ServerRank(ThreadedEngine):
 
   def _permit(self, learners: list[int]) -> None:
     """SSP: rank 0's own learners are permitted in process; another rank's get a PERMIT naming the current
-    version, and their rank is sent that version's weights unless it has them."""
+    version and k's next serial (kept until k pushes, resent on RESEND), and their rank is sent that version's
+    weights unless it has them."""
     super()._permit([k for k in learners if self.owner[k] == 0])
     remote = [k for k in learners if self.owner[k] != 0]
     if remote:
       with self._lock:
         for k in remote:
-          self._control.append((self.owner[k], wire.encode(wire.PERMIT, learner=k, version=self.ps.version)))
-          self._want.add(self.owner[k])
+          rank = self.owner[k]
+          self._permit_serial[k] += 1
+          buf = wire.encode(wire.PERMIT, learner=k, version=self.ps.version, value=float(self._permit_serial[k]))
+          self._outstanding[k] = buf
+          if self._corrupt_permits[rank] > 0:
+            self._corrupt_permits[rank] -= 1
+            buf = _corrupted(buf)
+          self._control.append((rank, buf))
+          self._want.add(rank)
         self._lock.notify_all()
 
   def telemetry(self) -> dict:
@@ -267,6 +285,7 @@ class LearnerRank:
     self.published = Published()
     self.pushes = self.rejected = 0
     self.interrupted = False
+    self._granted = {k: 0 for k in self.local}   # ssp: the last permit serial granted to each local learner
 
   def _next(self, expect: frozenset, what: str, deadline: Optional[float]) -> Optional[wire.Message]:
     """The next message from rank 0 of the kinds ``expect`` (None if it was rejected: RESEND asked)."""
@@ -341,7 +360,10 @@ class LearnerRank:
       return
     if msg.kind == wire.PERMIT:
       if msg.learner in self.local:
-        self.published.grant([msg.learner], msg.version)
+        serial = int(msg.value)
+        if serial > self._granted[msg.learner]:   # else a resent permit it already has: never grant twice
+          self._granted[msg.learner] = serial
+          self.published.grant([msg.learner], msg.version)
       else:
         self.rejected += 1
         log.error("rank %d: rejected a permission for learner %d, which runs on another rank", self.rank,

@@ -5,8 +5,8 @@
     (an error text, or the JSON sampler states of a rank's learners)
 
 A push carries learner k, the version j its gradient was computed on and its training loss (``value``); a
-weights message carries version i and θ_i; a permission (ssp) carries learner k and the version i it starts on
-at the earliest. Everything here is pure: :func:`encode` builds the byte buffer,
+weights message carries version i and θ_i; a permission (ssp) carries learner k, the version i it starts on
+at the earliest and its serial number (``value``: 1, 2, … per learner, so a resent one is recognised). Everything here is pure: :func:`encode` builds the byte buffer,
 :func:`decode` checks a received one (size, magic, kind, length, learner range, version) and raises
 :class:`WireError` naming what is wrong, so a malformed or truncated message is rejected, never applied.
 """
@@ -35,7 +35,7 @@ WEIGHTS = 11  # θ_i with version i
 STOP = 12     # stop learning; value = 1.0 when the run was interrupted (Ctrl-C), 0.0 when finished
 SETUP = 13    # first message to a rank: its learners' sampler states as UTF-8 JSON (rank 0 restored them)
 START = 14    # every rank is READY: start the learners
-PERMIT = 15   # ssp: learner k may start one gradient, on weights of this version or newer
+PERMIT = 15   # ssp: learner k may start one gradient, on weights of this version or newer; value = k's serial
 KINDS = {PUSH: "push", DEATH: "death", FAIL: "fail", DONE: "done", READY: "ready", RESEND: "resend",
          WEIGHTS: "weights", STOP: "stop", SETUP: "setup", START: "start", PERMIT: "permit"}
 FLOAT_KINDS = frozenset({PUSH, WEIGHTS})
