@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.weight_decay = 0.0
   config.lr_boundaries_epochs = (13.33, 17.5)  # α ← α · lr_decay at each of these epochs (⅔ and ⅞ of them)
   config.lr_decay = 0.1
+  config.lr_warmup_epochs = 0.0       # > 0: α ramps linearly from α0/W to α0 over the first W updates (these epochs)
   config.epochs = 20.0                # the most that fits the 60 s first run on 2 cores (docs/benchmarks.md)
   # bookkeeping
   config.eval_every_epochs = 1.0

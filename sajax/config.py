@@ -28,6 +28,7 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "model": (str,), "executor": (str,), "protocol": (str,), "n": (int,), "learners": (int,),
     "batch_per_learner": (int,), "policy": (str,), "learning_rate": (float, int), "momentum": (float, int),
     "weight_decay": (float, int), "lr_boundaries_epochs": (tuple, list), "lr_decay": (float, int),
+    "lr_warmup_epochs": (float, int),
     "epochs": (float, int), "eval_every_epochs": (float, int), "eval_batch_size": (int,),
     "checkpoint_every_epochs": (float, int), "keep_checkpoints": (int,), "seed": (int,),
     "progress": (bool,), "workdir": (str,), "fail_fast": (bool,), "fault_learner": (int,),
@@ -41,6 +42,7 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "sim_profile": (str,), "ssp_spread": (int,),
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
+                           "lr_warmup_epochs",
                            "fail_fast", "fault_learner", "fault_at_step", "nan_learners", "nan_at_step",
                            "nan_steps", "divergence_after", "mpi_timeout_s", "fault_mpi_corrupt_weights",
                            "fault_mpi_corrupt_permits", "sim_base_time", "sim_push_time", "sim_example_time",
@@ -56,7 +58,7 @@ DEFAULT_SSP_SPREAD = 3   # s of protocol ssp when a config does not set ssp_spre
 
 # What an optional key that a saved config lacks means (so a run saved before the key existed still resumes).
 ABSENT_MEANS: Mapping[str, Any] = {
-    "policy_args": "{}", "sim_profile": "", "ssp_spread": DEFAULT_SSP_SPREAD, "sim_push_time": 0.0,
+    "policy_args": "{}", "sim_profile": "", "lr_warmup_epochs": 0.0, "ssp_spread": DEFAULT_SSP_SPREAD, "sim_push_time": 0.0,
     "sim_example_time": 0.0, "nan_learners": (), "nan_at_step": 0, "nan_steps": 1, "divergence_after": 100,
     "mpi_timeout_s": 600.0, "fault_mpi_corrupt_weights": 0,
     "fault_mpi_corrupt_permits": 0}
@@ -112,6 +114,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_policy(config, values)
   if not 0 <= values["momentum"] < 1:
     raise ConfigError(f"config.momentum={values['momentum']!r} is invalid; allowed: 0 <= momentum < 1")
+  if values.get("lr_warmup_epochs", 0) < 0:
+    raise ConfigError(f"config.lr_warmup_epochs={values['lr_warmup_epochs']!r} is invalid; allowed: a number "
+                      ">= 0 (0: no warm-up)")
   if values.get("weight_decay", 0) < 0:
     raise ConfigError(f"config.weight_decay={values['weight_decay']!r} is invalid; allowed: a number >= 0")
   if values.get("train_examples", 0) < 0:

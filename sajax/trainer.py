@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -43,8 +44,14 @@ class TrainResult:
 
 
 def make_schedule(config: ml_collections.ConfigDict, per_epoch: float) -> optax.Schedule:
-  """α as a function of the PS update count: α0, times lr_decay at each boundary (given in epochs)."""
-  return optax.piecewise_constant_schedule(config.learning_rate, config_lib.schedule_boundaries(config, per_epoch))
+  """α as a function of the PS update count t: α0, times lr_decay at each boundary (given in epochs), and with
+  ``lr_warmup_epochs`` = w > 0 times min(1, (t + 1)/W) over the first W = w epochs' updates (the linear warm-up
+  of Goyal et al. 2017, which also tames the first λ asynchronous pushes, all computed on θ_0)."""
+  steps = optax.piecewise_constant_schedule(config.learning_rate, config_lib.schedule_boundaries(config, per_epoch))
+  warmup = config_lib.epoch_to_update(config.get("lr_warmup_epochs", 0.0), per_epoch)
+  if not warmup:
+    return steps
+  return lambda t: steps(t) * jnp.minimum(1.0, (t + 1) / warmup)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule, policy: Optional[Any] = None

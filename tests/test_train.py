@@ -11,6 +11,7 @@ import sajax
 from configs import smoke
 from sajax import config as config_lib
 from sajax import metrics as metrics_lib
+from tests import helpers
 from tests.helpers import reproducible as _reproducible
 
 REQUIRED = {"epoch", "updates", "samples", "wall_s", "train_loss", "test_error", "staleness_mean",
@@ -127,3 +128,18 @@ def test_tfds_dataset_trains_through_the_same_path(tmp_path):
   assert [r["updates"] for r in result.history] == [4, 8]
   assert 0.0 <= result.metrics["test_error"] <= 1.0
   assert result.metrics["samples"] == 8 * 16
+
+
+def test_the_schedule_steps_at_epoch_boundaries_and_warms_up_linearly():
+  """α0 = 0.1 with 10 updates per epoch, ÷10 at epoch 2; a 0.5-epoch warm-up is W = 5 updates: α_t = α0 (t+1)/5."""
+  from sajax import trainer
+  config = helpers.smoke_config("simulated", "async", learners=2, batch_per_learner=8, learning_rate=0.1,
+                               lr_boundaries_epochs=(2,), lr_decay=0.1)
+  plain = trainer.make_schedule(config, per_epoch=10)
+  assert [float(plain(t)) for t in (0, 19, 20)] == pytest.approx([0.1, 0.1, 0.01])
+  config.lr_warmup_epochs = 0.5
+  warm = trainer.make_schedule(config, per_epoch=10)
+  assert [float(warm(t)) for t in (0, 1, 4, 5, 19, 20)] == pytest.approx([0.02, 0.04, 0.1, 0.1, 0.1, 0.01])
+  config.lr_warmup_epochs = -1
+  with pytest.raises(config_lib.ConfigError, match=r"^config.lr_warmup_epochs=-1.0 is invalid; allowed: a number >= 0"):
+    config_lib.validate(config)
