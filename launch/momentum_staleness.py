@@ -182,7 +182,8 @@ def render(rows: Sequence[tuple[Probe, dict, list]], *, command: str, epochs: fl
       f"on SSGD; simulated executor, λ = {lam} learners of μ = {math.ceil(128 / lam)}, the first "
       f"{train_examples:,} training images, the 10,000 test images) for its first {epochs:g} epochs, with the "
       f"momentum m and warm-up in its row; evaluated every {EVAL_EVERY:g} epoch. Train loss: the mean over the "
-      f"mini-batches of the last interval between evaluations; peak: the interval with the highest. Dead: the fraction of ReLU units (channels for a convolution) with no "
+      "mini-batches of the last interval between evaluations; peak: the interval with the highest. Dead: the "
+      "fraction of ReLU units (channels for a convolution) with no "
       f"positive pre-activation on any of {DEAD_IMAGES:,} test images, in the final checkpoint. "
       f"ln 10 = {CHANCE_LOSS:.4f} is a constant output.", "",
       "| run | seed | test error % | train loss | peak train loss (epoch) | dead conv1 / conv2 / fc1 |",
@@ -193,8 +194,8 @@ def render(rows: Sequence[tuple[Probe, dict, list]], *, command: str, epochs: fl
     peak = peak_loss(history)
     dead = f.get("dead")
     dead_text = " / ".join(f"{100 * dead[k]:.0f} %" for k in LAYERS) if dead else "–"
-    lines.append(f"| {probe.label} | {probe.seed} | {error} | {loss} | {'–' if peak is None else f'{peak[1]:.3g} ({peak[0]:g})'} "
-                 f"| {dead_text} |")
+    peak_text = "–" if peak is None else f"{peak[1]:.3g} ({peak[0]:g})"
+    lines.append(f"| {probe.label} | {probe.seed} | {error} | {loss} | {peak_text} | {dead_text} |")
   lines += ["", f"The first λ = {lam} pushes are all gradients at θ_0; their summed weight s(σ) is "
             f"{start_weight(lam, 'inverse'):.2f} gradients under the inverse rule (1 + H_{{λ−1}}) and {lam} under "
             f"constant; with momentum m each is applied again, up to 1/(1 − m) times in all (10 at m = 0.9, 2 at "
