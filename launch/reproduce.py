@@ -64,9 +64,9 @@ EXAMPLE_TIME, PUSH_TIME, STRAGGLER_SLOWDOWN = 1.0 / BATCH_TOTAL, 0.1, 4.0
 
 @dataclasses.dataclass(frozen=True)
 class Cell:
-  """One run of the grid: λ learners, n of n-softsync (0: the SSGD baseline), policy, seed, dataset, and the
+  """One run of the grid: λ learners, n of n-softsync (0: the SSGD baseline), policy, seed, dataset, the
   learner-speed model: ``"equal"`` (equal speeds, jitter) or ``"cost"`` (the speedup figure's: push time +
-  time ∝ μ, jitter, one straggler)."""
+  time ∝ μ, jitter, one straggler), and a momentum replacing the base config's (None: the base config's)."""
 
   learners: int
   n: int
@@ -74,6 +74,7 @@ class Cell:
   seed: int
   dataset: str = "mnist5k"
   speed: str = "equal"
+  momentum: Optional[float] = None
 
   @property
   def batch(self) -> int:
@@ -95,13 +96,14 @@ class Cell:
     data = f"-t{train_examples}" if train_examples else ""
     prefix = ("" if self.dataset == "mnist5k" else f"{self.dataset}-") + ("" if self.speed == "equal" else
                                                                              f"{self.speed}-")
-    return f"{prefix}lambda{self.learners}-mu{self.batch}-{proto}-e{epochs:g}{data}-seed{self.seed}"
+    mom = "" if self.momentum is None else f"-m{self.momentum:g}"
+    return f"{prefix}lambda{self.learners}-mu{self.batch}-{proto}-e{epochs:g}{data}{mom}-seed{self.seed}"
 
 
 def grid(learners: Iterable[int], ns: Iterable[str], seeds: Iterable[int], dataset: str = "mnist5k",
-         constant_ns: Optional[Iterable[str]] = None) -> list[Cell]:
+         constant_ns: Optional[Iterable[str]] = None, momentum: Optional[float] = None) -> list[Cell]:
   """The cells in run order: per seed and λ, SSGD first, then each distinct n ≤ λ with inverse and (when n is
-  in ``constant_ns``, default every n) constant.
+  in ``constant_ns``, default every n) constant; every cell with ``momentum`` (None: the base config's).
 
   ``ns``, ``constant_ns``: integers as strings, or ``"lambda"`` for n = λ; an n > λ is no cell for that λ.
   """
@@ -109,23 +111,24 @@ def grid(learners: Iterable[int], ns: Iterable[str], seeds: Iterable[int], datas
   cells = []
   for seed in seeds:
     for lam in learners:
-      cells.append(Cell(lam, 0, "ssgd", seed, dataset))
+      cells.append(Cell(lam, 0, "ssgd", seed, dataset, momentum=momentum))
       constant = as_ints(ns if constant_ns is None else constant_ns, lam)
       for n in sorted(as_ints(ns, lam)):
         if n <= lam:
-          cells.append(Cell(lam, n, "inverse", seed, dataset))
-          cells += [Cell(lam, n, "constant", seed, dataset)] if n in constant else []
+          cells.append(Cell(lam, n, "inverse", seed, dataset, momentum=momentum))
+          cells += [Cell(lam, n, "constant", seed, dataset, momentum=momentum)] if n in constant else []
   return cells
 
 
-def speedup_cells(learners: Iterable[int], seeds: Iterable[int], dataset: str) -> list[Cell]:
+def speedup_cells(learners: Iterable[int], seeds: Iterable[int], dataset: str,
+                  momentum: Optional[float] = None) -> list[Cell]:
   """The speedup figure's cells under the ``cost`` speed model: per seed and λ, hardsync (SSGD), 1-softsync
   and async (n = λ) with the inverse rule; for λ = 1 they are one run (c = 1, σ = 0), kept as SSGD."""
   cells = []
   for seed in seeds:
     for lam in learners:
-      cells.append(Cell(lam, 0, "ssgd", seed, dataset, "cost"))
-      cells += [Cell(lam, n, "inverse", seed, dataset, "cost") for n in sorted({1, lam})] if lam > 1 else []
+      cells.append(Cell(lam, 0, "ssgd", seed, dataset, "cost", momentum))
+      cells += [Cell(lam, n, "inverse", seed, dataset, "cost", momentum) for n in sorted({1, lam})] if lam > 1 else []
   return cells
 
 
@@ -142,8 +145,11 @@ def scaled_boundaries(config, epochs: float) -> tuple[float, ...]:
 
 def cell_config(cell: Cell, epochs: float, train_examples: int = 0):
   """The dataset's base config for one cell: simulated executor, λ, μ, n, policy, seed; its α0, momentum and
-  step schedule unchanged, the boundaries scaled by epochs / its epochs (configs/default.py: ⅔ and ⅞)."""
+  step schedule unchanged (momentum: the cell's when it names one), the boundaries scaled by epochs / its epochs
+  (configs/default.py: ⅔ and ⅞)."""
   config = base_config(cell.dataset)
+  if cell.momentum is not None:
+    config.momentum = cell.momentum
   boundaries = scaled_boundaries(config, epochs)
   config.executor = "simulated"
   config.learners, config.batch_per_learner, config.seed = cell.learners, cell.batch, cell.seed
@@ -362,6 +368,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--constant-n", nargs="+", default=None,
                  help="n values at which the constant policy also runs (default: every --n)")
   p.add_argument("--train-examples", type=int, default=0, help="use the first N training examples (0: all)")
+  p.add_argument("--momentum", type=float, default=None,
+                 help="a declared second setting: this momentum in every cell, SSGD included (default: the base "
+                      "config's); its runs get their own folders")
   p.add_argument("--speedup", nargs="*", type=int, default=None,
                  help=f"also the speedup figure's runs (first seed only) at these λ (no values: "
                       f"{' '.join(map(str, SPEEDUP_LEARNERS))})")
@@ -371,6 +380,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   if args.speedup is not None:
     args.speedup = list(dict.fromkeys(args.speedup or SPEEDUP_LEARNERS))
   args.seeds, args.n = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.n))
+  if args.momentum is not None and not 0 <= args.momentum < 1:
+    raise ValueError(f"--momentum {args.momentum:g} is invalid; allowed: 0 <= momentum < 1")
   if args.dataset not in DATASETS:
     raise ValueError(f"--dataset {args.dataset!r} is invalid; allowed: {', '.join(DATASETS)}")
   args.full_epochs = float(base_config(args.dataset).epochs)
@@ -419,8 +430,8 @@ def main(argv: Sequence[str]) -> int:
                                        speedup_rows, verdict_counts)
   try:
     args = parse_args(argv[1:])
-    cells = grid(args.learners, args.n, args.seeds, args.dataset, args.constant_n)
-    speed_cells = speedup_cells(args.speedup, args.seeds[:1], args.dataset) if args.speedup else []
+    cells = grid(args.learners, args.n, args.seeds, args.dataset, args.constant_n, args.momentum)
+    speed_cells = speedup_cells(args.speedup, args.seeds[:1], args.dataset, args.momentum) if args.speedup else []
     if args.speedup and 1 not in args.speedup:
       raise ValueError(f"--speedup {' '.join(map(str, args.speedup))} is invalid; allowed: λ values including 1 "
                        "(the λ = 1 run sets the target error)")
@@ -475,7 +486,8 @@ def main(argv: Sequence[str]) -> int:
                          wall_s=wall, estimate=estimate, figures=[(t, rel(p)) for t, p in pngs],
                          runs=[(c.name(args.epochs, args.train_examples), f)
                                for c, f in zip(cells + speed_cells, finals + speed_finals)],
-                         dataset=args.dataset, train_examples=args.train_examples, extra=speedup)
+                         dataset=args.dataset, train_examples=args.train_examples, extra=speedup,
+                         momentum=args.momentum)
   write_text(args.out, text)
   print(f"{len(cells)} cells ({trained} trained, {len(cells) - trained} already done) in {wall:.0f} s; "
         f"P4 over {len(verdicts)} inverse cells: {verdict_counts(verdicts)}; report: {args.out}\n{estimate}")

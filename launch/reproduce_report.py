@@ -175,20 +175,24 @@ DESCRIPTIONS = {"mnist5k": "mnist5k (4,000 train / 1,000 test digits)",
 def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: float, seeds: Sequence[int],
                     wall_s: float, runs: Sequence[tuple[str, dict]], estimate: str,
                     figures: Sequence[tuple[str, str]], dataset: str = "mnist5k", train_examples: int = 0,
-                    extra: Sequence[str] = ()) -> str:
+                    extra: Sequence[str] = (), momentum: float | None = None) -> str:
   """The report: command, table (rows n, λ, μ; columns inverse, constant, SSGD, the paired difference and the
   P4 verdict), P4, timing, figures."""
   base = base_config(dataset)
   ci = (" (mean ± half-width of the 95 % Student-t interval over seeds)" if len(seeds) > 1 else
         " (one seed: no interval)")
   subset = f" (the first {train_examples:,} training examples)" if train_examples else ""
+  momentum_used = base.momentum if momentum is None else momentum
+  changed = "" if momentum is None else (
+      f" but for the momentum, {momentum:g} in every cell, SSGD included (a declared second setting; the base "
+      f"config's {base.momentum:g} was chosen on SSGD)")
   lines = [
       f"# Reproduction: staleness-aware async SGD vs SSGD (simulated, {dataset})", "",
       "Written by `launch/reproduce.py`; every number below comes from this command (each cell's runs are in "
       "`<root>/<cell>/`: `config.json`, `metrics.jsonl`, `final.json`):", "", "```bash", command, "```", "",
       f"{DESCRIPTIONS[dataset]}{subset}, {base.model.replace('_', ' ')}, `executor=simulated` (equal learner "
-      f"speeds, lognormal jitter σ = {SIM_JITTER}), configs/{BASE_CONFIGS[dataset]}.py unchanged: "
-      f"α0 = {base.learning_rate:g} for a λμ ≈ 128 mini-batch, momentum {base.momentum:g}, {epochs:g} epochs, "
+      f"speeds, lognormal jitter σ = {SIM_JITTER}), configs/{BASE_CONFIGS[dataset]}.py unchanged{changed}: "
+      f"α0 = {base.learning_rate:g} for a λμ ≈ 128 mini-batch, momentum {momentum_used:g}, {epochs:g} epochs, "
       f"α ÷{1 / base.lr_decay:g} at epochs {', '.join(f'{b:g}' for b in scaled_boundaries(base, epochs))}; "
       f"seeds {', '.join(map(str, seeds))}. Final test error in %{ci}; SSGD is hardsync (c = λ, σ = 0), one "
       "run per λ and seed, repeated on each of its rows. inverse − SSGD is the mean of the paired differences "

@@ -377,3 +377,24 @@ def test_some_seeds_diverged_the_others_keep_their_mean_and_the_cell_is_worse():
   [v] = reproduce_report.p4_verdicts(agg)
   assert v["verdict"] == "worse" and v["delta"] == pytest.approx(1.5) and v["pairs"] == 2
   assert reproduce_report.estimate_text([], 20).startswith("No run finished")
+
+
+def test_a_declared_momentum_goes_into_every_cell_its_name_and_the_report(tmp_path):
+  cells = reproduce.grid([8], ["1", "lambda"], [0], "fashion_mnist", ["lambda"], momentum=0.5)
+  assert {c.momentum for c in cells} == {0.5} and len(cells) == 4
+  assert cells[0].name(12, 20000) == "fashion_mnist-lambda8-mu16-ssgd-e12-t20000-m0.5-seed0"
+  assert Cell(8, 0, "ssgd", 0, "fashion_mnist").name(12, 20000) == "fashion_mnist-lambda8-mu16-ssgd-e12-t20000-seed0"
+  assert {reproduce.cell_config(c, 12, 20000).momentum for c in cells} == {0.5}
+  assert reproduce.cell_config(Cell(8, 0, "ssgd", 0, "fashion_mnist"), 12).momentum == 0.9
+  assert {c.momentum for c in reproduce.speedup_cells([1, 2], [0], "fashion_mnist", 0.5)} == {0.5}
+  args = reproduce.parse_args(["--dataset", "fashion_mnist", "--momentum", "0.5", "--root", str(tmp_path),
+                               "--out", str(tmp_path / "r.md")])
+  assert args.momentum == 0.5
+  with pytest.raises(ValueError, match=r"--momentum 1 is invalid; allowed: 0 <= momentum < 1"):
+    reproduce.parse_args(["--momentum", "1", "--root", str(tmp_path), "--out", str(tmp_path / "r.md")])
+  agg = reproduce_report.aggregate([_final(8, 0, "ssgd", 0, 0.1), _final(8, 1, "inverse", 0, 0.11)])
+  text = reproduce_report.render_markdown(agg, reproduce_report.p4_verdicts(agg), command="c", epochs=12, seeds=[0],
+                                          wall_s=1, runs=[], estimate="E", figures=[], dataset="fashion_mnist",
+                                          momentum=0.5)
+  assert "but for the momentum, 0.5 in every cell, SSGD included (a declared second setting" in text
+  assert "momentum 0.5, 12 epochs" in text
