@@ -88,13 +88,15 @@ class Variant:
 
 @dataclasses.dataclass(frozen=True)
 class PolicyCell:
-  """One run: a variant under a speed profile, with a seed, on a dataset, with λ learners."""
+  """One run: a variant under a speed profile, with a seed, on a dataset, with λ learners, and a momentum
+  replacing the base config's (None: the base config's)."""
 
   variant: Variant
   profile: str
   seed: int
   dataset: str = "mnist5k"
   learners: int = LEARNERS
+  momentum: Optional[float] = None
 
   @property
   def batch(self) -> int:
@@ -103,8 +105,9 @@ class PolicyCell:
 
   def name(self, epochs: float, train_examples: int = 0) -> str:
     data = f"-t{train_examples}" if train_examples else ""
+    mom = "" if self.momentum is None else f"-m{self.momentum:g}"
     return (f"{self.dataset}-{self.profile}-{self.variant.name}-lambda{self.learners}-mu{self.batch}-e{epochs:g}"
-            f"{data}-seed{self.seed}")
+            f"{data}{mom}-seed{self.seed}")
 
 
 def ssp_available() -> bool:
@@ -128,11 +131,11 @@ def variants(policies: Sequence[str], learners: int = LEARNERS, spread: int = SS
 
 
 def grid(variant_list: Sequence[Variant], profiles: Sequence[str], seeds: Sequence[int], dataset: str,
-         runnable: bool = True) -> list[PolicyCell]:
-  """The cells in run order: per seed, per profile, every variant (a whole seed is done before the next starts).
-  SSP's cells are left out unless ``runnable`` (the protocol exists)."""
-  return [PolicyCell(v, profile, seed, dataset) for seed in seeds for profile in profiles for v in variant_list
-          if runnable or v.protocol != SSP]
+         runnable: bool = True, momentum: Optional[float] = None) -> list[PolicyCell]:
+  """The cells in run order: per seed, per profile, every variant (a whole seed is done before the next starts),
+  each with ``momentum`` (None: the base config's). SSP's cells are left out unless ``runnable``."""
+  return [PolicyCell(v, profile, seed, dataset, momentum=momentum) for seed in seeds for profile in profiles
+          for v in variant_list if runnable or v.protocol != SSP]
 
 
 def cell_config(cell: PolicyCell, epochs: float, train_examples: int = 0):
@@ -141,7 +144,7 @@ def cell_config(cell: PolicyCell, epochs: float, train_examples: int = 0):
   v = cell.variant
   ssgd = v.protocol == "hardsync"
   base = reproduce.Cell(cell.learners, 0 if ssgd else cell.learners, SSGD if ssgd else v.policy, cell.seed,
-                        cell.dataset)
+                        cell.dataset, momentum=cell.momentum)
   config = reproduce.cell_config(base, epochs, train_examples)
   if not ssgd:
     config.protocol, config.n = v.protocol, cell.learners
@@ -460,6 +463,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--profiles", nargs="+", default=list(PROFILES), help=f"of {', '.join(PROFILES)}")
   p.add_argument("--policies", nargs="+", default=[*policies, SSP], help="policies (default: all) and 'ssp'")
   p.add_argument("--ssp-spread", type=int, default=SSP_SPREAD, help="SSP's spread s")
+  p.add_argument("--momentum", type=float, default=None, help="this momentum in every row, SSGD included "
+                 "(default: the base config's); its runs get their own folders")
   p.add_argument("--cell", default=None, help=argparse.SUPPRESS)   # internal: train one cell (see run_cell)
   args = p.parse_args(list(argv))
   args.dataset = args.dataset or default_dataset()
@@ -474,6 +479,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   for name in args.policies:
     if name not in (*policies, SSP):
       raise ValueError(f"--policies {name!r} is invalid; allowed: {', '.join(policies)}, {SSP}")
+  if args.momentum is not None and not 0 <= args.momentum < 1:
+    raise ValueError(f"--momentum {args.momentum:g} is invalid; allowed: 0 <= momentum < 1")
   if args.ssp_spread < 0:
     raise ValueError(f"--ssp-spread {args.ssp_spread} is invalid; allowed: an integer >= 0")
   reproduce.check_run_args(args)
@@ -490,7 +497,9 @@ def setting_text(args: argparse.Namespace) -> str:
           f"{reproduce.Cell(LEARNERS, 0, SSGD, 0).batch}, "
           f"simulated executor (lognormal jitter σ = {reproduce.SIM_JITTER}); "
           f"configs/{reproduce.BASE_CONFIGS[args.dataset]}.py's α0 = {base.learning_rate:g}, momentum "
-          f"{base.momentum:g}, α ÷{1 / base.lr_decay:g} at epochs {boundaries} in every row; profiles: "
+          f"{base.momentum if args.momentum is None else args.momentum:g}"
+          f"{'' if args.momentum is None else f' (the base config has {base.momentum:g})'}, "
+          f"α ÷{1 / base.lr_decay:g} at epochs {boundaries} in every row; profiles: "
           f"{', '.join(args.profiles)} (sim_slowdown {base.sim_slowdown:g} for one_slow).")
 
 
@@ -510,7 +519,7 @@ def main(argv: Sequence[str]) -> int:
   from sajax import metrics
   runnable = ssp_available()
   rows = variants(args.policies, LEARNERS, args.ssp_spread)
-  cells = grid(rows, args.profiles, args.seeds, args.dataset, runnable)
+  cells = grid(rows, args.profiles, args.seeds, args.dataset, runnable, args.momentum)
   start = time.perf_counter()
   try:
     finals, trained = reproduce.run_cells(
@@ -523,8 +532,8 @@ def main(argv: Sequence[str]) -> int:
   names = [c.name(args.epochs, args.train_examples) for c in cells]
   runs = [(c, f, metrics.read_metrics(os.path.join(args.root, n))) for c, f, n in zip(cells, finals, names)]
   summary = summarize(runs)
-  constants = {v.name: constants_text(v, cell_config(PolicyCell(v, args.profiles[0], 0, args.dataset), args.epochs,
-                                                     args.train_examples)) for v in rows}
+  first = lambda v: PolicyCell(v, args.profiles[0], 0, args.dataset, momentum=args.momentum)   # noqa: E731
+  constants = {v.name: constants_text(v, cell_config(first(v), args.epochs, args.train_examples)) for v in rows}
   missing = [] if runnable else [v.name for v in rows if v.protocol == SSP]
   folder = os.path.splitext(args.out)[0]
   os.makedirs(folder, exist_ok=True)

@@ -1,5 +1,6 @@
 """launch/compare_policies.py: the rows and cells, time to target, ranking with paired verdicts, the report."""
 
+import dataclasses
 import json
 
 import pytest
@@ -211,3 +212,17 @@ def test_defaults_are_the_issues_full_setting(tmp_path):
   # every policy registered when the script runs (other tests may have registered their own by now)
   policies = list(optim.available_policies())
   assert (args.seeds, args.profiles, args.policies) == ([0, 1, 2], list(cp.PROFILES), [*policies, cp.SSP])
+
+
+def test_a_declared_momentum_goes_into_every_row_its_name_and_the_setting(tmp_path):
+  rows = cp.variants(["inverse"], learners=30)
+  cells = cp.grid(rows, ["one_slow"], [0], "fashion_mnist", momentum=0.5)
+  assert {c.momentum for c in cells} == {0.5}
+  assert {cp.cell_config(c, epochs=1.0).momentum for c in cells} == {0.5}
+  assert cells[0].name(12, 20000) == "fashion_mnist-one_slow-ssgd-lambda30-mu5-e12-t20000-m0.5-seed0"
+  assert cp.cell_from_json(json.dumps(dataclasses.asdict(cells[1]))) == cells[1]
+  args = cp.parse_args(["--dataset", "fashion_mnist", "--momentum", "0.5", "--root", str(tmp_path),
+                        "--out", str(tmp_path / "p.md")])
+  assert "momentum 0.5 (the base config has 0.9)" in cp.setting_text(args)
+  with pytest.raises(ValueError, match=r"--momentum -0.1 is invalid; allowed: 0 <= momentum < 1"):
+    cp.parse_args(["--momentum", "-0.1", "--root", str(tmp_path), "--out", str(tmp_path / "p.md")])
