@@ -95,7 +95,7 @@ def probe_config(probe: Probe, epochs: float, train_examples: int, data_dir: str
   config = reproduce.cell_config(cell, epochs, train_examples)
   config.lr_boundaries_epochs = tuple(reproduce.base_config(DATASET).lr_boundaries_epochs)
   config.momentum, config.lr_warmup_epochs = probe.momentum, probe.warmup
-  config.eval_every_epochs, config.checkpoint_every_epochs = EVAL_EVERY, epochs
+  config.eval_every_epochs, config.checkpoint_every_epochs = EVAL_EVERY, min(0.5, epochs)   # θ before a blow-up
   if data_dir:
     config.data_dir = data_dir
   return config
@@ -115,12 +115,11 @@ def run_probe(probe: Probe, epochs: float, root: str, train_examples: int, data_
 
 
 def train_probe(probe: Probe, epochs: float, root: str, train_examples: int, data_dir: str = "") -> dict:
-  """In the child: trains, then adds the dead-unit fractions of the final checkpoint to the final record."""
+  """In the child: trains and writes the final record with the dead-unit fractions of the newest checkpoint."""
   config = probe_config(probe, epochs, train_examples, data_dir)
   path = final_path(probe, epochs, root, train_examples)
-  record = reproduce.train_and_record(config, path, {"probe": dataclasses.asdict(probe), "epochs": epochs})
-  record["dead"] = dead_units_of_run(config, os.path.dirname(path))
-  return reproduce.write_final(path, record)
+  return reproduce.train_and_record(config, path, {"probe": dataclasses.asdict(probe), "epochs": epochs},
+                                    extra=lambda record: {"dead": dead_units_of_run(config, os.path.dirname(path))})
 
 
 # ---- dead units --------------------------------------------------------------------------------------------
@@ -138,19 +137,17 @@ def dead_fractions(model, params, images) -> dict[str, float]:
 
 
 def dead_units_of_run(config, workdir: str) -> Optional[dict[str, float]]:
-  """:func:`dead_fractions` of the newest checkpoint in ``workdir`` on the first DEAD_IMAGES test images; None
-  when no checkpoint was saved (a run that diverged before its first)."""
+  """:func:`dead_fractions` of the newest checkpoint in ``workdir`` (read-only) on the first DEAD_IMAGES test
+  images, with ``update``: the checkpoint's; None when no checkpoint was saved."""
   import numpy as np
-  from sajax import data, trainer
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")) or not os.listdir(os.path.join(workdir, "checkpoints")):
-    return None
+  from sajax import data, models, trainer
   dataset = data.load_dataset(config.dataset, data_dir=config.get("data_dir"))
-  run = trainer.Run(config, workdir, dataset)     # restores the newest checkpoint
-  try:
-    images = data.make_preprocess(dataset)(np.asarray(dataset.test.images[:DEAD_IMAGES]), None)
-    return dead_fractions(run.model, run.params, images)
-  finally:
-    run.close()
+  newest = trainer.newest_params(config, workdir, dataset)
+  if newest is None:
+    return None
+  images = data.make_preprocess(dataset)(np.asarray(dataset.test.images[:DEAD_IMAGES]), None)
+  model = models.create_model(config.model, dataset.num_classes)
+  return {**dead_fractions(model, newest[1], images), "update": newest[0]}
 
 
 # ---- the report (pure) -------------------------------------------------------------------------------------
@@ -194,6 +191,8 @@ def render(rows: Sequence[tuple[Probe, dict, list]], *, command: str, epochs: fl
     peak = peak_loss(history)
     dead = f.get("dead")
     dead_text = " / ".join(f"{100 * dead[k]:.0f} %" for k in LAYERS) if dead else "–"
+    if dead and f.get("diverged"):
+      dead_text += f" (update {dead['update']}, before it diverged)"
     peak_text = "–" if peak is None else f"{peak[1]:.3g} ({peak[0]:g})"
     lines.append(f"| {probe.label} | {probe.seed} | {error} | {loss} | {peak_text} | {dead_text} |")
   lines += ["", f"The first λ = {lam} pushes are all gradients at θ_0; their summed weight s(σ) is "

@@ -251,12 +251,13 @@ def train_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) ->
                            "gradients": gradients_of(cell, epochs, train_examples)})
 
 
-def train_and_record(config, path: str, head: dict) -> dict:
-  """Trains ``config`` into ``path``'s folder and writes ``head`` plus the run's final metrics to ``path``
-  atomically; returns that record. A run that diverged (:class:`sajax.server.DivergenceError`) is a result,
-  not a failed cell: its record has ``diverged`` (the reason), ``test_error`` None, the telemetry of its last
-  evaluation if it had one and ``wall_s`` up to the divergence, so one diverged cell does not stop a grid
-  (its reports show it as diverged)."""
+def train_and_record(config, path: str, head: dict, extra: Optional[Callable[[dict], dict]] = None) -> dict:
+  """Trains ``config`` into ``path``'s folder and writes ``head`` plus the run's final metrics (plus what
+  ``extra(record)`` returns, computed before the one write) to ``path`` atomically; returns that record. A run
+  that diverged (:class:`sajax.server.DivergenceError`) is a result, not a failed cell: its record has
+  ``diverged`` (the reason), ``test_error`` None, the telemetry of its last evaluation if it had one (its
+  ``updates`` and ``samples`` are that evaluation's) and ``wall_s`` of this session up to the divergence, so
+  one diverged cell does not stop a grid (its reports show it as diverged)."""
   import sajax
   from sajax import metrics
   from sajax.server import DivergenceError
@@ -267,7 +268,8 @@ def train_and_record(config, path: str, head: dict) -> dict:
     history = metrics.read_metrics(os.path.dirname(path))
     record = {**(history[-1] if history else {}), "diverged": str(e), "test_error": None,
               "wall_s": round(time.perf_counter() - start, 3)}
-  return write_final(path, {**head, **record})
+  record = {**head, **record}
+  return write_final(path, {**record, **(extra(record) if extra else {})})
 
 
 def write_final(path: str, record: dict) -> dict:
@@ -465,19 +467,22 @@ def main(argv: Sequence[str]) -> int:
   os.makedirs(folder, exist_ok=True)
   histories: dict[tuple, list] = {}
   for cell, f in zip(cells, finals):
-    histories.setdefault(cell.key, []).append(
-        metrics.read_metrics(os.path.join(args.root, cell.name(args.epochs, args.train_examples))))
+    if not f.get("diverged"):   # a diverged run's shorter curve would cut the others' mean short
+      histories.setdefault(cell.key, []).append(
+          metrics.read_metrics(os.path.join(args.root, cell.name(args.epochs, args.train_examples))))
   rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.out)))  # noqa: E731
   pngs = [("final test error vs n", plot_error_vs_n(agg, os.path.join(folder, "error_vs_n.png"))),
           ("test error vs epoch", plot_error_curves(histories, os.path.join(folder, "test_error.png")))]
   pngs += [(f"staleness, {n}-softsync", p) for n, p in plot_staleness_by_n(finals, folder)]
   speedup = []
   if speed_cells:
-    runs = [(dataclasses.asdict(c), metrics.read_metrics(os.path.join(args.root, c.name(args.epochs,
-                                                                                          args.train_examples))))
-            for c in speed_cells]
+    runs = [(dataclasses.asdict(c), [] if f.get("diverged") else
+             metrics.read_metrics(os.path.join(args.root, c.name(args.epochs, args.train_examples))))
+            for c, f in zip(speed_cells, speed_finals)]
     target, rows = speedup_rows(runs)
-    speedup = speedup_markdown(target, rows, rel(plot_speedup(rows, target, os.path.join(folder, "speedup.png"))))
+    speedup = (["", "## Speedup in simulated time", "", "The λ = 1 run diverged: no target error, no speedup."]
+               if target is None else
+               speedup_markdown(target, rows, rel(plot_speedup(rows, target, os.path.join(folder, "speedup.png")))))
   estimate = estimate_text([(f["samples"], f["gradients"], f["updates"], f["wall_s"]) for f in finals
                             if not f.get("diverged")],      # a diverged run stopped early: not the cost model's
                            args.full_epochs if args.quick else args.epochs, dataset=args.dataset)

@@ -59,7 +59,7 @@ def seeds_to_decide(mean: float, sd: float, bound: float = P4_POINTS, have: int 
 def aggregate(finals: Iterable[dict]) -> dict[tuple[int, int, str], dict]:
   """Per cell key (λ, n, policy): test error in % (mean, sd, 95 % half-width, per seed), train loss, ⟨σ⟩ over
   the seeds that finished, and how many ``diverged`` (no final error; error, loss and ⟨σ⟩ are None when every
-  seed diverged, ⟨σ⟩ also when none evaluated)."""
+  seed diverged)."""
   by_key: dict[tuple, list[dict]] = {}
   for f in finals:
     c = f["cell"]
@@ -68,7 +68,7 @@ def aggregate(finals: Iterable[dict]) -> dict[tuple[int, int, str], dict]:
   for key, fs in by_key.items():
     done = [f for f in fs if f.get("test_error") is not None]
     errors = [100 * f["test_error"] for f in done]
-    sigmas = [f["staleness_mean"] for f in fs if f.get("staleness_mean") is not None]
+    sigmas = [f["staleness_mean"] for f in done]
     out[key] = {"error": mean_sd(errors) if done else None, "half": half_width(mean_sd(errors)[1], len(done)) if done
                 else None, "by_seed": {f["cell"]["seed"]: 100 * f["test_error"] for f in done},
                 "loss": mean_sd([f["train_loss"] for f in done]) if done else None,
@@ -101,10 +101,17 @@ def p4_verdicts(agg: dict, points: float = P4_POINTS) -> list[dict]:
   out = []
   for (lam, n, policy), a in sorted(agg.items()):
     ssgd = agg.get((lam, 0, "ssgd"))
-    if policy != "inverse" or ssgd is None or not ssgd["by_seed"]:
+    if policy != "inverse" or ssgd is None:
+      continue
+    none = dict.fromkeys(("mean", "sd", "half", "lo", "hi"), None)
+    if not ssgd["by_seed"]:  # nothing to compare with
+      out.append({"learners": lam, "n": n, "delta": None, **{k: None for k in ("sd", "half", "lo", "hi")},
+                  "pairs": 0, "verdict": "undecided", "seeds_needed": None,
+                  "why": f"no SSGD reference: SSGD diverged in all {ssgd['seeds']} seeds"})
       continue
     if a["diverged"]:        # a diverged seed is not within anything: worse, whatever the others did
-      diff = paired_difference(a, ssgd) if a["by_seed"] else dict.fromkeys(("mean", "sd", "half", "lo", "hi"))
+      shared = set(a["by_seed"]) & set(ssgd["by_seed"])
+      diff = paired_difference(a, ssgd) if shared else none
       out.append({"learners": lam, "n": n, "delta": diff["mean"], **{k: diff[k] for k in ("sd", "half", "lo", "hi")},
                   "pairs": diff.get("pairs", 0), "verdict": "worse", "seeds_needed": None,
                   "why": f"diverged in {a['diverged']} of {a['seeds']} seeds"})
@@ -377,13 +384,14 @@ def time_to(history: Sequence[dict], target_percent: float) -> float | None:
   return None
 
 
-def speedup_rows(runs: Sequence[tuple[dict, list[dict]]], points: float = P4_POINTS) -> tuple[float, list[dict]]:
+def speedup_rows(runs: Sequence[tuple[dict, list[dict]]],
+                 points: float = P4_POINTS) -> tuple[float | None, list[dict]]:
   """(target %, rows): the target is the λ = 1 runs' mean final test error + ``points``; a row per (protocol, λ)
-  with the time to target per seed, their mean (None unless every seed reached it) and the speedup over λ = 1."""
+  with the time to target per seed, their mean (None unless every seed reached it) and the speedup over λ = 1.
+  A diverged run comes with an empty history (it reaches no target); (None, []) when every λ = 1 run did."""
   base = [100 * h[-1]["test_error"] for cell, h in runs if cell["learners"] == 1 and h]
-  if not base:
-    raise ValueError("the speedup figure needs the λ = 1 run (its final error sets the target); allowed: "
-                     "--speedup values including 1")
+  if not base:               # the λ = 1 run diverged (its history is empty): no target, no speedup
+    return None, []
   target = statistics.fmean(base) + points
   by: dict[tuple[str, int], list] = {}
   for cell, h in runs:

@@ -58,7 +58,8 @@ DEFAULT_SSP_SPREAD = 3   # s of protocol ssp when a config does not set ssp_spre
 
 # What an optional key that a saved config lacks means (so a run saved before the key existed still resumes).
 ABSENT_MEANS: Mapping[str, Any] = {
-    "policy_args": "{}", "sim_profile": "", "lr_warmup_epochs": 0.0, "ssp_spread": DEFAULT_SSP_SPREAD, "sim_push_time": 0.0,
+    "policy_args": "{}", "sim_profile": "", "lr_warmup_epochs": 0.0, "ssp_spread": DEFAULT_SSP_SPREAD,
+    "sim_push_time": 0.0,
     "sim_example_time": 0.0, "nan_learners": (), "nan_at_step": 0, "nan_steps": 1, "divergence_after": 100,
     "mpi_timeout_s": 600.0, "fault_mpi_corrupt_weights": 0,
     "fault_mpi_corrupt_permits": 0}

@@ -264,13 +264,7 @@ class Run:
     self._busy_s += time.perf_counter() - t
 
   def _restore(self) -> None:
-    def target(meta: dict) -> dict:
-      state = {"params": self.params, "opt_state": self.opt_state}
-      if meta.get("executor_arrays"):
-        state["executor"] = {k: np.zeros(shape, dtype) for k, (shape, dtype) in meta["executor_arrays"].items()}
-      return state
-
-    restored = self.checkpointer.restore_latest(target)
+    restored = self.checkpointer.restore_latest(state_target(self.params, self.opt_state))
     if restored is None:
       metrics.set_aside_orphaned_metrics(self.workdir)   # a fresh start: earlier records are kept, not emptied
       return
@@ -347,6 +341,35 @@ def _progress(config: ml_collections.ConfigDict, run: Run):
   from tqdm import tqdm
   return tqdm(total=run.total_samples, initial=run.samples, unit=" samples", unit_scale=True,
               dynamic_ncols=True, desc=f"{config.executor}", mininterval=0.5 if sys.stderr.isatty() else 10.0)
+
+
+def state_target(params: PyTree, opt_state: PyTree) -> Callable[[dict], dict]:
+  """The ``target`` of :meth:`Checkpointer.restore_latest` for a run's saved state: θ and the optimizer state
+  shaped like ``params``/``opt_state``, plus the executor's arrays whose shapes the checkpoint's meta records."""
+  def target(meta: dict) -> dict:
+    state = {"params": params, "opt_state": opt_state}
+    if meta.get("executor_arrays"):
+      state["executor"] = {k: np.zeros(shape, dtype) for k, (shape, dtype) in meta["executor_arrays"].items()}
+    return state
+  return target
+
+
+def newest_params(config: ml_collections.ConfigDict, workdir: str,
+                  dataset: data.Dataset) -> Optional[tuple[int, PyTree]]:
+  """(update, θ) of the newest readable checkpoint of the run ``config`` in ``workdir``, or None when it has none.
+  Read-only, unlike resuming: the run's metrics, TensorBoard files and checkpoints stay as they are."""
+  folder = os.path.join(workdir, "checkpoints")
+  if not os.path.isdir(folder) or not os.listdir(folder):
+    return None
+  model = models.create_model(config.model, dataset.num_classes)
+  params = models.init_params(model, jax.random.PRNGKey(0), dataset.input_shape)
+  opt_state = make_optimizer(config, make_schedule(config, 1.0), config_lib.policy_of(config)).init(params)
+  checkpointer = checkpoint.Checkpointer(folder, keep=config.keep_checkpoints)
+  try:
+    restored = checkpointer.restore_latest(state_target(params, opt_state))
+  finally:
+    checkpointer.close()
+  return None if restored is None else (restored[0], restored[1]["params"])
 
 
 def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,

@@ -78,7 +78,8 @@ def test_end_to_end_on_small_idx_files_then_a_rerun_trains_nothing(tmp_path, cap
   names = [p.name(0.5, 256) for p in ms.probes(2, [0])]
   finals = [json.load(open(os.path.join(root, n, "final.json"))) for n in names]
   for f in finals:
-    assert set(f["dead"]) == set(ms.LAYERS) and all(0 <= v <= 1 for v in f["dead"].values())
+    assert set(f["dead"]) == {*ms.LAYERS, "update"} and all(0 <= f["dead"][k] <= 1 for k in ms.LAYERS)
+    assert f["dead"]["update"] == f["updates"]                    # the final checkpoint's
   text = open(out).read()
   assert text.count("| 0 | ") == 7 and "| async inverse, m = 0.9, warm-up 1 epoch | 0 |" in text
   assert "momentum_staleness.py --learners 2 --epochs 0.5" in text and "(m/train_loss.png)" in text

@@ -66,8 +66,9 @@ def test_speedup_rows_time_to_target_and_figure(tmp_path):
   lines = reproduce_report.speedup_markdown(target, rows, "x/speedup.png")
   assert "| async, inverse | 4 | 32 | – | – | – |" in lines and "| 1-softsync, inverse | 4 | 32 | 60 | 60 | 5.00× |" in lines
   assert _is_png(reproduce_report.plot_speedup(rows, target, str(tmp_path / "s.png")))
-  with pytest.raises(ValueError, match="λ = 1"):
-    reproduce_report.speedup_rows(runs[1:])
+  assert reproduce_report.speedup_rows([(runs[0][0], [])] + runs[1:]) == (None, [])   # λ = 1 diverged: no target
+  _, rows = reproduce_report.speedup_rows(runs[:3] + [(runs[3][0], [])])                # a diverged run: no time
+  assert [r["times"] for r in rows if r["learners"] == 4 and r["protocol"] == "async, inverse"] == [[None]]
 
 
 def test_error_vs_n_figure(tmp_path):
@@ -363,7 +364,9 @@ def test_a_diverged_cell_is_a_result_the_grid_reports_not_a_failure(tmp_path):
   assert "| diverged (2 of 2) | – | 10.00 ± 0.00 | – | worse |" in text
   assert "- n = 2, λ = 2: no paired difference — **worse**; diverged in 2 of 2 seeds" in text
   assert re.search(r"\| `inv` \| diverged \| .* s \|", text)
-  assert reproduce_report.plot_staleness_by_n([final], str(tmp_path)) == [] or final.get("staleness_histogram")
+  if final.get("staleness_histogram"):          # it evaluated before diverging: its σ are drawn
+    assert [n for n, _ in reproduce_report.plot_staleness_by_n([final], str(tmp_path))] == [2]
+  assert reproduce_report.plot_staleness_by_n([{**final, "staleness_histogram": {}}], str(tmp_path)) == []
 
 
 def test_some_seeds_diverged_the_others_keep_their_mean_and_the_cell_is_worse():
@@ -377,6 +380,14 @@ def test_some_seeds_diverged_the_others_keep_their_mean_and_the_cell_is_worse():
   [v] = reproduce_report.p4_verdicts(agg)
   assert v["verdict"] == "worse" and v["delta"] == pytest.approx(1.5) and v["pairs"] == 2
   assert reproduce_report.estimate_text([], 20).startswith("No run finished")
+  gone = {"test_error": None, "diverged": "d"}
+  mixed = [{**_final(8, 0, "ssgd", 0, 0.1), **gone}, _final(8, 0, "ssgd", 1, 0.1),   # no seed finished in both
+           _final(8, 4, "inverse", 0, 0.11), {**_final(8, 4, "inverse", 1, 0.1), **gone}]
+  [v] = reproduce_report.p4_verdicts(reproduce_report.aggregate(mixed))
+  assert (v["verdict"], v["delta"], v["pairs"]) == ("worse", None, 0)
+  no_ssgd = [{**_final(8, 0, "ssgd", s, 0.1), **gone} for s in (0, 1)] + [_final(8, 4, "inverse", 0, 0.11)]
+  [v] = reproduce_report.p4_verdicts(reproduce_report.aggregate(no_ssgd))
+  assert (v["verdict"], v["why"]) == ("undecided", "no SSGD reference: SSGD diverged in all 2 seeds")
 
 
 def test_a_declared_momentum_goes_into_every_cell_its_name_and_the_report(tmp_path):

@@ -143,3 +143,21 @@ def test_the_schedule_steps_at_epoch_boundaries_and_warms_up_linearly():
   config.lr_warmup_epochs = -1
   with pytest.raises(config_lib.ConfigError, match=r"^config.lr_warmup_epochs=-1.0 is invalid; allowed: a number >= 0"):
     config_lib.validate(config)
+
+
+def test_newest_params_reads_the_last_checkpoint_and_changes_nothing(reference_run, tmp_path):
+  """θ of the final checkpoint gives the final record's test error; no file of the run changes (resuming would
+  cut metrics back and open writers)."""
+  from sajax import data, models, steps, trainer
+  workdir, config = reference_run.workdir, smoke.get_config()
+  before = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(workdir) for f in fs}
+  dataset = data.load_dataset(config.dataset)
+  update, params = trainer.newest_params(config, workdir, dataset)
+  after = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(workdir) for f in fs}
+  assert after == before
+  final = metrics_lib.read_metrics(workdir)[-1]
+  assert update == final["updates"]
+  model = models.create_model(config.model, dataset.num_classes)
+  evaluate = steps.Evaluator(model, data.make_preprocess(dataset), dataset.test, batch_size=config.eval_batch_size)
+  assert evaluate(params)["test_error"] == pytest.approx(final["test_error"], abs=1e-6)
+  assert trainer.newest_params(config, str(tmp_path), dataset) is None

@@ -25,7 +25,9 @@ a push, and the learner starts once it holds both (:meth:`~sajax.executors.learn
 with c = λ gives σ = 0 here too. The price: a remote learner waits one round trip to rank 0 after every push.
 A PERMIT is never lost: each carries learner k's serial number (1, 2, …), rank 0 keeps it until k's next push
 (or death) arrives and sends it again when the rank asks for a RESEND (it rejected some message, perhaps that
-one), and the rank ignores a serial it has already granted, so a resent permit never lets k start twice.
+one), and the rank ignores a serial it has already granted, so a resent permit never lets k start twice. Not
+covered: a PUSH that rank 0 rejects as malformed is lost (it cannot tell whose it was), so under ssp, or in a
+hardsync round, that learner's gradient never arrives and the others wait for it.
 
 MPI calls poll with a short sleep instead of blocking: MPICH's blocking calls spin a core, which learner
 threads on a few cores cannot spare.

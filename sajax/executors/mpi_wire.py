@@ -6,7 +6,8 @@
 
 A push carries learner k, the version j its gradient was computed on and its training loss (``value``); a
 weights message carries version i and θ_i; a permission (ssp) carries learner k, the version i it starts on
-at the earliest and its serial number (``value``: 1, 2, … per learner, so a resent one is recognised). Everything here is pure: :func:`encode` builds the byte buffer,
+at the earliest and its serial number (``value``: 1, 2, … per learner, so a resent one is recognised).
+Everything here is pure: :func:`encode` builds the byte buffer,
 :func:`decode` checks a received one (size, magic, kind, length, learner range, version) and raises
 :class:`WireError` naming what is wrong, so a malformed or truncated message is rejected, never applied.
 """
