@@ -34,7 +34,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shlex
 import statistics
 import sys
@@ -46,8 +45,8 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from launch import reproduce  # noqa: E402
-from launch.reproduce_report import (error_text, half_width, mean_sd, paired_difference, save_figure,  # noqa: E402
-                                     verdict)
+from launch.reproduce_report import (NOTE_END, NOTE_START, error_text, half_width, kept_note,  # noqa: E402
+                                     mean_sd, paired_difference, save_figure, verdict)
 
 LEARNERS = 30                       # λ: the paper's largest, async at λ = 30 is its hardest staleness
 PROFILES = ("one_slow", "heterogeneous")
@@ -57,7 +56,6 @@ TARGET_POINTS = reproduce.P4_POINTS  # the target: SSGD's final error + 0.5 poin
 EVALS = 10                          # evaluations per run: the resolution of the time to target
 SSGD, SSP = "ssgd", "ssp"
 NOT_RUN = "not run (protocol not available)"
-NOTE_START, NOTE_END = "<!-- note -->", "<!-- /note -->"
 
 SOURCES = {   # where each policy's constants come from (sajax/policies.py has the formulas)
     "inverse": "Zhang et al., IJCAI 2016 (α0/σ)",
@@ -295,13 +293,6 @@ def _decides(worse: dict, better: dict) -> bool:
 
 
 # ---- the report ---------------------------------------------------------------------------------------------
-def kept_note(old_text: str) -> str:
-  """The hand-written block between ``<!-- note -->`` and ``<!-- /note -->`` of an earlier report ('' if none):
-  the reason for the setting stays when the report is written again."""
-  m = re.search(re.escape(NOTE_START) + r"(.*?)" + re.escape(NOTE_END), old_text, re.S)
-  return m.group(1).strip() if m else ""
-
-
 def _time_text(s: dict, ssgd: Optional[dict]) -> tuple[str, str]:
   if s.get("time") is None:
     return "not reached", "–"
@@ -538,10 +529,9 @@ def main(argv: Sequence[str]) -> int:
   folder = os.path.splitext(args.out)[0]
   os.makedirs(folder, exist_ok=True)
   png = plot_error_vs_time(summary, args.profiles, os.path.join(folder, "test_error_vs_time.png"))
-  old = open(args.out).read() if os.path.exists(args.out) else ""
   text = render_markdown(summary, profiles=args.profiles, constants=constants,
                          command=("python launch/compare_policies.py " + shlex.join(argv[1:])).strip(),
-                         note=kept_note(old), setting=setting_text(args), seeds=args.seeds, wall_s=wall,
+                         note=kept_note(args.out), setting=setting_text(args), seeds=args.seeds, wall_s=wall,
                          figure=os.path.relpath(png, os.path.dirname(os.path.abspath(args.out))),
                          runs=list(zip(names, finals)), missing=missing, trained=trained)
   reproduce.write_text(args.out, text)

@@ -11,7 +11,7 @@ setting of the grid's cell unchanged (the simulated executor, λ learners of μ 
 step schedule, the first ``--epochs`` epochs of the grid's run, evaluated every 0.1 epoch):
 
 1. **The start**: all of the first λ pushes are gradients at θ_0 (σ = 0, 1, …, λ − 1). The inverse rule weighs
-   them 1, 1, ½, …, 1/(λ − 1) (1 + H_{λ−1} ≈ 4.0 gradients' worth for λ = 30, constant: λ), and momentum m keeps
+   them 1, 1, ½, …, 1/(λ − 1) (1 + H_{λ−1} ≈ 5.0 gradients' worth for λ = 30, constant: λ), and momentum m keeps
    applying them (a factor up to 1/(1 − m) = 10 at m = 0.9). Probe: the same run with α warmed up linearly over
    the first epoch (``lr_warmup_epochs=1``). If the start is the cause, it trains.
 2. **Momentum compounding with staleness**: asynchrony alone acts like momentum 1 − 1/λ (Mitliagkas, Zhang,
@@ -168,11 +168,15 @@ def start_weight(learners: int, policy: str) -> float:
 
 
 def render(rows: Sequence[tuple[Probe, dict, list]], *, command: str, epochs: float, train_examples: int,
-           wall_s: float, figure: str) -> str:
+           wall_s: float, figure: str, note: str = "") -> str:
+  """The report: a hand-written ``note`` (what the runs show; kept between its markers when rewritten), the
+  command, the table, the arithmetic of the start, the figure."""
+  from launch.reproduce_report import NOTE_END, NOTE_START
   lam = rows[0][0].learners
   base = reproduce.base_config(DATASET)
   lines = [
       f"# Why momentum {base.momentum:g} fails asynchronous learners on Fashion-MNIST", "",
+      NOTE_START, note, NOTE_END, "",
       "Written by `launch/momentum_staleness.py` (the three explanations it tests are in its docstring):", "",
       "```bash", command, "```", "",
       f"Every run is the reproduction grid's cell (configs/fashion_mnist.py: α0 = {base.learning_rate:g}, chosen "
@@ -280,8 +284,9 @@ def main(argv: Sequence[str]) -> int:
   os.makedirs(folder, exist_ok=True)
   png = plot(rows, os.path.join(folder, "train_loss.png"))
   command = "python launch/momentum_staleness.py " + shlex.join(argv[1:])
+  from launch.reproduce_report import kept_note
   reproduce.write_text(args.out, render(rows, command=command.strip(), epochs=args.epochs,
-                                        train_examples=args.train_examples, wall_s=wall,
+                                        train_examples=args.train_examples, wall_s=wall, note=kept_note(args.out),
                                         figure=os.path.relpath(png, os.path.dirname(os.path.abspath(args.out)))))
   print(f"{len(rows)} runs; report: {args.out}")
   return 0

@@ -427,9 +427,9 @@ def write_text(path: str, text: str) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-  from launch.reproduce_report import (aggregate, estimate_text, p4_verdicts, plot_error_curves, plot_error_vs_n,
-                                       plot_speedup, plot_staleness_by_n, render_markdown, speedup_markdown,
-                                       speedup_rows, verdict_counts)
+  from launch.reproduce_report import (aggregate, estimate_text, kept_note, p4_verdicts, plot_error_curves,
+                                       plot_error_vs_n, plot_speedup, plot_staleness_by_n, render_markdown,
+                                       speedup_markdown, speedup_rows, verdict_counts)
   try:
     args = parse_args(argv[1:])
     cells = grid(args.learners, args.n, args.seeds, args.dataset, args.constant_n, args.momentum)
@@ -492,7 +492,7 @@ def main(argv: Sequence[str]) -> int:
                          runs=[(c.name(args.epochs, args.train_examples), f)
                                for c, f in zip(cells + speed_cells, finals + speed_finals)],
                          dataset=args.dataset, train_examples=args.train_examples, extra=speedup,
-                         momentum=args.momentum)
+                         momentum=args.momentum, note=kept_note(args.out))
   write_text(args.out, text)
   print(f"{len(cells)} cells ({trained} trained, {len(cells) - trained} already done) in {wall:.0f} s; "
         f"P4 over {len(verdicts)} inverse cells: {verdict_counts(verdicts)}; report: {args.out}\n{estimate}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import statistics
 from typing import Iterable, Sequence
 
@@ -25,6 +26,17 @@ from launch.reproduce import (BASE_CONFIGS, DATASETS, LEARNERS, NS, P4_POINTS, S
 CONFIDENCE = 0.95
 MAX_SEEDS = 1000        # seeds_to_decide gives up beyond this
 VERDICTS = ("within", "worse", "undecided")
+NOTE_START, NOTE_END = "<!-- note -->", "<!-- /note -->"   # a hand-written block a rewritten report keeps
+
+
+def kept_note(path: str) -> str:
+  """The hand-written block between ``<!-- note -->`` and ``<!-- /note -->`` of the report at ``path`` ('' if
+  none, or no report yet): what a person wrote about the results stays when the report is written again."""
+  if not os.path.exists(path):
+    return ""
+  with open(path) as f:
+    m = re.search(re.escape(NOTE_START) + r"(.*?)" + re.escape(NOTE_END), f.read(), re.S)
+  return m.group(1).strip() if m else ""
 
 
 # ---- statistics over seeds (pure) ---------------------------------------------------------------------
@@ -182,9 +194,10 @@ DESCRIPTIONS = {"mnist5k": "mnist5k (4,000 train / 1,000 test digits)",
 def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: float, seeds: Sequence[int],
                     wall_s: float, runs: Sequence[tuple[str, dict]], estimate: str,
                     figures: Sequence[tuple[str, str]], dataset: str = "mnist5k", train_examples: int = 0,
-                    extra: Sequence[str] = (), momentum: float | None = None) -> str:
-  """The report: command, table (rows n, λ, μ; columns inverse, constant, SSGD, the paired difference and the
-  P4 verdict), P4, timing, figures."""
+                    extra: Sequence[str] = (), momentum: float | None = None, note: str = "") -> str:
+  """The report: a hand-written ``note`` (kept between its markers when the report is rewritten), command,
+  table (rows n, λ, μ; columns inverse, constant, SSGD, the paired difference and the P4 verdict), P4, timing,
+  figures."""
   base = base_config(dataset)
   ci = (" (mean ± half-width of the 95 % Student-t interval over seeds)" if len(seeds) > 1 else
         " (one seed: no interval)")
@@ -195,6 +208,7 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
       f"config's {base.momentum:g} was chosen on SSGD)")
   lines = [
       f"# Reproduction: staleness-aware async SGD vs SSGD (simulated, {dataset})", "",
+      NOTE_START, note, NOTE_END, "",
       "Written by `launch/reproduce.py`; every number below comes from this command (each cell's runs are in "
       "`<root>/<cell>/`: `config.json`, `metrics.jsonl`, `final.json`):", "", "```bash", command, "```", "",
       f"{DESCRIPTIONS[dataset]}{subset}, {base.model.replace('_', ' ')}, `executor=simulated` (equal learner "

@@ -165,7 +165,7 @@ def test_one_seed_decides_nothing():
   assert rows[1]["vs_ssgd"]["decided"] == "undecided"
 
 
-def test_report_has_a_row_per_policy_the_missing_ssp_the_note_and_the_figure():
+def test_report_has_a_row_per_policy_the_missing_ssp_the_note_and_the_figure(tmp_path):
   summary = cp.summarize(_runs(RUNS))
   runs = [(c.name(1.0), f) for c, f, _ in _runs(RUNS)]
   text = cp.render_markdown(summary, profiles=["one_slow", "heterogeneous"], constants={"drop": "bound = 60"},
@@ -173,7 +173,8 @@ def test_report_has_a_row_per_policy_the_missing_ssp_the_note_and_the_figure():
                             setting="Setting: x.", seeds=[0, 1, 2], wall_s=12.0, figure="policies/x.png",
                             runs=runs, missing=["ssp"])
   assert "<!-- note -->\nWhy: the machine.\n<!-- /note -->" in text
-  assert cp.kept_note(text) == "Why: the machine."
+  (tmp_path / "p.md").write_text(text)
+  assert cp.kept_note(str(tmp_path / "p.md")) == "Why: the machine."
   assert "python launch/compare_policies.py --epochs 1" in text and "![test error against simulated time]" in text
   assert "SSGD target: 11.50 %" in text and "No run of this profile." in text
   table = [line for line in text.splitlines() if line.startswith("| ") and "**" in line]
@@ -188,7 +189,8 @@ def test_report_has_a_row_per_policy_the_missing_ssp_the_note_and_the_figure():
   assert ("Equal simulated time: the async runs end at ≈ 10 s; SSGD's mean test error then is 70.2 % (the best "
           "async row, drop, ends at 10.33 %); SSGD ends at 40 s with 11.00 %.") in text
   assert "trained none of them (all were done) and only wrote the report" in text
-  assert cp.kept_note("no markers") == ""
+  (tmp_path / "p.md").write_text("no markers")
+  assert cp.kept_note(str(tmp_path / "p.md")) == "" and cp.kept_note(str(tmp_path / "none.md")) == ""
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -107,3 +107,15 @@ def test_bad_flags_and_a_missing_dataset_are_one_line_and_exit_2_writing_nothing
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: dataset 'fashion_mnist' not found") and "\n" not in err
   assert not os.path.exists(tmp_path / "r") and not os.path.exists(tmp_path / "m.md")
+
+
+def test_the_report_keeps_its_hand_written_note_when_rewritten(tmp_path):
+  from launch import reproduce_report
+  rows = [(Probe(30, 30, "inverse", 0.9, 0.0, 0), {"test_error": 0.9, "train_loss": 2.3,
+                                                    "dead": {"conv1": 0.0, "conv2": 1.0, "fc1": 1.0, "update": 8}},
+           [{"epoch": 0.1, "train_loss": 93.5, "test_error": 0.9}])]
+  text = ms.render(rows, command="c", epochs=2, train_examples=20000, wall_s=1, figure="f.png", note="It dies.")
+  assert "| async inverse, m = 0.9 | 0 | 90.00 | 2.3000 | 93.5 (0.1) | 0 % / 100 % / 100 % |" in text
+  assert "4.96 gradients under the inverse rule" in text      # 1 + H_29
+  (tmp_path / "m.md").write_text(text)
+  assert reproduce_report.kept_note(str(tmp_path / "m.md")) == "It dies."
