@@ -52,6 +52,7 @@ EVAL_EVERY = 0.1                   # epochs between evaluations: where in epoch 
 DEAD_IMAGES = 1000                 # test images the dead-unit fractions are measured on
 CHANCE_LOSS = math.log(10)         # a constant output over 10 classes
 LAYERS = ("conv1", "conv2", "fc1")  # the small CNN's ReLU layers
+LOSS_TOP = 100.0                   # the loss plot's top: a blow-up (1e33 under constant) is marked there
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,10 +222,14 @@ def plot(rows: Sequence[tuple[Probe, dict, list]], path: str) -> str:
     if not h:
       continue
     epochs = [r["epoch"] for r in h]
-    a.plot(epochs, [r["train_loss"] for r in h], color=f"C{i}", label=probe.label)
+    losses = [r["train_loss"] if r["train_loss"] <= LOSS_TOP else LOSS_TOP for r in h]   # NaN too: off the scale
+    a.plot(epochs, losses, color=f"C{i}", label=probe.label)
+    off = [e for e, r in zip(epochs, h) if not r["train_loss"] <= LOSS_TOP]
+    a.plot(off, [LOSS_TOP] * len(off), linestyle="none", marker="^", color=f"C{i}")
     b.plot(epochs, [100 * r["test_error"] for r in h], color=f"C{i}", label=probe.label)
   a.axhline(CHANCE_LOSS, color="grey", linestyle=":", label="ln 10 (constant output)")
-  a.set(yscale="log", xlabel="epoch", ylabel="train loss (mean since the previous evaluation)")
+  a.set(yscale="log", xlabel="epoch", ylabel="train loss (mean since the previous evaluation)",
+        ylim=(0.1, 1.5 * LOSS_TOP), title=f"▲: above {LOSS_TOP:g} (the table has the value)")
   b.set(xlabel="epoch", ylabel="test error (%)", ylim=(0, 100))
   for ax in (a, b):
     ax.grid(alpha=0.3)
