@@ -376,6 +376,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--speedup", nargs="*", type=int, default=None,
                  help=f"also the speedup figure's runs (first seed only) at these λ (no values: "
                       f"{' '.join(map(str, SPEEDUP_LEARNERS))})")
+  p.add_argument("--report-only", action="store_true", help="write the report from the cells done so far "
+                 "(under --root), training nothing; the others are left out and the report says how many")
   p.add_argument("--cell", default=None, help=argparse.SUPPRESS)   # internal: train one cell (see run_cell)
   args = p.parse_args(list(argv))
   args.learners = list(dict.fromkeys(args.learners or (QUICK_LEARNERS if args.quick else LEARNERS)))
@@ -452,12 +454,26 @@ def main(argv: Sequence[str]) -> int:
   from sajax import metrics
 
   start = time.perf_counter()
-  try:
-    finals, trained = run_cells(cells + speed_cells,
-                                lambda c: run_cell(c, args.epochs, args.root, args.train_examples),
-                                lambda c: c.name(args.epochs, args.train_examples))
-  except GridStopped as e:
-    return e.code
+  missing = 0
+  if args.report_only:     # the cells done so far, nothing trained: a look at a grid that is still running
+    done = lambda c: os.path.exists(final_path(c, args.epochs, args.root, args.train_examples))   # noqa: E731
+    missing = sum(not done(c) for c in cells + speed_cells)
+    cells, speed_cells = [c for c in cells if done(c)], [c for c in speed_cells if done(c)]
+    if not cells:
+      print(f"error: --report-only: none of the grid's cells is done under --root {args.root!r}; allowed: run "
+            "the grid (without --report-only) first", file=sys.stderr)
+      return EXIT_BAD_INPUT
+    finals, trained = [], 0
+    for c in cells + speed_cells:
+      with open(final_path(c, args.epochs, args.root, args.train_examples)) as f:
+        finals.append(json.load(f))
+  else:
+    try:
+      finals, trained = run_cells(cells + speed_cells,
+                                  lambda c: run_cell(c, args.epochs, args.root, args.train_examples),
+                                  lambda c: c.name(args.epochs, args.train_examples))
+    except GridStopped as e:
+      return e.code
   wall = time.perf_counter() - start
   finals, speed_finals = finals[:len(cells)], finals[len(cells):]
 
@@ -480,19 +496,20 @@ def main(argv: Sequence[str]) -> int:
              metrics.read_metrics(os.path.join(args.root, c.name(args.epochs, args.train_examples))))
             for c, f in zip(speed_cells, speed_finals)]
     target, rows = speedup_rows(runs)
-    speedup = (["", "## Speedup in simulated time", "", "The λ = 1 run diverged: no target error, no speedup."]
+    speedup = (["", "## Speedup in simulated time", "", "No λ = 1 run finished (it diverged, or is not done yet): "
+                "no target error, no speedup."]
                if target is None else
                speedup_markdown(target, rows, rel(plot_speedup(rows, target, os.path.join(folder, "speedup.png")))))
   estimate = estimate_text([(f["samples"], f["gradients"], f["updates"], f["wall_s"]) for f in finals
                             if not f.get("diverged")],      # a diverged run stopped early: not the cost model's
                            args.full_epochs if args.quick else args.epochs, dataset=args.dataset)
-  command = "python launch/reproduce.py " + shlex.join(argv[1:])
+  command = "python launch/reproduce.py " + shlex.join(a for a in argv[1:] if a != "--report-only")   # the grid's
   text = render_markdown(agg, verdicts, command=command.strip(), epochs=args.epochs, seeds=args.seeds,
                          wall_s=wall, estimate=estimate, figures=[(t, rel(p)) for t, p in pngs],
                          runs=[(c.name(args.epochs, args.train_examples), f)
                                for c, f in zip(cells + speed_cells, finals + speed_finals)],
                          dataset=args.dataset, train_examples=args.train_examples, extra=speedup,
-                         momentum=args.momentum, note=kept_note(args.out))
+                         momentum=args.momentum, note=kept_note(args.out), missing=missing)
   write_text(args.out, text)
   print(f"{len(cells)} cells ({trained} trained, {len(cells) - trained} already done) in {wall:.0f} s; "
         f"P4 over {len(verdicts)} inverse cells: {verdict_counts(verdicts)}; report: {args.out}\n{estimate}")

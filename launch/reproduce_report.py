@@ -194,7 +194,8 @@ DESCRIPTIONS = {"mnist5k": "mnist5k (4,000 train / 1,000 test digits)",
 def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: float, seeds: Sequence[int],
                     wall_s: float, runs: Sequence[tuple[str, dict]], estimate: str,
                     figures: Sequence[tuple[str, str]], dataset: str = "mnist5k", train_examples: int = 0,
-                    extra: Sequence[str] = (), momentum: float | None = None, note: str = "") -> str:
+                    extra: Sequence[str] = (), momentum: float | None = None, note: str = "",
+                    missing: int = 0) -> str:
   """The report: a hand-written ``note`` (kept between its markers when the report is rewritten), command,
   table (rows n, λ, μ; columns inverse, constant, SSGD, the paired difference and the P4 verdict), P4, timing,
   figures."""
@@ -210,7 +211,12 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
       f"# Reproduction: staleness-aware async SGD vs SSGD (simulated, {dataset})", "",
       NOTE_START, note, NOTE_END, "",
       "Written by `launch/reproduce.py`; every number below comes from this command (each cell's runs are in "
-      "`<root>/<cell>/`: `config.json`, `metrics.jsonl`, `final.json`):", "", "```bash", command, "```", "",
+      "`<root>/<cell>/`: `config.json`, `metrics.jsonl`, `final.json`):", "", "```bash", command, "```", ""]
+  if missing:
+    lines += [f"**Partial report** (`--report-only`, the grid still running): {missing} of the command's "
+              f"{missing + len(runs)} runs are not done and are left out of every table and figure; an interval "
+              "here is over the seeds done so far.", ""]
+  lines += [
       f"{DESCRIPTIONS[dataset]}{subset}, {base.model.replace('_', ' ')}, `executor=simulated` (equal learner "
       f"speeds, lognormal jitter σ = {SIM_JITTER}), configs/{BASE_CONFIGS[dataset]}.py unchanged{changed}: "
       f"α0 = {base.learning_rate:g} for a λμ ≈ 128 mini-batch, momentum {momentum_used:g}, {epochs:g} epochs, "

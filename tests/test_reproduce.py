@@ -409,3 +409,28 @@ def test_a_declared_momentum_goes_into_every_cell_its_name_and_the_report(tmp_pa
                                           momentum=0.5)
   assert "but for the momentum, 0.5 in every cell, SSGD included (a declared second setting" in text
   assert "momentum 0.5, 12 epochs" in text
+
+
+def test_report_only_writes_the_cells_done_so_far_and_trains_nothing(tmp_path, capsys):
+  """Two of the grid's three cells have a final.json (made here, no training): the report has them, says one
+  run is missing, and shows the grid's command; with none done it is one line and exit 2."""
+  root, out = tmp_path / "runs", tmp_path / "docs" / "r.md"
+  argv = ["reproduce.py", "--root", str(root), "--out", str(out), "--learners", "2", "--n", "lambda",
+          "--constant-n", "lambda", "--epochs", "2", "--seeds", "0", "--train-examples", "256", "--report-only"]
+  assert reproduce.main(argv) == 2
+  assert "none of the grid's cells is done" in capsys.readouterr().err
+  for cell, error in ((Cell(2, 0, "ssgd", 0), 0.20), (Cell(2, 2, "inverse", 0), 0.25)):
+    folder = root / cell.name(2, 256)
+    folder.mkdir(parents=True)
+    record = {"epoch": 2.0, "updates": 8, "samples": 512, "gradients": 8, "test_error": error, "train_loss": 1.0,
+              "staleness_mean": 0.0 if cell.policy == "ssgd" else 1.0, "staleness_histogram": {"1": 8},
+              "sim_time": 8.0, "wall_s": 3.0}
+    (folder / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+    (folder / "final.json").write_text(json.dumps({"cell": cell.__dict__, "epochs": 2.0, "cpu_count": 2,
+                                                   "load_avg_1min": 1.0, **record}))
+  assert reproduce.main(argv) == 0
+  text = out.read_text()
+  assert "**Partial report** (`--report-only`, the grid still running): 1 of the command's 3 runs" in text
+  assert "| 2 | 2 | 64 | 1 | 1.00 | 25.00 | – | 20.00 | +5.00 | undecided |" in text
+  assert "```bash\npython launch/reproduce.py " + " ".join(argv[1:-1]) + "\n```" in text   # the grid's command
+  assert not (root / Cell(2, 2, "constant", 0).name(2, 256)).exists()          # nothing trained
