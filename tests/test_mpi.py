@@ -266,3 +266,22 @@ def test_a_workdir_refused_on_rank_0_ends_every_rank_at_once(executor, tmp_path)
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "holds a run with another config" in lines[0]
   assert time.time() - start < 200
+
+
+@needs_mpiexec
+@pytest.mark.parametrize("protocol", ["hardsync", "async"])
+def test_a_corrupt_push_is_rejected_async_goes_on_and_hardsync_ends_with_one_line(protocol, tmp_path):
+  """Rank 1 corrupts its first gradient. Async loses that one gradient and finishes; hardsync would wait for it
+  forever (the round needs every learner's), so rank 0 ends the job naming the rank."""
+  workdir = tmp_path / "run"
+  result = _mpiexec(2, *ARGS, "--config.executor=mpi", f"--config.protocol={protocol}", "--config.epochs=1",
+                    "--config.fault_mpi_corrupt_pushes=1", "--workdir", str(workdir), timeout=300)
+  assert "rank 0: rejected a malformed message from rank 1" in result.stderr, result.stderr[-3000:]
+  if protocol == "async":
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = _records(workdir)[-1]
+    assert final["messages_rejected"] == 1 and final["samples"] >= 1024
+  else:
+    assert result.returncode != 0
+    assert ("a malformed message from rank 1 may have been a gradient that protocol hardsync waits for; ending "
+            "the job") in result.stderr

@@ -26,8 +26,9 @@ with c = λ gives σ = 0 here too. The price: a remote learner waits one round t
 A PERMIT is never lost: each carries learner k's serial number (1, 2, …), rank 0 keeps it until k's next push
 (or death) arrives and sends it again when the rank asks for a RESEND (it rejected some message, perhaps that
 one), and the rank ignores a serial it has already granted, so a resent permit never lets k start twice. Not
-covered: a PUSH that rank 0 rejects as malformed is lost (it cannot tell whose it was), so under ssp, or in a
-hardsync round, that learner's gradient never arrives and the others wait for it.
+covered: a PUSH that rank 0 rejects as malformed is lost (it cannot tell whose it was); under async or
+softsync the run goes on without that gradient, but under hardsync or ssp every learner would wait for it, so
+rank 0 then ends the job with one line (rerun to resume from the last checkpoint) rather than hang.
 
 MPI calls poll with a short sleep instead of blocking: MPICH's blocking calls spin a core, which learner
 threads on a few cores cannot spare.
@@ -59,7 +60,8 @@ DEFAULT_WAIT_S = 600.0   # start-up and shutdown waits for another rank (a first
 
 
 def _corrupted(buf: np.ndarray) -> np.ndarray:
-  """``buf`` with a bad magic number (fault injection: ``fault_mpi_corrupt_weights``, ``fault_mpi_corrupt_permits``)."""
+  """``buf`` with a bad magic number (fault injection: ``fault_mpi_corrupt_weights``, ``..._permits``,
+  ``..._pushes``)."""
   bad = buf.copy()
   bad[:4] = 0
   return bad
@@ -162,6 +164,11 @@ class ServerRank(ThreadedEngine):
       except wire.WireError as e:
         self.rejected += 1
         log.error("rank 0: rejected a malformed message from rank %d (%d bytes): %s", source, buf.size, e)
+        if self.protocol.learners_wait or self.protocol.max_spread is not None:
+          mpi_comm.fatal_error(   # it may have been a gradient every learner now waits for: end, never hang
+              f"rank 0: a malformed message from rank {source} may have been a gradient that protocol "
+              f"{self.protocol.name} waits for; ending the job (rerun the same command to resume from the last "
+              "checkpoint)")
         continue
       if msg.kind == wire.FAIL:
         mpi_comm.fatal_error(f"rank {source} failed, ending the job (rerun the same command to resume from the last "
@@ -286,6 +293,7 @@ class LearnerRank:
     self.stop = threading.Event()
     self.published = Published()
     self.pushes = self.rejected = 0
+    self.corrupt_pushes = int(run.config.get("fault_mpi_corrupt_pushes", 0))
     self.interrupted = False
     self._granted = {k: 0 for k in self.local}   # ssp: the last permit serial granted to each local learner
 
@@ -341,6 +349,8 @@ class LearnerRank:
         buf = wire.encode(wire.PUSH, learner=item.learner, version=item.version, value=float(item.loss),
                           payload=item.grads)
         self.pushes += 1
+        if self.pushes <= self.corrupt_pushes:    # fault injection
+          buf = _corrupted(buf)
       send(self.comm, buf, 0, wire.TAG_TO_SERVER)
     self.published.wake()
     join_learners(threads, self.queue, lambda death: None, SHUTDOWN_WAIT_S)
