@@ -470,8 +470,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   for name in args.policies:
     if name not in (*policies, SSP):
       raise ValueError(f"--policies {name!r} is invalid; allowed: {', '.join(policies)}, {SSP}")
-  if args.momentum is not None and not 0 <= args.momentum < 1:
-    raise ValueError(f"--momentum {args.momentum:g} is invalid; allowed: 0 <= momentum < 1")
   if args.ssp_spread < 0:
     raise ValueError(f"--ssp-spread {args.ssp_spread} is invalid; allowed: an integer >= 0")
   reproduce.check_run_args(args)

@@ -384,8 +384,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   if args.speedup is not None:
     args.speedup = list(dict.fromkeys(args.speedup or SPEEDUP_LEARNERS))
   args.seeds, args.n = list(dict.fromkeys(args.seeds)), list(dict.fromkeys(args.n))
-  if args.momentum is not None and not 0 <= args.momentum < 1:
-    raise ValueError(f"--momentum {args.momentum:g} is invalid; allowed: 0 <= momentum < 1")
   if args.dataset not in DATASETS:
     raise ValueError(f"--dataset {args.dataset!r} is invalid; allowed: {', '.join(DATASETS)}")
   args.full_epochs = float(base_config(args.dataset).epochs)
@@ -405,8 +403,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def check_run_args(args: argparse.Namespace) -> None:
-  """The flags every grid script shares: ``seeds``, ``epochs``, ``train_examples``, ``out`` (a .md report) and
-  a writable ``root``; raises ValueError with one line naming the bad value and what is allowed."""
+  """The flags every grid script shares: ``seeds``, ``epochs``, ``train_examples``, ``out`` (a .md report), a
+  writable ``root`` and, where the script has it, ``momentum``; raises ValueError with one line naming the bad
+  value and what is allowed."""
+  momentum = getattr(args, "momentum", None)
+  if momentum is not None and not 0 <= momentum < 1:
+    raise ValueError(f"--momentum {momentum:g} is invalid; allowed: 0 <= momentum < 1")
   if any(s < 0 for s in args.seeds):
     raise ValueError(f"--seeds {min(args.seeds)} is invalid; allowed: integers >= 0")
   if not args.epochs > 0:
