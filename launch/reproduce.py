@@ -456,7 +456,7 @@ def main(argv: Sequence[str]) -> int:
   from sajax import metrics
 
   start = time.perf_counter()
-  missing = 0
+  missing, command_cells = 0, cells + speed_cells
   if args.report_only:     # the cells done so far, nothing trained: a look at a grid that is still running
     done = lambda c: os.path.exists(final_path(c, args.epochs, args.root, args.train_examples))   # noqa: E731
     missing = sum(not done(c) for c in cells + speed_cells)
@@ -504,7 +504,8 @@ def main(argv: Sequence[str]) -> int:
                speedup_markdown(target, rows, rel(plot_speedup(rows, target, os.path.join(folder, "speedup.png")))))
   estimate = estimate_text([(f["samples"], f["gradients"], f["updates"], f["wall_s"]) for f in finals
                             if not f.get("diverged")],      # a diverged run stopped early: not the cost model's
-                           args.full_epochs if args.quick else args.epochs, dataset=args.dataset)
+                           args.full_epochs if args.quick else args.epochs, dataset=args.dataset,
+                           command_cells=[] if args.quick else command_cells, train_examples=args.train_examples)
   command = "python launch/reproduce.py " + shlex.join(a for a in argv[1:] if a != "--report-only")   # the grid's
   text = render_markdown(agg, verdicts, command=command.strip(), epochs=args.epochs, seeds=args.seeds,
                          wall_s=wall, estimate=estimate, figures=[(t, rel(p)) for t, p in pngs],

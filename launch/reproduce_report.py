@@ -472,8 +472,10 @@ def speedup_markdown(target: float, rows: Sequence[dict], figure: str) -> list[s
   return lines + ["", f"![speedup]({figure})"]
 
 
-def estimate_text(points: Sequence[tuple[float, float, float, float]], epochs: float, dataset: str = "mnist5k") -> str:
-  """The full grid's predicted time at ``epochs`` (the default with --quick) from this run's cells' times."""
+def estimate_text(points: Sequence[tuple[float, float, float, float]], epochs: float, dataset: str = "mnist5k",
+                  command_cells: Sequence[Cell] = (), train_examples: int = 0) -> str:
+  """The full grid's predicted time at ``epochs`` (the default with --quick) from this run's cells' times, and
+  that of ``command_cells`` (the command's own runs, on ``train_examples`` of the set) when given."""
   if not points:
     return "No run finished, so there is no time estimate for the full grid."
   a, b, d = fit_seconds(points)
@@ -485,4 +487,14 @@ def estimate_text(points: Sequence[tuple[float, float, float, float]], epochs: f
           f"{{{', '.join(map(str, LEARNERS))}}}, {len(full)} cells per seed): **{seconds / 3600:.1f} h per seed** "
           f"({3 * seconds / 3600:.1f} h for `--seeds 0 1 2`), from a fit of this run's times: {1e3 * a:.3f} ms "
           f"per training example + {1e3 * b:.2f} ms per mini-batch gradient + {1e3 * d:.2f} ms per PS update "
-          f"(a run sees epochs · {size:,} examples in epochs · {size:,} / μ gradients and 1/c as many updates).")
+          f"(a run sees epochs · {size:,} examples in epochs · {size:,} / μ gradients and 1/c as many updates)."
+          + (_command_estimate(command_cells, (a, b, d), epochs, dataset, train_examples) if command_cells else ""))
+
+
+def _command_estimate(cells: Sequence[Cell], fit: tuple[float, float, float], epochs: float, dataset: str,
+                      train_examples: int) -> str:
+  a, b, d = fit
+  size = min(train_examples, TRAIN_SIZES[dataset]) if train_examples else TRAIN_SIZES[dataset]
+  seconds = sum(a * epochs * size + b * gradients_of(c, epochs, train_examples)
+                + d * updates_of(c, epochs, train_examples) for c in cells)
+  return f" This command's {len(cells)} runs: **{seconds / 3600:.2f} h** by the same fit."

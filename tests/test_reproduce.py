@@ -293,6 +293,10 @@ def test_fashion_mnist_cells_use_its_tuned_config_unchanged_but_for_the_grids_ke
   assert reproduce.gradients_of(cell, 2) == 2 * 60000 / 16 and reproduce.gradients_of(cell, 2, 1600) == 200
   text = reproduce_report.estimate_text([(1000, 10, 5, 1.0)], tuned.epochs, dataset="fashion_mnist")
   assert "`python launch/reproduce.py --dataset fashion_mnist`" in text and "epochs · 60,000 examples" in text
+  own = [Cell(8, 0, "ssgd", 0, "fashion_mnist"), Cell(8, 8, "inverse", 0, "fashion_mnist")]   # 1 ms per example
+  text = reproduce_report.estimate_text([(1000, 0, 0, 1.0)], 12, "fashion_mnist", command_cells=own,
+                                        train_examples=20000)
+  assert text.endswith(f" This command's 2 runs: **{2 * 12 * 20000 * 1e-3 / 3600:.2f} h** by the same fit.")
 
 
 def test_a_missing_dataset_gives_one_line_and_exit_2_before_any_cell(tmp_path, capsys, monkeypatch):
