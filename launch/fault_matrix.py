@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import glob
 import json
 import os
@@ -36,6 +35,14 @@ import time
 from typing import Callable, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from launch import fault_report, timed_launch  # noqa: E402
+from launch.timed_launch import Launch  # noqa: E402
+from launch.fault_report import (Cell, count, load_average, load_results, machine, mark,  # noqa: E402,F401
+                                 save_results)
+
 TRAIN = os.path.join("launch", "train.py")
 BASE = ("--config", "configs/smoke.py", "--config.learners=4", "--config.batch_per_learner=8",
         "--config.momentum=0.5")
@@ -47,7 +54,6 @@ TAIL_LINES = 15
 RESUMED = "resuming from the checkpoint at update"
 UNREADABLE = "is unreadable"
 EXCEPTION = re.compile(r"^[\w.]*(Error|Exception|Interrupt): ")   # the last line of a traceback
-RESULTS = "results.json"
 NAN_ALL = ("--config.nan_learners=(0,1,2,3)", "--config.nan_steps=0")
 
 
@@ -71,16 +77,6 @@ class Column:
 COLUMNS = tuple(Column(e, p, n) for e in EXECUTORS for p, n in PROTOCOLS)
 
 
-@dataclasses.dataclass
-class Launch:
-  """One subprocess: the command as a user types it, its exit code (None: timed out), seconds, output."""
-
-  command: str
-  code: Optional[int]
-  seconds: float
-  output: str
-
-
 @dataclasses.dataclass(frozen=True)
 class Kept:
   """What a workdir holds after a run."""
@@ -92,20 +88,7 @@ class Kept:
   final: dict = dataclasses.field(default_factory=dict)
 
 
-@dataclasses.dataclass
-class Cell:
-  """One cell's result. ``ok`` None: the row does not apply here (``note`` says why) or it was not run."""
-
-  ok: Optional[bool]
-  code: str = ""
-  seconds: str = ""
-  reason: str = ""
-  kept: str = ""
-  note: str = ""
-  failure: str = ""     # command and output tail of a ✘ cell
-
-
-# ---- pure helpers: reading output and workdirs, judging, rendering ------------------------------------------
+# ---- pure helpers: reading output and workdirs, judging ----------------------------------------------------
 def error_lines(output: str) -> list[str]:
   """The lines of ``output`` that start with ``error:`` (the CLI's one-line reasons)."""
   return [line.strip() for line in output.splitlines() if line.strip().startswith("error:")]
@@ -200,25 +183,6 @@ def judge_bad_config(launch: Launch, kept: Kept) -> bool:
           and not kept.exists)
 
 
-def mark(ok: Optional[bool]) -> str:
-  return {True: "✔", False: "✘", None: "–"}[ok]
-
-
-def summary_cell(cell: Optional[Cell]) -> str:
-  """A cell of the summary matrix: '✔ 41', '✘ 300' (seconds), 'not run', or '–' where the row runs elsewhere."""
-  if cell is None:
-    return "not run"
-  if cell.ok is None:
-    return "–"
-  return f"{mark(cell.ok)} {cell.seconds}"
-
-
-def count(results: dict) -> tuple[int, int]:
-  """(✔, ✘) over every cell that ran."""
-  oks = [c.ok for cells in results.values() for c in cells.values() if c is not None and c.ok is not None]
-  return sum(oks), len(oks) - sum(oks)
-
-
 # ---- running ------------------------------------------------------------------------------------------------
 def train_command(column: Column, workdir: str, *extra: str) -> list[str]:
   """``[mpiexec -n 2] python launch/train.py`` with the base config, the column and ``extra`` overrides."""
@@ -241,75 +205,6 @@ def _env() -> dict:
   return env
 
 
-def _stop(process: subprocess.Popen) -> None:
-  """Kills the process group the run started (mpiexec and its ranks too)."""
-  try:
-    os.killpg(process.pid, signal.SIGKILL)
-  except ProcessLookupError:
-    pass
-  process.wait()
-
-
-def launch(argv: list[str], log: str, timeout: float, during: Optional[Callable] = None) -> Launch:
-  """Runs ``argv`` from the repository root in a session of its own, output to ``log``; ``during(process)``
-  is polled while it runs. Past ``timeout`` seconds the whole group is killed and the code is None."""
-  start = time.monotonic()
-  with open(log, "w") as out:
-    process = subprocess.Popen(_executable(argv), cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT,
-                               start_new_session=True)
-    try:
-      code = _wait(process, start, timeout, during)
-    finally:
-      if process.poll() is None:
-        _stop(process)
-  with open(log, errors="replace") as f:
-    output = f.read()
-  return Launch(shlex.join(argv), code, time.monotonic() - start, output)
-
-
-def _wait(process: subprocess.Popen, start: float, timeout: float, during: Optional[Callable]) -> Optional[int]:
-  while process.poll() is None:
-    if time.monotonic() - start > timeout:
-      _stop(process)
-      return None
-    if during is not None:
-      during(process)
-    time.sleep(0.2)
-  return process.returncode
-
-
-def _children() -> dict[int, list[int]]:
-  table: dict[int, list[int]] = {}
-  for entry in os.listdir("/proc"):
-    if entry.isdigit():
-      try:
-        with open(f"/proc/{entry}/stat") as f:
-          parent = int(f.read().rsplit(")", 1)[1].split()[1])
-      except (OSError, IndexError, ValueError):
-        continue
-      table.setdefault(parent, []).append(int(entry))
-  return table
-
-
-def rank_pid(root: int, rank: int) -> Optional[int]:
-  """The process of MPI rank ``rank`` under ``root`` (mpiexec): a descendant running train.py with PMI_RANK."""
-  table, todo = _children(), [root]
-  while todo:
-    pid = todo.pop(0)
-    for child in table.get(pid, []):
-      try:
-        with open(f"/proc/{child}/environ", "rb") as f:
-          env = f.read().split(b"\0")
-        with open(f"/proc/{child}/cmdline", "rb") as f:
-          cmdline = f.read()
-      except OSError:
-        continue
-      if f"PMI_RANK={rank}".encode() in env and TRAIN.encode() in cmdline:
-        return child
-      todo.append(child)
-  return None
-
-
 class Matrix:
   """Runs the cells into ``scratch`` and keeps their results, rewriting the report after every cell."""
 
@@ -322,7 +217,8 @@ class Matrix:
 
   def launch(self, argv: list[str], name: str, during: Optional[Callable] = None) -> Launch:
     print(f"  $ {shlex.join(argv)}", file=sys.stderr, flush=True)
-    return launch(argv, os.path.join(self.scratch, "logs", f"{name}.log"), self.timeout, during)
+    return timed_launch.launch(argv, _executable(argv), os.path.join(self.scratch, "logs", f"{name}.log"),
+                               self.timeout, cwd=ROOT, env=_env(), during=during)
 
   def record(self, row: str, column: Column, cell: Cell) -> None:
     self.results.setdefault(row, {})[column.slug] = cell
@@ -400,7 +296,7 @@ def row_kill(matrix: Matrix, column: Column) -> Cell:
   def kill_after_first_checkpoint(process: subprocess.Popen) -> None:
     if killed_at or not read_kept(workdir).checkpoints:
       return
-    pid = rank_pid(process.pid, 1) if column.executor == "mpi" else process.pid
+    pid = timed_launch.rank_pid(process.pid, 1, TRAIN) if column.executor == "mpi" else process.pid
     if pid is not None:
       os.kill(pid, signal.SIGKILL)
       killed_at.append(time.monotonic() - start)
@@ -496,119 +392,11 @@ ROWS = (
 )
 
 
-# ---- results.json: a stopped matrix resumes -----------------------------------------------------------------
-def load_results(scratch: str) -> tuple[dict, list]:
-  """The cells and sessions saved in ``scratch``/results.json; ({}, []) when there are none."""
-  path = os.path.join(scratch, RESULTS)
-  if not os.path.exists(path):
-    return {}, []
-  with open(path) as f:
-    saved = json.load(f)
-  cells = {row: {slug: Cell(**cell) for slug, cell in by_slug.items()} for row, by_slug in saved["cells"].items()}
-  return cells, saved["sessions"]
-
-
-def save_results(scratch: str, results: dict, sessions: list) -> None:
-  """Writes ``scratch``/results.json atomically."""
-  path = os.path.join(scratch, RESULTS)
-  cells = {row: {slug: dataclasses.asdict(cell) for slug, cell in by_slug.items()}
-           for row, by_slug in results.items()}
-  with open(path + ".tmp", "w") as f:
-    json.dump({"cells": cells, "sessions": sessions}, f, indent=1, ensure_ascii=False)
-  os.replace(path + ".tmp", path)
-
-
-# ---- the report ---------------------------------------------------------------------------------------------
-def load_average() -> str:
-  return " ".join(f"{x:.2f}" for x in os.getloadavg())
-
-
-def machine() -> dict:
-  """nproc, load average and date at the start of a session, for the report."""
-  return {"nproc": os.cpu_count(), "load": load_average(),
-          "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
-
-
-def describe_session(session: dict) -> str:
-  """'2026-11-28 22:17 UTC, nproc 2, load average 9.73 11.49 10.83 → 13.10 ..., 48.2 min, 72 cells (cmd)'."""
-  load = session["load"] + (f" → {session['load_end']}" if session.get("load_end") else "")
-  took = f"{session['minutes']:.1f} min" if "minutes" in session else "not finished"
-  return (f"{session['date']}, `nproc` = {session['nproc']}, load average {load}, {took}, {session['cells']} cells "
-          f"(`python launch/fault_matrix.py{session.get('args', '')}`)")
-
-
+# ---- the report (launch/fault_report.py) ----------------------------------------------------------------------
 def render(results: dict, rows: Sequence[Row], columns: Sequence[Column], sessions: Sequence[dict],
            timeout: str) -> str:
-  """docs/reliability.md: the summary matrix, one table per row, and the command and output of ✘ cells."""
-  good, bad = count(results)
-  not_run = sum(results.get(row.key, {}).get(c.slug) is None for row in rows for c in columns)
-  minutes = sum(s.get("minutes", 0) for s in sessions)
-  lines = [
-      "# Reliability: the fault matrix",
-      "",
-      "The faults of README \"When things go wrong\", injected from the command line and run through the CLI as a",
-      "user would, in every executor and protocol. Not in the matrix: a checkpoint that reads but does not fit the",
-      "run (exit 2, tests/test_checkpoint.py), any other exception (tests/test_reliability.py), an MPI rank that",
-      "does not answer (`--config.mpi_timeout_s`). Base command of every cell (λ = 4 learners, μ = 8; MPI:",
-      "`mpiexec -n 2`, 2 learners per rank):",
-      "",
-      "```bash",
-      f"[mpiexec -n 2] python launch/train.py {' '.join(BASE)} \\",
-      "    --config.executor=X --config.protocol=Y --config.n=N <fault flags> --workdir <fresh folder>",
-      "```",
-      "",
-      "Regenerate this page (every subprocess has a timeout, so it always ends; a timeout is a ✘). With",
-      "`--scratch DIR` a stopped matrix resumes, finished cells kept; `--rows`, `--executors`, `--protocols`",
-      "and `--rerun` run some cells again:",
-      "",
-      "```bash",
-      "python launch/fault_matrix.py",
-      "```",
-      "",
-      f"Verdict: {good} ✔, {bad} ✘" + (f", {not_run} not run" if not_run else "")
-      + f"; {minutes:.1f} min in all, timeout {timeout} s per subprocess. Sessions:",
-      "",
-      *[f"* {describe_session(s)}" for s in sessions],
-      "",
-      "Each cell: ✔ (the documented outcome) or ✘, and the seconds from launch to exit (two runs: first + rerun);",
-      "– where the row runs once per executor (its hardsync column). Details per row below the matrix.",
-      "",
-      "| row | fault | expected | " + " | ".join(c.name for c in columns) + " |",
-      "|---|---|---|" + "---|" * len(columns),
-  ]
-  for row in rows:
-    cells = results.get(row.key, {})
-    lines.append(f"| {row.key} | {row.fault} | {row.expected} | "
-                 + " | ".join(summary_cell(cells.get(c.slug)) for c in columns) + " |")
-  for row in rows:
-    lines += _row_section(row, results.get(row.key, {}), columns)
-  failures = [(row, c, results[row.key][c.slug]) for row in rows for c in columns
-              if results.get(row.key, {}).get(c.slug) is not None and results[row.key][c.slug].failure]
-  if failures:
-    lines += ["", "## Commands and output tails", ""]
-    for row, column, cell in failures:
-      lines += [f"Row {row.key}, {column.name} ({mark(cell.ok)}):", "", "```", cell.failure, "```", ""]
-  return "\n".join(lines).rstrip() + "\n"
-
-
-def _row_section(row: Row, cells: dict, columns: Sequence[Column]) -> list[str]:
-  lines = ["", f"## Row {row.key}: {row.fault}", "", f"Flags: {row.command}. Expected: {row.expected}.", "",
-           "| executor | protocol | exit | ok | s | reason | kept | note |", "|---|---|---|---|---|---|---|---|"]
-  for column in columns:
-    cell = cells.get(column.slug)
-    protocol = column.name.split(" ", 1)[1]
-    if cell is None:
-      lines.append(f"| {column.executor} | {protocol} | | not run | | | | |")
-    elif cell.ok is None:
-      lines.append(f"| {column.executor} | {protocol} | | – | | | | {cell.note} |")
-    else:
-      fields = [cell.code, mark(cell.ok), cell.seconds, cell.reason, cell.kept, cell.note]
-      lines.append(f"| {column.executor} | {protocol} | " + " | ".join(_escape(f) for f in fields) + " |")
-  return lines
-
-
-def _escape(text: str) -> str:
-  return text.replace("|", "\\|").replace("\n", " ")
+  """docs/reliability.md for this matrix: :func:`fault_report.render` with the matrix's base command."""
+  return fault_report.render(results, rows, columns, sessions, timeout, base=BASE)
 
 
 # ---- the command --------------------------------------------------------------------------------------------

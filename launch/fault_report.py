@@ -1,0 +1,165 @@
+"""launch/fault_matrix.py's results and report: one cell's outcome, results.json, docs/reliability.md.
+
+Pure functions and file I/O only (no subprocesses): a cell's result (:class:`Cell`), the matrix's cells saved to
+``<scratch>/results.json`` so a stopped matrix resumes, and the page rendered from them: the summary matrix
+(✔/✘ and seconds per row × executor-protocol column), one table per row, and the command and output tail of
+every ✘ cell. ``rows`` are fault_matrix's ``Row`` (key, fault, expected, command) and ``columns`` its
+``Column`` (name, slug, executor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+from typing import Optional, Sequence
+
+RESULTS = "results.json"
+
+
+@dataclasses.dataclass
+class Cell:
+  """One cell's result. ``ok`` None: the row does not apply here (``note`` says why) or it was not run."""
+
+  ok: Optional[bool]
+  code: str = ""
+  seconds: str = ""
+  reason: str = ""
+  kept: str = ""
+  note: str = ""
+  failure: str = ""     # command and output tail of a ✘ cell
+
+
+
+def mark(ok: Optional[bool]) -> str:
+  return {True: "✔", False: "✘", None: "–"}[ok]
+
+
+def summary_cell(cell: Optional[Cell]) -> str:
+  """A cell of the summary matrix: '✔ 41', '✘ 300' (seconds), 'not run', or '–' where the row runs elsewhere."""
+  if cell is None:
+    return "not run"
+  if cell.ok is None:
+    return "–"
+  return f"{mark(cell.ok)} {cell.seconds}"
+
+
+def count(results: dict) -> tuple[int, int]:
+  """(✔, ✘) over every cell that ran."""
+  oks = [c.ok for cells in results.values() for c in cells.values() if c is not None and c.ok is not None]
+  return sum(oks), len(oks) - sum(oks)
+
+
+def load_results(scratch: str) -> tuple[dict, list]:
+  """The cells and sessions saved in ``scratch``/results.json; ({}, []) when there are none."""
+  path = os.path.join(scratch, RESULTS)
+  if not os.path.exists(path):
+    return {}, []
+  with open(path) as f:
+    saved = json.load(f)
+  cells = {row: {slug: Cell(**cell) for slug, cell in by_slug.items()} for row, by_slug in saved["cells"].items()}
+  return cells, saved["sessions"]
+
+
+def save_results(scratch: str, results: dict, sessions: list) -> None:
+  """Writes ``scratch``/results.json atomically."""
+  path = os.path.join(scratch, RESULTS)
+  cells = {row: {slug: dataclasses.asdict(cell) for slug, cell in by_slug.items()}
+           for row, by_slug in results.items()}
+  with open(path + ".tmp", "w") as f:
+    json.dump({"cells": cells, "sessions": sessions}, f, indent=1, ensure_ascii=False)
+  os.replace(path + ".tmp", path)
+
+
+# ---- the report ----------------------------------------------------------------------------------------------
+def load_average() -> str:
+  return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def machine() -> dict:
+  """nproc, load average and date at the start of a session, for the report."""
+  return {"nproc": os.cpu_count(), "load": load_average(),
+          "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}
+
+
+def describe_session(session: dict) -> str:
+  """'2026-11-28 22:17 UTC, nproc 2, load average 9.73 11.49 10.83 → 13.10 ..., 48.2 min, 72 cells (cmd)'."""
+  load = session["load"] + (f" → {session['load_end']}" if session.get("load_end") else "")
+  took = f"{session['minutes']:.1f} min" if "minutes" in session else "not finished"
+  return (f"{session['date']}, `nproc` = {session['nproc']}, load average {load}, {took}, {session['cells']} cells "
+          f"(`python launch/fault_matrix.py{session.get('args', '')}`)")
+
+
+def render(results: dict, rows: Sequence, columns: Sequence, sessions: Sequence[dict], timeout: str, *,
+           base: Sequence[str]) -> str:
+  """docs/reliability.md: the summary matrix, one table per row, and the command and output of ✘ cells."""
+  good, bad = count(results)
+  not_run = sum(results.get(row.key, {}).get(c.slug) is None for row in rows for c in columns)
+  minutes = sum(s.get("minutes", 0) for s in sessions)
+  lines = [
+      "# Reliability: the fault matrix",
+      "",
+      "The faults of README \"When things go wrong\", injected from the command line and run through the CLI as a",
+      "user would, in every executor and protocol. Not in the matrix: a checkpoint that reads but does not fit the",
+      "run (exit 2, tests/test_checkpoint.py), any other exception (tests/test_reliability.py), an MPI rank that",
+      "does not answer (`--config.mpi_timeout_s`). Base command of every cell (λ = 4 learners, μ = 8; MPI:",
+      "`mpiexec -n 2`, 2 learners per rank):",
+      "",
+      "```bash",
+      f"[mpiexec -n 2] python launch/train.py {' '.join(base)} \\",
+      "    --config.executor=X --config.protocol=Y --config.n=N <fault flags> --workdir <fresh folder>",
+      "```",
+      "",
+      "Regenerate this page (every subprocess has a timeout, so it always ends; a timeout is a ✘). With",
+      "`--scratch DIR` a stopped matrix resumes, finished cells kept; `--rows`, `--executors`, `--protocols`",
+      "and `--rerun` run some cells again:",
+      "",
+      "```bash",
+      "python launch/fault_matrix.py",
+      "```",
+      "",
+      f"Verdict: {good} ✔, {bad} ✘" + (f", {not_run} not run" if not_run else "")
+      + f"; {minutes:.1f} min in all, timeout {timeout} s per subprocess. Sessions:",
+      "",
+      *[f"* {describe_session(s)}" for s in sessions],
+      "",
+      "Each cell: ✔ (the documented outcome) or ✘, and the seconds from launch to exit (two runs: first + rerun);",
+      "– where the row runs once per executor (its hardsync column). Details per row below the matrix.",
+      "",
+      "| row | fault | expected | " + " | ".join(c.name for c in columns) + " |",
+      "|---|---|---|" + "---|" * len(columns),
+  ]
+  for row in rows:
+    cells = results.get(row.key, {})
+    lines.append(f"| {row.key} | {row.fault} | {row.expected} | "
+                 + " | ".join(summary_cell(cells.get(c.slug)) for c in columns) + " |")
+  for row in rows:
+    lines += _row_section(row, results.get(row.key, {}), columns)
+  failures = [(row, c, results[row.key][c.slug]) for row in rows for c in columns
+              if results.get(row.key, {}).get(c.slug) is not None and results[row.key][c.slug].failure]
+  if failures:
+    lines += ["", "## Commands and output tails", ""]
+    for row, column, cell in failures:
+      lines += [f"Row {row.key}, {column.name} ({mark(cell.ok)}):", "", "```", cell.failure, "```", ""]
+  return "\n".join(lines).rstrip() + "\n"
+
+
+def _row_section(row, cells: dict, columns: Sequence) -> list[str]:
+  lines = ["", f"## Row {row.key}: {row.fault}", "", f"Flags: {row.command}. Expected: {row.expected}.", "",
+           "| executor | protocol | exit | ok | s | reason | kept | note |", "|---|---|---|---|---|---|---|---|"]
+  for column in columns:
+    cell = cells.get(column.slug)
+    protocol = column.name.split(" ", 1)[1]
+    if cell is None:
+      lines.append(f"| {column.executor} | {protocol} | | not run | | | | |")
+    elif cell.ok is None:
+      lines.append(f"| {column.executor} | {protocol} | | – | | | | {cell.note} |")
+    else:
+      fields = [cell.code, mark(cell.ok), cell.seconds, cell.reason, cell.kept, cell.note]
+      lines.append(f"| {column.executor} | {protocol} | " + " | ".join(_escape(f) for f in fields) + " |")
+  return lines
+
+
+def _escape(text: str) -> str:
+  return text.replace("|", "\\|").replace("\n", " ")
