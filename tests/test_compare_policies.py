@@ -6,6 +6,7 @@ import json
 import pytest
 
 from launch import compare_policies as cp
+from launch import policies_report as pr
 from sajax import config as config_lib, optim
 
 POLICIES = optim.available_policies()
@@ -42,7 +43,7 @@ def test_cell_config_is_async_with_the_profile_and_ssgd_is_hardsync():
   assert (drop.executor, drop.protocol, drop.policy, drop.sim_profile, drop.seed) == (
       "simulated", "async", "drop", "heterogeneous", 2)
   assert config_lib.protocol_of(drop).gradients_per_update == 1
-  assert drop.eval_every_epochs == pytest.approx(1.0 / cp.EVALS)
+  assert drop.eval_every_epochs == pytest.approx(1.0 / pr.EVALS)
   ssgd = cp.cell_config(cp.PolicyCell(rows["ssgd"], "one_slow", 0), epochs=1.0)
   config_lib.validate(ssgd)
   assert (ssgd.protocol, config_lib.protocol_of(ssgd).gradients_per_update, ssgd.sim_profile) == (
@@ -69,28 +70,28 @@ def _curve(points):
 
 def test_time_to_target_is_the_first_evaluation_at_or_below_it():
   curve = _curve([(10, 60.0), (20, 30.0), (30, 12.0), (40, 14.0), (50, 9.0)])
-  assert cp.time_to_target(curve, 12.0) == 30          # at the target counts
-  assert cp.time_to_target(curve, 13.0) == 30          # the first crossing, not the last
-  assert cp.time_to_target(curve, 9.5) == 50
-  assert cp.time_to_target(curve, 5.0) is None
-  assert cp.time_to_target(curve[:1], 70.0) == 10
+  assert pr.time_to_target(curve, 12.0) == 30          # at the target counts
+  assert pr.time_to_target(curve, 13.0) == 30          # the first crossing, not the last
+  assert pr.time_to_target(curve, 9.5) == 50
+  assert pr.time_to_target(curve, 5.0) is None
+  assert pr.time_to_target(curve[:1], 70.0) == 10
 
 
 def test_mean_curve_and_error_at_equal_simulated_time():
   runs = [_curve([(10, 60.0), (20, 30.0), (30, 20.0)]), _curve([(12, 50.0), (22, 40.0)]), []]
-  curve = cp.mean_curve(runs)                      # the empty run is left out; the shortest run sets the length
+  curve = pr.mean_curve(runs)                      # the empty run is left out; the shortest run sets the length
   assert curve == [(pytest.approx(11.0), pytest.approx(55.0)), (pytest.approx(21.0), pytest.approx(35.0))]
-  assert cp.error_at(curve, 16.0) == pytest.approx(45.0)
-  assert cp.error_at(curve, 11.0) == pytest.approx(55.0) and cp.error_at(curve, 21.0) == pytest.approx(35.0)
-  assert cp.error_at(curve, 5.0) is None and cp.error_at(curve, 30.0) is None
-  assert cp.mean_curve([[], []]) == []
+  assert pr.error_at(curve, 16.0) == pytest.approx(45.0)
+  assert pr.error_at(curve, 11.0) == pytest.approx(55.0) and pr.error_at(curve, 21.0) == pytest.approx(35.0)
+  assert pr.error_at(curve, 5.0) is None and pr.error_at(curve, 30.0) is None
+  assert pr.mean_curve([[], []]) == []
 
 
 def test_dropped_fraction_counts_both_kinds_over_all_pushed():
   finals = [{"gradients_dropped": 1, "gradients_stale_dropped": 9, "staleness_histogram": {"1": 60, "30": 30}},
             {"gradients_dropped": 0, "gradients_stale_dropped": 0, "staleness_histogram": {"2": 100}}]
-  assert cp.dropped_fraction(finals) == pytest.approx(10 / 200)
-  assert cp.dropped_fraction([{"gradients_dropped": 0, "staleness_histogram": {"3": 5}}]) == 0.0
+  assert pr.dropped_fraction(finals) == pytest.approx(10 / 200)
+  assert pr.dropped_fraction([{"gradients_dropped": 0, "staleness_histogram": {"3": 5}}]) == 0.0
 
 
 def _runs(errors_by_row, profile="one_slow", times=None):
@@ -116,7 +117,7 @@ RUNS = {"ssgd": [10.0, 11.0, 12.0], "inverse": [10.1, 11.0, 11.7], "constant": [
 
 
 def test_summary_target_and_time_to_target():
-  summary = cp.summarize(_runs(RUNS))
+  summary = pr.summarize(_runs(RUNS))
   assert summary[("one_slow", None)] == pytest.approx(11.5)                 # SSGD's mean + 0.5
   inverse = summary[("one_slow", "inverse")]
   assert inverse["error"][0] == pytest.approx(32.8 / 3) and inverse["half"] is not None
@@ -132,7 +133,7 @@ def test_summary_target_and_time_to_target():
 
 
 def test_rank_sorts_by_error_and_decides_only_where_the_paired_interval_does():
-  rows = cp.rank(cp.summarize(_runs(RUNS)), "one_slow")
+  rows = pr.rank(pr.summarize(_runs(RUNS)), "one_slow")
   assert [r["variant"].name for r in rows] == ["drop", "inverse", "ssgd", "constant", "hinge", "dc_asgd"]
   # diverged last; a row that diverged in every seed has no error, no paired difference, no verdict
   assert (rows[-1]["better_than"], rows[-1]["vs_ssgd"], rows[-1]["time"]) == ([], None, None)
@@ -151,24 +152,24 @@ def test_rank_sorts_by_error_and_decides_only_where_the_paired_interval_does():
 def test_runs_that_diverged_before_evaluating_have_no_staleness():
   rows = {v.name: v for v in cp.variants(POLICIES)}
   final = {"test_error": None, "diverged": "diverged: 100 consecutive non-finite gradients", "gradients_dropped": 100}
-  summary = cp.summarize(_runs({"ssgd": [10.0]}) + [(cp.PolicyCell(rows["dc_asgd"], "one_slow", 0), final, [])])
+  summary = pr.summarize(_runs({"ssgd": [10.0]}) + [(cp.PolicyCell(rows["dc_asgd"], "one_slow", 0), final, [])])
   dc = summary[("one_slow", "dc_asgd")]
   assert (dc["sigma_mean"], dc["sigma_max"], dc["dropped"], dc["time"]) == (None, None, 1.0, None)
-  table = cp.table_lines(cp.rank(summary, "one_slow"), {}, summary[("one_slow", "ssgd")])
+  table = pr.table_lines(pr.rank(summary, "one_slow"), {}, summary[("one_slow", "ssgd")])
   assert table[-1].endswith("| not reached | – | – | – | 100.0 % |")
-  assert cp.dropped_fraction([{"test_error": None}]) is None                  # nothing recorded: no fraction
+  assert pr.dropped_fraction([{"test_error": None}]) is None                  # nothing recorded: no fraction
 
 
 def test_one_seed_decides_nothing():
-  rows = cp.rank(cp.summarize(_runs({"ssgd": [10.0], "constant": [30.0]})), "one_slow")
+  rows = pr.rank(pr.summarize(_runs({"ssgd": [10.0], "constant": [30.0]})), "one_slow")
   assert [r["better_than"] for r in rows] == [[], []]
   assert rows[1]["vs_ssgd"]["decided"] == "undecided"
 
 
 def test_report_has_a_row_per_policy_the_missing_ssp_the_note_and_the_figure(tmp_path):
-  summary = cp.summarize(_runs(RUNS))
+  summary = pr.summarize(_runs(RUNS))
   runs = [(c.name(1.0), f) for c, f, _ in _runs(RUNS)]
-  text = cp.render_markdown(summary, profiles=["one_slow", "heterogeneous"], constants={"drop": "bound = 60"},
+  text = pr.render_markdown(summary, profiles=["one_slow", "heterogeneous"], constants={"drop": "bound = 60"},
                             command="python launch/compare_policies.py --epochs 1", note="Why: the machine.",
                             setting="Setting: x.", seeds=[0, 1, 2], wall_s=12.0, figure="policies/x.png",
                             runs=runs, missing=["ssp"])
@@ -181,7 +182,7 @@ def test_report_has_a_row_per_policy_the_missing_ssp_the_note_and_the_figure(tmp
   assert [line.split("|")[2].strip() for line in table] == ["**drop**", "**inverse**", "**ssgd**", "**constant**",
                                                           "**hinge**", "**dc_asgd**", "**ssp**"]
   assert "| 1 | **drop** | bound = 60 | 10.33 ± " in table[0]
-  assert "(worse)" in table[3] and "diverged in 1 of 3 seeds" in table[4] and cp.NOT_RUN in table[6]
+  assert "(worse)" in table[3] and "diverged in 1 of 3 seeds" in table[4] and pr.NOT_RUN in table[6]
   assert "| – (diverged in 3 of 3 seeds) | – | – | not reached |" in table[5]
   assert "| 10.0 (2 of 3 seeds) | 4.00× |" in table[1]                     # SSGD's 40 s over inverse's 10 s
   assert "| `mnist5k-one_slow-hinge-lambda30-mu5-e1-seed2` | diverged |" in text
