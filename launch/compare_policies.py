@@ -42,7 +42,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from launch import reproduce  # noqa: E402
+from launch import grid_runner, reproduce  # noqa: E402
 from launch.policies_report import EVALS, SSGD, SSP, plot_error_vs_time, render_markdown, summarize  # noqa: E402
 from launch.reproduce_report import kept_note  # noqa: E402
 
@@ -156,14 +156,14 @@ def run_cell(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0
   """Trains one cell in a child process (``compare_policies.py --cell``) unless it is done; (final, trained)."""
   command = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(dataclasses.asdict(cell)),
              "--epochs", repr(float(epochs)), "--root", root, "--train-examples", str(train_examples)]
-  return reproduce.run_in_child(final_path(cell, epochs, root, train_examples), command,
-                                reproduce.cell_environment(cell, root), cell.name(epochs, train_examples))
+  return grid_runner.run_in_child(final_path(cell, epochs, root, train_examples), command,
+                                grid_runner.cell_environment(cell, root), cell.name(epochs, train_examples))
 
 
 def train_cell(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0) -> dict:
   """Trains one cell here and writes its final.json; a diverged run is recorded as such rather than failing
-  the comparison (:func:`launch.reproduce.train_and_record`)."""
-  return reproduce.train_and_record(cell_config(cell, epochs, train_examples),
+  the comparison (:func:`launch.grid_runner.train_and_record`)."""
+  return grid_runner.train_and_record(cell_config(cell, epochs, train_examples),
                                     final_path(cell, epochs, root, train_examples),
                                     {"cell": dataclasses.asdict(cell), "epochs": epochs})
 
@@ -179,7 +179,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   """The flags, checked; raises ValueError with one line naming the bad value and what is allowed."""
   from sajax import optim
   policies = optim.available_policies()
-  p = reproduce.OneLineParser(prog="compare_policies.py", description=__doc__,
+  p = grid_runner.OneLineParser(prog="compare_policies.py", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--root", default=os.path.join("runs", "compare_policies"), help="folder of the runs")
   p.add_argument("--out", default=os.path.join("docs", "policies.md"), help="report; its PNG goes beside it")
@@ -236,10 +236,10 @@ def main(argv: Sequence[str]) -> int:
       data.load_dataset(reproduce.base_config(args.dataset).dataset)   # a missing dataset: one line now
   except ValueError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return reproduce.EXIT_BAD_INPUT
-  reproduce.quiet_logging()
+    return grid_runner.EXIT_BAD_INPUT
+  grid_runner.quiet_logging()
   if args.cell is not None:
-    return reproduce.child_main(lambda: train_cell(cell_from_json(args.cell), args.epochs, args.root,
+    return grid_runner.child_main(lambda: train_cell(cell_from_json(args.cell), args.epochs, args.root,
                                                    args.train_examples))
   from sajax import metrics
   runnable = ssp_available()
@@ -247,10 +247,10 @@ def main(argv: Sequence[str]) -> int:
   cells = grid(rows, args.profiles, args.seeds, args.dataset, runnable, args.momentum)
   start = time.perf_counter()
   try:
-    finals, trained = reproduce.run_cells(
+    finals, trained = grid_runner.run_cells(
         cells, lambda c: run_cell(c, args.epochs, args.root, args.train_examples),
         lambda c: c.name(args.epochs, args.train_examples), desc="compare")
-  except reproduce.GridStopped as e:
+  except grid_runner.GridStopped as e:
     return e.code
   wall = time.perf_counter() - start
 
@@ -268,7 +268,7 @@ def main(argv: Sequence[str]) -> int:
                          note=kept_note(args.out), setting=setting_text(args), seeds=args.seeds, wall_s=wall,
                          figure=os.path.relpath(png, os.path.dirname(os.path.abspath(args.out))),
                          runs=list(zip(names, finals)), missing=missing, trained=trained)
-  reproduce.write_text(args.out, text)
+  grid_runner.write_text(args.out, text)
   print(f"{len(cells)} runs ({trained} trained, {len(cells) - trained} already done) in {wall:.0f} s; "
         f"report: {args.out}")
   return 0

@@ -45,7 +45,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from launch import reproduce  # noqa: E402
+from launch import grid_runner, reproduce  # noqa: E402
 
 DATASET = "fashion_mnist"
 EVAL_EVERY = 0.1                   # epochs between evaluations: where in epoch 1 a run breaks
@@ -111,15 +111,15 @@ def run_probe(probe: Probe, epochs: float, root: str, train_examples: int, data_
   command = [sys.executable, os.path.abspath(__file__), "--probe", json.dumps(dataclasses.asdict(probe)),
              "--epochs", repr(float(epochs)), "--root", root, "--train-examples", str(train_examples),
              "--data-dir", data_dir]
-  return reproduce.run_in_child(final_path(probe, epochs, root, train_examples), command,
-                                reproduce.cell_environment(probe, root), probe.name(epochs, train_examples))
+  return grid_runner.run_in_child(final_path(probe, epochs, root, train_examples), command,
+                                grid_runner.cell_environment(probe, root), probe.name(epochs, train_examples))
 
 
 def train_probe(probe: Probe, epochs: float, root: str, train_examples: int, data_dir: str = "") -> dict:
   """In the child: trains and writes the final record with the dead-unit fractions of the newest checkpoint."""
   config = probe_config(probe, epochs, train_examples, data_dir)
   path = final_path(probe, epochs, root, train_examples)
-  return reproduce.train_and_record(config, path, {"probe": dataclasses.asdict(probe), "epochs": epochs},
+  return grid_runner.train_and_record(config, path, {"probe": dataclasses.asdict(probe), "epochs": epochs},
                                     extra=lambda record: {"dead": dead_units_of_run(config, os.path.dirname(path))})
 
 
@@ -241,7 +241,7 @@ def plot(rows: Sequence[tuple[Probe, dict, list]], path: str) -> str:
 
 # ---- command line ------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-  p = reproduce.OneLineParser(prog="momentum_staleness.py", description=__doc__,
+  p = grid_runner.OneLineParser(prog="momentum_staleness.py", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--learners", type=int, default=30, help="λ (default 30); μ = ⌈128/λ⌉")
   p.add_argument("--epochs", type=float, default=2.0)
@@ -268,19 +268,19 @@ def main(argv: Sequence[str]) -> int:
       data.load_dataset(DATASET, data_dir=args.data_dir or None)   # a missing dataset: one line now
   except ValueError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return reproduce.EXIT_BAD_INPUT
-  reproduce.quiet_logging()
+    return grid_runner.EXIT_BAD_INPUT
+  grid_runner.quiet_logging()
   if args.probe is not None:
-    return reproduce.child_main(lambda: train_probe(Probe(**json.loads(args.probe)), args.epochs, args.root,
+    return grid_runner.child_main(lambda: train_probe(Probe(**json.loads(args.probe)), args.epochs, args.root,
                                                     args.train_examples, args.data_dir))
   from sajax import metrics
   runs = probes(args.learners, args.seeds)
   start = time.perf_counter()
   try:
-    finals, _ = reproduce.run_cells(runs, lambda p: run_probe(p, args.epochs, args.root, args.train_examples,
+    finals, _ = grid_runner.run_cells(runs, lambda p: run_probe(p, args.epochs, args.root, args.train_examples,
                                                               args.data_dir),
                                     lambda p: p.name(args.epochs, args.train_examples), desc="momentum")
-  except reproduce.GridStopped as e:
+  except grid_runner.GridStopped as e:
     return e.code
   wall = time.perf_counter() - start
   rows = [(p, f, metrics.read_metrics(os.path.join(args.root, p.name(args.epochs, args.train_examples))))
@@ -290,7 +290,7 @@ def main(argv: Sequence[str]) -> int:
   png = plot(rows, os.path.join(folder, "train_loss.png"))
   command = "python launch/momentum_staleness.py " + shlex.join(argv[1:])
   from launch.reproduce_report import kept_note
-  reproduce.write_text(args.out, render(rows, command=command.strip(), epochs=args.epochs,
+  grid_runner.write_text(args.out, render(rows, command=command.strip(), epochs=args.epochs,
                                         train_examples=args.train_examples, wall_s=wall, note=kept_note(args.out),
                                         figure=os.path.relpath(png, os.path.dirname(os.path.abspath(args.out)))))
   print(f"{len(rows)} runs; report: {args.out}")

@@ -35,14 +35,16 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 import time
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
+
+from launch.grid_runner import (EXIT_BAD_INPUT, GridStopped, OneLineParser, cell_environment,  # noqa: E402
+                                child_main, quiet_logging, run_cells, run_in_child, train_and_record, write_text)
 
 BATCH_TOTAL = 128                       # λμ ≈ 128
 LEARNERS, QUICK_LEARNERS = (4, 8, 16, 30), (4, 8)
@@ -53,8 +55,6 @@ BASE_CONFIGS = {"mnist5k": "default", "fashion_mnist": "fashion_mnist"}   # modu
 TRAIN_SIZES = {"mnist5k": 4000, "fashion_mnist": 60000}
 SIM_JITTER = 0.2                        # σ of the lognormal factor on each learner's time per gradient
 P4_POINTS = 0.5
-EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
-CACHE_DIR = ".jax_cache"                # under --root: compiled executables shared by the cells' processes
 # The speedup figure's learner-speed model (``--speedup``): a gradient of μ examples costs a fixed push time
 # plus a time ∝ μ (128 examples: 1 s), each time × a mean-1 lognormal factor (σ = SIM_JITTER), and learner 0
 # is a straggler STRAGGLER_SLOWDOWN× slower in its compute (λ ≥ 2).
@@ -193,55 +193,9 @@ def run_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> t
                       cell.name(epochs, train_examples))
 
 
-def run_in_child(path: str, command: Sequence[str], env: dict, name: str) -> tuple[dict, bool]:
-  """Runs ``command`` (a cell's child process, which writes ``path``) unless ``path`` exists; returns (the
-  record in ``path``, whether the child ran).
-
-  A child process per cell: XLA CPU never frees a process's compiled executables, and a 20-cell grid in one
-  process ran out of memory maps ("LLVM: cannot allocate section memory" with 22 GB free). Raises ConfigError
-  (the child's one-line message) when the child exits 2, KeyboardInterrupt once an interrupted child has saved
-  its checkpoint, RuntimeError naming the cell ``name`` on any other failure.
-  """
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f), False
-  child = subprocess.Popen(list(command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-  try:
-    _, err = child.communicate()
-  except KeyboardInterrupt:   # Ctrl-C reached the child too: let it save its checkpoint
-    child.communicate()
-    raise
-  if child.returncode == EXIT_INTERRUPTED:
-    raise KeyboardInterrupt
-  if child.returncode == EXIT_BAD_INPUT:
-    from sajax import config as config_lib
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    raise config_lib.ConfigError(lines[-1][len("error: "):] if lines else err.strip())
-  if child.returncode != 0 or not os.path.exists(path):
-    raise RuntimeError(f"cell {name} failed (exit code {child.returncode}); rerun "
-                       f"to resume it from its last checkpoint. Its stderr ends:\n{err[-3000:]}")
-  with open(path) as f:
-    return json.load(f), True
-
-
 def final_path(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> str:
   """``<root>/<cell>/final.json``: the cell's final record, written once it has trained."""
   return os.path.join(root, cell.name(epochs, train_examples), "final.json")
-
-
-def cell_environment(cell: Cell, root: str, environ: Optional[dict] = None) -> dict:
-  """The environment of a cell's child process: ``environ`` (default os.environ) with XLA_FLAGS asking for
-  min(λ, 8) CPU-emulated devices unless it names a count (with one device a λ = 16 cell ran 9× slower, with
-  the same numbers), and a persistent compilation cache in ``<root>/.jax_cache`` unless
-  JAX_COMPILATION_CACHE_DIR is set: every cell compiles the same few functions, which a fresh process would
-  compile again (a 1-epoch cell took 16.4 s with an empty cache, 3.6 s with a warm one). Deleting the folder
-  is always safe."""
-  from launch.train import cpu_device_flags
-  env = dict(os.environ if environ is None else environ)
-  env["XLA_FLAGS"] = cpu_device_flags(cell.learners, "simulated", env.get("XLA_FLAGS", ""))
-  env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.abspath(os.path.join(root, CACHE_DIR)))
-  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")   # on a loaded machine, everything is slow
-  return env
 
 
 def train_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> dict:
@@ -251,109 +205,12 @@ def train_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) ->
                            "gradients": gradients_of(cell, epochs, train_examples)})
 
 
-def train_and_record(config, path: str, head: dict, extra: Optional[Callable[[dict], dict]] = None) -> dict:
-  """Trains ``config`` into ``path``'s folder and writes ``head`` plus the run's final metrics (plus what
-  ``extra(record)`` returns, computed before the one write) to ``path`` atomically; returns that record. A run
-  that diverged (:class:`sajax.server.DivergenceError`) is a result, not a failed cell: its record has
-  ``diverged`` (the reason), ``test_error`` None, the telemetry of its last evaluation if it had one (its
-  ``updates`` and ``samples`` are that evaluation's) and ``wall_s`` of this session up to the divergence, so
-  one diverged cell does not stop a grid (its reports show it as diverged)."""
-  import sajax
-  from sajax import metrics
-  from sajax.server import DivergenceError
-  start = time.perf_counter()
-  try:
-    record = dict(sajax.train(config, workdir=os.path.dirname(path)).metrics)
-  except DivergenceError as e:
-    history = metrics.read_metrics(os.path.dirname(path))
-    record = {**(history[-1] if history else {}), "diverged": str(e), "test_error": None,
-              "wall_s": round(time.perf_counter() - start, 3)}
-  record = {**head, **record}
-  return write_final(path, {**record, **(extra(record) if extra else {})})
-
-
-def write_final(path: str, record: dict) -> dict:
-  """Writes a cell's final ``record`` to ``path`` atomically (the cell is done once it exists), with the
-  machine's 1-minute load average and core count; returns what it wrote."""
-  final = {"load_avg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), **record}
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(final, f, indent=1, sort_keys=True)
-  os.replace(tmp, path)
-  return final
-
-
 def cell_main(args: argparse.Namespace) -> int:
   """``reproduce.py --cell JSON``: the child process of ``run_cell``."""
   return child_main(lambda: train_cell(Cell(**json.loads(args.cell)), args.epochs, args.root, args.train_examples))
 
 
-def child_main(train: Callable[[], object]) -> int:
-  """Runs a cell's ``train()`` in its child process; returns the exit code :func:`run_in_child` reads: 0, 2
-  (bad input, one line on stderr) or 130 (interrupted after saving a checkpoint)."""
-  from sajax import config as config_lib, data
-  try:
-    train()
-  except (config_lib.ConfigError, data.DatasetError) as e:
-    print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-    return EXIT_BAD_INPUT
-  except KeyboardInterrupt:
-    return EXIT_INTERRUPTED
-  return 0
-
-
-class GridStopped(Exception):
-  """:func:`run_cells` stopped (its reason already printed); ``code`` is the exit code."""
-
-  def __init__(self, code: int) -> None:
-    super().__init__(code)
-    self.code = code
-
-
-def run_cells(cells: Sequence, run: Callable[[object], tuple[dict, bool]], name: Callable[[object], str],
-              desc: str = "reproduce") -> tuple[list[dict], int]:
-  """Runs ``run(cell) -> (final, trained)`` for each cell in order under a progress bar; returns (the finals,
-  how many cells trained). On bad input, a failed cell or Ctrl-C it prints one line and raises
-  :class:`GridStopped` with the exit code (2, 1, 130); the cells done so far stay done."""
-  from tqdm import tqdm
-  from sajax import config as config_lib
-  finals, trained = [], 0
-  with tqdm(cells, desc=desc, unit=" cell", dynamic_ncols=True) as bar:
-    for cell in bar:
-      bar.set_postfix_str(name(cell), refresh=True)
-      try:
-        final, ran = run(cell)
-      except config_lib.ConfigError as e:   # bar.write: on a line of its own, not after the bar
-        bar.write(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        raise GridStopped(EXIT_BAD_INPUT) from None
-      except RuntimeError as e:
-        bar.write(f"error: {e}", file=sys.stderr)
-        raise GridStopped(1) from None
-      except KeyboardInterrupt:
-        bar.write(f"interrupted; rerun the same command to resume ({len(finals)} of {len(cells)} cells done)",
-                  file=sys.stderr)
-        raise GridStopped(EXIT_INTERRUPTED) from None
-      finals.append(final)
-      trained += ran
-  return finals, trained
-
-
-def quiet_logging() -> None:
-  """Warnings and errors only, one line each, on stderr; absl, jax, orbax and TFDS errors only."""
-  import logging
-  logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
-  for noisy in ("absl", "jax", "orbax", "tensorflow_datasets"):
-    logging.getLogger(noisy).setLevel(logging.ERROR)
-
-
 # ---- command line -------------------------------------------------------------------------------------
-class OneLineParser(argparse.ArgumentParser):
-  """An argument parser whose errors are one-line ValueErrors (the caller prints them and exits 2)."""
-
-  def error(self, message: str):   # one line and exit 2, like launch/train.py
-    raise ValueError(f"{message}; allowed: the flags and values of {self.prog} --help")
-
-
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   """The flags, checked; raises ValueError with one line naming the bad value and what is allowed."""
   p = OneLineParser(prog="reproduce.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -422,18 +279,10 @@ def check_run_args(args: argparse.Namespace) -> None:
     trainer.check_workdir_writable(path)
 
 
-def write_text(path: str, text: str) -> None:
-  """Writes ``text`` to ``path`` atomically (a reader sees the old file or the new one, never half of one)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def main(argv: Sequence[str]) -> int:
   from launch.reproduce_report import (aggregate, estimate_text, kept_note, p4_verdicts, plot_error_curves,
-                                       plot_error_vs_n, plot_speedup, plot_staleness_by_n, render_markdown,
-                                       speedup_markdown, speedup_rows, verdict_counts)
+                                       plot_error_vs_n, plot_staleness_by_n, render_markdown, verdict_counts)
+  from launch.speedup_report import plot_speedup, speedup_markdown, speedup_rows
   try:
     args = parse_args(argv[1:])
     cells = grid(args.learners, args.n, args.seeds, args.dataset, args.constant_n, args.momentum)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 import sajax
-from launch import reproduce, reproduce_report
+from launch import grid_runner, reproduce, reproduce_report, speedup_report
 from launch.reproduce import Cell
 from sajax import config as config_lib, metrics as metrics_lib
 
@@ -56,18 +56,18 @@ def test_speedup_rows_time_to_target_and_figure(tmp_path):
           ({"learners": 4, "n": 0, "policy": "ssgd"}, history([20, 12, 10.4], 40.0)),
           ({"learners": 4, "n": 1, "policy": "inverse"}, history([15, 10.2, 10.1], 30.0)),
           ({"learners": 4, "n": 4, "policy": "inverse"}, history([30, 20, 11], 20.0))]
-  target, rows = reproduce_report.speedup_rows(runs)
+  target, rows = speedup_report.speedup_rows(runs)
   assert target == 10.5
   by = {(r["protocol"], r["learners"]): r for r in rows}
   assert by[("hardsync (SSGD)", 1)]["mean"] == 300.0 and by[("async, inverse", 1)]["mean"] == 300.0
   assert by[("hardsync (SSGD)", 4)]["mean"] == 120.0 and by[("hardsync (SSGD)", 4)]["speedup"] == 2.5
   assert by[("1-softsync, inverse", 4)]["mean"] == 60.0 and by[("1-softsync, inverse", 4)]["speedup"] == 5.0
   assert by[("async, inverse", 4)]["mean"] is None and by[("async, inverse", 4)]["times"] == [None]
-  lines = reproduce_report.speedup_markdown(target, rows, "x/speedup.png")
+  lines = speedup_report.speedup_markdown(target, rows, "x/speedup.png")
   assert "| async, inverse | 4 | 32 | – | – | – |" in lines and "| 1-softsync, inverse | 4 | 32 | 60 | 60 | 5.00× |" in lines
-  assert _is_png(reproduce_report.plot_speedup(rows, target, str(tmp_path / "s.png")))
-  assert reproduce_report.speedup_rows([(runs[0][0], [])] + runs[1:]) == (None, [])   # λ = 1 diverged: no target
-  _, rows = reproduce_report.speedup_rows(runs[:3] + [(runs[3][0], [])])                # a diverged run: no time
+  assert _is_png(speedup_report.plot_speedup(rows, target, str(tmp_path / "s.png")))
+  assert speedup_report.speedup_rows([(runs[0][0], [])] + runs[1:]) == (None, [])   # λ = 1 diverged: no target
+  _, rows = speedup_report.speedup_rows(runs[:3] + [(runs[3][0], [])])                # a diverged run: no time
   assert [r["times"] for r in rows if r["learners"] == 4 and r["protocol"] == "async, inverse"] == [[None]]
 
 
@@ -217,8 +217,8 @@ def test_tiny_grid_end_to_end_resumes_a_half_done_cell_and_skips_done_ones(tmp_p
   assert [r["updates"] for r in records] == [2, 4, 6, 8]
 
   finals = {}
-  assert os.listdir(os.path.join(root, reproduce.CACHE_DIR))      # the cells shared compiled executables
-  for name in sorted(set(os.listdir(root)) - {reproduce.CACHE_DIR}):
+  assert os.listdir(os.path.join(root, grid_runner.CACHE_DIR))      # the cells shared compiled executables
+  for name in sorted(set(os.listdir(root)) - {grid_runner.CACHE_DIR}):
     with open(os.path.join(root, name, "final.json")) as f:
       finals[name] = json.load(f)
   assert len(finals) == 3
@@ -335,12 +335,12 @@ def test_a_cell_refused_in_its_child_process_gives_one_line_and_exit_2(tmp_path,
 
 def test_cell_environment_asks_for_min_lambda_8_devices_and_a_shared_compilation_cache(tmp_path):
   flag = "--xla_force_host_platform_device_count"
-  env = reproduce.cell_environment(Cell(30, 2, "inverse", 0), str(tmp_path), environ={"PATH": "/bin"})
+  env = grid_runner.cell_environment(Cell(30, 2, "inverse", 0), str(tmp_path), environ={"PATH": "/bin"})
   assert f"{flag}=8" in env["XLA_FLAGS"].split() and env["PATH"] == "/bin"
-  assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / reproduce.CACHE_DIR)
-  assert f"{flag}=4" in reproduce.cell_environment(Cell(4, 1, "inverse", 0), "r", environ={})["XLA_FLAGS"]
+  assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / grid_runner.CACHE_DIR)
+  assert f"{flag}=4" in grid_runner.cell_environment(Cell(4, 1, "inverse", 0), "r", environ={})["XLA_FLAGS"]
   chosen = {"XLA_FLAGS": f"{flag}=2", "JAX_COMPILATION_CACHE_DIR": "/elsewhere"}   # the user's choices win
-  env = reproduce.cell_environment(Cell(30, 2, "inverse", 0), "r", environ=chosen)
+  env = grid_runner.cell_environment(Cell(30, 2, "inverse", 0), "r", environ=chosen)
   assert f"{flag}=2" in env["XLA_FLAGS"] and f"{flag}=8" not in env["XLA_FLAGS"]
   assert env["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
 
@@ -353,7 +353,7 @@ def test_a_diverged_cell_is_a_result_the_grid_reports_not_a_failure(tmp_path):
   config.learning_rate, config.divergence_after, config.eval_every_epochs = 1e9, 4, 0.25
   config.batch_per_learner = 8                     # 32 gradients in the epoch: room to diverge
   path = reproduce.final_path(cell, 1, str(tmp_path), 256)
-  final = reproduce.train_and_record(config, path, {"cell": {**cell.__dict__}, "epochs": 1})
+  final = grid_runner.train_and_record(config, path, {"cell": {**cell.__dict__}, "epochs": 1})
   with open(path) as f:
     assert json.load(f) == final
   assert final["test_error"] is None and final["wall_s"] > 0
