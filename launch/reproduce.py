@@ -282,7 +282,7 @@ def check_run_args(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str]) -> int:
   from launch.reproduce_report import (aggregate, estimate_text, kept_note, p4_verdicts, plot_error_curves,
                                        plot_error_vs_n, plot_staleness_by_n, render_markdown, verdict_counts)
-  from launch.speedup_report import plot_speedup, speedup_markdown, speedup_rows
+  from launch.speedup_report import plot_speedup, speedup_ladder, speedup_markdown
   try:
     args = parse_args(argv[1:])
     cells = grid(args.learners, args.n, args.seeds, args.dataset, args.constant_n, args.momentum)
@@ -346,11 +346,10 @@ def main(argv: Sequence[str]) -> int:
     runs = [(dataclasses.asdict(c), [] if f.get("diverged") else
              metrics.read_metrics(os.path.join(args.root, c.name(args.epochs, args.train_examples))))
             for c, f in zip(speed_cells, speed_finals)]
-    target, rows = speedup_rows(runs)
-    speedup = (["", "## Speedup in simulated time", "", "No λ = 1 run finished (it diverged, or is not done yet): "
-                "no target error, no speedup."]
-               if target is None else
-               speedup_markdown(target, rows, rel(plot_speedup(rows, target, os.path.join(folder, "speedup.png")))))
+    ladder = speedup_ladder(runs)
+    speedup = (speedup_markdown(ladder, rel(plot_speedup(ladder, os.path.join(folder, "speedup.png")))) if ladder
+               else ["", "## Speedup in simulated time", "", "No λ = 1 run finished (it diverged, or is not done "
+                     "yet): no target error, no speedup."])
   estimate = estimate_text([(f["samples"], f["gradients"], f["updates"], f["wall_s"]) for f in finals
                             if not f.get("diverged")],      # a diverged run stopped early: not the cost model's
                            args.full_epochs if args.quick else args.epochs, dataset=args.dataset,
