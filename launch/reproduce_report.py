@@ -193,7 +193,7 @@ DESCRIPTIONS = {"mnist5k": "mnist5k (4,000 train / 1,000 test digits)",
 
 
 def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: float, seeds: Sequence[int],
-                    wall_s: float, runs: Sequence[tuple[str, dict]], estimate: str,
+                    wall_s: float | None, runs: Sequence[tuple[str, dict]], estimate: str,
                     figures: Sequence[tuple[str, str]], dataset: str = "mnist5k", train_examples: int = 0,
                     extra: Sequence[str] = (), momentum: float | None = None, note: str = "",
                     missing: int = 0) -> str:
@@ -261,8 +261,10 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
   load = (f" The machine's 1-minute load average when each run ended: {min(loads):.1f} to {max(loads):.1f} on "
           f"{runs[0][1]['cpu_count']} cores (other jobs share it; times grow with the load)." if loads else "")
   lines += ["", "## Time", "", f"The {len(runs)} runs trained for {total:.0f} s in all ({total / 60:.1f} min; each "
-            f"run's `wall_s`, in the table at the end).{load} The last invocation took {wall_s:.0f} s (runs already "
-            "done are not rerun).", "", estimate, "", "## Figures", ""]
+            f"run's `wall_s`, in the table at the end).{load} " + (
+                "This page was written by `--report-only` from the finished runs." if wall_s is None else
+                f"The last invocation took {wall_s:.0f} s (runs already done are not rerun)."),
+            "", estimate, "", "## Figures", ""]
   lines += [f"![{title}]({path})" for title, path in figures]
   lines += list(extra)
   lines += ["", "## Every run", "", "| run (folder under the root) | test error % | train loss | ⟨σ⟩ | updates | "

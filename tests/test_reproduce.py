@@ -442,5 +442,6 @@ def test_report_only_writes_the_cells_done_so_far_and_trains_nothing(tmp_path, c
   text = out.read_text()
   assert "**Partial report** (`--report-only`, the grid still running): 1 of the command's 3 runs" in text
   assert "| 2 | 2 | 64 | 1 | 1.00 | 25.00 | – | 20.00 | +5.00 | undecided |" in text
+  assert "written by `--report-only` from the finished runs" in text and "last invocation" not in text
   assert "```bash\npython launch/reproduce.py " + " ".join(argv[1:-1]) + "\n```" in text   # the grid's command
   assert not (root / Cell(2, 2, "constant", 0).name(2, 256)).exists()          # nothing trained
