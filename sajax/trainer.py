@@ -69,6 +69,23 @@ class Run:
 
   def __init__(self, config: ml_collections.ConfigDict, workdir: str, dataset: data.Dataset,
                callbacks: Sequence[Callback] = (), outputs: bool = True) -> None:
+    # The Ctrl-C handler goes in first: under Python's default handler a Ctrl-C during the compilations below
+    # raises inside JAX, which can swallow it (the run then trained on to its end); this one only sets a flag.
+    self._stop_requested = False
+    self._previous_sigint = None
+    if threading.current_thread() is threading.main_thread():
+      self._previous_sigint = signal.signal(signal.SIGINT, self._request_stop)
+    try:
+      self._build(config, workdir, dataset, callbacks, outputs)
+    except BaseException:
+      self._restore_sigint()
+      raise
+    if self._stop_requested:         # Ctrl-C while building: nothing trained, nothing to save
+      self.close()
+      raise KeyboardInterrupt
+
+  def _build(self, config: ml_collections.ConfigDict, workdir: str, dataset: data.Dataset,
+             callbacks: Sequence[Callback], outputs: bool) -> None:
     self.config = config
     self.outputs = outputs           # False on MPI ranks > 0: they never read or write the workdir
     self.workdir = workdir
@@ -128,10 +145,6 @@ class Run:
     self.writer = metrics.RunWriter(workdir, purge_step=self.updates + 1 if self.updates else None) \
         if outputs else None
     self._bar = _progress(config, self) if outputs else None
-    self._stop_requested = False
-    self._previous_sigint = None
-    if threading.current_thread() is threading.main_thread():
-      self._previous_sigint = signal.signal(signal.SIGINT, self._request_stop)
 
   def _request_stop(self, signum, frame) -> None:
     """First Ctrl-C: stop cleanly after the current update (checkpoint, then KeyboardInterrupt)."""
@@ -303,11 +316,14 @@ class Run:
     else:
       log.info(message)
 
-  def close(self) -> None:
-    """Restores the SIGINT handler and closes the progress bar, writers and checkpointer; safe to repeat."""
+  def _restore_sigint(self) -> None:
     if self._previous_sigint is not None:
       signal.signal(signal.SIGINT, self._previous_sigint)
       self._previous_sigint = None
+
+  def close(self) -> None:
+    """Restores the SIGINT handler and closes the progress bar, writers and checkpointer; safe to repeat."""
+    self._restore_sigint()
     if self._bar is not None:
       self._bar.close()
       self._bar = None

@@ -9,6 +9,7 @@ hardsync, softsync, async.
 import json
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -94,6 +95,29 @@ def test_train_restores_sigint_and_closes_its_writers_on_any_error(tmp_path):
   assert signal.getsignal(signal.SIGINT) is before
   run = seen["run"]
   assert run.writer is None and run.checkpointer is None and run._bar is None
+
+
+def test_a_ctrl_c_while_the_run_compiles_stops_it_even_where_jax_would_drop_it(tmp_path, monkeypatch):
+  """A Ctrl-C during the start-up compilations, under Python's default handler, raised inside JAX, which can drop
+  it: a reproduce cell trained on to its end. Here the model's initialisation is hit by one and drops the
+  exception as such a call would; the run must still stop before training, with its handler restored."""
+  from sajax import models
+  real_init = models.init_params
+
+  def init_params_hit_by_ctrl_c(*args, **kwargs):
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.2)                  # the handler runs here
+    except KeyboardInterrupt:          # what a call that drops the default handler's exception does
+      pass
+    return real_init(*args, **kwargs)
+
+  monkeypatch.setattr(models, "init_params", init_params_hit_by_ctrl_c)
+  before = signal.getsignal(signal.SIGINT)
+  with pytest.raises(KeyboardInterrupt):
+    sajax.train(_config("simulated", "async"), workdir=str(tmp_path))
+  assert signal.getsignal(signal.SIGINT) is before
+  assert metrics_lib.read_metrics(str(tmp_path)) == []            # stopped before the first evaluation
 
 
 def test_threads_resume_continues_every_learner_stream_and_keeps_the_dead(tmp_path, monkeypatch):
