@@ -18,7 +18,7 @@ pattern cycled over the learners), with one of the rows:
 * **SSP** (``protocol=ssp``, plain SGD, a fast learner at most ``--ssp-spread`` clocks ahead of the slowest), run
   only when ``"ssp" in sajax.protocol.PROTOCOLS``, otherwise reported as not run.
 
-Each cell trains in a child process of its own through launch/reproduce.py's machinery (a cell is done once its
+Each cell trains in a child process of its own through launch/grid_runner.py (a cell is done once its
 ``final.json`` exists; reruns skip done cells and resume half-done ones; a run that diverges is a result,
 recorded as such). The report (``--out``, default docs/policies.md, PNG beside it) ranks the rows of each profile
 by final test error (mean and 95 % Student-t interval over seeds); one row is *decidedly* better than another
@@ -157,15 +157,15 @@ def run_cell(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0
   command = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(dataclasses.asdict(cell)),
              "--epochs", repr(float(epochs)), "--root", root, "--train-examples", str(train_examples)]
   return grid_runner.run_in_child(final_path(cell, epochs, root, train_examples), command,
-                                grid_runner.cell_environment(cell, root), cell.name(epochs, train_examples))
+                                  grid_runner.cell_environment(cell, root), cell.name(epochs, train_examples))
 
 
 def train_cell(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0) -> dict:
   """Trains one cell here and writes its final.json; a diverged run is recorded as such rather than failing
   the comparison (:func:`launch.grid_runner.train_and_record`)."""
   return grid_runner.train_and_record(cell_config(cell, epochs, train_examples),
-                                    final_path(cell, epochs, root, train_examples),
-                                    {"cell": dataclasses.asdict(cell), "epochs": epochs})
+                                      final_path(cell, epochs, root, train_examples),
+                                      {"cell": dataclasses.asdict(cell), "epochs": epochs})
 
 
 # ---- command line -------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   from sajax import optim
   policies = optim.available_policies()
   p = grid_runner.OneLineParser(prog="compare_policies.py", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--root", default=os.path.join("runs", "compare_policies"), help="folder of the runs")
   p.add_argument("--out", default=os.path.join("docs", "policies.md"), help="report; its PNG goes beside it")
   p.add_argument("--dataset", default=None, help="fashion_mnist (default when installed) or mnist5k")
@@ -240,7 +240,7 @@ def main(argv: Sequence[str]) -> int:
   grid_runner.quiet_logging()
   if args.cell is not None:
     return grid_runner.child_main(lambda: train_cell(cell_from_json(args.cell), args.epochs, args.root,
-                                                   args.train_examples))
+                                                     args.train_examples))
   from sajax import metrics
   runnable = ssp_available()
   rows = variants(args.policies, LEARNERS, args.ssp_spread)

@@ -40,7 +40,7 @@ if ROOT not in sys.path:
 
 from launch import fault_report, timed_launch  # noqa: E402
 from launch.timed_launch import Launch  # noqa: E402
-from launch.fault_report import (Cell, count, load_average, load_results, machine, mark,  # noqa: E402,F401
+from launch.fault_report import (Cell, count, load_average, load_results, machine, mark,  # noqa: E402
                                  save_results)
 
 TRAIN = os.path.join("launch", "train.py")

@@ -31,7 +31,6 @@ class Cell:
   failure: str = ""     # command and output tail of a ✘ cell
 
 
-
 def mark(ok: Optional[bool]) -> str:
   return {True: "✔", False: "✘", None: "–"}[ok]
 

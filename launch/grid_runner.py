@@ -55,12 +55,12 @@ def run_in_child(path: str, command: Sequence[str], env: dict, name: str) -> tup
 
 
 def cell_environment(cell, root: str, environ: Optional[dict] = None) -> dict:
-  """The environment of a cell's child process (``cell.learners``: its λ): ``environ`` (default os.environ) with XLA_FLAGS asking for
-  min(λ, 8) CPU-emulated devices unless it names a count (with one device a λ = 16 cell ran 9× slower, with
-  the same numbers), and a persistent compilation cache in ``<root>/.jax_cache`` unless
+  """The environment of a cell's child process (``cell.learners``: its λ): ``environ`` (default os.environ) with
+  XLA_FLAGS asking for min(λ, 8) CPU-emulated devices unless it names a count (with one device a λ = 16 cell ran
+  9× slower, with the same numbers), and a persistent compilation cache in ``<root>/.jax_cache`` unless
   JAX_COMPILATION_CACHE_DIR is set: every cell compiles the same few functions, which a fresh process would
-  compile again (a 1-epoch cell took 16.4 s with an empty cache, 3.6 s with a warm one). Deleting the folder
-  is always safe."""
+  compile again (a 1-epoch cell took 16.4 s with an empty cache, 3.6 s with a warm one). Deleting the folder is
+  always safe."""
   from launch.train import cpu_device_flags
   env = dict(os.environ if environ is None else environ)
   env["XLA_FLAGS"] = cpu_device_flags(cell.learners, "simulated", env.get("XLA_FLAGS", ""))

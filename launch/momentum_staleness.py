@@ -24,7 +24,7 @@ step schedule, the first ``--epochs`` epochs of the grid's run, evaluated every 
    its final checkpoint.
 
 Plus the references: SSGD (hardsync) and constant (plain ASGD), both at momentum 0.9. Each probe trains in a child
-process (launch/reproduce.py's machinery: done once its ``final.json`` exists, resumable, a diverged run is a
+process (launch/grid_runner.py: done once its ``final.json`` exists, resumable, a diverged run is a
 result). The report has the table (final test error, train loss, its peak and when, dead fractions), the
 train-loss and test-error curves and the command.
 """
@@ -112,7 +112,7 @@ def run_probe(probe: Probe, epochs: float, root: str, train_examples: int, data_
              "--epochs", repr(float(epochs)), "--root", root, "--train-examples", str(train_examples),
              "--data-dir", data_dir]
   return grid_runner.run_in_child(final_path(probe, epochs, root, train_examples), command,
-                                grid_runner.cell_environment(probe, root), probe.name(epochs, train_examples))
+                                  grid_runner.cell_environment(probe, root), probe.name(epochs, train_examples))
 
 
 def train_probe(probe: Probe, epochs: float, root: str, train_examples: int, data_dir: str = "") -> dict:
@@ -120,7 +120,7 @@ def train_probe(probe: Probe, epochs: float, root: str, train_examples: int, dat
   config = probe_config(probe, epochs, train_examples, data_dir)
   path = final_path(probe, epochs, root, train_examples)
   return grid_runner.train_and_record(config, path, {"probe": dataclasses.asdict(probe), "epochs": epochs},
-                                    extra=lambda record: {"dead": dead_units_of_run(config, os.path.dirname(path))})
+                                      extra=lambda record: {"dead": dead_units_of_run(config, os.path.dirname(path))})
 
 
 # ---- dead units --------------------------------------------------------------------------------------------
@@ -242,7 +242,7 @@ def plot(rows: Sequence[tuple[Probe, dict, list]], path: str) -> str:
 # ---- command line ------------------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p = grid_runner.OneLineParser(prog="momentum_staleness.py", description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--learners", type=int, default=30, help="λ (default 30); μ = ⌈128/λ⌉")
   p.add_argument("--epochs", type=float, default=2.0)
   p.add_argument("--train-examples", type=int, default=20000)
@@ -272,14 +272,14 @@ def main(argv: Sequence[str]) -> int:
   grid_runner.quiet_logging()
   if args.probe is not None:
     return grid_runner.child_main(lambda: train_probe(Probe(**json.loads(args.probe)), args.epochs, args.root,
-                                                    args.train_examples, args.data_dir))
+                                                      args.train_examples, args.data_dir))
   from sajax import metrics
   runs = probes(args.learners, args.seeds)
   start = time.perf_counter()
   try:
     finals, _ = grid_runner.run_cells(runs, lambda p: run_probe(p, args.epochs, args.root, args.train_examples,
-                                                              args.data_dir),
-                                    lambda p: p.name(args.epochs, args.train_examples), desc="momentum")
+                                                                args.data_dir),
+                                      lambda p: p.name(args.epochs, args.train_examples), desc="momentum")
   except grid_runner.GridStopped as e:
     return e.code
   wall = time.perf_counter() - start
@@ -291,8 +291,8 @@ def main(argv: Sequence[str]) -> int:
   command = "python launch/momentum_staleness.py " + shlex.join(argv[1:])
   from launch.reproduce_report import kept_note
   grid_runner.write_text(args.out, render(rows, command=command.strip(), epochs=args.epochs,
-                                        train_examples=args.train_examples, wall_s=wall, note=kept_note(args.out),
-                                        figure=os.path.relpath(png, os.path.dirname(os.path.abspath(args.out)))))
+                                          train_examples=args.train_examples, wall_s=wall, note=kept_note(args.out),
+                                          figure=os.path.relpath(png, os.path.dirname(os.path.abspath(args.out)))))
   print(f"{len(rows)} runs; report: {args.out}")
   return 0
 

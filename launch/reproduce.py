@@ -356,7 +356,8 @@ def main(argv: Sequence[str]) -> int:
                            command_cells=[] if args.quick else command_cells, train_examples=args.train_examples)
   command = "python launch/reproduce.py " + shlex.join(a for a in argv[1:] if a != "--report-only")   # the grid's
   text = render_markdown(agg, verdicts, command=command.strip(), epochs=args.epochs, seeds=args.seeds,
-                         wall_s=None if args.report_only else wall, estimate=estimate, figures=[(t, rel(p)) for t, p in pngs],
+                         wall_s=None if args.report_only else wall, estimate=estimate,
+                         figures=[(t, rel(p)) for t, p in pngs],
                          runs=[(c.name(args.epochs, args.train_examples), f)
                                for c, f in zip(cells + speed_cells, finals + speed_finals)],
                          dataset=args.dataset, train_examples=args.train_examples, extra=speedup,

@@ -1,9 +1,10 @@
 """The paper's speedup figure in simulated time, for launch/reproduce.py's ``--speedup`` runs (Zhang et al. 2016).
 
-Time to a target test error (the λ = 1 run's final error + 0.5 point) against λ ∈ {1, 2, 4, 8, 16, 30} for
-hardsync (SSGD), 1-softsync and async with the ``inverse`` rule, under reproduce.py's learner-speed model (a
-gradient of μ examples costs a fixed push time plus a time ∝ μ, a lognormal jitter, one straggler): the rows,
-the markdown section and the log-log PNG. Pure functions of the runs' cells and metrics histories.
+Time to a target test error (the λ = 1 run's final error + 0.5 point, and the looser +2 and +5 of
+:data:`LOOSER_POINTS`) against λ ∈ {1, 2, 4, 8, 16, 30} for hardsync (SSGD), 1-softsync and async with the
+``inverse`` rule, under reproduce.py's learner-speed model (a gradient of μ examples costs a fixed push time plus
+a time ∝ μ, a lognormal jitter, one straggler): the rows, the markdown section and the log-log PNG. Pure
+functions of the runs' cells and metrics histories.
 """
 
 from __future__ import annotations
@@ -60,22 +61,22 @@ def speedup_rows(runs: Sequence[tuple[dict, list[dict]]],
   return target, rows
 
 
-def speedup_ladder(runs: Sequence[tuple[dict, list[dict]]],
-                   ladder: Sequence[float] = (P4_POINTS, *LOOSER_POINTS)) -> list[tuple[float, list[dict]]]:
-  """:func:`speedup_rows` at each target of ``ladder`` (points above the λ = 1 runs' final error), the main
-  target first; [] when no λ = 1 run finished (no target at all)."""
-  ladder_rows = [speedup_rows(runs, points) for points in ladder]
-  return [] if ladder_rows[0][0] is None else ladder_rows
+def speedup_ladder(runs: Sequence[tuple[dict, list[dict]]], ladder: Sequence[float] = (P4_POINTS, *LOOSER_POINTS)
+                   ) -> list[tuple[float, float, list[dict]]]:
+  """(points, target %, rows) of :func:`speedup_rows` at each of ``ladder``'s points above the λ = 1 runs' final
+  error, the main target first; [] when no λ = 1 run finished (no target at all) or ``ladder`` is empty."""
+  entries = [(points, *speedup_rows(runs, points)) for points in ladder]
+  return [] if not entries or entries[0][1] is None else entries
 
 
-def plot_speedup(ladder: Sequence[tuple[float, Sequence[dict]]], path: str) -> str:
+def plot_speedup(ladder: Sequence[tuple[float, float, Sequence[dict]]], path: str) -> str:
   """Simulated time to each target error against λ (log-log), a panel per target, a line per protocol; ideal:
   T(1)/λ."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   fig, axes = plt.subplots(1, len(ladder), figsize=(4.2 * len(ladder) + 1, 4), squeeze=False)
-  for ax, (target, rows) in zip(axes[0], ladder):
+  for ax, (_, target, rows) in zip(axes[0], ladder):
     for i, protocol in enumerate(PROTOCOL_OF.values()):
       pts = [(r["learners"], r["mean"]) for r in rows if r["protocol"] == protocol and r["mean"] is not None]
       if pts:
@@ -95,17 +96,17 @@ def plot_speedup(ladder: Sequence[tuple[float, Sequence[dict]]], path: str) -> s
   return path
 
 
-def speedup_markdown(ladder: Sequence[tuple[float, Sequence[dict]]], figure: str) -> list[str]:
+def speedup_markdown(ladder: Sequence[tuple[float, float, Sequence[dict]]], figure: str) -> list[str]:
   """The speedup section: the speed model, the table of times to the main target, the looser targets' times
   and speedups, the figure."""
   from launch.reproduce import EXAMPLE_TIME, PUSH_TIME, STRAGGLER_SLOWDOWN
-  (target, rows), looser = ladder[0], ladder[1:]
+  (points, target, rows), looser = ladder[0], ladder[1:]
   batch = lambda lam: Cell(lam, 0, "ssgd", 0).batch   # noqa: E731
   lines = ["", "## Speedup in simulated time", "",
            f"Learner-speed model: a gradient of μ examples costs {PUSH_TIME:g} s (push) + μ × {EXAMPLE_TIME:.6g} s "
            f"(128 examples: {128 * EXAMPLE_TIME:g} s), times a mean-1 lognormal factor (σ = {SIM_JITTER}); for λ ≥ 2 "
            f"learner 0 computes {STRAGGLER_SLOWDOWN:g}× slower. Target: the λ = 1 run's final test error + "
-           f"{P4_POINTS} point = **{target:.2f} %**; time = simulated seconds at the first evaluation (every ½ "
+           f"{points:g} point = **{target:.2f} %**; time = simulated seconds at the first evaluation (every ½ "
            "epoch) at or below it; – when a seed never reached it. Speedup = T(λ = 1) / T(λ). One seed per run "
            "(the grid's first).", "",
            "| protocol | λ | μ | time to target (s), per seed | mean | speedup |", "|---|---|---|---|---|---|"]
@@ -115,12 +116,12 @@ def speedup_markdown(ladder: Sequence[tuple[float, Sequence[dict]]], figure: str
     speedup = "–" if r["speedup"] is None else f"{r['speedup']:.2f}×"
     lines.append(f"| {r['protocol']} | {r['learners']} | {batch(r['learners'])} | {per_seed} | {mean} | {speedup} |")
   if looser:
-    points = [f"+{t - target + P4_POINTS:g}" for t, _ in looser]
-    lines += ["", "Looser targets (the same runs; the λ = 1 run's final error " + " and ".join(points) + " points: "
-              + ", ".join(f"{t:.2f} %" for t, _ in looser) + "): mean time to target in simulated s (speedup).", "",
-              "| protocol | λ | μ | " + " | ".join(f"{t:.2f} %" for t, _ in looser) + " |",
+    lines += ["", "Looser targets (the same runs; the λ = 1 run's final error "
+              + " and ".join(f"+{p:g}" for p, _, _ in looser) + " points: "
+              + ", ".join(f"{t:.2f} %" for _, t, _ in looser) + "): mean time to target in simulated s (speedup).",
+              "", "| protocol | λ | μ | " + " | ".join(f"{t:.2f} %" for _, t, _ in looser) + " |",
               "|---|---|---|" + "---|" * len(looser)]
-    by = [{(r["protocol"], r["learners"]): r for r in rs} for _, rs in looser]
+    by = [{(r["protocol"], r["learners"]): r for r in rs} for _, _, rs in looser]
     for r in rows:
       key = (r["protocol"], r["learners"])
       cells = ["–" if b[key]["mean"] is None else

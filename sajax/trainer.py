@@ -73,14 +73,17 @@ class Run:
     # raises inside JAX, which can swallow it (the run then trained on to its end); this one only sets a flag.
     self._stop_requested = False
     self._previous_sigint = None
+    self._bar = self.writer = self.checkpointer = None     # what close() closes, once _build has made it
     if threading.current_thread() is threading.main_thread():
       self._previous_sigint = signal.signal(signal.SIGINT, self._request_stop)
     try:
       self._build(config, workdir, dataset, callbacks, outputs)
     except BaseException:
-      self._restore_sigint()
+      self.close()
       raise
-    if self._stop_requested:         # Ctrl-C while building: nothing trained, nothing to save
+    # Ctrl-C while building: nothing trained, nothing to save. Under MPI the flag stays for after_update, where
+    # rank 0's stop is coordinated with the other ranks (a rank stopping alone here would leave them waiting).
+    if self._stop_requested and config.executor != "mpi":
       self.close()
       raise KeyboardInterrupt
 
@@ -137,11 +140,7 @@ class Run:
     self.checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                                 keep=config.keep_checkpoints) if outputs else None
     if outputs:
-      try:
-        self._restore()
-      except BaseException:
-        self.checkpointer.close()
-        raise
+      self._restore()                # on failure __init__ closes the checkpointer
     self.writer = metrics.RunWriter(workdir, purge_step=self.updates + 1 if self.updates else None) \
         if outputs else None
     self._bar = _progress(config, self) if outputs else None

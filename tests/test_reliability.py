@@ -6,6 +6,7 @@ more); bad config (tests/test_cli.py). Columns: threads and simulated here, MPI 
 hardsync, softsync, async.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -83,16 +84,16 @@ def test_a_learner_that_raises_in_the_simulation_is_reported_and_hardsync_goes_o
 
 
 def test_train_restores_sigint_and_closes_its_writers_on_any_error(tmp_path):
-  before = signal.getsignal(signal.SIGINT)
   seen = {}
 
   def fail(run):
     seen["run"] = run
     raise RuntimeError("boom from a callback")
 
-  with pytest.raises(RuntimeError, match="boom"):
-    sajax.train(_config("threads", "async"), workdir=str(tmp_path), callbacks=[fail])
-  assert signal.getsignal(signal.SIGINT) is before
+  with _sentinel_sigint() as sentinel:
+    with pytest.raises(RuntimeError, match="boom"):
+      sajax.train(_config("threads", "async"), workdir=str(tmp_path), callbacks=[fail])
+    assert signal.getsignal(signal.SIGINT) is sentinel
   run = seen["run"]
   assert run.writer is None and run.checkpointer is None and run._bar is None
 
@@ -113,11 +114,37 @@ def test_a_ctrl_c_while_the_run_compiles_stops_it_even_where_jax_would_drop_it(t
     return real_init(*args, **kwargs)
 
   monkeypatch.setattr(models, "init_params", init_params_hit_by_ctrl_c)
-  before = signal.getsignal(signal.SIGINT)
-  with pytest.raises(KeyboardInterrupt):
-    sajax.train(_config("simulated", "async"), workdir=str(tmp_path))
-  assert signal.getsignal(signal.SIGINT) is before
+  with _sentinel_sigint() as sentinel:
+    with pytest.raises(KeyboardInterrupt):
+      sajax.train(_config("simulated", "async"), workdir=str(tmp_path))
+    assert signal.getsignal(signal.SIGINT) is sentinel             # the caller's handler is back
   assert metrics_lib.read_metrics(str(tmp_path)) == []            # stopped before the first evaluation
+
+
+def test_a_run_that_fails_while_building_restores_sigint(tmp_path, monkeypatch):
+  from sajax import models
+
+  def broken_init(*args, **kwargs):
+    raise RuntimeError("boom while building")
+
+  monkeypatch.setattr(models, "init_params", broken_init)
+  with _sentinel_sigint() as sentinel:
+    with pytest.raises(RuntimeError, match="boom while building"):
+      sajax.train(_config("threads", "async"), workdir=str(tmp_path))
+    assert signal.getsignal(signal.SIGINT) is sentinel
+
+
+@contextlib.contextmanager
+def _sentinel_sigint():
+  """A SIGINT handler of the test's own in place (pytest's is Python's default, the same one a Run installs
+  after a first Ctrl-C, so "restored" could not be told apart from it)."""
+  def sentinel(signum, frame):
+    raise KeyboardInterrupt
+  previous = signal.signal(signal.SIGINT, sentinel)
+  try:
+    yield sentinel
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_threads_resume_continues_every_learner_stream_and_keeps_the_dead(tmp_path, monkeypatch):

@@ -64,7 +64,7 @@ def test_speedup_rows_time_to_target_and_figure(tmp_path):
   assert by[("1-softsync, inverse", 4)]["mean"] == 60.0 and by[("1-softsync, inverse", 4)]["speedup"] == 5.0
   assert by[("async, inverse", 4)]["mean"] is None and by[("async, inverse", 4)]["times"] == [None]
   ladder = speedup_report.speedup_ladder(runs, (0.5, 2.0, 10.0))
-  assert [t for t, _ in ladder] == [10.5, 12.0, 20.0] and ladder[0] == (target, rows)
+  assert [(p, t) for p, t, _ in ladder] == [(0.5, 10.5), (2.0, 12.0), (10.0, 20.0)] and ladder[0] == (0.5, target, rows)
   lines = speedup_report.speedup_markdown(ladder, "x/speedup.png")
   assert "| async, inverse | 4 | 32 | – | – | – |" in lines and "| 1-softsync, inverse | 4 | 32 | 60 | 60 | 5.00× |" in lines
   # looser targets: async λ = 4 reaches 12 % at its 3rd evaluation (60 s; λ = 1: 200 s) and 20 % at its 2nd
@@ -72,6 +72,7 @@ def test_speedup_rows_time_to_target_and_figure(tmp_path):
   assert "| async, inverse | 4 | 32 | 60 (3.33×) | 40 (2.50×) |" in lines
   assert _is_png(speedup_report.plot_speedup(ladder, str(tmp_path / "s.png")))
   assert speedup_report.speedup_ladder([(runs[0][0], [])] + runs[1:]) == []            # λ = 1 diverged
+  assert speedup_report.speedup_ladder(runs, ()) == []
   assert speedup_report.speedup_rows([(runs[0][0], [])] + runs[1:]) == (None, [])   # λ = 1 diverged: no target
   _, rows = speedup_report.speedup_rows(runs[:3] + [(runs[3][0], [])])                # a diverged run: no time
   assert [r["times"] for r in rows if r["learners"] == 4 and r["protocol"] == "async, inverse"] == [[None]]
