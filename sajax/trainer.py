@@ -315,14 +315,11 @@ class Run:
     else:
       log.info(message)
 
-  def _restore_sigint(self) -> None:
+  def close(self) -> None:
+    """Restores the SIGINT handler and closes the progress bar, writers and checkpointer; safe to repeat."""
     if self._previous_sigint is not None:
       signal.signal(signal.SIGINT, self._previous_sigint)
       self._previous_sigint = None
-
-  def close(self) -> None:
-    """Restores the SIGINT handler and closes the progress bar, writers and checkpointer; safe to repeat."""
-    self._restore_sigint()
     if self._bar is not None:
       self._bar.close()
       self._bar = None
