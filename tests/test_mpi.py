@@ -35,6 +35,11 @@ def _mpiexec(ranks, *args, timeout=600):   # a bound on a hang, sized for a load
                         text=True, env=_env(), timeout=timeout)
 
 
+def _said(result):
+  """What a failed assertion shows: the exit code and both streams (mpiexec reports a rank's crash on stdout)."""
+  return f"exit {result.returncode}\nstdout: {result.stdout[-1500:]}\nstderr: {result.stderr[-3000:]}"
+
+
 def _records(workdir):
   return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
 
@@ -98,7 +103,7 @@ def test_three_ranks_train_with_learners_on_every_rank(protocol, n, c, tmp_path)
   workdir = tmp_path / "run"
   result = _mpiexec(3, *ARGS, "--config.executor=mpi", f"--config.protocol={protocol}", f"--config.n={n}",
                     "--workdir", str(workdir))
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.returncode == 0, _said(result)
   assert result.stdout.count("sajax run:") == 1          # one summary, from rank 0
   final = _records(workdir)[-1]
   assert final["samples"] >= 2 * 1024 and final["gradients_per_update"] == c
@@ -203,7 +208,7 @@ def test_a_remote_nan_gradient_is_dropped_and_a_corrupt_weights_message_is_asked
   result = _mpiexec(2, *ARGS, "--config.executor=mpi", "--config.protocol=hardsync", "--config.epochs=1",
                     "--config.nan_learners=(3,)", "--config.nan_at_step=2", "--config.fault_mpi_corrupt_weights=1",
                     "--workdir", str(workdir))
-  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.returncode == 0, _said(result)
   final = _records(workdir)[-1]
   assert final["gradients_dropped"] == 1 and final["staleness_per_learner"]["3"]["dropped"] == 1
   assert final["staleness_max"] == 0 and final["samples"] >= 1024
@@ -215,7 +220,7 @@ def test_a_diverged_mpi_run_exits_3_with_one_line(tmp_path):
   workdir = tmp_path / "run"
   result = _mpiexec(2, *ARGS, "--config.executor=mpi", "--config.protocol=async", "--config.learning_rate=1e9",
                     "--config.divergence_after=20", "--workdir", str(workdir))
-  assert result.returncode == 3, result.stderr[-3000:]
+  assert result.returncode == 3, _said(result)
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "diverged: 20 consecutive non-finite gradients at update" in lines[0], lines
 
@@ -262,10 +267,43 @@ def test_a_workdir_refused_on_rank_0_ends_every_rank_at_once(executor, tmp_path)
   (workdir / "config.json").write_text(json.dumps({"learners": 99}))
   start = time.time()
   result = _mpiexec(2, *ARGS, f"--config.executor={executor}", "--workdir", str(workdir), timeout=300)
-  assert result.returncode == 2, result.stderr[-3000:]
+  assert result.returncode == 2, _said(result)
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "holds a run with another config" in lines[0]
   assert time.time() - start < 200
+
+
+class _AbortingComm:
+  """What the abort hook reads of a communicator: it records MPI_Abort instead of ending the process."""
+  def __init__(self, rank):
+    self.rank, self.aborted = rank, []
+
+  def Get_rank(self):
+    return self.rank
+
+  def Isend(self, *args, **kwargs):
+    raise RuntimeError("no transport here")   # a rank > 0 tries to tell rank 0, then aborts anyway
+
+  def Abort(self, code):
+    self.aborted.append(code)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_that_ends_the_job_prints_why_and_waits_for_the_line_to_be_forwarded(rank, monkeypatch, capsys):
+  """mpiexec's proxy forwards output asynchronously and MPI_Abort kills it: the reason printed just before was
+  lost once in CI. The hook prints ``rank N: text``, then waits ABORT_GRACE_S, then aborts."""
+  pytest.importorskip("mpi4py")
+  import threading
+  from sajax.executors import mpi_comm
+  comm, events = _AbortingComm(rank), []
+  monkeypatch.setattr(mpi_comm.time, "sleep", lambda s: events.append(("sleep", s, capsys.readouterr().err)))
+  monkeypatch.setattr(sys, "excepthook", sys.excepthook)        # restored after the test, as is fatal_error
+  monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+  monkeypatch.setattr(mpi_comm, "fatal_error", mpi_comm.fatal_error)
+  mpi_comm._install_abort_hooks(comm)
+  mpi_comm.fatal_error("the reason")
+  assert events == [("sleep", mpi_comm.ABORT_GRACE_S, f"rank {rank}: the reason\n")] and comm.aborted == [1]
+  assert mpi_comm.ABORT_GRACE_S >= 1
 
 
 @needs_mpiexec
@@ -276,9 +314,9 @@ def test_a_corrupt_push_is_rejected_async_goes_on_and_hardsync_ends_with_one_lin
   workdir = tmp_path / "run"
   result = _mpiexec(2, *ARGS, "--config.executor=mpi", f"--config.protocol={protocol}", "--config.epochs=1",
                     "--config.fault_mpi_corrupt_pushes=1", "--workdir", str(workdir), timeout=300)
-  assert "rank 0: rejected a malformed message from rank 1" in result.stderr, result.stderr[-3000:]
+  assert "rank 0: rejected a malformed message from rank 1" in result.stderr, _said(result)
   if protocol == "async":
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, _said(result)
     final = _records(workdir)[-1]
     assert final["messages_rejected"] == 1 and final["samples"] >= 1024
   else:

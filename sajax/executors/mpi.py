@@ -126,7 +126,7 @@ class ServerRank(ThreadedEngine):
       raise                      # an orderly end with one line (exit 3 or 4): the other ranks stop as if finished
     except BaseException:
       if self.ranks > 1:
-        mpi_comm.fatal_error(f"rank 0 failed, ending the job:\n{traceback.format_exc().rstrip()}")
+        mpi_comm.fatal_error(f"failed, ending the job:\n{traceback.format_exc().rstrip()}")
       raise
     finally:
       self._stop_ranks(interrupted, io)
@@ -166,7 +166,7 @@ class ServerRank(ThreadedEngine):
         log.error("rank 0: rejected a malformed message from rank %d (%d bytes): %s", source, buf.size, e)
         if self.protocol.learners_wait or self.protocol.max_spread is not None:
           mpi_comm.fatal_error(   # it may have been a gradient every learner now waits for: end, never hang
-              f"rank 0: a malformed message from rank {source} may have been a gradient that protocol "
+              f"a malformed message from rank {source} may have been a gradient that protocol "
               f"{self.protocol.name} waits for; ending the job (rerun the same command to resume from the last "
               "checkpoint)")
         continue

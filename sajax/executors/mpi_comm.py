@@ -23,6 +23,7 @@ from sajax.executors import mpi_wire as wire
 
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")   # set by mpiexec (MPICH/Open MPI) and srun
 _world = None
+ABORT_GRACE_S = 2.0   # how long a rank that ends the job waits for its last lines to reach mpiexec's output
 
 
 def world_size_from_env() -> int:
@@ -131,9 +132,11 @@ def _install_abort_hooks(comm) -> None:
         req = comm.Isend([wire.encode(wire.FAIL, text=text[-2000:]), _byte()], dest=0, tag=wire.TAG_TO_SERVER)
         deadline = time.monotonic() + 5
         _wait(req, stop=lambda: time.monotonic() > deadline)
-        time.sleep(2)
       except Exception:  # noqa: BLE001 - we are aborting anyway
         pass
+    # mpiexec's proxy forwards each rank's output asynchronously and MPI_Abort kills it: on a loaded machine
+    # (CI, 2 cores) the lines printed just before were lost, so a job ended without its reason. Give it time.
+    time.sleep(ABORT_GRACE_S)
     comm.Abort(1)
 
   previous = sys.excepthook
@@ -150,7 +153,8 @@ def _install_abort_hooks(comm) -> None:
 
 
 def fatal_error(text: str) -> None:
-  """Ends the job with ``text`` (MPI_Abort once :func:`world` installed the hooks; else raises)."""
+  """Ends the job with ``text``: once :func:`world` installed the hooks, prints ``rank N: text`` and calls
+  MPI_Abort (after :data:`ABORT_GRACE_S`); else raises RuntimeError(text)."""
   raise RuntimeError(text)
 
 
