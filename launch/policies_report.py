@@ -163,9 +163,8 @@ def table_lines(rows: Sequence[dict], constants: dict, ssgd: Optional[dict], mis
            "SSGD time ÷ | ⟨σ⟩ | max σ | dropped |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for i, s in enumerate(rows, 1):
     name = s["variant"].name
-    error = error_text(s) if s["by_seed"] else "–"
-    if s["diverged"]:
-      error += f" (diverged in {s['diverged']} of {s['seeds']} seeds)"
+    # error_text says '(k of n diverged)' when some seeds finished; a row with none gets the count here
+    error = error_text(s) if s["by_seed"] else f"– (diverged in {s['diverged']} of {s['seeds']} seeds)"
     v = s["vs_ssgd"]
     vs = "–" if v is None else f"{v['mean']:+.2f}" + (f" ± {v['half']:.2f}" if v["half"] is not None else "") + (
         f" ({v['decided']})" if v["decided"] != "undecided" else "")
