@@ -1,5 +1,6 @@
 """The install footprint: `import sajax` (transform, protocols, parameter server) needs only jax, optax and numpy;
-the trainer's packages come with the `train` extra, which declares every package the trainer imports."""
+the trainer's packages come with the `train` extra; every third-party module imported under sajax/, launch/, configs/
+and tests/ is named in pyproject.toml itself, so the README's `pip install -e ".[test]"` installs what the tests import."""
 
 import ast
 import importlib.metadata
@@ -104,7 +105,7 @@ def _closure(requirements, extras):
   return seen
 
 
-def test_core_and_train_extra_declare_every_package_sajax_imports():
+def test_pyproject_declares_every_package_that_sajax_launch_and_tests_import():
   with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
     project = tomllib.load(f)["project"]
   extras = project["optional-dependencies"]
@@ -114,20 +115,55 @@ def test_core_and_train_extra_declare_every_package_sajax_imports():
   assert {"flax", "orbax-checkpoint", "tensorflow-datasets", "matplotlib"} <= trainer - core
   assert trainer <= _closure(extras["test"], extras) | core
 
+  assert undeclared_imports(project) == {}
+
+
+def _local_modules():
+  """Top-level names that are this checkout's own: its packages and folders, and the modules tests/ and launch/
+  put on sys.path."""
+  names = {entry for entry in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, entry))}
+  for folder in ("tests", "launch"):
+    names |= {f[:-3] for f in os.listdir(os.path.join(ROOT, folder)) if f.endswith(".py")}
+  return names
+
+
+def _imported_top_level(path):
+  """The top-level module of every absolute import in the file at ``path`` (inside functions too)."""
+  with open(path) as f:
+    tree = ast.parse(f.read())
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      yield from (alias.name.split(".")[0] for alias in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.level == 0:
+      yield node.module.split(".")[0]
+
+
+def undeclared_imports(project):
+  """{module: [files]} for third-party modules imported under sajax/, launch/, configs/ and tests/ whose
+  distribution pyproject.toml does not name directly: in the core dependencies, the `train` or `test` extra
+  (tests/ may use only those, since the README's test command installs `.[test]`), or, for sajax/ and launch/,
+  another extra (`mpi`, `tf`). A package that only arrives as a dependency of a dependency does not count."""
+  extras = project["optional-dependencies"]
+  declared = lambda reqs: {_normalized(Requirement(r).name) for r in reqs} - {"sajax"}  # noqa: E731
+  installed_by_test = declared(project["dependencies"] + extras["train"] + extras["test"])
+  any_extra = installed_by_test.union(*(declared(reqs) for reqs in extras.values()))
   distributions = importlib.metadata.packages_distributions()
+  ignored = set(sys.stdlib_module_names) | _local_modules()
   undeclared = {}
-  for dirpath, _, files in os.walk(os.path.join(ROOT, "sajax")):
-    for file in (f for f in files if f.endswith(".py")):
-      with open(os.path.join(dirpath, file)) as f:
-        tree = ast.parse(f.read())
-      for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-          modules = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0:
-          modules = [node.module]
-        else:
-          continue
-        for top in {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"sajax"}:
-          if not {_normalized(d) for d in distributions.get(top, [top])} & trainer:
-            undeclared.setdefault(top, []).append(file)
-  assert undeclared == {}
+  for folder in ("sajax", "launch", "configs", "tests"):
+    allowed = installed_by_test if folder == "tests" else any_extra
+    for dirpath, _, files in os.walk(os.path.join(ROOT, folder)):
+      for file in sorted(f for f in files if f.endswith(".py")):
+        path = os.path.join(dirpath, file)
+        for top in set(_imported_top_level(path)) - ignored:
+          if not {_normalized(d) for d in distributions.get(top, [top])} & allowed:
+            undeclared.setdefault(top, []).append(os.path.relpath(path, ROOT))
+  return undeclared
+
+
+def test_an_import_no_extra_declares_is_found():
+  """The check itself: a test file importing a module pyproject does not name is reported, with its file."""
+  project = {"dependencies": ["jax"], "optional-dependencies": {"train": [], "test": []}}
+  found = undeclared_imports(project)
+  assert "optax" in found and "sajax/optim.py" in found["optax"]
+  assert "pytest" in found and all(f.startswith("tests/") for f in found["pytest"])

@@ -43,10 +43,13 @@ def _installed_requirements(command):
   return names
 
 
-def test_ci_runs_the_readme_test_command():
+def test_ci_runs_the_readme_test_command_in_a_fresh_venv():
+  """.ci/run makes a venv in a temporary folder, activates it, then runs the README's test command verbatim."""
   with open(os.path.join(ROOT, ".ci", "run")) as f:
     commands = [line.strip() for line in f if line.strip() and not line.startswith(("#", "set ", "cd "))]
-  assert commands == [_quick_start_commands()[1]]
+  assert commands[-1] == _quick_start_commands()[1]
+  assert commands[:-1] == ['scratch="$(mktemp -d)"', """trap 'rm -rf "$scratch"' EXIT""",
+                           'python3 -m venv "$scratch/venv"', 'source "$scratch/venv/bin/activate"']
 
 
 def test_readme_commands_install_the_trainer_and_the_tests():
