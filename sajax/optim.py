@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import weakref
 from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
@@ -285,4 +286,31 @@ def staleness_aware(base_tx: optax.GradientTransformation, policy: str | Stalene
     new_updates, inner_state = base_tx.update(updates, state.inner_state, params, **extra_args)
     return new_updates, StalenessAwareState(inner_state=inner_state, policy_state=policy_state)
 
+  remember_policy(update_fn, policy_obj)
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# update function of a transform -> the policy it applies (weak: forgotten with the transform)
+_TRANSFORM_POLICIES: "weakref.WeakKeyDictionary[Callable, StalenessPolicy]" = weakref.WeakKeyDictionary()
+
+
+def remember_policy(update_fn: Callable, policy: Optional[StalenessPolicy]) -> None:
+  """Records that a transform whose ``update`` is ``update_fn`` applies ``policy`` (see :func:`transform_policy`);
+  a wrapper that forwards ``staleness=`` to a :func:`staleness_aware` transform calls it with the inner policy."""
+  if policy is not None:
+    _TRANSFORM_POLICIES[update_fn] = policy
+
+
+def transform_policy(tx: optax.GradientTransformation) -> Optional[StalenessPolicy]:
+  """The staleness policy of a transform built by :func:`staleness_aware` (or a wrapper that called
+  :func:`remember_policy`); None for any other transform, e.g. one inside an ``optax.chain``, whose policy is
+  not visible from outside."""
+  try:
+    return _TRANSFORM_POLICIES.get(tx.update)
+  except TypeError:   # an update that cannot be weakly referenced is not one of ours
+    return None
+
+
+def same_policy(a: StalenessPolicy, b: StalenessPolicy) -> bool:
+  """Whether two policies are the same rule with the same arguments (as built by the registry)."""
+  return a is b or (a.name, a.args) == (b.name, b.args)

@@ -4,7 +4,7 @@ Each function below builds a :class:`~sajax.optim.StalenessPolicy` from the poli
 registered under its own name, so ``staleness_aware(tx, policy="hinge", policy_args={"b": 8})``,
 ``get_policy("hinge", b=8)`` and ``policies.hinge(b=8)`` are the same policy. A default is the constant the
 policy's paper recommends (each docstring says which); an argument without one is either the run's own (λ,
-α0: :func:`sajax.config.policy_of` passes them) or has no recommended value (``drop``'s R). σ is the
+α0: :func:`sajax.config.policy_of` passes them; ``drop``'s R defaults to 2λ, our choice). σ is the
 staleness i − j of a gradient computed on θ_j and applied to θ_i; a negative σ counts as 0.
 
 Scale policies multiply gradient l by s(σ_l). Policies that read θ_j (``needs_stale_params``) adjust each
@@ -111,16 +111,25 @@ def delay_adaptive(learners: int) -> StalenessPolicy:
                          args=(("learners", int(lam)),))
 
 
-def drop(bound: int) -> StalenessPolicy:
+def drop(bound: int | None = None, learners: int | None = None) -> StalenessPolicy:
   """Discard a gradient with σ ≥ R (``bound``); apply the others as plain ASGD, s(σ) = 1 for σ < R.
 
   Maranjyan, Tyurin & Richtárik, "Ringmaster ASGD: The First Asynchronous SGD with Optimal Time Complexity",
   2025 (ignore gradients with delay ≥ R, constant step otherwise); the public Rudra code's spread bound is the
   same idea. The parameter server calls ``accepts(σ)`` (σ < R) before counting a gradient: a rejected one is
   counted as stale-dropped (apart from non-finite drops) and does not count toward c. Inside the transform
-  s(σ) = 1 if σ < R else 0, so a too-stale gradient that reaches it anyway adds nothing. Ringmaster's R depends
-  on the noise and the target accuracy; there is no default.
+  s(σ) = 1 if σ < R else 0, so a too-stale gradient that reaches it anyway adds nothing.
+
+  Ringmaster's R depends on the gradient noise and the target accuracy, which a run does not know; the default
+  here is ours: R = 2λ (``learners``, which the trainer passes). Under async with λ learners at one pace every
+  gradient has σ ≈ λ − 1, so 2λ drops only the gradients of a learner running at less than about half the common
+  pace (it is also the R of docs/policies.md's comparison). ``bound`` overrides it.
   """
+  if bound is None:
+    if learners is None:
+      raise ValueError("policy 'drop' needs bound= (R) or learners= (λ, for the default R = 2λ); allowed: an "
+                       "integer >= 1 for either")
+    bound = 2 * _count("drop", "learners", learners)
   bound = _count("drop", "bound", bound)
   return StalenessPolicy("drop", scale=lambda s: jnp.where(_sigma(s) < bound, 1.0, 0.0),
                          accepts=lambda staleness: staleness < bound, args=(("bound", bound),))

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sajax.optim import get_policy
+from sajax.optim import get_policy, remember_policy, same_policy, transform_policy
 from sajax.protocol import Protocol
 
 PyTree = Any
@@ -136,6 +136,7 @@ def flat_transform(tx: optax.GradientTransformationExtraArgs, unravel: Any
     new_updates, state = tx.update(to_tree(updates), state, to_tree(params), **extra_args)
     return ravel_pytree(new_updates)[0], state
 
+  remember_policy(update_fn, transform_policy(tx))
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
@@ -172,6 +173,18 @@ def _make_accumulate(scale: Any):
   return lambda total, g, sigma: first(g, sigma) if total is None else add(total, g, sigma)
 
 
+def _policy_of(tx: optax.GradientTransformation, policy: Any) -> Any:
+  """The PS's policy: ``policy`` or, when None, ``tx``'s own; raises ValueError when the two differ."""
+  own = transform_policy(tx)
+  if policy is None:
+    return own
+  policy = get_policy(policy)
+  if own is not None and not same_policy(policy, own):
+    raise ValueError(f"policy={policy.name!r} {dict(policy.args)} differs from the policy tx was built with "
+                     f"({own.name!r} {dict(own.args)}); allowed: the same policy, or no policy= (the PS takes tx's)")
+  return policy
+
+
 DEFAULT_DIVERGENCE_AFTER = 100
 """Consecutive non-finite gradients after which a run counts as diverged. A healthy run drops a non-finite
 gradient rarely and never many in a row; a diverged one (α0 far too large) drops every gradient."""
@@ -196,10 +209,14 @@ class ParameterServer:
       ``staleness=`` (an int vector of length c) and ``stale_params=``.
     protocol: the :class:`~sajax.Protocol` (gives c and whether learners wait).
     device: where θ lives and updates run (default: the first local device).
-    policy: the staleness policy ``tx`` was built with. For a scale policy s(σ) the PS keeps only the running
-      sum Σ s(σ_l)·g_l of the current update (O(d) memory, like ``optax.MultiSteps``) and hands it to ``tx``
-      with ``combined=True``; for a policy that reads θ_j it keeps each gradient and a reference to its θ_j
-      until the update. Without ``policy`` the c gradients are kept and handed to ``tx`` stacked.
+    policy: the staleness policy ``tx`` was built with; default: the policy of a ``tx`` built by
+      :func:`~sajax.staleness_aware` (:func:`~sajax.optim.transform_policy`), and a different one given here is
+      refused. The PS asks it whether to accept each σ (``drop`` refuses σ ≥ R before the gradient counts toward
+      c). For a scale policy s(σ) the PS keeps only the running sum Σ s(σ_l)·g_l of the current update (O(d)
+      memory, like ``optax.MultiSteps``) and hands it to ``tx`` with ``combined=True``; for a policy that reads
+      θ_j it keeps each gradient and a reference to its θ_j until the update. For a ``tx`` whose policy is not
+      visible (a ``staleness_aware`` inside an ``optax.chain``) and no ``policy``, the c gradients are kept and
+      handed to ``tx`` stacked, and every finite gradient counts toward c: pass ``policy=`` for such a ``tx``.
     divergence_after: consecutive non-finite pushes after which :meth:`push` raises :class:`DivergenceError`.
   """
 
@@ -218,7 +235,7 @@ class ParameterServer:
     self.gradients_per_update = protocol.gradients_per_update
     self.divergence_after = divergence_after
     self.nonfinite_streak = 0                                 # consecutive non-finite pushes
-    self.policy = None if policy is None else get_policy(policy)
+    self.policy = _policy_of(tx, policy)
     self._needs_stale = self.policy is not None and self.policy.needs_stale_params
     self._running = (self.policy is not None and self.policy.scale is not None and not self._needs_stale
                      and not self.policy.stateful)

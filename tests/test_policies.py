@@ -182,7 +182,8 @@ def test_jit_matches_eager_for_one_and_for_stacked_gradients(name, args):
 @pytest.mark.parametrize("call, message", [
     (lambda: sajax.get_policy("hinge", c=1), r"unknown argument 'c' for policy 'hinge'; allowed: a, b$"),
     (lambda: sajax.get_policy("inverse", a=1), r"unknown argument 'a' for policy 'inverse'; allowed: none$"),
-    (lambda: sajax.get_policy("drop"), r"policy 'drop' needs argument\(s\) bound; allowed: bound$"),
+    (lambda: sajax.get_policy("drop"), r"policy 'drop' needs bound= \(R\) or learners= \(λ, for the default R = 2λ\)"),
+    (lambda: sajax.get_policy("drop", learners=0), r"learners=0 is invalid; allowed: an integer >= 1$"),
     (lambda: sajax.get_policy("polynomial", a=-1), r"a=-1 is invalid; allowed: a number >= 0$"),
     (lambda: sajax.get_policy("drop", bound=2.5), r"bound=2.5 is invalid; allowed: an integer >= 1$"),
     (lambda: sajax.get_policy("gap_aware", learning_rate=0.1, decay=1.0),
@@ -244,11 +245,15 @@ def test_config_policy_args_build_the_policy_and_fill_learners_and_learning_rate
   as_dict = ml_collections.ConfigDict(dict(_config(policy="drop").to_dict(), policy_args={"bound": 5}))
   config_lib.validate(as_dict)        # a config file may give policy_args as a dict
   assert dict(config_lib.policy_of(as_dict).args) == {"bound": 5}
+  bare = _config(policy="drop", learners=6)   # --config.policy=drop alone: the documented default R = 2λ
+  config_lib.validate(bare)
+  assert dict(config_lib.policy_of(bare).args) == {"bound": 12}
+  assert sajax.get_policy("drop", learners=6).accepts(11) and not sajax.get_policy("drop", learners=6).accepts(12)
 
 
 @pytest.mark.parametrize("overrides, message", [
     ({"policy": "hinge", "policy_args": '{"c": 1}'}, r"'c' for policy 'hinge'; allowed: a, b"),
-    ({"policy": "drop"}, r"needs argument\(s\) bound; allowed: bound"),
+    ({"policy": "drop", "policy_args": '{"bound": 0}'}, r"bound=0 is invalid; allowed: an integer >= 1"),
     ({"policy": "polynomial", "policy_args": "a=0.5"}, r"not a JSON object; allowed"),
     ({"policy": "dc_asgd", "executor": "pmap"}, r"needs θ_j .*allowed executors: threads, simulated, mpi$"),
     ({"policy": "gap_aware", "executor": "pmap"}, r"allowed executors: threads, simulated, mpi$"),

@@ -221,12 +221,13 @@ def _live_bytes():
   return sum(x.nbytes for x in jax.live_arrays())
 
 
-@pytest.mark.parametrize("policy, held_vectors", [("inverse", 1), (None, 7)])
-def test_a_scale_policy_holds_one_running_sum_not_c_gradients(policy, held_vectors):
-  """Hardsync with c = 8: after 7 pushes a scale policy holds O(d) (one running sum), the generic path 7·d."""
+@pytest.mark.parametrize("hidden, held_vectors", [(False, 1), (True, 7)])
+def test_a_scale_policy_holds_one_running_sum_not_c_gradients(hidden, held_vectors):
+  """Hardsync with c = 8: after 7 pushes a scale policy holds O(d) (one running sum), the generic path (a policy
+  hidden inside an optax.chain, no policy=) 7·d."""
   d = 50_000
   tx = sajax.staleness_aware(optax.sgd(0.1, momentum=0.9), policy="inverse")
-  ps = sajax.ParameterServer(jnp.zeros((d,)), tx, sajax.Protocol.hardsync(8), policy=policy)
+  ps = sajax.ParameterServer(jnp.zeros((d,)), optax.chain(tx) if hidden else tx, sajax.Protocol.hardsync(8))
   for round_ in range(2):
     version = ps.pull()[0]
     if round_ == 1:
@@ -241,3 +242,26 @@ def test_a_scale_policy_holds_one_running_sum_not_c_gradients(policy, held_vecto
   # and the update is the same: θ = −α·(1/c)Σ g over two rounds of momentum 0.9 (every σ = 0)
   mean = 0.01 * np.arange(1, 9).mean()
   np.testing.assert_allclose(np.asarray(ps.params), -0.1 * mean * (1 + 1.9), rtol=1e-5)
+
+
+def test_a_ps_built_without_policy_takes_the_transforms_and_drops_what_it_drops():
+  """PS(params, staleness_aware(.., "drop", R = 2)) without policy=: a gradient with σ ≥ R is dropped as stale and
+  does not count toward c (it used to be applied with s(σ) = 0 and count as an update)."""
+  tx = sajax.staleness_aware(optax.sgd(0.1), policy="drop", policy_args={"bound": 2})
+  ps = ParameterServer(_params(), tx, protocol=sajax.Protocol.asynchronous(4))
+  assert ps.policy.name == "drop"
+  version, _ = ps.pull()
+  assert [ps.push(k, version, _grad(k)).applied_update for k in (0, 1)] == [True, True]   # σ = 0, 1
+  assert ps.push(2, version, _grad(2)) == PushResult(applied_update=False, staleness=2, dropped=True, stale=True)
+  assert ps.version == 2 and ps.stats.stale_dropped == 1 and ps.stats.count == 2
+  flat = ParameterServer(jnp.zeros(4), sajax.server.flat_transform(tx, lambda v: {"w": v}), sajax.Protocol.asynchronous(4))
+  assert flat.policy.name == "drop"                                         # through the executors' flat wrapper
+
+
+def test_a_policy_that_differs_from_the_transforms_is_refused_in_one_line():
+  tx = sajax.staleness_aware(optax.sgd(0.1), policy="drop", policy_args={"bound": 2})
+  with pytest.raises(ValueError, match=r"^policy='drop' \{'bound': 3\} differs from the policy tx was built with "
+                                       r"\('drop' \{'bound': 2\}\); allowed: the same policy, or no policy="):
+    ParameterServer(_params(), tx, protocol=sajax.Protocol.asynchronous(4), policy=sajax.get_policy("drop", bound=3))
+  ps = ParameterServer(_params(), tx, protocol=sajax.Protocol.asynchronous(4), policy=sajax.get_policy("drop", bound=2))
+  assert ps.policy.name == "drop"
