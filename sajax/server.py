@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from sajax.optim import get_policy, remember_policy, same_policy, transform_policy
 from sajax.protocol import Protocol
@@ -122,8 +123,6 @@ def flat_transform(tx: optax.GradientTransformationExtraArgs, unravel: Any
   optimizer itself still sees the model's pytree, so per-leaf transforms behave as usual. Updates may be a
   vector (d,) or c stacked vectors (c, d); ``stale_params`` likewise.
   """
-  from jax.flatten_util import ravel_pytree
-
   def to_tree(x):
     return None if x is None else (jax.vmap(unravel)(x) if x.ndim == 2 else unravel(x))
 
@@ -376,16 +375,35 @@ class ParameterServer:
 
   # ---- checkpoints -----------------------------------------------------------------------------------
   def state_arrays(self) -> dict:
-    """The array part of the PS state (θ, optimizer state) for an orbax checkpoint."""
-    return {"params": self.params, "opt_state": self.opt_state}
+    """The array part of the PS state for an orbax checkpoint: θ, the optimizer state, and the gradients
+    buffered toward the next update (:meth:`pending_arrays`)."""
+    return {"params": self.params, "opt_state": self.opt_state, **self.pending_arrays()}
+
+  def pending_arrays(self) -> dict:
+    """The gradients accepted toward the next update (fewer than c) as flat float32 numpy arrays, empty when
+    none is: ``pending_total`` (d,), the running sum Σ s(σ_l)·g_l of a scale policy, or ``pending_grads`` (b, d)
+    and, for a policy that reads θ_j, ``pending_stale_params`` (b, d). Their σ are in :meth:`state_meta`. They
+    are saved because they are already counted in :attr:`stats` (and so in the SSP gate's counts) and their
+    mini-batches already drawn: a resumed run applies them in the next update, as the uninterrupted one would."""
+    if not self._staleness:
+      return {}
+    flat = lambda tree: np.asarray(ravel_pytree(tree)[0], np.float32)  # noqa: E731
+    if self._running:
+      return {"pending_total": flat(self._total)}
+    arrays = {"pending_grads": np.stack([flat(g) for g in self._buffer])}
+    if self._needs_stale:
+      arrays["pending_stale_params"] = np.stack([flat(p) for p in self._stale_buffer])
+    return arrays
 
   def state_meta(self) -> dict:
-    """The JSON part: version, c and staleness statistics. Buffered gradients are in flight: not saved."""
+    """The JSON part: version, c, staleness statistics, and the σ of the buffered gradients."""
     return {"version": self.version, "gradients_per_update": self.gradients_per_update,
-            "stats": self.stats.to_json(), "nonfinite_streak": self.nonfinite_streak}
+            "stats": self.stats.to_json(), "nonfinite_streak": self.nonfinite_streak,
+            "pending_staleness": list(self._staleness)}
 
   def restore(self, arrays: dict, meta: dict) -> None:
-    """Restores a state saved by :meth:`state_arrays` and :meth:`state_meta`."""
+    """Restores a state saved by :meth:`state_arrays` (``params``, ``opt_state``, any ``pending_*``) and
+    :meth:`state_meta`."""
     self.params = jax.device_put(arrays["params"], self.device)
     self.opt_state = _private_copy(arrays["opt_state"], self.device)
     self.version = int(meta["version"])
@@ -394,3 +412,15 @@ class ParameterServer:
     self.nonfinite_streak = int(meta.get("nonfinite_streak", 0))
     self._staleness, self._total, self._buffer, self._stale_buffer = [], None, [], []
     self._snapshots, self._snapshot_readers = {}, {}
+    pending = [int(s) for s in meta.get("pending_staleness", [])]
+    if not pending:
+      return
+    unravel = ravel_pytree(self.params)[1]
+    tree = lambda v: jax.device_put(unravel(jnp.asarray(v)), self.device)  # noqa: E731
+    if self._running:
+      self._total = tree(arrays["pending_total"])
+    else:
+      self._buffer = [tree(g) for g in arrays["pending_grads"]]
+      if self._needs_stale:
+        self._stale_buffer = [tree(p) for p in arrays["pending_stale_params"]]
+    self._staleness = pending

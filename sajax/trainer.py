@@ -146,10 +146,21 @@ class Run:
     self._bar = _progress(config, self) if outputs else None
 
   def _request_stop(self, signum, frame) -> None:
-    """First Ctrl-C: stop cleanly after the current update (checkpoint, then KeyboardInterrupt)."""
+    """First Ctrl-C: :meth:`request_stop`."""
     del signum, frame
-    self._stop_requested = True
+    self.request_stop()
     signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C interrupts at once
+
+  def request_stop(self) -> None:
+    """Asks the run to stop cleanly at the executor's next safe point (checkpoint, then KeyboardInterrupt): after
+    the current update, or, in an executor that checks between pushes, after the current push, with gradients
+    buffered toward the next update (the checkpoint holds them: see ``ParameterServer.pending_arrays``)."""
+    self._stop_requested = True
+
+  def stop_if_requested(self) -> None:
+    """Raises KeyboardInterrupt if a stop was requested; executors call it at their safe points."""
+    if self._stop_requested:
+      raise KeyboardInterrupt
 
   def attach(self, executor: Executor) -> None:
     """The executor this run reports and checkpoints through (see :class:`~sajax.executors.common.Executor`)."""
@@ -196,8 +207,7 @@ class Run:
       self.save(*current_state())
     for callback in self.callbacks:
       callback(self)
-    if self._stop_requested:
-      raise KeyboardInterrupt
+    self.stop_if_requested()
 
   def interrupted(self, current_state: Callable[[], tuple[PyTree, PyTree]]) -> None:
     """Ctrl-C: save a checkpoint of the current update so that rerunning resumes from here."""

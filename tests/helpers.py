@@ -18,3 +18,25 @@ def smoke_config(executor, protocol, *, n=1, learners, batch_per_learner, **over
 def reproducible(records):
   """The metrics records without their wall-clock fields."""
   return [{k: v for k, v in r.items() if k not in metrics_lib.TIMING_KEYS} for r in records]
+
+
+def stop_with_gradients_buffered(monkeypatch, after, condition=lambda run: True):
+  """Requests a stop (what the first Ctrl-C does) at the first push past the ``after``-th that leaves gradients
+  buffered toward the next update and satisfies ``condition(run)``. Pass the returned callbacks to the run it
+  should stop (they find it); ``monkeypatch.undo()`` before the next run. ``stopped`` (returned) gets the number
+  of gradients buffered when it asked."""
+  from sajax.server import ParameterServer
+
+  runs, pushes, stopped = [], [0], []
+  original = ParameterServer.push
+
+  def push(self, *args, **kwargs):
+    result = original(self, *args, **kwargs)
+    pushes[0] += 1
+    if runs and not stopped and pushes[0] > after and self.buffered and condition(runs[0]):
+      stopped.append(self.buffered)
+      runs[0].request_stop()
+    return result
+
+  monkeypatch.setattr(ParameterServer, "push", push)
+  return [lambda run: runs.append(run) if not runs else None], stopped

@@ -155,6 +155,36 @@ def test_state_round_trips_and_continues_identically():
   assert a.stats.to_json() == b.stats.to_json()
 
 
+@pytest.mark.parametrize("policy", ["inverse", "test_server_reads_theta_j"])
+def test_gradients_buffered_toward_an_update_are_saved_and_applied_after_restore(policy):
+  """Saved between two updates (c = 3, one gradient buffered, already counted in the statistics): the restored PS
+  applies it in the next update exactly as the PS that was never saved (running sum and θ_j-reading paths)."""
+  optim.register_policy("test_server_reads_theta_j", overwrite=True, needs_stale_params=True,
+                        adjust=lambda g, s, *, params, stale_params: jax.tree.map(
+                            lambda x, p, q: x + 0.5 * (p - q), g, params, stale_params))
+  a = _ps(sajax.Protocol.softsync(3, 1), policy=policy)
+  v0 = a.pull(learner=0)[0]
+  for k in (0, 1, 2):
+    a.pull(learner=k)
+  for k in (0, 1, 2):
+    a.push(k, v0, _grad(k))
+  a.pull(learner=0)
+  a.push(0, 1, _grad(3))                            # buffered: 1 of c = 3
+  assert a.buffered == 1 and a.stats.count == 4
+  arrays = jax.tree.map(np.asarray, a.state_arrays())
+  assert set(arrays) - {"params", "opt_state"} == (
+      {"pending_total"} if policy == "inverse" else {"pending_grads", "pending_stale_params"})
+  b = _ps(sajax.Protocol.softsync(3, 1), policy=policy)
+  b.restore(arrays, json.loads(json.dumps(a.state_meta())))
+  assert b.buffered == 1 and b.stats.to_json() == a.stats.to_json()
+  for ps in (a, b):
+    for k in (1, 2):
+      ps.pull(learner=k)
+      ps.push(k, 1, _grad(4 + k))
+  assert a.version == b.version == 2
+  np.testing.assert_array_equal(a.pull()[1]["w"], b.pull()[1]["w"])
+
+
 def test_policy_reading_stale_params_gets_theta_j():
   seen = []
 

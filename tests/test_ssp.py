@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 import sajax
 from sajax import config as config_lib, trainer
 from sajax.protocol import Protocol, SpreadGate
-from tests.helpers import reproducible, smoke_config
+from tests.helpers import reproducible, smoke_config, stop_with_gradients_buffered
 from tests.test_mpi import ARGS as MPI_ARGS, _mpiexec, _records, needs_mpiexec
 
 
@@ -202,24 +202,21 @@ def test_a_dead_learner_never_holds_the_others_back(executor, n, spread, tmp_pat
     assert final["gradients_per_update"] == 3 and final["staleness_max"] == 0   # c re-derived, still σ = 0
 
 
-def _stop_while_waiting(after):
-  """Stops the run at the first update past ``after`` at which some learner waits at the gate."""
-  def callback(run):
-    if run.updates > after and run.executor.gate.waiting:
-      raise KeyboardInterrupt
-  return callback
-
-
-def test_a_stopped_and_resumed_simulation_ends_bit_identical(tmp_path):
-  """Stopped while learners wait at the gate, then resumed: every record equals the uninterrupted run's."""
-  config = _config("simulated", train_examples=512, epochs=2, sim_jitter=0.5, sim_profile="lognormal",
+def test_a_simulation_stopped_between_two_updates_resumes_bit_identical(tmp_path, monkeypatch):
+  """c = 2: stopped (as by Ctrl-C) right after a push that left a gradient buffered toward the next update, while
+  learners wait at the gate; the checkpoint holds that gradient, counted in the gate's counts, so the resumed run
+  ends with every record equal to the uninterrupted run's."""
+  config = _config("simulated", n=2, train_examples=512, epochs=2, sim_jitter=0.5, sim_profile="lognormal",
                    checkpoint_every_epochs=2)
   whole = sajax.train(config, workdir=str(tmp_path / "whole"))
+  callbacks, stopped = stop_with_gradients_buffered(monkeypatch, 60, lambda run: run.executor.gate.waiting)
   with pytest.raises(KeyboardInterrupt):
-    sajax.train(config, workdir=str(tmp_path / "stopped"), callbacks=[_stop_while_waiting(30)])
+    sajax.train(config, workdir=str(tmp_path / "stopped"), callbacks=callbacks)
+  monkeypatch.undo()
+  assert stopped == [1]
   resumed = sajax.train(config, workdir=str(tmp_path / "stopped"))
   assert reproducible(resumed.history) == reproducible(whole.history)
-  assert whole.metrics["ssp_waits"] > 0
+  assert whole.metrics["ssp_waits"] > 0 and whole.metrics["gradients_per_update"] == 2
 
 
 # ---- mpiexec -n 2 ----------------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ metrics record, what happens when a learner dies, and the SSP gate built for a r
 from __future__ import annotations
 
 import logging
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
+
+import numpy as np
 
 from sajax.protocol import Protocol, SpreadGate
 from sajax.server import ParameterServer
@@ -33,6 +35,27 @@ class Executor:
   def checkpoint_meta(self) -> dict:
     """Extra JSON state for a checkpoint (the PS's version and statistics, live learners, ...)."""
     return {}
+
+
+def restore_server(ps: ParameterServer, run: Any, arrays: dict) -> list:
+  """Restores the PS from a resumed run's checkpoint (``arrays``: its θ and optimizer state in the PS's layout);
+  returns the training losses of the gradients it held toward the next update, which the executor reports with
+  that update (see :func:`pending_checkpoint`). A fresh run: nothing restored, no losses."""
+  if not run.restored_meta.get("server"):
+    return []
+  ps.restore({**run.restored_arrays, **arrays}, run.restored_meta["server"])
+  return list(run.restored_arrays.get("pending_losses", []))
+
+
+def pending_checkpoint(ps: ParameterServer, losses: list) -> dict:
+  """The executor's checkpoint arrays for the gradients the PS holds toward the next update: the PS's
+  :meth:`~sajax.server.ParameterServer.pending_arrays` and their training losses (float32, in order). Saved so
+  that a run stopped between two updates resumes with the same statistics (and SSP counts), the same
+  next update, and the same reported loss as the uninterrupted run."""
+  arrays = ps.pending_arrays()
+  if arrays:
+    arrays["pending_losses"] = np.asarray([float(x) for x in losses], np.float32)
+  return arrays
 
 
 def telemetry(ps: ParameterServer, *, learners_alive: int, queue_depth: int,

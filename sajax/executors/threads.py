@@ -83,9 +83,9 @@ class ThreadedEngine(common.Executor):
                               divergence_after=config.get("divergence_after", 100))
     self.deaths = common.Deaths(self.learners, self.protocol, fail_fast=bool(config.get("fail_fast", False)),
                                 say=run.log)
-    if run.restored_meta.get("server"):
-      self.ps.restore({"params": flat_params, "opt_state": run.opt_state}, run.restored_meta["server"])
-      self.deaths.restore(run.restored_meta.get("dead", {}), self.ps)
+    self._pending_losses: list = common.restore_server(self.ps, run, {"params": flat_params,
+                                                                      "opt_state": run.opt_state})
+    self.deaths.restore(run.restored_meta.get("dead", {}), self.ps)
     self.gate = common.spread_gate(self.protocol, self.ps, self.deaths, run.restored_meta.get("ssp"))
     self.queue: queue.Queue = queue.Queue(maxsize=max(2, self.learners))
     self.stop = threading.Event()
@@ -94,7 +94,6 @@ class ThreadedEngine(common.Executor):
     self.pool = Learners(run, dict(zip(live, [local_devices[local.index(k)] for k in live])), self.published,
                          self._put, self.stop, to_server=lambda g: jax.device_put(g, self.ps_device),
                          keep_stale=self.ps.needs_stale_params)
-    self._pending_losses: list = []
     run.attach(self)
 
   def _put(self, item: Any) -> None:
@@ -170,6 +169,9 @@ class ThreadedEngine(common.Executor):
   def telemetry(self) -> dict:
     return common.telemetry(self.ps, learners_alive=len(self.deaths.alive), queue_depth=self.queue.qsize(),
                             deaths=self.deaths.errors, gate=self.gate)
+
+  def checkpoint_arrays(self) -> dict:
+    return common.pending_checkpoint(self.ps, self._pending_losses)
 
   def checkpoint_meta(self) -> dict:
     meta = {"server": self.ps.state_meta(), "dead": self.deaths.to_json()}
