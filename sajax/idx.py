@@ -7,9 +7,10 @@ big-endian uint32 sizes, then the values in row-major order. A set is four files
 ``t10k-labels-idx1-ubyte`` (``.gz`` added when gzipped; the ``train-images.idx3-ubyte`` spelling of some
 unpacked copies is accepted too).
 
-:func:`find_folder` says where a set's files are (``--config.data_dir``, then ``data_dir/<name>``, then the
-system folder of a Debian package); :func:`load_arrays` reads them as the λ learners' uint8 images. Every
-problem is an :class:`IdxError` (a ``ValueError``) with one line naming the file and what is wrong.
+:func:`find_folder` says where a set's files are: ``--config.data_dir`` and ``data_dir/<name>`` when a
+``data_dir`` is given (only those: a folder the user names must hold the set), else the system folder of a
+Debian package. :func:`load_arrays` reads them as the λ learners' uint8 images. Every problem is an
+:class:`IdxError` (a ``ValueError``) with one line naming the file and what is wrong.
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ def files_in(folder: str) -> dict[str, str] | None:
 
 
 def search_folders(name: str, data_dir: str | None) -> list[str]:
-  """Where ``name``'s IDX files are looked for, in order: ``data_dir``, ``data_dir/<name>``, the system folder."""
-  folders = [data_dir, os.path.join(data_dir, name)] if data_dir else []
-  return folders + ([SYSTEM_FOLDERS[name]] if name in SYSTEM_FOLDERS else [])
+  """Where ``name``'s IDX files are looked for, in order: ``data_dir`` and ``data_dir/<name>`` when a
+  ``data_dir`` is given, else the system folder (never a copy the user did not name instead of theirs)."""
+  if data_dir:
+    return [data_dir, os.path.join(data_dir, name)]
+  return [SYSTEM_FOLDERS[name]] if name in SYSTEM_FOLDERS else []
 
 
 def find_folder(name: str, data_dir: str | None) -> str | None:
@@ -156,13 +159,22 @@ def write(path: str, array: np.ndarray) -> None:
 
 
 def not_found_message(name: str, data_dir: str | None, tfds_build: str) -> str:
-  """One line with every way to get ``name``: the system package, a folder of IDX files, a TFDS build."""
+  """One line with every way to get ``name``: the system package, a folder of IDX files, a TFDS build.
+
+  With a ``data_dir`` it says that the folder named does not hold the set, and that a system copy (when there
+  is one) is read only without ``--config.data_dir``.
+  """
+  system = SYSTEM_FOLDERS.get(name)
   ways = []
-  if name in SYSTEM_PACKAGES:
-    ways.append(f"sudo apt-get install -y {SYSTEM_PACKAGES[name]} (Debian: puts them in {SYSTEM_FOLDERS[name]})")
+  if data_dir and system and os.path.isdir(system) and files_in(system):
+    ways.append(f"leave out --config.data_dir to read the system copy in {system}")
+  elif name in SYSTEM_PACKAGES:
+    ways.append(f"sudo apt-get install -y {SYSTEM_PACKAGES[name]} (Debian: puts them in {system}"
+                + (", read when no --config.data_dir is given)" if data_dir else ")"))
   ways.append(f"put the four IDX files ({', '.join(FILES.values())}, gzipped or not) in a folder and pass "
               "--config.data_dir=FOLDER")
   ways.append(tfds_build)
   looked = ", ".join(search_folders(name, data_dir)) or "no folder (no --config.data_dir)"
-  return f"dataset {name!r} not found (IDX files looked for in: {looked}; not prepared in TFDS); get it: " + \
+  where = f" in --config.data_dir={data_dir}" if data_dir else ""
+  return f"dataset {name!r} not found{where} (IDX files looked for in: {looked}; not prepared in TFDS); get it: " + \
       "; or ".join(ways)

@@ -86,13 +86,18 @@ def test_idx_files_take_priority_over_tfds_and_tfds_is_the_fallback(tmp_path):
   _check_split(from_idx.train, 12)
 
 
-def test_system_folder_is_used_when_data_dir_has_no_set_and_data_dir_wins(tmp_path, monkeypatch):
+def test_the_system_folder_is_read_only_when_no_data_dir_is_given(tmp_path, monkeypatch):
   system = _write_set(tmp_path / "debian", _arrays(offset=100))
   monkeypatch.setitem(idx.SYSTEM_FOLDERS, "fashion_mnist", system)
   _check_split(data.load_dataset("fashion_mnist").train, 12, offset=100)
-  _check_split(data.load_dataset("fashion_mnist", data_dir=str(tmp_path / "elsewhere")).train, 12, offset=100)
   mine = _write_set(tmp_path / "mine", _arrays(offset=50))
   _check_split(data.load_dataset("fashion_mnist", data_dir=mine).train, 12, offset=50)
+  elsewhere = str(tmp_path / "nonexistent" / "idx")
+  with pytest.raises(data.DatasetError) as error:                           # never the system copy instead
+    data.load_dataset("fashion_mnist", data_dir=elsewhere)
+  message = str(error.value)
+  assert "\n" not in message and f"'fashion_mnist' not found in --config.data_dir={elsewhere} " in message
+  assert f"leave out --config.data_dir to read the system copy in {system}" in message
   assert idx.search_folders("mnist", None) == []                            # no system package for MNIST
 
 
@@ -181,21 +186,35 @@ def test_shift_flip_shifts_by_at_most_2_pixels_and_mirrors_about_half(tmp_path):
   assert plain[0, 10, 5, 0] == pytest.approx((1 - 0.2860) / 0.3530, rel=1e-5)      # evaluation: no augmentation
 
 
-def test_bad_idx_set_through_the_cli_exits_2_with_one_line(tmp_path):
+# launch/train.py run as a script, with a system copy of Fashion-MNIST where the test puts one (argv[1]).
+_TRAIN_WITH_SYSTEM_COPY = ("import runpy, sys; from sajax import idx; sys.argv = sys.argv[1:]; "
+                           "idx.SYSTEM_FOLDERS['fashion_mnist'] = sys.argv.pop(1); "
+                           "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_a_bad_data_dir_through_the_cli_exits_2_with_one_line_and_no_workdir(tmp_path):
+  train = os.path.join(ROOT, "launch", "train.py")
   folder, _ = _corrupt(tmp_path, "train_labels", _good_bytes("train_labels")[:-3])
-  for data_dir, expected in ((folder, "truncated"), (str(tmp_path / "empty"), "'mnist' not found")):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config.dataset=mnist",
-                             f"--config.data_dir={data_dir}", "--workdir", str(tmp_path / "run")],
-                            capture_output=True, text=True, timeout=300)
+  system = _write_set(tmp_path / "debian")                                  # must not stand in for data_dir
+  missing = str(tmp_path / "nonexistent" / "idx")
+  runs = (([train, "--config.dataset=mnist", f"--config.data_dir={folder}"], "truncated"),
+          (["-c", _TRAIN_WITH_SYSTEM_COPY, train, system, "--config", os.path.join(ROOT, "configs", "fashion_mnist.py"),
+            f"--config.data_dir={missing}"], f"'fashion_mnist' not found in --config.data_dir={missing} "))
+  for i, (args, expected) in enumerate(runs):
+    workdir = tmp_path / f"run{i}"
+    result = subprocess.run([sys.executable, *args, "--workdir", str(workdir)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and not workdir.exists()
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+_DEBIAN = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not os.path.isdir(_DEBIAN), reason="Debian's dataset-fashion-mnist is not installed")
 def test_the_real_fashion_mnist_from_debian(monkeypatch):
-  monkeypatch.setitem(idx.SYSTEM_FOLDERS, "fashion_mnist", "/usr/share/datasets/fashion-mnist")
+  monkeypatch.setitem(idx.SYSTEM_FOLDERS, "fashion_mnist", _DEBIAN)
   ds = data.load_dataset("fashion_mnist")
   assert (len(ds.train), len(ds.test)) == (60000, 10000)
   np.testing.assert_array_equal(np.bincount(ds.test.labels), [1000] * 10)
