@@ -1,6 +1,7 @@
 """IDX datasets (sajax.idx and its hook in sajax.data): tiny IDX sets written here, priority, one-line errors."""
 
 import gzip
+import hashlib
 import os
 import subprocess
 import sys
@@ -209,6 +210,39 @@ def test_a_bad_data_dir_through_the_cli_exits_2_with_one_line_and_no_workdir(tmp
     assert "Traceback" not in result.stderr and not workdir.exists()
 
 
+def _register(monkeypatch, digest, name, base="train-images-idx3-ubyte"):
+  """Makes ``digest`` a published file of ``name`` (the tests' files are no published set's)."""
+  monkeypatch.setitem(idx.PUBLISHED, digest, (name, base))
+
+
+def test_a_file_of_another_published_set_is_refused_naming_both(tmp_path, monkeypatch):
+  folder = _write_set(tmp_path / "idx")                                     # train-images is gzipped
+  path = os.path.join(folder, idx.FILES["train_images"] + ".gz")
+  digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  _check_split(data.load_dataset("fashion_mnist", data_dir=folder).train, 12)   # no published set's: read
+  _register(monkeypatch, digest, "mnist")
+  with pytest.raises(data.DatasetError) as error:
+    data.load_dataset("fashion_mnist", data_dir=folder)
+  message = str(error.value)
+  assert "\n" not in message and message.startswith(f"{path} is MNIST's train-images-idx3-ubyte (sha256 {digest}), "
+                                                     "not Fashion-MNIST's; allowed: Fashion-MNIST's published files")
+  _check_split(data.load_dataset("mnist", data_dir=folder).train, 12)       # the set it is: read
+
+
+def test_an_unpacked_or_recompressed_copy_is_recognised_by_its_content(tmp_path, monkeypatch):
+  folder = _write_set(tmp_path / "idx", gz=())
+  path = os.path.join(folder, idx.FILES["test_labels"])
+  content = open(path, "rb").read()
+  _register(monkeypatch, hashlib.sha256(content).hexdigest(), "kmnist", idx.FILES["test_labels"])
+  with pytest.raises(data.DatasetError, match=r"t10k-labels-idx1-ubyte is Kuzushiji-MNIST's t10k-labels-idx1-ubyte "
+                     r"\(sha256 [0-9a-f]{64}\), not MNIST's"):
+    data.load_dataset("mnist", data_dir=folder)
+  with open(path, "wb") as f:
+    f.write(gzip.compress(content, mtime=1))                                # another gzip of the same content
+  with pytest.raises(data.DatasetError, match=r"\(sha256 of its gunzipped content [0-9a-f]{64}\), not MNIST's"):
+    data.load_dataset("mnist", data_dir=folder)
+
+
 _DEBIAN = "/usr/share/datasets/fashion-mnist"
 
 
@@ -219,3 +253,8 @@ def test_the_real_fashion_mnist_from_debian(monkeypatch):
   assert (len(ds.train), len(ds.test)) == (60000, 10000)
   np.testing.assert_array_equal(np.bincount(ds.test.labels), [1000] * 10)
   assert abs(ds.train.images.mean() / 255 - ds.mean[0]) < 1e-3 and abs(ds.train.images.std() / 255 - ds.std[0]) < 1e-3
+  paths = idx.files_in(_DEBIAN)
+  assert {role: idx.identify(path) for role, path in paths.items()} == \
+      {role: ("fashion_mnist", base) for role, base in idx.FILES.items()}
+  with pytest.raises(data.DatasetError, match=r"is Fashion-MNIST's train-images-idx3-ubyte .*, not MNIST's"):
+    data.load_dataset("mnist", data_dir=_DEBIAN)
