@@ -125,14 +125,17 @@ class Dataset:
 def load_dataset(name: str, *, data_dir: str | None = None, download: bool = False) -> Dataset:
   """Loads ``name``: ``mnist5k`` (embedded), a preset of :data:`DATASETS`, or any TFDS dataset.
 
-  :data:`IDX_DATASETS` come from the four IDX files in ``data_dir`` (or ``data_dir/<name>``, or the system
-  folder of Debian's ``dataset-fashion-mnist``) when one of them holds them, else from TFDS. TFDS sets are
-  read with ``tfds.data_source`` (never ``tfds.load``, which needs TensorFlow) from ``data_dir`` (TFDS's
-  default when None). With ``download=False`` a set that is not prepared fails at once.
+  :data:`IDX_DATASETS` come from the four IDX files in ``data_dir`` or ``data_dir/<name>`` when a ``data_dir``
+  is given, else from the system folder of Debian's ``dataset-fashion-mnist``; when none holds them, from
+  TFDS. A ``data_dir`` that is given must hold the set (IDX files or a prepared TFDS set): a system copy never
+  stands in for it. IDX files recognised as another published set (MNIST's in place of Fashion-MNIST's, say:
+  the file names are the same) are refused; see :mod:`sajax.idx`. TFDS sets are read with
+  ``tfds.data_source`` (never ``tfds.load``, which needs TensorFlow) from ``data_dir`` (TFDS's default when
+  None). With ``download=False`` a set that is not prepared fails at once.
 
   Raises:
-    DatasetError: unknown name, dataset not found or not prepared, malformed IDX files, or no usable
-      image/label features (one-line message).
+    DatasetError: unknown name, dataset not found or not prepared (in ``data_dir`` when given), malformed IDX
+      files or files of another set, or no usable image/label features (one-line message).
   """
   preset = _PRESETS.get(name.split(":")[0])
   arrays = _mnist5k_arrays() if name == "mnist5k" else _idx_arrays(name, data_dir, preset)
@@ -172,7 +175,8 @@ def _idx_arrays(name: str, data_dir: str | None, preset: _Preset | None):
   """An :data:`IDX_DATASETS` set's arrays from the first folder holding its IDX files, else None."""
   try:
     folder = idx.find_folder(name, data_dir) if name in IDX_DATASETS else None
-    return folder and idx.load_arrays(folder, image_shape=preset.input_shape[:2], num_classes=preset.num_classes)
+    return folder and idx.load_arrays(folder, image_shape=preset.input_shape[:2], num_classes=preset.num_classes,
+                                      name=name)
   except idx.IdxError as e:
     raise DatasetError(str(e)) from None
 

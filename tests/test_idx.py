@@ -1,6 +1,7 @@
 """IDX datasets (sajax.idx and its hook in sajax.data): tiny IDX sets written here, priority, one-line errors."""
 
 import gzip
+import hashlib
 import os
 import subprocess
 import sys
@@ -86,13 +87,18 @@ def test_idx_files_take_priority_over_tfds_and_tfds_is_the_fallback(tmp_path):
   _check_split(from_idx.train, 12)
 
 
-def test_system_folder_is_used_when_data_dir_has_no_set_and_data_dir_wins(tmp_path, monkeypatch):
+def test_the_system_folder_is_read_only_when_no_data_dir_is_given(tmp_path, monkeypatch):
   system = _write_set(tmp_path / "debian", _arrays(offset=100))
   monkeypatch.setitem(idx.SYSTEM_FOLDERS, "fashion_mnist", system)
   _check_split(data.load_dataset("fashion_mnist").train, 12, offset=100)
-  _check_split(data.load_dataset("fashion_mnist", data_dir=str(tmp_path / "elsewhere")).train, 12, offset=100)
   mine = _write_set(tmp_path / "mine", _arrays(offset=50))
   _check_split(data.load_dataset("fashion_mnist", data_dir=mine).train, 12, offset=50)
+  elsewhere = str(tmp_path / "nonexistent" / "idx")
+  with pytest.raises(data.DatasetError) as error:                           # never the system copy instead
+    data.load_dataset("fashion_mnist", data_dir=elsewhere)
+  message = str(error.value)
+  assert "\n" not in message and f"'fashion_mnist' not found in --config.data_dir={elsewhere} " in message
+  assert f"leave out --config.data_dir to read the system copy in {system}" in message
   assert idx.search_folders("mnist", None) == []                            # no system package for MNIST
 
 
@@ -181,22 +187,74 @@ def test_shift_flip_shifts_by_at_most_2_pixels_and_mirrors_about_half(tmp_path):
   assert plain[0, 10, 5, 0] == pytest.approx((1 - 0.2860) / 0.3530, rel=1e-5)      # evaluation: no augmentation
 
 
-def test_bad_idx_set_through_the_cli_exits_2_with_one_line(tmp_path):
+# launch/train.py run as a script, with a system copy of Fashion-MNIST where the test puts one (argv[1]).
+_TRAIN_WITH_SYSTEM_COPY = ("import runpy, sys; from sajax import idx; sys.argv = sys.argv[1:]; "
+                           "idx.SYSTEM_FOLDERS['fashion_mnist'] = sys.argv.pop(1); "
+                           "runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def test_a_bad_data_dir_through_the_cli_exits_2_with_one_line_and_no_workdir(tmp_path):
+  train = os.path.join(ROOT, "launch", "train.py")
   folder, _ = _corrupt(tmp_path, "train_labels", _good_bytes("train_labels")[:-3])
-  for data_dir, expected in ((folder, "truncated"), (str(tmp_path / "empty"), "'mnist' not found")):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config.dataset=mnist",
-                             f"--config.data_dir={data_dir}", "--workdir", str(tmp_path / "run")],
-                            capture_output=True, text=True, timeout=300)
+  system = _write_set(tmp_path / "debian")                                  # must not stand in for data_dir
+  missing = str(tmp_path / "nonexistent" / "idx")
+  runs = (([train, "--config.dataset=mnist", f"--config.data_dir={folder}"], "truncated"),
+          (["-c", _TRAIN_WITH_SYSTEM_COPY, train, system, "--config", os.path.join(ROOT, "configs", "fashion_mnist.py"),
+            f"--config.data_dir={missing}"], f"'fashion_mnist' not found in --config.data_dir={missing} "))
+  for i, (args, expected) in enumerate(runs):
+    workdir = tmp_path / f"run{i}"
+    result = subprocess.run([sys.executable, *args, "--workdir", str(workdir)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
     lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    assert "Traceback" not in result.stderr and not workdir.exists()
 
 
-@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
-                    reason="Debian's dataset-fashion-mnist is not installed")
+def _register(monkeypatch, digest, name, base="train-images-idx3-ubyte"):
+  """Makes ``digest`` a published file of ``name`` (the tests' files are no published set's)."""
+  monkeypatch.setitem(idx.PUBLISHED, digest, (name, base))
+
+
+def test_a_file_of_another_published_set_is_refused_naming_both(tmp_path, monkeypatch):
+  folder = _write_set(tmp_path / "idx")                                     # train-images is gzipped
+  path = os.path.join(folder, idx.FILES["train_images"] + ".gz")
+  digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+  _check_split(data.load_dataset("fashion_mnist", data_dir=folder).train, 12)   # no published set's: read
+  _register(monkeypatch, digest, "mnist")
+  with pytest.raises(data.DatasetError) as error:
+    data.load_dataset("fashion_mnist", data_dir=folder)
+  message = str(error.value)
+  assert "\n" not in message and message.startswith(f"{path} is MNIST's train-images-idx3-ubyte (sha256 {digest}), "
+                                                     "not Fashion-MNIST's; allowed: Fashion-MNIST's published files")
+  _check_split(data.load_dataset("mnist", data_dir=folder).train, 12)       # the set it is: read
+
+
+def test_an_unpacked_or_recompressed_copy_is_recognised_by_its_content(tmp_path, monkeypatch):
+  folder = _write_set(tmp_path / "idx", gz=())
+  path = os.path.join(folder, idx.FILES["test_labels"])
+  content = open(path, "rb").read()
+  _register(monkeypatch, hashlib.sha256(content).hexdigest(), "kmnist", idx.FILES["test_labels"])
+  with pytest.raises(data.DatasetError, match=r"t10k-labels-idx1-ubyte is Kuzushiji-MNIST's t10k-labels-idx1-ubyte "
+                     r"\(sha256 [0-9a-f]{64}\), not MNIST's"):
+    data.load_dataset("mnist", data_dir=folder)
+  with open(path, "wb") as f:
+    f.write(gzip.compress(content, mtime=1))                                # another gzip of the same content
+  with pytest.raises(data.DatasetError, match=r"\(sha256 of its gunzipped content [0-9a-f]{64}\), not MNIST's"):
+    data.load_dataset("mnist", data_dir=folder)
+
+
+_DEBIAN = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not os.path.isdir(_DEBIAN), reason="Debian's dataset-fashion-mnist is not installed")
 def test_the_real_fashion_mnist_from_debian(monkeypatch):
-  monkeypatch.setitem(idx.SYSTEM_FOLDERS, "fashion_mnist", "/usr/share/datasets/fashion-mnist")
+  monkeypatch.setitem(idx.SYSTEM_FOLDERS, "fashion_mnist", _DEBIAN)
   ds = data.load_dataset("fashion_mnist")
   assert (len(ds.train), len(ds.test)) == (60000, 10000)
   np.testing.assert_array_equal(np.bincount(ds.test.labels), [1000] * 10)
   assert abs(ds.train.images.mean() / 255 - ds.mean[0]) < 1e-3 and abs(ds.train.images.std() / 255 - ds.std[0]) < 1e-3
+  paths = idx.files_in(_DEBIAN)
+  assert {role: idx.identify(path) for role, path in paths.items()} == \
+      {role: ("fashion_mnist", base) for role, base in idx.FILES.items()}
+  with pytest.raises(data.DatasetError, match=r"is Fashion-MNIST's train-images-idx3-ubyte .*, not MNIST's"):
+    data.load_dataset("mnist", data_dir=_DEBIAN)
