@@ -26,3 +26,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+
+MAX_WORKERS = 4
+
+
+def pytest_xdist_auto_num_workers(config):
+  """``-n auto`` (pyproject's addopts): one pytest-xdist worker per core, at most MAX_WORKERS. Each worker is a
+  JAX process with 8 emulated devices, and the MPI tests start 2–3 more: more workers than cores only adds
+  contention (XLA runs each computation on every core)."""
+  del config
+  return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
