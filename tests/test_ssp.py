@@ -221,22 +221,10 @@ def test_a_simulation_stopped_between_two_updates_resumes_bit_identical(tmp_path
 
 # ---- mpiexec -n 2 ----------------------------------------------------------------------------------------
 @needs_mpiexec
-def test_mpi_two_ranks_s_0_with_c_lambda_is_hardsync(tmp_path):
-  """Rank 1's learners (2, 3) start only on rank 0's permission, after the weights it names: σ = 0 exactly."""
-  workdir = tmp_path / "run"
-  result = _mpiexec(2, *MPI_ARGS, "--config.executor=mpi", "--config.protocol=ssp", "--config.n=1",
-                    "--config.ssp_spread=0", "--config.epochs=1", "--workdir", str(workdir))
-  assert result.returncode == 0, result.stderr[-3000:]
-  final = _records(workdir)[-1]
-  assert min(final["pushes_per_rank"]) > 0 and final["gradients_per_update"] == 4
-  assert final["staleness_max"] == 0 and final["ssp_max_spread"] == 0 and final["messages_rejected"] == 0
-  assert {v["count"] for v in final["staleness_per_learner"].values()} == {final["updates"]}
-
-
-@needs_mpiexec
-def test_mpi_a_corrupted_permit_is_sent_again_and_the_run_stays_hardsync(tmp_path):
-  """Rank 0 corrupts the first PERMIT to rank 1: the rank rejects it and asks again (RESEND); rank 0 resends that
-  learner's outstanding permit, so the run ends (it waited forever before) and s = 0, c = λ still gives σ = 0."""
+def test_mpi_s_0_with_c_lambda_is_hardsync_even_when_a_permit_is_corrupted_and_sent_again(tmp_path):
+  """Rank 1's learners (2, 3) start only on rank 0's permission, after the weights it names: σ = 0 exactly. Rank 0
+  corrupts its first PERMIT to rank 1: the rank rejects it and asks again (RESEND); rank 0 resends that learner's
+  outstanding permit, so the run ends (it waited forever before) and s = 0, c = λ still gives σ = 0."""
   workdir = tmp_path / "run"
   result = _mpiexec(2, *MPI_ARGS, "--config.executor=mpi", "--config.protocol=ssp", "--config.n=1",
                     "--config.ssp_spread=0", "--config.epochs=1", "--config.fault_mpi_corrupt_permits=1",
@@ -244,7 +232,9 @@ def test_mpi_a_corrupted_permit_is_sent_again_and_the_run_stays_hardsync(tmp_pat
   assert result.returncode == 0, result.stderr[-3000:]
   assert "rank 1: rejected a malformed message from rank 0" in result.stderr and "asking again" in result.stderr
   final = _records(workdir)[-1]
-  assert final["staleness_max"] == 0 and final["ssp_max_spread"] == 0 and min(final["pushes_per_rank"]) > 0
+  assert min(final["pushes_per_rank"]) > 0 and final["gradients_per_update"] == 4
+  assert final["staleness_max"] == 0 and final["ssp_max_spread"] == 0
+  assert final["messages_rejected"] == 0          # rank 0 rejected nothing: only its message to rank 1 was bad
   assert {v["count"] for v in final["staleness_per_learner"].values()} == {final["updates"]}
 
 
