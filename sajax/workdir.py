@@ -39,6 +39,23 @@ def check_workdir_writable(workdir: str) -> None:
                                  "allowed: a writable directory path")
 
 
+def read_saved_config(path: str) -> dict:
+  """The run config saved in ``path`` (a workdir's ``config.json``); raises ConfigError naming the file when it
+  is not readable or not a JSON object, so a damaged one stops the run before anything is written."""
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:   # ValueError: not JSON, or not UTF-8
+    problem = f"is not readable JSON ({type(e).__name__}: {' '.join(str(e).split())})"
+  else:
+    if isinstance(saved, dict):
+      return saved
+    kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(saved), "a number")
+    problem = f"holds {kind}, not an object"
+  raise config_lib.ConfigError(f"saved run config {path!r} {problem}; allowed: the JSON object of run settings "
+                               "sajax wrote there (restore it to resume this run) or a fresh --workdir")
+
+
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Creates ``workdir`` and writes ``config.json``; a workdir holding another run's config is refused."""
   check_workdir_writable(workdir)
@@ -46,8 +63,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   values["workdir"] = os.path.abspath(workdir)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+    old = read_saved_config(path)
     diffs = config_lib.config_differences(old, values)
     if diffs:
       raise config_lib.ConfigError(f"workdir {workdir!r} holds a run with another config ({'; '.join(diffs)}); "
