@@ -1,4 +1,4 @@
-"""The run folder (``--workdir``): its default name, the writability check, and ``config.json``.
+"""The run folder (``--workdir``): its default name, the writability check, ``config.json`` and ``errors.log``.
 
 A workdir holds one run: a second run with another config is refused before anything is written, and the
 same config resumes (see :func:`sajax.config.config_differences` for the keys that may change).
@@ -6,6 +6,7 @@ same config resumes (see :func:`sajax.config.config_differences` for the keys th
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
@@ -73,3 +74,16 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(tmp, "w") as f:
     json.dump(values, f, indent=2, sort_keys=True, default=list)
   os.replace(tmp, path)
+
+
+ERRORS_LOG = "errors.log"
+
+
+def keep_traceback(workdir: str, what: str, text: str) -> str:
+  """Appends ``text`` (a traceback of ``what``, e.g. 'learner 3') to ``<workdir>/errors.log`` with the time;
+  returns the file's path. The terminal gets one line per failure; this file keeps the detail."""
+  path = os.path.join(workdir, ERRORS_LOG)
+  stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+  with open(path, "a") as f:
+    f.write(f"--- {stamp}: {what}\n{text.rstrip()}\n")
+  return path

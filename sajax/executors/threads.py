@@ -122,7 +122,7 @@ class ThreadedEngine(common.Executor):
       while not self.run.done:
         item = self.queue.get()
         if isinstance(item, Death):
-          applied = self.deaths.died(item.learner, item.error, self.ps)
+          applied = self.deaths.died(item.learner, item.error, self.ps, item.traceback_file)
           released = self.gate.died(item.learner) if self.gate is not None else []
           if applied:
             self._after_update(current, released)
