@@ -196,6 +196,11 @@ class Run:
       self.save(*current_state())
     for callback in self.callbacks:
       callback(self)
+    self.stop_if_requested()
+
+  def stop_if_requested(self) -> None:
+    """Raises KeyboardInterrupt once a Ctrl-C was pressed: called after every update, and by an executor while
+    it waits for gradients, so that one Ctrl-C also stops a run whose learners have stalled."""
     if self._stop_requested:
       raise KeyboardInterrupt
 
