@@ -203,6 +203,8 @@ def test_report_has_a_row_per_policy_the_missing_ssp_the_note_and_the_figure(tmp
     (["--seeds", "-1"], "--seeds -1 is invalid"),
     (["--train-examples", "5"], "--train-examples 5 is invalid"),
     (["--out", "x.txt"], "--out 'x.txt' is invalid"),
+    (["--cell-timeout-s", "0"], r"--cell-timeout-s 0 is invalid; allowed: seconds > 0"),
+    (["--cell-timeout-s", "soon"], "argument --cell-timeout-s: invalid float value: 'soon'"),
 ])
 def test_bad_flags_are_one_line_errors(argv, message, tmp_path):
   with pytest.raises(ValueError, match=message):
