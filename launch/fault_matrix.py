@@ -6,10 +6,11 @@
 
 Rows (README "When things go wrong"): a non-finite gradient; every gradient non-finite (divergence); a learner
 that raises (and the same with ``fail_fast``); kill -9 mid-run then the same command again; a corrupt newest
-checkpoint; a bad config. Columns: executor {threads, simulated, mpi (``mpiexec -n 2``, λ = 4 over 2 ranks)}
+checkpoint; a bad config; a damaged config.json in the workdir being resumed. Columns: executor {threads, simulated, mpi (``mpiexec -n 2``, λ = 4 over 2 ranks)}
 × protocol {hardsync, softsync n = 2, async}. Every cell is ``python launch/train.py --config
 configs/smoke.py`` with λ = 4, μ = 8, momentum 0.5, in a workdir of its own under ``--scratch``; every
-subprocess has a timeout (a timeout is a ✘ cell), so the matrix always ends. Each cell records the exit code,
+subprocess has a timeout (a timeout is a ✘ cell), so the matrix always ends, and a cell whose output holds a
+Python traceback is ✘ whatever else it did (every known failure ends with one line). Each cell records the exit code,
 whether the outcome is the documented one (✔/✘), the seconds from launch to exit, the one-line reason, and what
 was kept (checkpoint steps, metrics.jsonl records, corrupt-* folders). The report is rewritten after every
 cell, cells not yet run marked "not run", so an interrupted matrix still leaves its numbers; the cells are
