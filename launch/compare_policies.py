@@ -19,8 +19,8 @@ pattern cycled over the learners), with one of the rows:
   only when ``"ssp" in sajax.protocol.PROTOCOLS``, otherwise reported as not run.
 
 Each cell trains in a child process of its own through launch/grid_runner.py (a cell is done once its
-``final.json`` exists; reruns skip done cells and resume half-done ones; a run that diverges is a result,
-recorded as such). The report (``--out``, default docs/policies.md, PNG beside it) ranks the rows of each profile
+``final.json`` exists; reruns skip done cells and resume half-done ones; a run that diverges, whose learners
+fail, or that runs past ``--cell-timeout-s`` seconds (killed; a rerun resumes it) is a result, recorded as such). The report (``--out``, default docs/policies.md, PNG beside it) ranks the rows of each profile
 by final test error (mean and 95 % Student-t interval over seeds); one row is *decidedly* better than another
 only where the 95 % interval of their paired differences (same seed) lies wholly on one side of 0. Per row also:
 the simulated time to the SSGD target (SSGD's mean final error + 0.5 point; the first evaluation at or below it),
@@ -152,20 +152,27 @@ def cell_from_json(text: str) -> PolicyCell:
   return PolicyCell(**{**d, "variant": Variant(**d["variant"])})
 
 
-def run_cell(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0) -> tuple[dict, bool]:
-  """Trains one cell in a child process (``compare_policies.py --cell``) unless it is done; (final, trained)."""
+def run_cell(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0,
+             timeout_s: Optional[float] = None) -> tuple[dict, bool]:
+  """Trains one cell in a child process (``compare_policies.py --cell``) unless it is done; (final, trained).
+  Past ``timeout_s`` seconds the child is killed and the cell recorded as timed out."""
   command = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(dataclasses.asdict(cell)),
              "--epochs", repr(float(epochs)), "--root", root, "--train-examples", str(train_examples)]
   return grid_runner.run_in_child(final_path(cell, epochs, root, train_examples), command,
-                                  grid_runner.cell_environment(cell, root), cell.name(epochs, train_examples))
+                                  grid_runner.cell_environment(cell, root), cell.name(epochs, train_examples),
+                                  head=cell_head(cell, epochs), timeout_s=timeout_s)
+
+
+def cell_head(cell: PolicyCell, epochs: float) -> dict:
+  """What a cell's record says about the cell, whatever its outcome."""
+  return {"cell": dataclasses.asdict(cell), "epochs": epochs}
 
 
 def train_cell(cell: PolicyCell, epochs: float, root: str, train_examples: int = 0) -> dict:
   """Trains one cell here and writes its final.json; a diverged run is recorded as such rather than failing
   the comparison (:func:`launch.grid_runner.train_and_record`)."""
   return grid_runner.train_and_record(cell_config(cell, epochs, train_examples),
-                                      final_path(cell, epochs, root, train_examples),
-                                      {"cell": dataclasses.asdict(cell), "epochs": epochs})
+                                      final_path(cell, epochs, root, train_examples), cell_head(cell, epochs))
 
 
 # ---- command line -------------------------------------------------------------------------------------------
@@ -192,6 +199,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   p.add_argument("--ssp-spread", type=int, default=SSP_SPREAD, help="SSP's spread s")
   p.add_argument("--momentum", type=float, default=None, help="this momentum in every row, SSGD included "
                  "(default: the base config's); its runs get their own folders")
+  grid_runner.add_cell_timeout(p)
   p.add_argument("--cell", default=None, help=argparse.SUPPRESS)   # internal: train one cell (see run_cell)
   args = p.parse_args(list(argv))
   args.dataset = args.dataset or default_dataset()
@@ -248,7 +256,7 @@ def main(argv: Sequence[str]) -> int:
   start = time.perf_counter()
   try:
     finals, trained = grid_runner.run_cells(
-        cells, lambda c: run_cell(c, args.epochs, args.root, args.train_examples),
+        cells, lambda c: run_cell(c, args.epochs, args.root, args.train_examples, args.cell_timeout_s),
         lambda c: c.name(args.epochs, args.train_examples), desc="compare")
   except grid_runner.GridStopped as e:
     return e.code
@@ -269,7 +277,8 @@ def main(argv: Sequence[str]) -> int:
                          figure=os.path.relpath(png, os.path.dirname(os.path.abspath(args.out))),
                          runs=list(zip(names, finals)), missing=missing, trained=trained)
   grid_runner.write_text(args.out, text)
-  print(f"{len(cells)} runs ({trained} trained, {len(cells) - trained} already done) in {wall:.0f} s; "
+  ends = "".join(f", {k} {word}" for word, k in grid_runner.outcome_counts(finals).items())
+  print(f"{len(cells)} runs ({trained} trained, {len(cells) - trained} already done{ends}) in {wall:.0f} s; "
         f"report: {args.out}")
   return 0
 

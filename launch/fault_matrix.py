@@ -6,10 +6,11 @@
 
 Rows (README "When things go wrong"): a non-finite gradient; every gradient non-finite (divergence); a learner
 that raises (and the same with ``fail_fast``); kill -9 mid-run then the same command again; a corrupt newest
-checkpoint; a bad config. Columns: executor {threads, simulated, mpi (``mpiexec -n 2``, λ = 4 over 2 ranks)}
+checkpoint; a bad config; a damaged config.json in the workdir being resumed. Columns: executor {threads, simulated, mpi (``mpiexec -n 2``, λ = 4 over 2 ranks)}
 × protocol {hardsync, softsync n = 2, async}. Every cell is ``python launch/train.py --config
 configs/smoke.py`` with λ = 4, μ = 8, momentum 0.5, in a workdir of its own under ``--scratch``; every
-subprocess has a timeout (a timeout is a ✘ cell), so the matrix always ends. Each cell records the exit code,
+subprocess has a timeout (a timeout is a ✘ cell), so the matrix always ends, and a cell whose output holds a
+Python traceback is ✘ whatever else it did (every known failure ends with one line). Each cell records the exit code,
 whether the outcome is the documented one (✔/✘), the seconds from launch to exit, the one-line reason, and what
 was kept (checkpoint steps, metrics.jsonl records, corrupt-* folders). The report is rewritten after every
 cell, cells not yet run marked "not run", so an interrupted matrix still leaves its numbers; the cells are
@@ -106,6 +107,11 @@ def reason(output: str) -> str:
   return ""
 
 
+def has_traceback(output: str) -> bool:
+  """Whether ``output`` holds a Python traceback: never a documented outcome (every known failure is one line)."""
+  return "Traceback (most recent call last)" in output
+
+
 def tail(output: str, lines: int = TAIL_LINES) -> str:
   """The last ``lines`` non-empty lines of ``output``."""
   return "\n".join([line for line in output.splitlines() if line.strip()][-lines:])
@@ -159,9 +165,10 @@ def judge_survived(launch: Launch, kept: Kept, learners: int = LEARNERS) -> bool
 
 
 def judge_fail_fast(launch: Launch) -> bool:
-  """Row 3, fail_fast: exit 4 with one ``error:`` line naming fail_fast."""
+  """Row 3, fail_fast: exit 4 with one ``error:`` line naming fail_fast, and no traceback."""
   errors = error_lines(launch.output)
-  return launch.code == 4 and len(errors) == 1 and "fail_fast" in errors[0]
+  return (launch.code == 4 and len(errors) == 1 and "fail_fast" in errors[0]
+          and not has_traceback(launch.output))
 
 
 def judge_resumed(killed: Launch, rerun: Launch, kept: Kept, epochs: Sequence[float]) -> bool:
@@ -179,8 +186,16 @@ def judge_corrupt(rerun: Launch, kept: Kept, corrupt_step: int, previous_step: i
 
 def judge_bad_config(launch: Launch, kept: Kept) -> bool:
   """Row 6: exit 2, one ``error:`` line, no traceback, and the workdir not created."""
-  return (launch.code == 2 and len(error_lines(launch.output)) == 1 and "Traceback" not in launch.output
+  return (launch.code == 2 and len(error_lines(launch.output)) == 1 and not has_traceback(launch.output)
           and not kept.exists)
+
+
+def judge_damaged_config(rerun: Launch, before: Kept, after: Kept, config_kept: bool) -> bool:
+  """Row 6c: exit 2, one ``error:`` line naming config.json, no traceback, and the workdir as it was (the
+  damaged config.json byte for byte, every checkpoint and metrics record)."""
+  errors = error_lines(rerun.output)
+  return (rerun.code == 2 and len(errors) == 1 and "config.json" in errors[0]
+          and not has_traceback(rerun.output) and config_kept and before.exists and after == before)
 
 
 # ---- running ------------------------------------------------------------------------------------------------
@@ -232,8 +247,12 @@ def _failure(*launches: Launch) -> str:
                    for run in launches)
 
 
-def _cell(ok: bool, runs: Sequence[Launch], kept: Kept, *, seconds: str = "", note: str = "") -> Cell:
+def cell_result(ok: bool, runs: Sequence[Launch], kept: Kept, *, seconds: str = "", note: str = "") -> Cell:
+  """The cell of ``runs`` that its row judged ``ok``: a ✘ all the same when any run's output holds a traceback
+  (every known failure ends with one line), with a note saying so."""
   last = runs[-1]
+  if any(has_traceback(run.output) for run in runs):
+    ok, note = False, "; ".join(filter(None, [note, "a traceback in the output"]))
   return Cell(ok=ok, code=" → ".join(code_text(r) for r in runs), seconds=seconds or f"{last.seconds:.0f}",
               reason=reason(last.output) if last.code != 0 else "", kept=describe_kept(kept), note=note,
               failure="" if ok else _failure(*runs))
@@ -246,7 +265,7 @@ def row_nan(matrix: Matrix, column: Column) -> Cell:
   run = matrix.launch(train_command(column, workdir, "--config.nan_learners=(2,)", "--config.nan_at_step=3",
                                     "--config.epochs=1"), f"1-{column.slug}")
   kept = read_kept(workdir)
-  return _cell(judge_dropped(run, kept), [run], kept,
+  return cell_result(judge_dropped(run, kept), [run], kept,
                note=f"gradients_dropped = {kept.final.get('gradients_dropped')}")
 
 
@@ -255,11 +274,11 @@ def row_diverged(matrix: Matrix, column: Column) -> Cell:
   workdir = matrix.workdir("2", column)
   run = matrix.launch(train_command(column, workdir, "--config.learning_rate=1e9"), f"2-{column.slug}")
   if judge_diverged(run):
-    return _cell(True, [run], read_kept(workdir), note="--config.learning_rate=1e9")
+    return cell_result(True, [run], read_kept(workdir), note="--config.learning_rate=1e9")
   first = f"--config.learning_rate=1e9 gave exit {code_text(run)}: {reason(run.output) or 'no reason'}"
   workdir = matrix.workdir("2", column, "-nan")
   fallback = matrix.launch(train_command(column, workdir, *NAN_ALL), f"2-{column.slug}-nan")
-  cell = _cell(judge_diverged(fallback), [fallback], read_kept(workdir),
+  cell = cell_result(judge_diverged(fallback), [fallback], read_kept(workdir),
                note=f"{first}; used {' '.join(NAN_ALL)}")
   cell.failure = _failure(run, fallback) if not cell.ok else _failure(run)
   return cell
@@ -271,7 +290,8 @@ def row_raises(matrix: Matrix, column: Column) -> Cell:
   run = matrix.launch(train_command(column, workdir, "--config.fault_learner=1", "--config.fault_at_step=3",
                                     "--config.epochs=1"), f"3-{column.slug}")
   kept = read_kept(workdir)
-  return _cell(judge_survived(run, kept), [run], kept, note=f"learners_alive = {kept.final.get('learners_alive')}")
+  return cell_result(judge_survived(run, kept), [run], kept,
+                     note=f"learners_alive = {kept.final.get('learners_alive')}")
 
 
 def row_fail_fast(matrix: Matrix, column: Column) -> Cell:
@@ -281,9 +301,7 @@ def row_fail_fast(matrix: Matrix, column: Column) -> Cell:
   workdir = matrix.workdir("3ff", column)
   run = matrix.launch(train_command(column, workdir, "--config.fault_learner=1", "--config.fault_at_step=3",
                                     "--config.fail_fast=True", "--config.epochs=1"), f"3ff-{column.slug}")
-  traceback = "Traceback" in run.output
-  return _cell(judge_fail_fast(run), [run], read_kept(workdir),
-               note="ends with a traceback; the reason is its exception line" if traceback else "")
+  return cell_result(judge_fail_fast(run), [run], read_kept(workdir))
 
 
 def row_kill(matrix: Matrix, column: Column) -> Cell:
@@ -308,7 +326,7 @@ def row_kill(matrix: Matrix, column: Column) -> Cell:
   ok = bool(killed_at) and judge_resumed(killed, rerun, kept, epochs=(1.0, 2.0))
   when = f"killed at {killed_at[0]:.0f} s" if killed_at else "never killed"
   who = "rank 1" if column.executor == "mpi" else "the process"
-  return _cell(ok, [killed, rerun], kept, seconds=f"{killed.seconds:.0f} + {rerun.seconds:.0f}",
+  return cell_result(ok, [killed, rerun], kept, seconds=f"{killed.seconds:.0f} + {rerun.seconds:.0f}",
                note=f"{who} {when}, kept {before}; rerun: "
                     + ("resumed" if RESUMED in rerun.output else "did not say it resumed"))
 
@@ -334,14 +352,39 @@ def row_corrupt(matrix: Matrix, column: Column) -> Cell:
   first = matrix.launch(train_command(column, workdir, every, "--config.epochs=1"), f"5-{column.slug}-first")
   steps = read_kept(workdir).checkpoints
   if first.code != 0 or len(steps) < 2:
-    return _cell(False, [first], read_kept(workdir), note=f"the first run left checkpoints {steps}")
+    return cell_result(False, [first], read_kept(workdir), note=f"the first run left checkpoints {steps}")
   newest, previous = steps[-1], steps[-2]
   files = corrupt(os.path.join(workdir, "checkpoints", str(newest), "state"))
   rerun = matrix.launch(train_command(column, workdir, every, "--config.epochs=2"), f"5-{column.slug}-rerun")
   kept = read_kept(workdir)
-  return _cell(judge_corrupt(rerun, kept, newest, previous), [first, rerun], kept,
+  return cell_result(judge_corrupt(rerun, kept, newest, previous), [first, rerun], kept,
                seconds=f"{first.seconds:.0f} + {rerun.seconds:.0f}",
                note=f"{files} files of checkpoints/{newest}/state garbled; expected resume from {previous}")
+
+
+def row_damaged_config(matrix: Matrix, column: Column) -> Cell:
+  """A finished 1-epoch run whose config.json is then truncated, rerun with the same command: one line naming
+  the file, exit 2, nothing in the workdir changed."""
+  if column.protocol != "hardsync":
+    return Cell(ok=None, note="executor-independent: once per executor")
+  workdir = matrix.workdir("6c", column)
+  argv = train_command(column, workdir, "--config.epochs=1")
+  first = matrix.launch(argv, f"6c-{column.slug}-first")
+  path = os.path.join(workdir, "config.json")
+  if first.code != 0 or not os.path.exists(path):
+    return cell_result(False, [first], read_kept(workdir), note="the first run did not finish")
+  with open(path, "rb") as f:
+    damaged = f.read()[:40]           # cut mid-object, as a full disk or a crash while copying leaves it
+  with open(path, "wb") as f:
+    f.write(damaged)
+  before = read_kept(workdir)
+  rerun = matrix.launch(argv, f"6c-{column.slug}-rerun")
+  with open(path, "rb") as f:
+    kept_bytes = f.read() == damaged
+  after = read_kept(workdir)
+  return cell_result(judge_damaged_config(rerun, before, after, kept_bytes), [first, rerun], after,
+               seconds=f"{first.seconds:.0f} + {rerun.seconds:.0f}",
+               note="workdir unchanged" if after == before and kept_bytes else "workdir changed")
 
 
 def bad_config_row(key: str, override: str) -> Callable[[Matrix, Column], Cell]:
@@ -353,7 +396,7 @@ def bad_config_row(key: str, override: str) -> Callable[[Matrix, Column], Cell]:
     workdir = matrix.workdir(key, column)
     run = matrix.launch(train_command(column, workdir, override), f"{key}-{column.slug}")
     kept = read_kept(workdir)
-    return _cell(judge_bad_config(run, kept), [run], kept,
+    return cell_result(judge_bad_config(run, kept), [run], kept,
                  note="workdir not created" if not kept.exists else "workdir created")
   row.__doc__ = f"Bad config {override}: exit 2, one error: line, no workdir."
   return row
@@ -389,6 +432,9 @@ ROWS = (
         "exit 2, one `error:` line, workdir not created", bad_config_row("6a", "--config.nan_learners=(9,)")),
     Row("6b", "bad config: divergence bound 0", "`--config.divergence_after=0`",
         "exit 2, one `error:` line, workdir not created", bad_config_row("6b", "--config.divergence_after=0")),
+    Row("6c", "damaged config.json in the workdir being resumed",
+        "`--config.epochs=1`; cut `config.json` to its first 40 bytes; rerun the same command",
+        "exit 2, one `error:` line naming config.json, workdir unchanged", row_damaged_config),
 )
 
 

@@ -3,10 +3,11 @@
 Shared by launch/reproduce.py, launch/compare_policies.py and launch/momentum_staleness.py. A run (a *cell*)
 trains in a child process of its own (:func:`run_in_child`; XLA CPU never frees a process's compiled code) that
 writes the run's ``final.json`` atomically once trained (:func:`train_and_record`, :func:`write_final`): a cell
-is done once that file exists, so a rerun skips it, and a half-done one resumes from its checkpoint. A diverged
-run is a result, not a failure. :func:`run_cells` runs cells in order under a progress bar and stops a grid
-with one line and the exit code (2 bad input, 1 a failed cell, 130 Ctrl-C); :func:`child_main` maps a child's
-outcome onto those codes. The cells' processes share compiled XLA code through ``<root>/.jax_cache``.
+is done once that file exists, so a rerun skips it, and a half-done one resumes from its checkpoint. A run that
+diverged, whose learners failed, or that ran past ``--cell-timeout-s`` (killed, not written: a rerun resumes it)
+is a result, not a failure (:func:`unfinished`). :func:`run_cells` runs cells in order under a progress bar and
+stops a grid with one line and the exit code (2 bad input, 1 a failed cell, 130 Ctrl-C); :func:`child_main` maps
+a child's outcome onto those codes. The cells' processes share compiled XLA code through ``<root>/.jax_cache``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -21,26 +23,57 @@ from typing import Callable, Optional, Sequence
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 CACHE_DIR = ".jax_cache"                # under --root: compiled executables shared by the cells' processes
+# A run that did not train to its end is still a result: its record holds one of these keys (the one-line
+# reason), ``test_error`` None, and the reports show the word, never averaging it in.
+UNFINISHED = {"diverged": "diverged", "learners_failed": "learners failed", "timed_out": "timed out"}
 
 
-def run_in_child(path: str, command: Sequence[str], env: dict, name: str) -> tuple[dict, bool]:
+def unfinished(record: dict) -> str:
+  """'' for a run that trained to its end, else what stopped it: 'diverged', 'learners failed' or 'timed out'."""
+  return next((word for key, word in UNFINISHED.items() if record.get(key)), "")
+
+
+def outcome_counts(records: Sequence[dict]) -> dict[str, int]:
+  """How many of ``records`` ended each unfinished way ({'diverged': 2, 'timed out': 1}), in UNFINISHED order."""
+  words = [unfinished(r) for r in records]
+  return {word: words.count(word) for word in UNFINISHED.values() if word in words}
+
+
+def run_in_child(path: str, command: Sequence[str], env: dict, name: str, *, head: Optional[dict] = None,
+                 timeout_s: Optional[float] = None) -> tuple[dict, bool]:
   """Runs ``command`` (a cell's child process, which writes ``path``) unless ``path`` exists; returns (the
   record in ``path``, whether the child ran).
 
   A child process per cell: XLA CPU never frees a process's compiled executables, and a 20-cell grid in one
-  process ran out of memory maps ("LLVM: cannot allocate section memory" with 22 GB free). Raises ConfigError
-  (the child's one-line message) when the child exits 2, KeyboardInterrupt once an interrupted child has saved
-  its checkpoint, RuntimeError naming the cell ``name`` on any other failure.
+  process ran out of memory maps ("LLVM: cannot allocate section memory" with 22 GB free). The child runs in a
+  process group of its own; past ``timeout_s`` seconds the whole group is killed and the record is ``head`` with
+  ``timed_out`` (the reason) and no test error, written nowhere: a rerun resumes the cell from its last
+  checkpoint. A Ctrl-C is passed on to the child, which saves its checkpoint (a second one kills it). Raises
+  ConfigError (the child's one-line message) when the child exits 2, KeyboardInterrupt once an interrupted
+  child has stopped, RuntimeError naming the cell ``name`` on any other failure.
   """
   if os.path.exists(path):
     with open(path) as f:
       return json.load(f), False
-  child = subprocess.Popen(list(command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+  start = time.monotonic()
+  child = subprocess.Popen(list(command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                           start_new_session=True)
   try:
-    _, err = child.communicate()
-  except KeyboardInterrupt:   # Ctrl-C reached the child too: let it save its checkpoint
+    _, err = child.communicate(timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    _kill_group(child, signal.SIGKILL)
     child.communicate()
-    raise
+    return {**machine_fields(), **(head or {}), "timed_out": f"ran past --cell-timeout-s {timeout_s:g} s; its "
+            "process group was killed (rerun to resume it from its last checkpoint)", "test_error": None,
+            "wall_s": round(time.monotonic() - start, 3)}, True
+  except KeyboardInterrupt:   # the child has a process group of its own: pass the Ctrl-C on, let it save
+    _kill_group(child, signal.SIGINT)
+    try:
+      child.communicate()
+    except KeyboardInterrupt:  # a second Ctrl-C: stop now
+      _kill_group(child, signal.SIGKILL)
+      child.communicate()
+    raise KeyboardInterrupt from None
   if child.returncode == EXIT_INTERRUPTED:
     raise KeyboardInterrupt
   if child.returncode == EXIT_BAD_INPUT:
@@ -52,6 +85,14 @@ def run_in_child(path: str, command: Sequence[str], env: dict, name: str) -> tup
                        f"to resume it from its last checkpoint. Its stderr ends:\n{err[-3000:]}")
   with open(path) as f:
     return json.load(f), True
+
+
+def _kill_group(child: subprocess.Popen, signum: int) -> None:
+  """Sends ``signum`` to ``child``'s process group (the child and anything it started)."""
+  try:
+    os.killpg(child.pid, signum)
+  except ProcessLookupError:
+    pass
 
 
 def cell_environment(cell, root: str, environ: Optional[dict] = None) -> dict:
@@ -72,19 +113,22 @@ def cell_environment(cell, root: str, environ: Optional[dict] = None) -> dict:
 def train_and_record(config, path: str, head: dict, extra: Optional[Callable[[dict], dict]] = None) -> dict:
   """Trains ``config`` into ``path``'s folder and writes ``head`` plus the run's final metrics (plus what
   ``extra(record)`` returns, computed before the one write) to ``path`` atomically; returns that record. A run
-  that diverged (:class:`sajax.server.DivergenceError`) is a result, not a failed cell: its record has
-  ``diverged`` (the reason), ``test_error`` None, the telemetry of its last evaluation if it had one (its
-  ``updates`` and ``samples`` are that evaluation's) and ``wall_s`` of this session up to the divergence, so
-  one diverged cell does not stop a grid (its reports show it as diverged)."""
+  that diverged (:class:`sajax.server.DivergenceError`) or whose learners failed (every one died, or one did
+  under ``fail_fast``: :class:`sajax.executors.common.LearnersFailed`) is a result, not a failed cell: its
+  record has ``diverged`` or ``learners_failed`` (the one-line reason), ``test_error`` None, the telemetry of its
+  last evaluation if it had one (its ``updates`` and ``samples`` are that evaluation's) and ``wall_s`` of this
+  session up to the end, so one such cell does not stop a grid (its reports show it as such)."""
   import sajax
   from sajax import metrics
+  from sajax.executors.common import LearnersFailed
   from sajax.server import DivergenceError
   start = time.perf_counter()
   try:
     record = dict(sajax.train(config, workdir=os.path.dirname(path)).metrics)
-  except DivergenceError as e:
+  except (DivergenceError, LearnersFailed) as e:
     history = metrics.read_metrics(os.path.dirname(path))
-    record = {**(history[-1] if history else {}), "diverged": str(e), "test_error": None,
+    key = "diverged" if isinstance(e, DivergenceError) else "learners_failed"
+    record = {**(history[-1] if history else {}), key: " ".join(str(e).split()), "test_error": None,
               "wall_s": round(time.perf_counter() - start, 3)}
   record = {**head, **record}
   return write_final(path, {**record, **(extra(record) if extra else {})})
@@ -93,12 +137,17 @@ def train_and_record(config, path: str, head: dict, extra: Optional[Callable[[di
 def write_final(path: str, record: dict) -> dict:
   """Writes a cell's final ``record`` to ``path`` atomically (the cell is done once it exists), with the
   machine's 1-minute load average and core count; returns what it wrote."""
-  final = {"load_avg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count(), **record}
+  final = {**machine_fields(), **record}
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(final, f, indent=1, sort_keys=True)
   os.replace(tmp, path)
   return final
+
+
+def machine_fields() -> dict:
+  """The machine's 1-minute load average and core count, for a cell's record."""
+  return {"load_avg_1min": round(os.getloadavg()[0], 2), "cpu_count": os.cpu_count()}
 
 
 def child_main(train: Callable[[], object]) -> int:
@@ -126,8 +175,10 @@ class GridStopped(Exception):
 def run_cells(cells: Sequence, run: Callable[[object], tuple[dict, bool]], name: Callable[[object], str],
               desc: str = "reproduce") -> tuple[list[dict], int]:
   """Runs ``run(cell) -> (final, trained)`` for each cell in order under a progress bar; returns (the finals,
-  how many cells trained). On bad input, a failed cell or Ctrl-C it prints one line and raises
-  :class:`GridStopped` with the exit code (2, 1, 130); the cells done so far stay done."""
+  how many cells trained). A cell that did not train to its end (:func:`unfinished`: diverged, its learners
+  failed, timed out) is a result: one line says so and the grid goes on. On bad input, a failed cell or Ctrl-C
+  it prints one line and raises :class:`GridStopped` with the exit code (2, 1, 130); the cells done so far stay
+  done."""
   from tqdm import tqdm
   from sajax import config as config_lib
   finals, trained = [], 0
@@ -146,6 +197,9 @@ def run_cells(cells: Sequence, run: Callable[[object], tuple[dict, bool]], name:
         bar.write(f"interrupted; rerun the same command to resume ({len(finals)} of {len(cells)} cells done)",
                   file=sys.stderr)
         raise GridStopped(EXIT_INTERRUPTED) from None
+      if unfinished(final) and ran:
+        key = next(k for k, word in UNFINISHED.items() if word == unfinished(final))
+        bar.write(f"{name(cell)}: {unfinished(final)}: {final[key]}", file=sys.stderr)
       finals.append(final)
       trained += ran
   return finals, trained
@@ -157,6 +211,19 @@ def quiet_logging() -> None:
   logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
   for noisy in ("absl", "jax", "orbax", "tensorflow_datasets"):
     logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def add_cell_timeout(parser: argparse.ArgumentParser) -> None:
+  """The ``--cell-timeout-s`` flag of every grid command (checked by :func:`check_cell_timeout`)."""
+  parser.add_argument("--cell-timeout-s", type=float, default=None,
+                      help="kill a cell's process group after this many seconds and record it as timed out "
+                           "(rerun to resume it); default: no limit")
+
+
+def check_cell_timeout(seconds: Optional[float]) -> None:
+  """Raises ValueError with one line unless ``seconds`` (``--cell-timeout-s``) is None or a finite number > 0."""
+  if seconds is not None and not 0 < seconds < float("inf"):
+    raise ValueError(f"--cell-timeout-s {seconds:g} is invalid; allowed: seconds > 0 (default: no limit)")
 
 
 class OneLineParser(argparse.ArgumentParser):

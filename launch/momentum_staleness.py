@@ -191,7 +191,7 @@ def render(rows: Sequence[tuple[Probe, dict, list]], *, command: str, epochs: fl
       "| run | seed | test error % | train loss | peak train loss (epoch) | dead conv1 / conv2 / fc1 |",
       "|---|---|---|---|---|---|"]
   for probe, f, history in rows:
-    error = "diverged" if f.get("diverged") else f"{100 * f['test_error']:.2f}"
+    error = grid_runner.unfinished(f) or f"{100 * f['test_error']:.2f}"
     loss = "–" if f.get("train_loss") is None else f"{f['train_loss']:.4f}"
     peak = peak_loss(history)
     dead = f.get("dead")

@@ -14,6 +14,7 @@ import math
 import statistics
 from typing import TYPE_CHECKING, Optional, Sequence
 
+from launch.grid_runner import outcome_counts, unfinished
 from launch.reproduce import P4_POINTS
 from launch.reproduce_report import (NOTE_END, NOTE_START, error_text, half_width, mean_sd, paired_difference,
                                      save_figure, verdict)
@@ -91,7 +92,8 @@ def summarize(runs: Sequence[tuple[PolicyCell, dict, list[dict]]], points: float
     stats = mean_sd(errors) if errors else (math.nan, 0.0)
     out[(profile, name)] = {
         "variant": rs[0][0].variant, "error": stats, "half": half_width(stats[1], len(errors)) if errors else None,
-        "by_seed": dict(finished), "seeds": len(rs), "diverged": sum(bool(f.get("diverged")) for _, f, _ in rs),
+        "by_seed": dict(finished), "seeds": len(rs), "diverged": sum(unfinished(f) == "diverged" for _, f, _ in rs),
+        "outcomes": outcome_counts([f for _, f, _ in rs]),
         **_staleness([f for _, f, _ in rs]),
         "dropped": dropped_fraction([f for _, f, _ in rs]), "histories": [h for _, _, h in rs]}
   for profile in {p for p, _ in groups}:
@@ -163,8 +165,9 @@ def table_lines(rows: Sequence[dict], constants: dict, ssgd: Optional[dict], mis
            "SSGD time ÷ | ⟨σ⟩ | max σ | dropped |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for i, s in enumerate(rows, 1):
     name = s["variant"].name
-    # error_text says '(k of n diverged)' when some seeds finished; a row with none gets the count here
-    error = error_text(s) if s["by_seed"] else f"– (diverged in {s['diverged']} of {s['seeds']} seeds)"
+    # error_text says '(k of n diverged)' when some seeds finished; a row with none gets the counts here
+    error = error_text(s) if s["by_seed"] else "– (" + ", ".join(
+        f"{word} in {k} of {s['seeds']} seeds" for word, k in s["outcomes"].items()) + ")"
     v = s["vs_ssgd"]
     vs = "–" if v is None else f"{v['mean']:+.2f}" + (f" ± {v['half']:.2f}" if v["half"] is not None else "") + (
         f" ({v['decided']})" if v["decided"] != "undecided" else "")
@@ -238,7 +241,7 @@ def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, 
             "| run (folder under the root) | test error % | ⟨σ⟩ | max σ | dropped | sim time | training wall |",
             "|---|---|---|---|---|---|---|"]
   for name, f in runs:
-    error = "diverged" if f.get("diverged") else f"{100 * f['test_error']:.2f}"
+    error = unfinished(f) or f"{100 * f['test_error']:.2f}"
     lines.append(f"| `{name}` | {error} | {_number(f.get('staleness_mean'), '.2f')} | "
                  f"{_number(f.get('staleness_max'), 'd')} | "
                  f"{f.get('gradients_dropped', 0) + f.get('gradients_stale_dropped', 0)} | "

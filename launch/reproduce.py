@@ -23,7 +23,10 @@ cell (within 0.5 point of SSGD, worse, or undecided, with an estimate of the see
 staleness distribution per n (⟨σ⟩ ≈ n) and test error against epochs, as PNGs beside it.
 ``--quick`` runs λ ∈ {4, 8} for 4 epochs (16 runs, ≤ 10 min on 2 cores); the report estimates the full grid's
 time from the runs' measured times. Bad input prints one line and exits with code 2 before anything is
-written; Ctrl-C keeps a checkpoint of the current run and exits with code 130.
+written; Ctrl-C keeps a checkpoint of the current run and exits with code 130. ``--cell-timeout-s S`` kills a cell
+that runs longer than S seconds (its whole process group) and records it as timed out, then goes on with the
+next; a rerun resumes it from its last checkpoint. A cell that diverged, or whose learners all died, is recorded
+as such (one line each) and the grid goes on.
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from launch.grid_runner import (EXIT_BAD_INPUT, GridStopped, OneLineParser, cell_environment,  # noqa: E402
-                                child_main, quiet_logging, run_cells, run_in_child, train_and_record, write_text)
+from launch.grid_runner import (EXIT_BAD_INPUT, GridStopped, OneLineParser, add_cell_timeout,  # noqa: E402
+                                cell_environment, check_cell_timeout, child_main, quiet_logging, run_cells,
+                                outcome_counts, run_in_child, train_and_record, unfinished, write_text)
 
 BATCH_TOTAL = 128                       # λμ ≈ 128
 LEARNERS, QUICK_LEARNERS = (4, 8, 16, 30), (4, 8)
@@ -182,15 +186,23 @@ def updates_of(cell: Cell, epochs: float, train_examples: int = 0) -> float:
   return gradients_of(cell, epochs, train_examples) / cell.c
 
 
-def run_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> tuple[dict, bool]:
+def run_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0,
+             timeout_s: Optional[float] = None) -> tuple[dict, bool]:
   """Trains one cell into ``<root>/<cell>`` unless its final.json exists; returns (final record, trained).
 
-  The cell trains in a child process (``reproduce.py --cell``, see :func:`run_in_child`).
+  The cell trains in a child process (``reproduce.py --cell``, see :func:`run_in_child`), killed and recorded as
+  timed out past ``timeout_s`` seconds.
   """
   command = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(dataclasses.asdict(cell)),
              "--epochs", repr(float(epochs)), "--root", root, "--train-examples", str(train_examples)]
   return run_in_child(final_path(cell, epochs, root, train_examples), command, cell_environment(cell, root),
-                      cell.name(epochs, train_examples))
+                      cell.name(epochs, train_examples), head=cell_head(cell, epochs, train_examples),
+                      timeout_s=timeout_s)
+
+
+def cell_head(cell: Cell, epochs: float, train_examples: int = 0) -> dict:
+  """What a cell's record says about the cell, whatever its outcome."""
+  return {"cell": dataclasses.asdict(cell), "epochs": epochs, "gradients": gradients_of(cell, epochs, train_examples)}
 
 
 def final_path(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> str:
@@ -201,8 +213,7 @@ def final_path(cell: Cell, epochs: float, root: str, train_examples: int = 0) ->
 def train_cell(cell: Cell, epochs: float, root: str, train_examples: int = 0) -> dict:
   """Trains one cell in this process and writes its final.json atomically; returns the final record."""
   return train_and_record(cell_config(cell, epochs, train_examples), final_path(cell, epochs, root, train_examples),
-                          {"cell": dataclasses.asdict(cell), "epochs": epochs,
-                           "gradients": gradients_of(cell, epochs, train_examples)})
+                          cell_head(cell, epochs, train_examples))
 
 
 def cell_main(args: argparse.Namespace) -> int:
@@ -235,6 +246,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                       f"{' '.join(map(str, SPEEDUP_LEARNERS))})")
   p.add_argument("--report-only", action="store_true", help="write the report from the cells done so far "
                  "(under --root), training nothing; the others are left out and the report says how many")
+  add_cell_timeout(p)
   p.add_argument("--cell", default=None, help=argparse.SUPPRESS)   # internal: train one cell (see run_cell)
   args = p.parse_args(list(argv))
   args.learners = list(dict.fromkeys(args.learners or (QUICK_LEARNERS if args.quick else LEARNERS)))
@@ -261,8 +273,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def check_run_args(args: argparse.Namespace) -> None:
   """The flags every grid script shares: ``seeds``, ``epochs``, ``train_examples``, ``out`` (a .md report), a
-  writable ``root`` and, where the script has it, ``momentum``; raises ValueError with one line naming the bad
-  value and what is allowed."""
+  writable ``root`` and, where the script has them, ``momentum`` and ``cell_timeout_s``; raises ValueError with
+  one line naming the bad value and what is allowed."""
+  check_cell_timeout(getattr(args, "cell_timeout_s", None))
   momentum = getattr(args, "momentum", None)
   if momentum is not None and not 0 <= momentum < 1:
     raise ValueError(f"--momentum {momentum:g} is invalid; allowed: 0 <= momentum < 1")
@@ -321,7 +334,8 @@ def main(argv: Sequence[str]) -> int:
   else:
     try:
       finals, trained = run_cells(cells + speed_cells,
-                                  lambda c: run_cell(c, args.epochs, args.root, args.train_examples),
+                                  lambda c: run_cell(c, args.epochs, args.root, args.train_examples,
+                                                     args.cell_timeout_s),
                                   lambda c: c.name(args.epochs, args.train_examples))
     except GridStopped as e:
       return e.code
@@ -334,7 +348,7 @@ def main(argv: Sequence[str]) -> int:
   os.makedirs(folder, exist_ok=True)
   histories: dict[tuple, list] = {}
   for cell, f in zip(cells, finals):
-    if not f.get("diverged"):   # a diverged run's shorter curve would cut the others' mean short
+    if not unfinished(f):       # an unfinished run's shorter curve would cut the others' mean short
       histories.setdefault(cell.key, []).append(
           metrics.read_metrics(os.path.join(args.root, cell.name(args.epochs, args.train_examples))))
   rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.out)))  # noqa: E731
@@ -343,15 +357,15 @@ def main(argv: Sequence[str]) -> int:
   pngs += [(f"staleness, {n}-softsync", p) for n, p in plot_staleness_by_n(finals, folder)]
   speedup = []
   if speed_cells:
-    runs = [(dataclasses.asdict(c), [] if f.get("diverged") else
+    runs = [(dataclasses.asdict(c), [] if unfinished(f) else
              metrics.read_metrics(os.path.join(args.root, c.name(args.epochs, args.train_examples))))
             for c, f in zip(speed_cells, speed_finals)]
     ladder = speedup_ladder(runs)
     speedup = (speedup_markdown(ladder, rel(plot_speedup(ladder, os.path.join(folder, "speedup.png")))) if ladder
-               else ["", "## Speedup in simulated time", "", "No λ = 1 run finished (it diverged, or is not done "
-                     "yet): no target error, no speedup."])
+               else ["", "## Speedup in simulated time", "", "No λ = 1 run finished (it diverged, failed, timed "
+                     "out, or is not done yet): no target error, no speedup."])
   estimate = estimate_text([(f["samples"], f["gradients"], f["updates"], f["wall_s"]) for f in finals
-                            if not f.get("diverged")],      # a diverged run stopped early: not the cost model's
+                            if not unfinished(f)],      # an unfinished run stopped early: not the cost model's
                            args.full_epochs if args.quick else args.epochs, dataset=args.dataset,
                            command_cells=[] if args.quick else command_cells, train_examples=args.train_examples)
   command = "python launch/reproduce.py " + shlex.join(a for a in argv[1:] if a != "--report-only")   # the grid's
@@ -363,7 +377,8 @@ def main(argv: Sequence[str]) -> int:
                          dataset=args.dataset, train_examples=args.train_examples, extra=speedup,
                          momentum=args.momentum, note=kept_note(args.out), missing=missing)
   write_text(args.out, text)
-  print(f"{len(cells)} cells ({trained} trained, {len(cells) - trained} already done) in {wall:.0f} s; "
+  ends = "".join(f", {k} {word}" for word, k in outcome_counts(finals + speed_finals).items())
+  print(f"{len(cells)} cells ({trained} trained, {len(cells) - trained} already done{ends}) in {wall:.0f} s; "
         f"P4 over {len(verdicts)} inverse cells: {verdict_counts(verdicts)}; report: {args.out}\n{estimate}")
   return 0
 

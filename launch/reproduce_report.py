@@ -21,6 +21,7 @@ import re
 import statistics
 from typing import Iterable, Sequence
 
+from launch.grid_runner import outcome_counts, unfinished
 from launch.reproduce import (BASE_CONFIGS, DATASETS, LEARNERS, NS, P4_POINTS, SIM_JITTER, TRAIN_SIZES, Cell,
                               base_config, gradients_of, grid, scaled_boundaries, updates_of)
 
@@ -71,8 +72,9 @@ def seeds_to_decide(mean: float, sd: float, bound: float = P4_POINTS, have: int 
 
 def aggregate(finals: Iterable[dict]) -> dict[tuple[int, int, str], dict]:
   """Per cell key (λ, n, policy): test error in % (mean, sd, 95 % half-width, per seed), train loss, ⟨σ⟩ over
-  the seeds that finished, and how many ``diverged`` (no final error; error, loss and ⟨σ⟩ are None when every
-  seed diverged)."""
+  the seeds that finished, how many ``diverged``, and ``outcomes``: the count of each way a seed did not finish
+  (diverged, learners failed, timed out; :func:`launch.grid_runner.unfinished`). Error, loss and ⟨σ⟩ are None
+  when no seed finished."""
   by_key: dict[tuple, list[dict]] = {}
   for f in finals:
     c = f["cell"]
@@ -86,7 +88,7 @@ def aggregate(finals: Iterable[dict]) -> dict[tuple[int, int, str], dict]:
                 else None, "by_seed": {f["cell"]["seed"]: 100 * f["test_error"] for f in done},
                 "loss": mean_sd([f["train_loss"] for f in done]) if done else None,
                 "staleness": statistics.fmean(sigmas) if sigmas else None, "seeds": len(fs),
-                "diverged": len(fs) - len(done)}
+                "diverged": sum(unfinished(f) == "diverged" for f in fs), "outcomes": outcome_counts(fs)}
   return out
 
 
@@ -120,7 +122,9 @@ def p4_verdicts(agg: dict, points: float = P4_POINTS) -> list[dict]:
     if not ssgd["by_seed"]:  # nothing to compare with
       out.append({"learners": lam, "n": n, "delta": None, **{k: None for k in ("sd", "half", "lo", "hi")},
                   "pairs": 0, "verdict": "undecided", "seeds_needed": None,
-                  "why": f"no SSGD reference: SSGD diverged in all {ssgd['seeds']} seeds"})
+                  "why": "no SSGD reference: " + (f"SSGD diverged in all {ssgd['seeds']} seeds"
+                                                  if set(_outcomes(ssgd)) == {"diverged"} else
+                                                  f"no SSGD seed finished ({_outcomes_text(ssgd)})")})
       continue
     if a["diverged"]:        # a diverged seed is not within anything: worse, whatever the others did
       shared = set(a["by_seed"]) & set(ssgd["by_seed"])
@@ -129,14 +133,17 @@ def p4_verdicts(agg: dict, points: float = P4_POINTS) -> list[dict]:
                   "pairs": diff.get("pairs", 0), "verdict": "worse", "seeds_needed": None,
                   "why": f"diverged in {a['diverged']} of {a['seeds']} seeds"})
       continue
-    diff = paired_difference(a, ssgd)
-    if not diff["pairs"]:
+    if not set(a["by_seed"]) & set(ssgd["by_seed"]):
+      if a.get("outcomes"):   # its seeds timed out or their learners failed: nothing to judge, say why
+        out.append({"learners": lam, "n": n, "delta": None, **{k: None for k in ("sd", "half", "lo", "hi")},
+                    "pairs": 0, "verdict": "undecided", "seeds_needed": None, "why": f"left out: {_outcomes_text(a)}"})
       continue
+    diff = paired_difference(a, ssgd)
     result = verdict(diff, points)
     needed = None
     if result == "undecided" and diff["pairs"] > 1:
       needed = seeds_to_decide(diff["mean"], diff["sd"], points, have=diff["pairs"])
-    notes = []
+    notes = [f"left out: {_outcomes_text(a)}"] if a.get("outcomes") else []   # timed out, learners failed
     if result != "within":
       if diff["pairs"] == 1:
         notes.append("one seed: no interval (use --seeds 0 1 2)")
@@ -168,12 +175,24 @@ def fit_seconds(points: Sequence[tuple[float, float, float, float]]) -> tuple[fl
 
 
 def error_text(a: dict) -> str:
-  """A cell's test error in %: '3.12 ± 0.40' (mean ± 95 % half-width), '3.12' for one seed, 'diverged' when
-  every seed diverged, and '3.12 (1 of 3 diverged)' when some did."""
+  """A cell's test error in %: '3.12 ± 0.40' (mean ± 95 % half-width), '3.12' for one seed, 'diverged' (or
+  'timed out', 'learners failed') when no seed finished, 'diverged (2 of 2)' for several, and
+  '3.12 (1 of 3 diverged)' when some seeds did not finish."""
+  outcomes = _outcomes(a)
   if a["error"] is None:
-    return "diverged" + (f" ({a['seeds']} of {a['seeds']})" if a["seeds"] > 1 else "")
+    return ", ".join(word + (f" ({k} of {a['seeds']})" if a["seeds"] > 1 else "") for word, k in outcomes.items())
   text = f"{a['error'][0]:.2f}" + (f" ± {a['half']:.2f}" if a["half"] is not None else "")
-  return text + (f" ({a['diverged']} of {a['seeds']} diverged)" if a.get("diverged") else "")
+  return text + (f" ({_outcomes_text(a)})" if outcomes else "")
+
+
+def _outcomes(a: dict) -> dict[str, int]:
+  """How many seeds of the summary ``a`` ended each unfinished way (older summaries count only ``diverged``)."""
+  return a.get("outcomes") or ({"diverged": a["diverged"]} if a.get("diverged") else {})
+
+
+def _outcomes_text(a: dict) -> str:
+  """'1 of 3 diverged, 1 of 3 timed out'."""
+  return ", ".join(f"{k} of {a['seeds']} {word}" for word, k in _outcomes(a).items())
 
 
 def _diff(v: dict) -> str:
@@ -269,7 +288,7 @@ def render_markdown(agg: dict, verdicts: list[dict], *, command: str, epochs: fl
   lines += list(extra)
   lines += ["", "## Every run", "", "| run (folder under the root) | test error % | train loss | ⟨σ⟩ | updates | "
             "training wall |", "|---|---|---|---|---|---|"]
-  lines += [f"| `{name}` | {'diverged' if f.get('diverged') else format(100 * f['test_error'], '.2f')} | "
+  lines += [f"| `{name}` | {unfinished(f) or format(100 * f['test_error'], '.2f')} | "
             f"{num(f, 'train_loss', '.4f')} | {num(f, 'staleness_mean', '.2f')} | {num(f, 'updates', 'd')} | "
             f"{f['wall_s']:.0f} s |" for name, f in runs]
   return "\n".join(lines) + "\n"
@@ -328,7 +347,7 @@ def plot_error_curves(histories: dict[tuple[int, int, str], list[list[dict]]], p
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   import matplotlib.ticker
-  lams = sorted({k[0] for k in histories})
+  lams = sorted({k[0] for k in histories}) or [None]   # None: no run finished, one empty panel
   colors = {n: f"C{i}" for i, n in enumerate(sorted({k[1] for k in histories if k[2] != "ssgd"}))}
   fig, axes = plt.subplots(1, len(lams), figsize=(4.5 * len(lams), 3.8), squeeze=False)
   for ax, lam in zip(axes[0], lams):
@@ -342,6 +361,9 @@ def plot_error_curves(histories: dict[tuple[int, int, str], list[list[dict]]], p
       label, style = ("SSGD", dict(color="k", linewidth=2)) if policy == "ssgd" else (
           f"n = {n}, {policy}", dict(color=colors[n], linestyle="-" if policy == "inverse" else "--"))
       ax.plot(epochs, errors, label=label, **style)
+    if lam is None:
+      ax.text(0.5, 0.5, "no run finished", transform=ax.transAxes, ha="center")
+      continue
     ax.set(yscale="log", xlabel="epoch", ylabel="test error (%)",
            title=f"λ = {lam}, μ = {Cell(lam, 0, 'ssgd', 0).batch}")
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -373,16 +395,17 @@ def plot_error_vs_n(agg: dict, path: str) -> str:
       if rows:
         ax.errorbar([n for n, _ in rows], [a["error"][0] for _, a in rows],
                     yerr=[a["half"] or 0.0 for _, a in rows], capsize=3, label=policy, **style)
-    gone = sorted(f"{p} n = {n}" for (l, n, p), a in agg.items() if l == lam and a["error"] is None)
+    gone = sorted(f"{p} n = {n} ({error_text(a)})" for (l, n, p), a in agg.items() if l == lam and a["error"] is None)
     if gone:                                    # no point to draw: say so on the panel
-      ax.text(0.02, 0.98, "diverged: " + ", ".join(gone), transform=ax.transAxes, va="top", fontsize=7)
+      ax.text(0.02, 0.98, "no final error: " + ", ".join(gone), transform=ax.transAxes, va="top", fontsize=7)
     ns = sorted({n for (l, n, p) in agg if l == lam and p != "ssgd"})
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])
     ax.set(xlabel="n (n-softsync; n = λ is async)", ylabel="final test error (%)",
            title=f"λ = {lam}, μ = {Cell(lam, 0, 'ssgd', 0).batch}")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:      # nothing drawn when no cell of this λ finished
+      ax.legend(fontsize=8)
   save_figure(fig, path)
   plt.close(fig)
   return path

@@ -158,7 +158,9 @@ class Run:
     self._stop_requested = True
 
   def stop_if_requested(self) -> None:
-    """Raises KeyboardInterrupt if a stop was requested; executors call it at their safe points."""
+    """Raises KeyboardInterrupt once a stop was requested: called after every update, between two events of the
+    simulated executor, and by the threads executor while it waits for gradients (so one Ctrl-C also stops a run
+    whose learners have stalled)."""
     if self._stop_requested:
       raise KeyboardInterrupt
 

@@ -1,4 +1,4 @@
-"""The run folder (``--workdir``): its default name, the writability check, and ``config.json``.
+"""The run folder (``--workdir``): its default name, the writability check, ``config.json`` and ``errors.log``.
 
 A workdir holds one run: a second run with another config is refused before anything is written, and the
 same config resumes (see :func:`sajax.config.config_differences` for the keys that may change).
@@ -6,6 +6,7 @@ same config resumes (see :func:`sajax.config.config_differences` for the keys th
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import time
@@ -39,6 +40,23 @@ def check_workdir_writable(workdir: str) -> None:
                                  "allowed: a writable directory path")
 
 
+def read_saved_config(path: str) -> dict:
+  """The run config saved in ``path`` (a workdir's ``config.json``); raises ConfigError naming the file when it
+  is not readable or not a JSON object, so a damaged one stops the run before anything is written."""
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except (OSError, ValueError) as e:   # ValueError: not JSON, or not UTF-8
+    problem = f"is not readable JSON ({type(e).__name__}: {' '.join(str(e).split())})"
+  else:
+    if isinstance(saved, dict):
+      return saved
+    kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(saved), "a number")
+    problem = f"holds {kind}, not an object"
+  raise config_lib.ConfigError(f"saved run config {path!r} {problem}; allowed: the JSON object of run settings "
+                               "sajax wrote there (restore it to resume this run) or a fresh --workdir")
+
+
 def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Creates ``workdir`` and writes ``config.json``; a workdir holding another run's config is refused."""
   check_workdir_writable(workdir)
@@ -46,8 +64,7 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   values["workdir"] = os.path.abspath(workdir)
   path = os.path.join(workdir, "config.json")
   if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
+    old = read_saved_config(path)
     diffs = config_lib.config_differences(old, values)
     if diffs:
       raise config_lib.ConfigError(f"workdir {workdir!r} holds a run with another config ({'; '.join(diffs)}); "
@@ -57,3 +74,16 @@ def prepare_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   with open(tmp, "w") as f:
     json.dump(values, f, indent=2, sort_keys=True, default=list)
   os.replace(tmp, path)
+
+
+ERRORS_LOG = "errors.log"
+
+
+def keep_traceback(workdir: str, what: str, text: str) -> str:
+  """Appends ``text`` (a traceback of ``what``, e.g. 'learner 3') to ``<workdir>/errors.log`` with the time;
+  returns the file's path. The terminal gets one line per failure; this file keeps the detail."""
+  path = os.path.join(workdir, ERRORS_LOG)
+  stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+  with open(path, "a") as f:
+    f.write(f"--- {stamp}: {what}\n{text.rstrip()}\n")
+  return path

@@ -164,3 +164,26 @@ def test_a_diverged_run_exits_3_with_one_line_naming_the_update_and_checkpoint(e
   assert "diverged: 100 consecutive non-finite gradients at update" in lines[0]
   assert "no checkpoint was saved" in lines[0] or str(workdir / "checkpoints") in lines[0]
   assert time.time() - start < 240
+
+
+@pytest.mark.parametrize("saved, problem", [("{\"learners\": 4, ", "is not readable JSON (JSONDecodeError: "),
+                                            ("[1, 2]", "holds an array, not an object")], ids=["damaged", "list"])
+def test_a_damaged_config_json_in_the_workdir_exits_2_with_one_line_and_keeps_every_file(saved, problem, tmp_path,
+                                                                                         capsys):
+  """Resuming a workdir whose config.json is not a JSON object: one line naming the file, exit 2, and the
+  workdir's files (the saved config, checkpoints, metrics) left exactly as they were. In-process: main() is
+  what `python launch/train.py` runs."""
+  from launch import train as launcher
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "32").mkdir(parents=True)
+  (workdir / "config.json").write_text(saved)
+  (workdir / "metrics.jsonl").write_text('{"epoch": 1.0}\n')
+  before = {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()}
+  code = launcher.main(["train.py", f"--config={SMOKE}", "--workdir", str(workdir)])
+  err = capsys.readouterr().err
+  assert code == 2, err
+  assert "Traceback" not in err
+  [line] = [line for line in err.splitlines() if line.startswith("error:")]
+  assert f"saved run config {str(workdir / 'config.json')!r} {problem}" in line and "allowed" in line
+  assert {p: p.read_bytes() for p in workdir.rglob("*") if p.is_file()} == before
+  assert sorted(p.name for p in workdir.rglob("*")) == ["32", "checkpoints", "config.json", "metrics.jsonl"]

@@ -203,6 +203,8 @@ def test_report_has_a_row_per_policy_the_missing_ssp_the_note_and_the_figure(tmp
     (["--seeds", "-1"], "--seeds -1 is invalid"),
     (["--train-examples", "5"], "--train-examples 5 is invalid"),
     (["--out", "x.txt"], "--out 'x.txt' is invalid"),
+    (["--cell-timeout-s", "0"], r"--cell-timeout-s 0 is invalid; allowed: seconds > 0"),
+    (["--cell-timeout-s", "soon"], "argument --cell-timeout-s: invalid float value: 'soon'"),
 ])
 def test_bad_flags_are_one_line_errors(argv, message, tmp_path):
   with pytest.raises(ValueError, match=message):
@@ -230,3 +232,20 @@ def test_a_declared_momentum_goes_into_every_row_its_name_and_the_setting(tmp_pa
   assert "momentum 0.5 (the base config has 0.9)" in cp.setting_text(args)
   with pytest.raises(ValueError, match=r"--momentum -0.1 is invalid; allowed: 0 <= momentum < 1"):
     cp.parse_args(["--momentum", "-0.1", "--root", str(tmp_path), "--out", str(tmp_path / "p.md")])
+
+
+def test_a_row_whose_runs_timed_out_or_whose_learners_failed_says_so_and_averages_only_the_finished():
+  rows = {v.name: v for v in cp.variants(POLICIES)}
+  timed_out = {"test_error": None, "timed_out": "ran past --cell-timeout-s 60 s; ...", "wall_s": 60.0}
+  failed = {"test_error": None, "learners_failed": "every learner died; the last: learner 3: OSError: x"}
+  runs = _runs({"ssgd": [10.0, 12.0], "constant": [20.0]})
+  runs += [(cp.PolicyCell(rows["constant"], "one_slow", 1), timed_out, []),
+           (cp.PolicyCell(rows["dc_asgd"], "one_slow", 0), failed, []),
+           (cp.PolicyCell(rows["dc_asgd"], "one_slow", 1), timed_out, [])]
+  summary = pr.summarize(runs)
+  constant, dc = summary[("one_slow", "constant")], summary[("one_slow", "dc_asgd")]
+  assert constant["by_seed"] == {0: 20.0} and constant["outcomes"] == {"timed out": 1} and constant["diverged"] == 0
+  assert dc["outcomes"] == {"learners failed": 1, "timed out": 1} and not dc["by_seed"]
+  table = "\n".join(pr.table_lines(pr.rank(summary, "one_slow"), {}, summary[("one_slow", "ssgd")]))
+  assert "| 20.00 (1 of 2 timed out) |" in table
+  assert "| – (learners failed in 1 of 2 seeds, timed out in 1 of 2 seeds) |" in table

@@ -92,6 +92,34 @@ def test_bad_config_needs_exit_2_one_line_and_no_workdir(tmp_path):
   assert not fm.judge_bad_config(_launch(1, line), absent)
 
 
+def test_a_cell_whose_output_holds_a_traceback_fails_whatever_its_row_judged(tmp_path):
+  """Every known failure ends with one line: a traceback anywhere in a cell's runs (here the learner's own log
+  before the one error line, or the first of two runs) makes it ✘, with a note."""
+  kept = fm.read_kept(_workdir(tmp_path, learners_alive=3))
+  one_line = "learner 1 died (RuntimeError: injected fault)\nerror: learner 1 failed and fail_fast is set\n"
+  traced = "learner 1 died: RuntimeError: injected fault\nTraceback (most recent call last):\n  File \"x.py\"\n" \
+           + one_line
+  assert fm.cell_result(True, [_launch(4, one_line)], kept).ok
+  assert not fm.judge_fail_fast(_launch(4, traced))
+  cell = fm.cell_result(True, [_launch(0, traced)], kept, note="learners_alive = 3")
+  assert cell.ok is False and cell.note == "learners_alive = 3; a traceback in the output" and cell.failure
+  assert fm.cell_result(True, [_launch(-9, traced), _launch(0, "resumed")], kept).ok is False
+
+
+def test_a_damaged_config_must_be_one_line_naming_it_with_the_workdir_unchanged(tmp_path):
+  line = "error: saved run config 'w/config.json' is not readable JSON (...); allowed: ...\n"
+  before = fm.read_kept(_workdir(tmp_path / "run"))
+  (tmp_path / "w").mkdir()
+  assert fm.judge_damaged_config(_launch(2, line), before, before, config_kept=True)
+  assert not fm.judge_damaged_config(_launch(2, line), before, before, config_kept=False)   # overwritten
+  assert not fm.judge_damaged_config(_launch(2, line), before, fm.read_kept(_workdir(tmp_path / "w", steps=(32,))),
+                                     config_kept=True)                                    # checkpoints lost
+  assert not fm.judge_damaged_config(_launch(1, line), before, before, config_kept=True)
+  assert not fm.judge_damaged_config(_launch(2, "Traceback (most recent call last):\n" + line), before, before,
+                                     config_kept=True)
+  assert not fm.judge_damaged_config(_launch(2, "error: learners=0 is invalid\n"), before, before, config_kept=True)
+
+
 def test_corrupt_overwrites_every_file_with_garbage_of_its_length(tmp_path):
   (tmp_path / "d").mkdir()
   (tmp_path / "d" / "a").write_bytes(b"x" * 200)

@@ -189,3 +189,48 @@ def test_threads_resume_continues_every_learner_stream_and_keeps_the_dead(tmp_pa
   final = result.metrics
   assert final["learners_alive"] == 3 and final["gradients_per_update"] == 3 and final["staleness_max"] == 0
   assert "3" in final["learners_dead"]
+
+
+def test_one_ctrl_c_stops_a_run_whose_learners_all_stalled(tmp_path, monkeypatch, capsys):
+  """Every learner blocked (no gradient ever reaches the PS): one Ctrl-C still stops the run within seconds,
+  through the CLI's interrupted path (a checkpoint, exit 130). A second Ctrl-C, sent only if the first was not
+  enough after STALL_DEADLINE_S, keeps this test from hanging."""
+  import threading
+  from launch import train as launcher
+  from sajax.executors import learners
+  stalled, stopped = threading.Event(), threading.Event()
+  second_needed = []
+
+  def stalled_loop(self, k):        # the learner blocks, as on a hung device, until the run stops
+    stalled.set()
+    self.stop.wait()
+
+  def press_ctrl_c():
+    if not stalled.wait(120):
+      return
+    time.sleep(0.5)                 # the PS loop is waiting for a gradient by now
+    os.kill(os.getpid(), signal.SIGINT)
+    if not stopped.wait(STALL_DEADLINE_S):
+      second_needed.append(True)
+      os.kill(os.getpid(), signal.SIGINT)
+
+  monkeypatch.setattr(learners.Learners, "_loop", stalled_loop)
+  presser = threading.Thread(target=press_ctrl_c, daemon=True)
+  presser.start()
+  workdir = tmp_path / "run"
+  config_file = tmp_path / "stalled.py"   # in-process, absl takes no --config.key overrides: a config file
+  config_file.write_text("from configs import smoke\n\n\ndef get_config():\n  config = smoke.get_config()\n"
+                         "  config.executor, config.protocol, config.learners = 'threads', 'async', 2\n"
+                         "  return config\n")
+  try:
+    code = launcher.main(["train.py", f"--config={config_file}", "--workdir", str(workdir)])
+  finally:
+    stopped.set()
+    presser.join()
+  assert not second_needed, "the first Ctrl-C did not stop the stalled run"
+  assert code == launcher.EXIT_INTERRUPTED
+  assert "interrupted; rerun with --workdir" in capsys.readouterr().err
+  assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["0"]   # saved at update 0
+
+
+STALL_DEADLINE_S = 30

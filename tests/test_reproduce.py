@@ -3,8 +3,10 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -255,7 +257,8 @@ def test_tiny_grid_end_to_end_resumes_a_half_done_cell_and_skips_done_ones(tmp_p
     (["--out", "report.txt"], "'report.txt'"), (["--bogus"], "unrecognized arguments: --bogus"),
     (["--learners", "4", "--n", "8"], "no cell"), (["--train-examples", "100"], "--train-examples 100"),
     (["--dataset", "cifar10"], "--dataset 'cifar10'"), (["--constant-n", "3"], "--constant-n '3'"),
-    (["--speedup", "2", "4"], "--speedup 2 4"), (["--speedup", "0"], "--speedup 0")])
+    (["--speedup", "2", "4"], "--speedup 2 4"), (["--speedup", "0"], "--speedup 0"),
+    (["--cell-timeout-s", "-1"], "--cell-timeout-s -1"), (["--cell-timeout-s", "inf"], "--cell-timeout-s inf")])
 def test_bad_flags_give_one_line_and_exit_2_writing_nothing(flags, named, tmp_path, capsys):
   root = tmp_path / "runs"
   assert reproduce.main(["reproduce.py", "--root", str(root), "--out", str(tmp_path / "r.md"), *flags]) == 2
@@ -446,3 +449,115 @@ def test_report_only_writes_the_cells_done_so_far_and_trains_nothing(tmp_path, c
   assert "written by `--report-only` from the finished runs" in text and "last invocation" not in text
   assert "```bash\npython launch/reproduce.py " + " ".join(argv[1:-1]) + "\n```" in text   # the grid's command
   assert not (root / Cell(2, 2, "constant", 0).name(2, 256)).exists()          # nothing trained
+
+
+def test_a_cell_whose_learners_failed_is_a_result_recorded_in_one_line_and_the_grid_goes_on(tmp_path, capsys):
+  """A real cell whose learner raises under fail_fast (the run stops with LearnersFailed, as when every learner
+  died): its final.json records the one-line reason and no test error; the grid says so in one line and goes on
+  to the next cell; the reports show it as such, never in a mean."""
+  cell = Cell(2, 2, "inverse", 0)
+  config = reproduce.cell_config(cell, 1, 256)
+  config.fault_learner, config.fault_at_step, config.fail_fast = 0, 0, True
+  path = reproduce.final_path(cell, 1, str(tmp_path), 256)
+  final = grid_runner.train_and_record(config, path, reproduce.cell_head(cell, 1, 256))
+  with open(path) as f:
+    assert json.load(f) == final
+  assert final["test_error"] is None and grid_runner.unfinished(final) == "learners failed"
+  assert final["learners_failed"] == ("learner 0 failed (RuntimeError: injected fault: learner 0 raised at its step "
+                                      "0 (config.fault_learner)) and fail_fast is set")
+  ssgd = _final(2, 0, "ssgd", 0, 0.10)
+  finals, trained = grid_runner.run_cells(["failed", "ssgd"], lambda c: ({"failed": final, "ssgd": ssgd}[c], True),
+                                          name=lambda c: c)
+  assert finals == [final, ssgd] and trained == 2
+  said = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if "failed:" in line]
+  assert said == [f"failed: learners failed: {final['learners_failed']}"]
+  agg = reproduce_report.aggregate([final, {**final, "cell": {**final["cell"], "seed": 1}}, ssgd])
+  a = agg[(2, 2, "inverse")]
+  assert a["error"] is None and a["outcomes"] == {"learners failed": 2} and a["diverged"] == 0
+  assert reproduce_report.error_text(a) == "learners failed (2 of 2)"
+  text = reproduce_report.render_markdown(agg, reproduce_report.p4_verdicts(agg), command="c", epochs=1, seeds=[0, 1],
+                                          wall_s=1, runs=[("inv", final)], estimate="E", figures=[])
+  assert re.search(r"\| `inv` \| learners failed \| .* s \|", text)
+
+
+
+GRANDCHILD = """
+import subprocess, sys, time
+sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+open(sys.argv[1], "w").write(str(sleeper.pid))
+time.sleep(120)
+"""
+
+
+def _alive(pid):
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"      # a zombie has ended
+  except OSError:
+    return False
+
+
+def test_a_cell_past_its_time_limit_is_killed_with_its_process_group_and_recorded_as_timed_out(tmp_path):
+  """The child (and a process it started) is killed once past the limit; the record is the cell's head, timed
+  out, no test error, and is written nowhere, so a rerun resumes the cell."""
+  pid_file, path = tmp_path / "grandchild.pid", tmp_path / "cell" / "final.json"
+  start = time.monotonic()
+  record, ran = grid_runner.run_in_child(str(path), [sys.executable, "-c", GRANDCHILD, str(pid_file)], dict(os.environ),
+                                         "slow-cell", head={"cell": {"seed": 3}}, timeout_s=2)
+  assert time.monotonic() - start < 60 and ran
+  assert record["timed_out"].startswith("ran past --cell-timeout-s 2 s; its process group was killed")
+  assert record["cell"] == {"seed": 3} and record["test_error"] is None and record["wall_s"] >= 2
+  assert grid_runner.unfinished(record) == "timed out" and not path.exists()
+  deadline = time.monotonic() + 10
+  while _alive(int(pid_file.read_text())) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not _alive(int(pid_file.read_text())), "the cell's own child outlived it"
+
+
+TRAPS_CTRL_C = """
+import signal, sys, time
+def saved(signum, frame):
+  open(sys.argv[1], "w").write("checkpoint saved")
+  sys.exit(130)
+signal.signal(signal.SIGINT, saved)
+open(sys.argv[1] + ".ready", "w").close()
+time.sleep(120)
+"""
+
+
+def test_a_ctrl_c_reaches_the_cell_in_its_own_process_group_which_saves_before_the_grid_stops(tmp_path):
+  """The cell runs in a process group of its own (so a time limit can kill all of it), out of the terminal's
+  reach: the grid passes a Ctrl-C on and waits for the cell to save its checkpoint."""
+  marker = tmp_path / "marker"
+
+  def press_ctrl_c():
+    deadline = time.monotonic() + 60
+    while not os.path.exists(str(marker) + ".ready") and time.monotonic() < deadline:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+
+  import threading
+  presser = threading.Thread(target=press_ctrl_c, daemon=True)
+  presser.start()
+  with pytest.raises(KeyboardInterrupt):
+    grid_runner.run_in_child(str(tmp_path / "final.json"), [sys.executable, "-c", TRAPS_CTRL_C, str(marker)],
+                             dict(os.environ), "cell", timeout_s=60)
+  presser.join()
+  assert marker.read_text() == "checkpoint saved"
+
+
+def test_a_grid_whose_cells_time_out_reports_them_as_timed_out_and_trains_on(tmp_path, capsys):
+  """--cell-timeout-s 0.5: every cell is killed while it starts; each gets one line, the grid goes on to the
+  next, and the report lists each run as timed out (no mean, no final.json: a rerun resumes them)."""
+  root, out = tmp_path / "runs", tmp_path / "r.md"
+  argv = ["reproduce.py", "--root", str(root), "--out", str(out), "--learners", "2", "--n", "lambda", "--epochs", "1",
+          "--train-examples", "256", "--cell-timeout-s", "0.5"]
+  assert reproduce.main(argv) == 0
+  captured = capsys.readouterr()
+  assert "3 cells (3 trained, 0 already done, 3 timed out)" in captured.out
+  said = [line for line in re.split(r"[\r\n]", captured.err) if ": timed out: " in line]
+  assert len(said) == 3 and all("ran past --cell-timeout-s 0.5 s" in line for line in said)
+  text = out.read_text()
+  assert len(re.findall(r"\| `lambda2-[^`]*` \| timed out \|", text)) == 3
+  assert "| 2 | 2 | 64 | 1 | – | timed out | timed out | timed out |" in text
+  assert not list(root.glob("*/final.json"))

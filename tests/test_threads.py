@@ -70,8 +70,22 @@ def test_async_applies_every_gradient_alone(tmp_path):
   assert final["staleness_mean"] > 2  # 8 learners in flight: most gradients are several updates old
 
 
-def test_a_learner_that_raises_is_reported_and_hardsync_goes_on_without_it(tmp_path):
+def _said(caplog, capsys):
+  """Everything the run said on the terminal: its log records (any level shown) and stderr."""
+  return caplog.text + capsys.readouterr().err
+
+
+def test_a_learner_that_raises_is_reported_and_hardsync_goes_on_without_it(tmp_path, caplog, capsys):
+  caplog.set_level("INFO")
   result = sajax.train(_config("hardsync", fault_learner=3, fault_at_step=2), workdir=str(tmp_path))
+  said = _said(caplog, capsys)
+  # one line for the failure, the traceback in the workdir's errors.log
+  errors_log = tmp_path / "errors.log"
+  assert "Traceback" not in said
+  [line] = [line for line in said.splitlines() if "learner 3" in line]
+  assert line.endswith(f"learner 3 died (RuntimeError: injected fault: learner 3 raised at its step 2 "
+                       f"(config.fault_learner)); going on with 7 learners, c = 7; traceback in {errors_log}")
+  assert "Traceback (most recent call last)" in errors_log.read_text() and "learner 3" in errors_log.read_text()
   final = result.metrics
   assert final["learners_alive"] == 7
   assert "injected fault" in final["learners_dead"]["3"]
@@ -82,12 +96,20 @@ def test_a_learner_that_raises_is_reported_and_hardsync_goes_on_without_it(tmp_p
   assert records[-1]["learners_dead"]["3"].startswith("RuntimeError")
 
 
-def test_fail_fast_stops_the_run(tmp_path):
+def test_fail_fast_stops_the_run(tmp_path, caplog, capsys):
   # The fault is at step 0, before any gradient. At step 1 learner 3 first had to finish a gradient, and once on a
   # loaded 2-core CI machine the run ended without raising, most likely because the others finished it first.
-  with pytest.raises(RuntimeError, match="learner 3 failed"):
+  caplog.set_level("INFO")
+  with pytest.raises(RuntimeError, match="learner 3 failed") as caught:
     sajax.train(_config("softsync", n=2, fault_learner=3, fault_at_step=0, fail_fast=True),
                 workdir=str(tmp_path))
+  # the CLI prints this message as its one error line (exit 4); nothing else said names the learner
+  assert str(caught.value) == ("learner 3 failed (RuntimeError: injected fault: learner 3 raised at its step 0 "
+                               "(config.fault_learner)) and fail_fast is set; traceback in "
+                               f"{tmp_path / 'errors.log'}")
+  said = _said(caplog, capsys)
+  assert "Traceback" not in said and "learner 3" not in said
+  assert "Traceback (most recent call last)" in (tmp_path / "errors.log").read_text()
   # the other learners are stopped and joined, not left computing (and crashing the interpreter at exit)
   assert not [t.name for t in threading.enumerate() if t.name.startswith("learner-")]
 

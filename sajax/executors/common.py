@@ -99,15 +99,19 @@ class Deaths:
     self.alive.discard(learner)
     self.errors[learner] = error
 
-  def died(self, learner: int, error: str, ps: ParameterServer) -> bool:
-    """Records a death and sets the PS's c for the live learners; returns whether that applied an update."""
+  def died(self, learner: int, error: str, ps: ParameterServer, traceback_file: Optional[str] = None) -> bool:
+    """Records a death and sets the PS's c for the live learners; returns whether that applied an update.
+
+    Says it in one line (or raises :class:`LearnersFailed` with one line), naming ``traceback_file`` when the
+    learner's traceback was kept there."""
     self.record(learner, error)
+    where = f"; traceback in {traceback_file}" if traceback_file else ""
     if self.fail_fast:
-      raise LearnersFailed(f"learner {learner} failed ({error}) and fail_fast is set")
+      raise LearnersFailed(f"learner {learner} failed ({error}) and fail_fast is set{where}")
     if not self.alive:
-      raise LearnersFailed(f"every learner died; the last: learner {learner}: {error}")
+      raise LearnersFailed(f"every learner died; the last: learner {learner}: {error}{where}")
     c = self.gradients_per_update()
-    self.say(f"learner {learner} died ({error}); going on with {len(self.alive)} learners, c = {c}")
+    self.say(f"learner {learner} died ({error}); going on with {len(self.alive)} learners, c = {c}{where}")
     return ps.set_gradients_per_update(c)
 
   def gradients_per_update(self) -> int:

@@ -9,7 +9,8 @@
 Only *where* a push goes differs between executors (``put``: the PS queue in-process; a queue drained to
 MPI rank 0 on other ranks) and *where* weights and ssp permissions come from (:class:`Published`). Faults are
 injected here, by (learner, step), from :class:`~sajax.executors.faults.FaultPlan`. A learner that raises puts
-a :class:`Death` and ends; the run decides what follows.
+a :class:`Death` (its traceback appended to the workdir's ``errors.log``) and ends; the run decides what follows
+and reports it in one line.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from jax.flatten_util import ravel_pytree
 
 from sajax.executors.faults import FaultPlan
 from sajax.server import all_finite
+from sajax.workdir import keep_traceback
 
 
 log = logging.getLogger("sajax")
@@ -50,10 +52,11 @@ class Push:
 
 @dataclasses.dataclass
 class Death:
-  """Learner k raised: why."""
+  """Learner k raised: why (one line), and the file that holds its traceback (None: none kept)."""
 
   learner: int
   error: str
+  traceback_file: Optional[str] = None
 
 
 class Published:
@@ -222,9 +225,12 @@ class Learners:
         if self.protocol.learners_wait and finite:
           self.published.wait_newer(version, self.stop)
     except Exception as e:  # noqa: BLE001 - a learner's failure is reported, the run goes on
-      detail = f"{type(e).__name__}: {e}"
-      log.error("learner %d died: %s\n%s", k, detail, traceback.format_exc(limit=3))
-      self.put(Death(k, detail))
+      # The PS side reports it in one line (common.Deaths); the traceback goes to the workdir's errors.log
+      # (on MPI ranks > 0, which write nothing, only to the debug log).
+      detail = " ".join(f"{type(e).__name__}: {e}".split())
+      kept = keep_traceback(self.run.workdir, f"learner {k}", traceback.format_exc()) if self.run.outputs else None
+      log.debug("learner %d died: %s\n%s", k, detail, traceback.format_exc())
+      self.put(Death(k, detail, kept))
 
 
 def join_learners(threads: list, q: queue.Queue, on_death: Callable[[Death], None], wait_s: float) -> None:

@@ -126,7 +126,8 @@ class SimulatedEngine(common.Executor):
         released = []                              # learners the SSP gate lets start now
         if self.faults.raises(k, self.steps[k]):   # the learner raised instead of pushing: it is gone
           self.ps.release(version)
-          applied = self.deaths.died(k, str(self.faults.error(k, self.steps[k])), self.ps)
+          error = self.faults.error(k, self.steps[k])
+          applied = self.deaths.died(k, f"{type(error).__name__}: {error}", self.ps)   # as a learner thread says it
           if self.gate is not None:
             released = self.gate.died(k)
         else:

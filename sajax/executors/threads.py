@@ -15,7 +15,8 @@ permission before each gradient. The PS loop stops when epochs × N samples have
 in flight are discarded. A learner that raises is reported and the run goes on with the others, c re-derived
 from the live learners (so hardsync cannot deadlock, and it leaves the ssp minimum), unless ``fail_fast`` is
 set. Divergence (too many non-finite gradients in a row)
-ends the run from the PS core.
+ends the run from the PS core. The PS loop waits for the queue in steps of ``QUEUE_POLL_S``, looking for a Ctrl-C
+between them, so one Ctrl-C stops (checkpoint, exit 130) even a run whose learners have all stalled.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from sajax.server import ParameterServer, flat_transform
 
 log = logging.getLogger("sajax")
 SHUTDOWN_WAIT_S = 600   # how long a stopping run waits for its learner threads
+QUEUE_POLL_S = 0.2      # how often the PS loop, waiting for a gradient, looks for a Ctrl-C
 PyTree = Any
 
 
@@ -119,9 +121,9 @@ class ThreadedEngine(common.Executor):
       self._permit(self.gate.start())
     try:
       while not self.run.done:
-        item = self.queue.get()
+        item = self._next_item()
         if isinstance(item, Death):
-          applied = self.deaths.died(item.learner, item.error, self.ps)
+          applied = self.deaths.died(item.learner, item.error, self.ps, item.traceback_file)
           released = self.gate.died(item.learner) if self.gate is not None else []
           if applied:
             self._after_update(current, released)
@@ -138,6 +140,15 @@ class ThreadedEngine(common.Executor):
       raise
     self._shutdown(threads)
     return current()
+
+  def _next_item(self) -> Any:
+    """The next Push or Death from the queue; waits in steps of ``QUEUE_POLL_S``, so that a Ctrl-C stops the run
+    even when no gradient comes (every learner stalled)."""
+    while True:
+      try:
+        return self.queue.get(timeout=QUEUE_POLL_S)
+      except queue.Empty:
+        self.run.stop_if_requested()
 
   def _push(self, item: Push, current: Any) -> None:
     result = self.ps.push(item.learner, item.version, item.grads, finite=item.finite,
