@@ -80,15 +80,7 @@ def test_unprepared_tfds_dataset_exits_2_fast_and_writes_nothing(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
-def test_smoke_run_prints_the_summary(tmp_path):
-  workdir = tmp_path / "run"
-  result = _launch("--config", SMOKE, "--workdir", str(workdir))
-  assert result.returncode == 0, result.stderr
-  assert "test error" in result.stdout and str(workdir) in result.stdout
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert len(records) == 2
-
-
+@pytest.mark.slow
 def test_no_flags_runs_the_default_config_into_a_fresh_workdir_and_says_where(tmp_path):
   """The default run itself is long; a flag-free start is checked by stopping it at its first evaluation."""
   proc = subprocess.Popen([sys.executable, TRAIN], cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE,
@@ -117,10 +109,13 @@ def test_no_flags_runs_the_default_config_into_a_fresh_workdir_and_says_where(tm
   assert os.listdir(workdir / "checkpoints"), "Ctrl-C must leave a checkpoint"
 
 
-def test_ctrl_c_then_rerun_resumes_to_the_uninterrupted_result(tmp_path):
+@pytest.mark.slow
+def test_a_run_prints_its_summary_and_ctrl_c_then_rerun_resumes_to_the_uninterrupted_result(tmp_path):
   args = ["--config", SMOKE, "--config.epochs=6", "--config.train_examples=2048"]
   reference = _launch(*args, "--workdir", str(tmp_path / "reference"))
   assert reference.returncode == 0, reference.stderr
+  assert "test error" in reference.stdout and str(tmp_path / "reference") in reference.stdout   # the summary
+  assert len((tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()) == 6
 
   workdir = tmp_path / "run"
   proc = subprocess.Popen([sys.executable, TRAIN, *args, "--workdir", str(workdir)], env=_env(),
@@ -151,6 +146,7 @@ def test_ctrl_c_then_rerun_resumes_to_the_uninterrupted_result(tmp_path):
   assert reproducible(workdir / "metrics.jsonl") == reproducible(tmp_path / "reference" / "metrics.jsonl")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("executor, protocol", [("threads", "hardsync"), ("simulated", "async")])
 def test_a_diverged_run_exits_3_with_one_line_naming_the_update_and_checkpoint(executor, protocol, tmp_path):
   """`--config.learning_rate=1e9` (ran on, silent, before divergence was detected): ends in seconds, exit 3."""

@@ -45,6 +45,7 @@ def test_cifar10_config_trains_simulated_2_softsync(tmp_path):
   assert 0.0 <= m["test_error"] <= 1.0 and m["train_loss"] > 0
 
 
+@pytest.mark.slow
 def test_imagenet_config_trains_simulated_async_alexnet(tmp_path):
   """AlexNet at 224×224, λ = 2, μ = 2, async (n = λ, c = 1): 4 updates over 8 mock images, top-5 reported."""
   config = _tiny(imagenet.get_config(), learners=2, batch=2, n=2, examples=8, epochs=1)

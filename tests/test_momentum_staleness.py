@@ -68,8 +68,10 @@ def _fashion_idx(folder, n_train=256, n_test=64):
   return str(folder)
 
 
-def test_end_to_end_on_small_idx_files_then_a_rerun_trains_nothing(tmp_path, capsys, monkeypatch):
-  monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)   # the probes' own cache (tests/conftest.py sets one)
+@pytest.mark.slow
+def test_end_to_end_on_small_idx_files_then_a_rerun_trains_nothing(tmp_path, capsys):
+  # The probes' processes load compiled code from the test session's cache (tests/conftest.py), which the other
+  # tests' runs of the same model have filled: a cache of their own would compile it all again.
   data_dir = _fashion_idx(tmp_path / "fashion")
   root, out = str(tmp_path / "runs"), str(tmp_path / "docs" / "m.md")
   argv = ["momentum_staleness.py", "--learners", "2", "--epochs", "0.5", "--train-examples", "256",

@@ -50,6 +50,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec not installed (pip install '.[mpi]')")
 def test_each_policy_trains_across_mpi_ranks(tmp_path):
   """One ``mpiexec -n 2`` job trains every policy in turn (tests/mpi_policies.py): rank 1's learners push to

@@ -201,6 +201,7 @@ def _is_png(path):
     return f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_tiny_grid_end_to_end_resumes_a_half_done_cell_and_skips_done_ones(tmp_path, capsys, monkeypatch):
   """λ = 2, μ = 64 on 256 digits, 2 epochs: SSGD and 2-softsync (async) under both policies; the inverse cell
   is interrupted first, so the grid is half done when the script starts."""
@@ -324,6 +325,7 @@ def test_a_missing_dataset_gives_one_line_and_exit_2_before_any_cell(tmp_path, c
   assert not root.exists() and not (tmp_path / "r.md").exists()
 
 
+@pytest.mark.slow
 def test_a_cell_refused_in_its_child_process_gives_one_line_and_exit_2(tmp_path, capsys):
   """Each cell trains in a child process; the child's one-line error (here: the cell's folder holds another
   run) comes back as the grid's, with exit code 2, and the other run's files are left untouched."""
@@ -355,6 +357,7 @@ def test_cell_environment_asks_for_min_lambda_8_devices_and_a_shared_compilation
   assert env["JAX_COMPILATION_CACHE_DIR"] == "/elsewhere"
 
 
+@pytest.mark.slow
 def test_a_diverged_cell_is_a_result_the_grid_reports_not_a_failure(tmp_path):
   """α0 = 1e9 (the issue's diverging run) in a real cell: train_and_record writes its final.json with the reason
   and no test error; the table shows it as diverged and its P4 verdict is worse."""
@@ -451,6 +454,7 @@ def test_report_only_writes_the_cells_done_so_far_and_trains_nothing(tmp_path, c
   assert not (root / Cell(2, 2, "constant", 0).name(2, 256)).exists()          # nothing trained
 
 
+@pytest.mark.slow
 def test_a_cell_whose_learners_failed_is_a_result_recorded_in_one_line_and_the_grid_goes_on(tmp_path, capsys):
   """A real cell whose learner raises under fail_fast (the run stops with LearnersFailed, as when every learner
   died): its final.json records the one-line reason and no test error; the grid says so in one line and goes on
@@ -546,6 +550,7 @@ def test_a_ctrl_c_reaches_the_cell_in_its_own_process_group_which_saves_before_t
   assert marker.read_text() == "checkpoint saved"
 
 
+@pytest.mark.slow
 def test_a_grid_whose_cells_time_out_reports_them_as_timed_out_and_trains_on(tmp_path, capsys):
   """--cell-timeout-s 0.5: every cell is killed while it starts; each gets one line, the grid goes on to the
   next, and the report lists each run as timed out (no mean, no final.json: a rerun resumes them)."""

@@ -220,6 +220,7 @@ def test_a_simulation_stopped_between_two_updates_resumes_bit_identical(tmp_path
 
 
 # ---- mpiexec -n 2 ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 @needs_mpiexec
 def test_mpi_s_0_with_c_lambda_is_hardsync_even_when_a_permit_is_corrupted_and_sent_again(tmp_path):
   """Rank 1's learners (2, 3) start only on rank 0's permission, after the weights it names: σ = 0 exactly. Rank 0

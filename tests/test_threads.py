@@ -144,6 +144,7 @@ def _rss_mb():
   raise RuntimeError("no VmRSS")
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_over_a_run_ten_times_longer(tmp_path):
   """Bounded queue, one snapshot per device: RSS after 10× more updates stays within a small margin."""
   config = _config("async", epochs=12.0, eval_every_epochs=12.0, checkpoint_every_epochs=12.0)
