@@ -62,6 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.fault_mpi_corrupt_weights = 0  # fault injection: rank 0 corrupts the first k weights messages to each rank
   config.fault_mpi_corrupt_permits = 0  # ... and (ssp) the first k permissions to start a gradient
   config.fault_mpi_corrupt_pushes = 0   # fault injection: each rank > 0 corrupts its first k gradients pushed
+  config.fault_mpi_corrupt_version = 0  # fault injection: the first k weights messages to each rank carry a bad version
   # simulated executor: each learner's simulated time per gradient (sajax/executors/speed.py)
   config.sim_profile = ""             # "" (the keys below as they are) | one_slow (learner 0 sim_slowdown× slower)
                                       # | heterogeneous (sim_speeds, default 0.58, 0.75, 1.51, 3.33 s as in async

@@ -34,7 +34,8 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "progress": (bool,), "workdir": (str,), "fail_fast": (bool,), "fault_learner": (int,),
     "fault_at_step": (int,), "nan_learners": (tuple, list), "nan_at_step": (int,), "nan_steps": (int,),
     "divergence_after": (int,), "mpi_timeout_s": (float, int), "fault_mpi_corrupt_weights": (int,),
-    "fault_mpi_corrupt_permits": (int,), "fault_mpi_corrupt_pushes": (int,), "sim_base_time": (float, int),
+    "fault_mpi_corrupt_permits": (int,), "fault_mpi_corrupt_pushes": (int,),
+    "fault_mpi_corrupt_version": (int,), "sim_base_time": (float, int),
     "sim_push_time": (float, int), "sim_example_time": (float, int), "sim_jitter": (float, int),
     "sim_stragglers": (float, int), "sim_slowdown": (float, int), "sim_poisson": (bool,),
     "sim_speeds": (tuple, list), "policy_args": (str, dict),
@@ -44,7 +45,7 @@ OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", 
                            "lr_warmup_epochs", "fail_fast", "fault_learner", "fault_at_step", "nan_learners",
                            "nan_at_step", "nan_steps", "divergence_after", "mpi_timeout_s",
                            "fault_mpi_corrupt_weights", "fault_mpi_corrupt_permits", "fault_mpi_corrupt_pushes",
-                           "sim_base_time", "sim_push_time", "sim_example_time", "sim_jitter",
+                           "fault_mpi_corrupt_version", "sim_base_time", "sim_push_time", "sim_example_time", "sim_jitter",
                            "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds", "policy_args",
                            "sim_profile", "ssp_spread"})
 
@@ -60,7 +61,7 @@ ABSENT_MEANS: Mapping[str, Any] = {
     "sim_push_time": 0.0,
     "sim_example_time": 0.0, "nan_learners": (), "nan_at_step": 0, "nan_steps": 1, "divergence_after": 100,
     "mpi_timeout_s": 600.0, "fault_mpi_corrupt_weights": 0,
-    "fault_mpi_corrupt_permits": 0, "fault_mpi_corrupt_pushes": 0}
+    "fault_mpi_corrupt_permits": 0, "fault_mpi_corrupt_pushes": 0, "fault_mpi_corrupt_version": 0}
 
 # Executors whose learners send θ_j's version to a parameter server, so a policy that reads θ_j can run there.
 STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi")
@@ -158,7 +159,7 @@ def _check_faults(values: Mapping[str, Any]) -> None:
     raise ConfigError(f"config.nan_learners={nan!r} is invalid; allowed: learner ids 0..{learners - 1}, "
                       "e.g. (3,) or () for none")
   for key in ("nan_at_step", "nan_steps", "fault_mpi_corrupt_weights", "fault_mpi_corrupt_permits",
-              "fault_mpi_corrupt_pushes"):
+              "fault_mpi_corrupt_pushes", "fault_mpi_corrupt_version"):
     if values.get(key, 0) < 0:
       raise ConfigError(f"config.{key}={values[key]!r} is invalid; allowed: an integer >= 0")
   if values.get("divergence_after", 1) < 1:

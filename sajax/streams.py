@@ -125,11 +125,13 @@ class LearnerStream:
       self.step += 1
     return indices, step
 
-  def drawn_elsewhere(self) -> None:
-    """Counts one draw made by this learner in another process (rank 0 mirrors remote MPI learners)."""
+  def drawn_elsewhere(self, step: int) -> None:
+    """This learner drew its step ``step`` in another process (rank 0 mirrors remote MPI learners): the stream
+    moves past it, so a checkpoint never hands it out again; an older or repeated step changes nothing."""
     with self._lock:
-      self._elsewhere += 1
-      self.step += 1
+      if step >= self.step:
+        self._elsewhere += step + 1 - self.step
+        self.step = step + 1
 
   def get_state(self) -> dict:
     """The sampler's position and the step count, as JSON (for checkpoints)."""

@@ -1,5 +1,9 @@
-"""The mpi executor and pmap across processes: ``mpiexec -n P python launch/train.py`` on localhost, and the
-wire format (malformed and truncated messages are rejected, never applied)."""
+"""The mpi executor and pmap across processes: ``mpiexec -n P python launch/train.py`` on localhost, the wire
+format (malformed and truncated messages are rejected, never applied), and each rank's side driven in-process.
+
+Test cost: every mpiexec job starts 2–3 JAX processes, so independent faults share one job per protocol (a
+module-scoped fixture runs it once; each test asserts its own part of it). Under pytest-xdist the tests of one
+job share an ``xdist_group`` (``--dist loadgroup``) or a file (``--dist loadfile``), so it still runs once."""
 
 import json
 import math
@@ -8,7 +12,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -82,8 +88,376 @@ def test_learner_blocks_cover_every_learner_once_and_need_one_per_rank():
     wire.learner_blocks(2, 3)
 
 
-# ---- mpiexec -n 3 on localhost --------------------------------------------------------------------------
-def _check_consistent(final, c):
+@pytest.mark.parametrize("kind, value", [(wire.PERMIT, math.nan), (wire.PERMIT, math.inf), (wire.PERMIT, 0.0),
+                                         (wire.PERMIT, 1.5), (wire.DRAW, -math.inf), (wire.DRAW, -1.0)])
+def test_a_count_that_is_not_a_whole_number_is_malformed(kind, value):
+  """A permit's serial and a draw's step are whole numbers; NaN, ±Inf or a fraction used to reach int()."""
+  buf = wire.encode(kind, learner=1, version=3, value=value)
+  with pytest.raises(wire.WireError, match="is not a count; allowed: a whole number"):
+    wire.decode(buf, dim=10, learners=4, expect=frozenset({kind}))
+  ok = wire.decode(wire.encode(kind, learner=1, version=3, value=7.0), dim=10, learners=4, expect=frozenset({kind}))
+  assert ok.value == 7.0
+
+
+@pytest.mark.parametrize("version, held, last, hardsync, match", [
+    (4, 5, 100, False, "older than version 5"),          # rank 0 only ever sends newer weights
+    (101, 5, 100, False, "past the run's last update 100"),
+    (5 + 2 ** 40, 5, 100, False, "past the run's last update"),
+    (7, 5, 100, True, "skips past version 6 under hardsync"),
+    (4, 3, 3, False, "past the run's last update 3"),    # before START: exactly the setup's version
+])
+def test_a_weights_version_no_exchange_explains_is_rejected(version, held, last, hardsync, match):
+  with pytest.raises(wire.WireError, match=match):
+    wire.check_weights_version(version, held, last, hardsync)
+
+
+@pytest.mark.parametrize("version, held, last, hardsync", [
+    (5, 5, 100, False), (90, 5, 100, False), (100, 5, 100, False), (6, 5, 100, True), (3, 3, 3, False),
+    (50, -1, 100, True)])
+def test_a_weights_version_rank_0_can_have_sent_is_accepted(version, held, last, hardsync):
+  wire.check_weights_version(version, held, last, hardsync)
+
+
+# ---- one rank's side, in-process (no mpiexec) -----------------------------------------------------------------
+class _NeverDone:
+  """An MPI request that never completes (its other side stopped answering)."""
+
+  def Test(self):
+    return False
+
+  def Cancel(self):
+    pass
+
+
+class _Done:
+  def Test(self):
+    return True
+
+
+class _Comm:
+  """What a rank reads of its communicator: its rank and the job's size; records sends and MPI_Abort; its
+  barrier never completes."""
+
+  def __init__(self, rank=1, size=2):
+    self.rank, self.size, self.aborted, self.sent = rank, size, [], []
+
+  def Get_rank(self):
+    return self.rank
+
+  def Get_size(self):
+    return self.size
+
+  def Isend(self, message, dest, tag):
+    self.sent.append((message[0], dest))
+    return _Done()
+
+  def Ibarrier(self):
+    return _NeverDone()
+
+  def Abort(self, code):
+    self.aborted.append(code)
+
+
+def _run(protocol, tmp_path, learners=4, dim=10, total_samples=800, batch=8):
+  """What a rank reads of a Run: config, flat parameters of ``dim`` floats, protocol, streams, total samples."""
+  import ml_collections
+  from sajax import streams
+  config = ml_collections.ConfigDict({"learners": learners, "batch_per_learner": batch, "mpi_timeout_s": 0.3,
+                                      "seed": 0})
+  samplers = [streams.LearnerSampler(64, batch, seed=0, learner=k) for k in range(learners)]
+  return types.SimpleNamespace(config=config, params={"w": np.zeros(dim, np.float32)}, protocol=protocol,
+                               total_samples=total_samples, workdir=str(tmp_path),
+                               streams=streams.learner_streams(samplers))
+
+
+class _Wire:
+  """In place of mpi_comm.receive/send for one rank: hands out queued buffers from rank 0, records what it sends."""
+
+  def __init__(self, monkeypatch):
+    from sajax.executors import mpi
+    self.inbox, self.sent = [], []
+    monkeypatch.setattr(mpi, "receive", self.receive)
+    monkeypatch.setattr(mpi, "send", lambda comm, buf, dest, tag: self.sent.append(
+        (dest, wire.KINDS[int(np.frombuffer(buf[4:8].tobytes(), "<u4")[0])])))
+
+  def receive(self, comm, tag, stop, source=None):
+    return (0, self.inbox.pop(0)) if self.inbox else None
+
+
+def _learner_rank(protocol, tmp_path, monkeypatch, *, held=None, started=True, setup_version=0):
+  pytest.importorskip("mpi4py")
+  from sajax.executors import mpi_comm
+  from sajax.executors.mpi import LearnerRank
+  monkeypatch.setattr(mpi_comm, "_error_log", mpi_comm._error_log)
+  link = _Wire(monkeypatch)
+  rank = LearnerRank(_run(protocol, tmp_path), _Comm(rank=1, size=2))   # learners 2, 3; last update 800/8 + c
+  rank.setup_version, rank.started = setup_version, started
+  if held is not None:
+    rank.published.set(held, np.zeros(10, np.float32))
+  return rank, link
+
+
+def _weights(version):
+  return wire.encode(wire.WEIGHTS, version=version, payload=np.full(10, version, np.float32))
+
+
+def _take(rank, link, *bufs):
+  """Delivers ``bufs`` from rank 0 to the rank's receive loop, one at a time; the versions it holds after each."""
+  held = []
+  for buf in bufs:
+    link.inbox.append(buf)
+    rank._handle(rank._next(frozenset({wire.WEIGHTS, wire.STOP, wire.PERMIT}), "weights", None))
+    held.append(rank.published.version)
+  return held
+
+
+@pytest.mark.parametrize("protocol, held, bad, good", [
+    ("async", 5, 5 + 2 ** 40, 9),     # a flipped high bit: past the run's last update (100 + 1)
+    ("async", 5, 3, 6),               # older than what it holds: rank 0 never sends that
+    ("hardsync", 5, 7, 6),            # under hardsync the next update needs this rank's gradient on 5
+])
+def test_a_rank_rejects_a_weights_version_rank_0_cannot_have_sent_and_takes_the_next_real_one(
+    protocol, held, bad, good, tmp_path, monkeypatch):
+  """A bad version used to be taken: the rank then refused every real version (it takes newer ones only) and
+  rank 0 rejected its pushes as newer than the PS, so under async its gradients were lost for the rest of the
+  run. Now it is rejected like a bad magic number (RESEND) and the next real weights are taken."""
+  import sajax
+  make = {"async": sajax.Protocol.asynchronous, "hardsync": sajax.Protocol.hardsync}[protocol]
+  rank, link = _learner_rank(make(learners=4), tmp_path, monkeypatch, held=held)
+  assert _take(rank, link, _weights(bad), _weights(good)) == [held, good]
+  assert link.sent == [(0, "resend")] and rank.rejected == 1
+
+
+def test_before_the_start_a_rank_takes_only_the_setup_version(tmp_path, monkeypatch):
+  import sajax
+  rank, link = _learner_rank(sajax.Protocol.asynchronous(learners=4), tmp_path, monkeypatch, started=False,
+                             setup_version=3)
+  assert _take(rank, link, _weights(4), _weights(3)) == [-1, 3]
+  assert link.sent == [(0, "resend")]
+
+
+@pytest.mark.parametrize("serial", [math.nan, math.inf])
+def test_a_permit_with_a_non_finite_serial_is_rejected_not_a_traceback(serial, tmp_path, monkeypatch):
+  """int(nan) raised ValueError in the receive thread (a traceback, then MPI_Abort); now: malformed, RESEND, and
+  the next real permit is granted."""
+  import sajax
+  rank, link = _learner_rank(sajax.Protocol.bounded(learners=4, n=1, max_spread=0), tmp_path, monkeypatch, held=5)
+  _take(rank, link, wire.encode(wire.PERMIT, learner=2, version=5, value=serial),
+        wire.encode(wire.PERMIT, learner=2, version=5, value=1.0))
+  assert link.sent == [(0, "resend")] and rank.rejected == 1
+  assert rank.published.take(2, threading.Event())      # the real one was granted
+
+
+def test_a_rank_waiting_for_rank_0_gives_up_after_mpi_timeout_s_naming_itself(tmp_path, monkeypatch):
+  import sajax
+  from sajax.executors import mpi
+  rank, _ = _learner_rank(sajax.Protocol.asynchronous(learners=4), tmp_path, monkeypatch)
+  monkeypatch.setattr(mpi, "receive", lambda comm, tag, stop, source=None: None if _until(stop) else None)
+  start = time.monotonic()
+  with pytest.raises(RuntimeError, match=r"rank 1: nothing from rank 0 within 0.3 s while waiting for its setup "
+                                          r"\(config.mpi_timeout_s\)"):
+    rank._next(frozenset({wire.SETUP}), "its setup", time.monotonic() + 0.3)
+  assert 0.25 < time.monotonic() - start < 5
+
+
+def _until(stop):
+  """Polls ``stop`` as mpi_comm.receive does when nothing arrives (a rank that never answers)."""
+  while not stop():
+    time.sleep(0.01)
+  return True
+
+
+def _server_rank(protocol, tmp_path, ranks=3):
+  """Rank 0 with only what handling a message needs (no devices, no PS)."""
+  pytest.importorskip("mpi4py")
+  import queue
+  from sajax.executors.learners import Published
+  from sajax.executors.mpi import ServerRank
+  server = ServerRank.__new__(ServerRank)
+  server.run, server.protocol, server.ranks = _run(protocol, tmp_path), protocol, ranks
+  server.learners, server.dim, server.rejected = 4, 10, 0
+  server.blocks = wire.learner_blocks(4, ranks)
+  server.owner = {k: r for r, block in enumerate(server.blocks) for k in block}
+  server.published, server.stop, server.queue = Published(3, np.zeros(10, np.float32)), threading.Event(), queue.Queue()
+  server._lock, server._want, server._outstanding = threading.Condition(), set(), {}
+  server._done, server._ready = set(), set()
+  server.ps = types.SimpleNamespace(needs_stale_params=False)
+  return server
+
+
+def test_rank_0_checkpoints_a_remote_learners_stream_past_every_step_it_drew_so_resume_never_replays_it(tmp_path):
+  """Rank 0 used to count a remote learner's step when its gradient arrived, so a checkpoint taken while steps were
+  being computed (or in flight) saved the stream before them and a resumed run drew them again. Now the rank says
+  DRAW at each draw (before computing): learner 3 on rank 2 drew steps 0, 1, 2 and pushed step 0's gradient."""
+  import sajax
+  from sajax import streams
+  server = _server_rank(sajax.Protocol.asynchronous(learners=4), tmp_path)
+  for step in range(3):
+    server._accept(2, wire.encode(wire.DRAW, learner=3, value=float(step)))
+  server._accept(2, wire.encode(wire.PUSH, learner=3, version=3, payload=np.ones(10, np.float32)))
+  server._accept(2, wire.encode(wire.DRAW, learner=3, value=1.0))      # a repeat changes nothing
+  saved = server.run.streams[3].get_state()
+  assert saved["step"] == 3 and server.rejected == 0
+  fresh = streams.LearnerSampler(64, 8, seed=0, learner=3)
+  for _ in range(3):
+    next(fresh)
+  resumed = streams.learner_streams([streams.LearnerSampler(64, 8, seed=0, learner=3)])[0]
+  resumed.set_state(saved)
+  indices, step = resumed.next()
+  assert step == 3
+  np.testing.assert_array_equal(indices, next(fresh))                # the first batch not drawn before
+  assert server.queue.get_nowait().learner == 3                      # the push itself still reached the PS queue
+
+
+def test_the_learner_loop_reports_each_draw_before_computing_on_it():
+  """What DRAW relies on: ``on_draw(k, s)`` runs once per step, before that step's gradient is handed on."""
+  import jax
+  import jax.numpy as jnp
+  from sajax.executors.learners import Learners, Published, Push
+  events, stop = [], threading.Event()
+  steps = iter(range(3))
+
+  def next_batch(k):
+    step = next(steps)
+    if step == 2:
+      stop.set()
+    return np.ones((1, 3), np.float32), np.zeros(1, np.int32), step
+
+  run = types.SimpleNamespace(
+      protocol=types.SimpleNamespace(max_spread=None, learners_wait=False), config={}, params={"w": jnp.zeros(3)},
+      loss_fn=lambda params, images, labels, key: jnp.sum(params["w"] * images), key=jax.random.PRNGKey(0),
+      next_batch=next_batch)
+  pool = Learners(run, {0: jax.devices()[0]}, Published(0, np.zeros(3, np.float32)),
+                  lambda item: events.append(("push", item.learner)) if isinstance(item, Push) else None, stop,
+                  to_server=np.asarray, on_draw=lambda k, s: events.append(("draw", k, s)))
+  pool._loop(0)
+  assert events == [("draw", 0, 0), ("push", 0), ("draw", 0, 1), ("push", 0), ("draw", 0, 2), ("push", 0)]
+
+
+def test_rank_0_stops_waiting_for_a_rank_that_never_says_done_then_ends_with_one_line_naming_it(
+    tmp_path, monkeypatch, capsys):
+  """_stop_ranks gives up on rank 2 after mpi_timeout_s; the exit then ends the job at once with one line and
+  exit code 5 (it used to wait for rank 2 in the exit barrier, unbounded)."""
+  import sajax
+  from sajax.executors import mpi_comm
+  server = _server_rank(sajax.Protocol.asynchronous(learners=4), tmp_path)
+  server.wait_s, server._control, server._closing, server._abandoned, server._done = 0.3, [], False, False, {1}
+  comm = _hooked(monkeypatch, rank=0)
+  server._stop_ranks(False, [])
+  assert server._abandoned and [dest for dest, _ in server._control] == [1, 2]   # STOP was sent to both
+  capsys.readouterr()
+  _ends_within(mpi_comm._exit_together, comm)
+  assert capsys.readouterr().err.splitlines() == [
+      "rank 0: rank(s) [2] did not stop within 0.3 s (config.mpi_timeout_s); ending the job (rerun the same "
+      "command to resume from the last checkpoint)"]
+  assert comm.aborted == [mpi_comm.EXIT_RANK_FAILED] == [5]
+
+
+def _hooked(monkeypatch, rank, grace=0.0):
+  """Installs the abort hooks on a fake communicator (all restored after the test); ``grace``: ABORT_GRACE_S."""
+  pytest.importorskip("mpi4py")
+  from sajax.executors import mpi_comm
+  comm = _Comm(rank=rank)
+  monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+  monkeypatch.setattr(threading, "excepthook", threading.excepthook)
+  for name in ("_hooked", "_missing", "_error_log", "_wait_s"):
+    monkeypatch.setattr(mpi_comm, name, getattr(mpi_comm, name))
+  if grace is not None:
+    monkeypatch.setattr(mpi_comm, "ABORT_GRACE_S", grace)
+  mpi_comm._install_abort_hooks(comm)
+  return comm
+
+
+def _ends_within(fn, *args, seconds=10):
+  """Runs fn(*args) in a thread; fails (instead of hanging the suite) if it has not returned within ``seconds``."""
+  t = threading.Thread(target=fn, args=args, daemon=True)
+  t.start()
+  t.join(seconds)
+  assert not t.is_alive(), f"{fn.__name__} still waiting after {seconds} s"
+
+
+def test_the_exit_barrier_gives_up_after_mpi_timeout_s_with_one_line(monkeypatch, capsys):
+  from sajax.executors import mpi_comm
+  comm = _hooked(monkeypatch, rank=1)
+  monkeypatch.setattr(mpi_comm, "_wait_s", 0.3)
+  start = time.monotonic()
+  _ends_within(mpi_comm._exit_together, comm)
+  assert 0.25 < time.monotonic() - start
+  assert capsys.readouterr().err.splitlines() == [
+      "rank 1: another rank did not reach the end of the job within 0.3 s (config.mpi_timeout_s); ending the job "
+      "(rerun the same command to resume from the last checkpoint)"]
+  assert comm.aborted == [5]
+
+
+def test_a_send_that_a_silent_rank_never_takes_fails_naming_it():
+  """Sends used to wait for completion without a bound: a rank that stopped receiving hung its peer."""
+  pytest.importorskip("mpi4py")
+  from sajax.executors import mpi_comm
+  comm = _Comm(rank=0)
+  comm.Isend = lambda *args, **kwargs: _NeverDone()
+  errors = []
+
+  def send():
+    try:
+      mpi_comm.send(comm, _weights(1), 2, wire.TAG_TO_LEARNERS, wait_s=0.3)
+    except mpi_comm.RankTimeout as e:
+      errors.append(str(e))
+  _ends_within(send)
+  assert errors == ["rank 2 did not take a weights message within 0.3 s (config.mpi_timeout_s): it stopped "
+                    "answering"]
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_error_on_a_rank_ends_the_job_with_one_line_and_its_traceback_in_the_workdir(
+    rank, tmp_path, monkeypatch, capsys):
+  """An uncaught exception on any rank printed its whole traceback, then MPI_Abort(1). Now: one line
+  ``rank N: Type: message; ending the job (...)``, exit code 5, the traceback in <workdir>/mpi_errors.log
+  (rank 0 writes it; a rank > 0 sends it to rank 0 in its FAIL message); the line is printed before the grace
+  wait, so mpiexec forwards it before MPI_Abort kills the proxy."""
+  import sajax
+  from sajax.executors import mpi_comm
+  comm = _hooked(monkeypatch, rank, grace=None)
+  mpi_comm.set_error_log(str(tmp_path))
+  events = []
+  monkeypatch.setattr(mpi_comm.time, "sleep", lambda s: events.append(("sleep", s, capsys.readouterr().err)))
+  try:
+    raise ValueError("the reason\nover two lines")
+  except ValueError as e:
+    sys.excepthook(type(e), e, e.__traceback__)
+  line = (f"rank {rank}: ValueError: the reason over two lines; ending the job (rerun the same command to resume "
+          f"from the last checkpoint; traceback in {tmp_path / 'mpi_errors.log'})")
+  assert events == [("sleep", mpi_comm.ABORT_GRACE_S, line + "\n")] and comm.aborted == [5]
+  assert mpi_comm.ABORT_GRACE_S >= 1
+  if rank == 1:   # rank 0 receives the FAIL message, writes the traceback and ends the job without a second line
+    (buf, dest), = comm.sent
+    assert dest == 0 and not (tmp_path / "mpi_errors.log").exists()
+    server = _server_rank(sajax.Protocol.asynchronous(learners=4), tmp_path, ranks=2)
+    server._accept(1, buf)
+    assert events[-1] == ("sleep", mpi_comm.ABORT_GRACE_S, "") and comm.aborted == [5, 5]
+  log = (tmp_path / "mpi_errors.log").read_text()
+  assert line in log and "Traceback (most recent call last)" in log and 'raise ValueError("the reason' in log
+
+
+def test_the_mpi_executor_refuses_an_mpi_without_thread_multiple(monkeypatch):
+  """The receive, send and learner threads call MPI at once: an MPI that gives less than MPI_THREAD_MULTIPLE
+  would corrupt or crash mid-run; it is refused at start-up with one line (exit 2, ConfigError)."""
+  pytest.importorskip("mpi4py")
+  from mpi4py import MPI
+  from sajax import config as config_lib
+  from sajax.executors import mpi_comm
+  from tests.helpers import smoke_config
+  monkeypatch.setattr(mpi_comm, "world", lambda: _Comm(rank=0, size=2))
+  monkeypatch.setattr(mpi_comm, "_wait_s", mpi_comm._wait_s)
+  monkeypatch.setattr(MPI, "Query_thread", lambda: MPI.THREAD_SERIALIZED)
+  with pytest.raises(config_lib.ConfigError, match=r"^the MPI library gives thread level MPI_THREAD_SERIALIZED; "
+                                                   r"executor 'mpi' needs MPI_THREAD_MULTIPLE .*; allowed: "):
+    mpi_comm.prepare_processes(smoke_config("mpi", "async", learners=4, batch_per_learner=8))
+  monkeypatch.setattr(MPI, "Query_thread", lambda: MPI.THREAD_MULTIPLE)
+  assert mpi_comm.prepare_processes(smoke_config("mpi", "async", learners=4, batch_per_learner=8))
+
+
+# ---- mpiexec on localhost: one job per protocol carries every fault it survives --------------------------------
+def _check_consistent(final, c, rejected=0):
   """Every rank's learners contributed, and the staleness statistics add up to the pushes."""
   per_rank = final["pushes_per_rank"]
   assert len(per_rank) == 3 and min(per_rank) > 0, per_rank
@@ -94,28 +468,115 @@ def _check_consistent(final, c):
   assert sum(final["staleness_histogram"].values()) == accepted == final["updates"] * c
   assert final["staleness_mean"] == pytest.approx(
       sum(int(s) * n for s, n in final["staleness_histogram"].items()) / accepted)
-  assert final["messages_rejected"] == 0 and final["learners_alive"] == 4
+  assert final["messages_rejected"] == rejected and final["learners_alive"] == 4
 
 
-@needs_mpiexec
-@pytest.mark.parametrize("protocol, n, c", [("async", 1, 1), ("softsync", 2, 2), ("hardsync", 1, 4)])
-def test_three_ranks_train_with_learners_on_every_rank(protocol, n, c, tmp_path):
-  workdir = tmp_path / "run"
-  result = _mpiexec(3, *ARGS, "--config.executor=mpi", f"--config.protocol={protocol}", f"--config.n={n}",
-                    "--workdir", str(workdir))
+def _check_trained(result, workdir, c, rejected=0):
+  """Exit 0, one summary (rank 0's), two epochs, consistent statistics, it learned, the usual workdir."""
   assert result.returncode == 0, _said(result)
-  assert result.stdout.count("sajax run:") == 1          # one summary, from rank 0
+  assert result.stdout.count("sajax run:") == 1
   final = _records(workdir)[-1]
   assert final["samples"] >= 2 * 1024 and final["gradients_per_update"] == c
-  _check_consistent(final, c)
-  if protocol == "hardsync":   # every rank's learners wait for each new version: σ = 0, one push each per update
-    assert final["staleness_max"] == 0
-    assert {v["count"] for v in final["staleness_per_learner"].values()} == {final["updates"]}
+  _check_consistent(final, c, rejected)
   # It learned: below a uniform guess's loss ln 10 and chance error 0.9. Not tighter: under load the ranks' σ
   # grows, α0/σ shrinks, and one async run on a loaded machine ended 2 epochs at 0.83 test error.
   assert final["train_loss"] < math.log(10) and final["test_error"] < 0.9
   assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "curves.png", "metrics.jsonl",
                                          "staleness.png", "tensorboard"]
+  return final
+
+
+# λ = 4 over 3 ranks: rank 0 runs learner 0, rank 1 learner 1, rank 2 learners 2 and 3. Every run below also
+# corrupts, to each rank, the first weights message (bad magic) and the first one after the start (a version
+# 2⁴⁰ ahead), and makes learner 3's gradient at its step 2 NaN.
+FAULTS = ("--config.nan_learners=(3,)", "--config.nan_at_step=2", "--config.fault_mpi_corrupt_weights=1",
+          "--config.fault_mpi_corrupt_version=1")
+
+
+def _job(tmp_path_factory, name, *args):
+  workdir = tmp_path_factory.mktemp(name) / "run"
+  return _mpiexec(3, *ARGS, "--config.executor=mpi", *args, "--workdir", str(workdir)), workdir
+
+
+@pytest.fixture(scope="module")
+def async_job(tmp_path_factory):
+  """3 ranks, async, the faults above, and each rank > 0's first push corrupted (rank 0 rejects 2 pushes)."""
+  if not os.path.exists(MPIEXEC):
+    pytest.skip("mpiexec not installed (pip install '.[mpi]')")
+  return _job(tmp_path_factory, "mpi-async", "--config.protocol=async", *FAULTS,
+              "--config.fault_mpi_corrupt_pushes=1")
+
+
+@pytest.fixture(scope="module")
+def hardsync_job(tmp_path_factory):
+  """3 ranks, hardsync, the faults above (a corrupt push would end a hardsync job: tested apart)."""
+  if not os.path.exists(MPIEXEC):
+    pytest.skip("mpiexec not installed (pip install '.[mpi]')")
+  return _job(tmp_path_factory, "mpi-hardsync", "--config.protocol=hardsync", *FAULTS)
+
+
+on_async_job = pytest.mark.xdist_group("mpi-async")
+on_hardsync_job = pytest.mark.xdist_group("mpi-hardsync")
+
+
+@on_async_job
+def test_three_ranks_train_async_with_learners_on_every_rank(async_job):
+  _check_trained(*async_job, c=1, rejected=2)
+
+
+@on_hardsync_job
+def test_three_ranks_train_hardsync_with_sigma_0_and_one_push_each_per_update(hardsync_job):
+  final = _check_trained(*hardsync_job, c=4)
+  assert final["staleness_max"] == 0   # every rank's learners wait for each new version: σ = 0
+  assert {v["count"] for v in final["staleness_per_learner"].values()} == {final["updates"]}
+
+
+@pytest.mark.parametrize("job", [pytest.param("async_job", marks=on_async_job),
+                                 pytest.param("hardsync_job", marks=on_hardsync_job)])
+def test_a_remote_nan_gradient_is_dropped_and_the_run_goes_on(job, request):
+  """Learner 3 (rank 2) at its step 2: dropped and counted; under hardsync the round still completes (σ = 0)."""
+  result, workdir = request.getfixturevalue(job)
+  assert result.returncode == 0, _said(result)
+  final = _records(workdir)[-1]
+  assert final["gradients_dropped"] == 1 and final["staleness_per_learner"]["3"]["dropped"] == 1
+
+
+@pytest.mark.parametrize("job", [pytest.param("async_job", marks=on_async_job),
+                                 pytest.param("hardsync_job", marks=on_hardsync_job)])
+def test_corrupt_weights_and_a_corrupt_version_are_rejected_and_asked_for_again(job, request):
+  """Each rank > 0 rejects the bad magic and the bad version and asks again (RESEND). Taking the bad version
+  used to make the rank refuse every real one and rank 0 reject all its pushes as newer than the PS."""
+  result, workdir = request.getfixturevalue(job)
+  assert result.returncode == 0, _said(result)
+  for rank in (1, 2):
+    said = [line for line in result.stderr.splitlines()
+            if f"rank {rank}: rejected a malformed message from rank 0" in line and "asking again" in line]
+    assert len(said) == 2 and "bad magic" in said[0] and "past the run's last update" in said[1], said
+  assert _records(workdir)[-1]["messages_rejected"] == (2 if job == "async_job" else 0)
+
+
+@on_async_job
+def test_a_corrupt_push_is_rejected_and_async_goes_on_without_it(async_job):
+  result, workdir = async_job
+  assert result.returncode == 0, _said(result)
+  for rank in (1, 2):
+    assert f"rank 0: rejected a malformed message from rank {rank}" in result.stderr
+  assert _records(workdir)[-1]["messages_rejected"] == 2
+
+
+@needs_mpiexec
+def test_a_corrupt_push_under_hardsync_ends_the_job_with_one_line_and_exit_5(tmp_path):
+  """Rank 1 corrupts its first gradient. Hardsync would wait for it forever (the round needs every learner's),
+  so rank 0 ends the job naming the rank: one line, exit 5 (MPI_Abort's code), no traceback."""
+  workdir = tmp_path / "run"
+  result = _mpiexec(2, *ARGS, "--config.executor=mpi", "--config.protocol=hardsync", "--config.epochs=1",
+                    "--config.fault_mpi_corrupt_pushes=1", "--workdir", str(workdir), timeout=300)
+  assert result.returncode == 5, _said(result)
+  assert "rank 0: rejected a malformed message from rank 1" in result.stderr, _said(result)
+  ending = [line for line in result.stderr.splitlines() if line.startswith("rank 0: a malformed message")]
+  assert ending == ["rank 0: a malformed message from rank 1 may have been a gradient that protocol hardsync "
+                    "waits for; ending the job (rerun the same command to resume from the last checkpoint)"]
+  assert "Traceback" not in result.stderr + result.stdout
 
 
 def _rank_pid(workdir, rank):
@@ -134,7 +595,9 @@ def _rank_pid(workdir, rank):
 
 
 @needs_mpiexec
-def test_a_killed_rank_ends_the_job_and_rerunning_resumes(tmp_path):
+def test_a_killed_rank_ends_the_job_and_rerunning_resumes_and_trains_softsync(tmp_path):
+  """3 ranks, 2-softsync: rank 2 killed after the first checkpoint ends the job; the same command resumes and
+  trains to the end with every rank's learners (the softsync case of the three-rank runs above)."""
   workdir = tmp_path / "run"
   args = [*ARGS, "--config.executor=mpi", "--config.protocol=softsync", "--config.n=2", "--config.epochs=3",
           "--workdir", str(workdir)]
@@ -152,11 +615,9 @@ def test_a_killed_rank_ends_the_job_and_rerunning_resumes(tmp_path):
       os.killpg(proc.pid, signal.SIGKILL)
   assert proc.returncode != 0                     # MPI semantics: one rank dies, the job ends
   resumed = _mpiexec(3, *args)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  assert "resuming from the checkpoint" in resumed.stderr
-  records = _records(workdir)
-  assert [r["epoch"] for r in records] == [1.0, 2.0, 3.0]
-  _check_consistent(records[-1], 2)               # statistics carried over the restart, still consistent
+  assert "resuming from the checkpoint" in resumed.stderr, _said(resumed)
+  assert [r["epoch"] for r in _records(workdir)] == [1.0, 2.0, 3.0]
+  _check_trained(resumed, workdir, c=2)           # statistics carried over the restart, still consistent
 
 
 @needs_mpiexec
@@ -171,9 +632,9 @@ def test_fewer_learners_than_ranks_exits_2_with_one_line(tmp_path):
 
 @needs_mpiexec
 def test_pmap_across_two_processes_matches_one_process(tmp_path):
-  """Global batch λμ = 32 over 4 devices: 2 processes × 2 devices vs 1 process × 4. The same shards, the same
-  keys and the same order of the gradient sum (``sync.ordered_mean`` across processes), so the training is
-  bitwise the same: train losses equal exactly, not approximately.
+  """Global batch λμ = 32 over 4 devices: 2 processes × 2 devices vs 1 process × 4, one epoch (32 steps). The
+  same shards, the same keys and the same order of the gradient sum (``sync.ordered_mean`` across processes),
+  so the training is bitwise the same: train losses equal exactly, not approximately.
 
   Why exactly, not within a tolerance: rounding-level differences in the first steps mostly stay that small,
   but some move the whole run. With ``lax.pmean`` across the processes (gloo's ring all-reduce adds in another
@@ -184,35 +645,21 @@ def test_pmap_across_two_processes_matches_one_process(tmp_path):
   2.30. Only evaluation differs: rank 0 evaluates on its 2 devices, one process on 4, so the float32 test-loss
   sums are grouped differently (measured within 1.5e-7).
   """
-  two = _mpiexec(2, *ARGS, "--config.executor=pmap", "--workdir", str(tmp_path / "two"))
+  one_epoch = [*ARGS, "--config.executor=pmap", "--config.epochs=1"]
+  two = _mpiexec(2, *one_epoch, "--workdir", str(tmp_path / "two"))
   assert two.returncode == 0, two.stderr[-3000:]
   env = _env()
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-  one = subprocess.run([sys.executable, TRAIN, *ARGS, "--config.executor=pmap", "--workdir", str(tmp_path / "one")],
+  one = subprocess.run([sys.executable, TRAIN, *one_epoch, "--workdir", str(tmp_path / "one")],
                        capture_output=True, text=True, env=env, timeout=240)
   assert one.returncode == 0, one.stderr[-3000:]
   a, b = _records(tmp_path / "two"), _records(tmp_path / "one")
-  assert [r["updates"] for r in a] == [r["updates"] for r in b] == [32, 64]
-  assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]          # bitwise: the same 64 steps
+  assert [r["updates"] for r in a] == [r["updates"] for r in b] == [32]
+  assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]          # bitwise: the same 32 steps
   for x, y in zip(a, b):
     assert x["test_loss"] == pytest.approx(y["test_loss"], rel=1e-6)
     assert abs(x["test_error"] - y["test_error"]) <= 0.002      # at most 2 of 1,000 test images flip
   assert os.listdir(tmp_path / "two" / "checkpoints")
-
-
-@needs_mpiexec
-def test_a_remote_nan_gradient_is_dropped_and_a_corrupt_weights_message_is_asked_for_again(tmp_path):
-  """Rank 1 holds learners 2 and 3. Learner 3's gradient at its step 2 is NaN: dropped, and the hardsync round
-  completes (σ = 0). Rank 0 corrupts the first weights message to rank 1: rejected, asked for again (RESEND)."""
-  workdir = tmp_path / "run"
-  result = _mpiexec(2, *ARGS, "--config.executor=mpi", "--config.protocol=hardsync", "--config.epochs=1",
-                    "--config.nan_learners=(3,)", "--config.nan_at_step=2", "--config.fault_mpi_corrupt_weights=1",
-                    "--workdir", str(workdir))
-  assert result.returncode == 0, _said(result)
-  final = _records(workdir)[-1]
-  assert final["gradients_dropped"] == 1 and final["staleness_per_learner"]["3"]["dropped"] == 1
-  assert final["staleness_max"] == 0 and final["samples"] >= 1024
-  assert "rank 1: rejected a malformed message from rank 0" in result.stderr and "asking again" in result.stderr
 
 
 @needs_mpiexec
@@ -223,38 +670,6 @@ def test_a_diverged_mpi_run_exits_3_with_one_line(tmp_path):
   assert result.returncode == 3, _said(result)
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "diverged: 20 consecutive non-finite gradients at update" in lines[0], lines
-
-
-class _SilentComm:
-  """A communicator on which nothing ever arrives (a rank that never answers)."""
-
-  def Iprobe(self, **kwargs):
-    return False
-
-
-def test_a_rank_waiting_for_rank_0_gives_up_after_mpi_timeout_s_naming_itself():
-  pytest.importorskip("mpi4py")
-  from sajax.executors.mpi import LearnerRank
-  rank = LearnerRank.__new__(LearnerRank)   # only what _next reads: no run, no devices
-  rank.comm, rank.rank, rank.wait_s, rank.dim, rank.learners, rank.rejected = _SilentComm(), 2, 0.3, 10, 4, 0
-  start = time.monotonic()
-  with pytest.raises(RuntimeError, match=r"rank 2: nothing from rank 0 within 0.3 s while waiting for its setup "
-                                          r"\(config.mpi_timeout_s\)"):
-    rank._next(frozenset({wire.SETUP}), "its setup", time.monotonic() + 0.3)
-  assert time.monotonic() - start < 5
-
-
-def test_rank_0_stops_waiting_for_a_rank_that_never_says_done_and_names_it(caplog):
-  import logging
-  import threading
-  from sajax.executors.mpi import ServerRank
-  server = ServerRank.__new__(ServerRank)   # only what _stop_ranks reads
-  server.ranks, server.wait_s, server._lock, server._control = 3, 0.3, threading.Condition(), []
-  server._done, server._closing, server._abandoned = {1}, False, False
-  with caplog.at_level(logging.ERROR, logger="sajax"):
-    server._stop_ranks(False, [])
-  assert server._abandoned and [dest for dest, _ in server._control] == [1, 2]   # STOP was sent to both
-  assert any("rank(s) [2] did not stop within 0.3 s" in r.getMessage() for r in caplog.records)
 
 
 @needs_mpiexec
@@ -271,55 +686,3 @@ def test_a_workdir_refused_on_rank_0_ends_every_rank_at_once(executor, tmp_path)
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "holds a run with another config" in lines[0]
   assert time.time() - start < 200
-
-
-class _AbortingComm:
-  """What the abort hook reads of a communicator: it records MPI_Abort instead of ending the process."""
-  def __init__(self, rank):
-    self.rank, self.aborted = rank, []
-
-  def Get_rank(self):
-    return self.rank
-
-  def Isend(self, *args, **kwargs):
-    raise RuntimeError("no transport here")   # a rank > 0 tries to tell rank 0, then aborts anyway
-
-  def Abort(self, code):
-    self.aborted.append(code)
-
-
-@pytest.mark.parametrize("rank", [0, 1])
-def test_a_rank_that_ends_the_job_prints_why_and_waits_for_the_line_to_be_forwarded(rank, monkeypatch, capsys):
-  """mpiexec's proxy forwards output asynchronously and MPI_Abort kills it: the reason printed just before was
-  lost once in CI. The hook prints ``rank N: text``, then waits ABORT_GRACE_S, then aborts."""
-  pytest.importorskip("mpi4py")
-  import threading
-  from sajax.executors import mpi_comm
-  comm, events = _AbortingComm(rank), []
-  monkeypatch.setattr(mpi_comm.time, "sleep", lambda s: events.append(("sleep", s, capsys.readouterr().err)))
-  monkeypatch.setattr(sys, "excepthook", sys.excepthook)        # restored after the test, as is fatal_error
-  monkeypatch.setattr(threading, "excepthook", threading.excepthook)
-  monkeypatch.setattr(mpi_comm, "fatal_error", mpi_comm.fatal_error)
-  mpi_comm._install_abort_hooks(comm)
-  mpi_comm.fatal_error("the reason")
-  assert events == [("sleep", mpi_comm.ABORT_GRACE_S, f"rank {rank}: the reason\n")] and comm.aborted == [1]
-  assert mpi_comm.ABORT_GRACE_S >= 1
-
-
-@needs_mpiexec
-@pytest.mark.parametrize("protocol", ["hardsync", "async"])
-def test_a_corrupt_push_is_rejected_async_goes_on_and_hardsync_ends_with_one_line(protocol, tmp_path):
-  """Rank 1 corrupts its first gradient. Async loses that one gradient and finishes; hardsync would wait for it
-  forever (the round needs every learner's), so rank 0 ends the job naming the rank."""
-  workdir = tmp_path / "run"
-  result = _mpiexec(2, *ARGS, "--config.executor=mpi", f"--config.protocol={protocol}", "--config.epochs=1",
-                    "--config.fault_mpi_corrupt_pushes=1", "--workdir", str(workdir), timeout=300)
-  assert "rank 0: rejected a malformed message from rank 1" in result.stderr, _said(result)
-  if protocol == "async":
-    assert result.returncode == 0, _said(result)
-    final = _records(workdir)[-1]
-    assert final["messages_rejected"] == 1 and final["samples"] >= 1024
-  else:
-    assert result.returncode != 0
-    assert ("a malformed message from rank 1 may have been a gradient that protocol hardsync waits for; ending "
-            "the job") in result.stderr

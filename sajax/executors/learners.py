@@ -173,12 +173,15 @@ class Learners:
     stop: set when the run ends.
     to_server: where a flat gradient goes before ``put`` (the PS device, or host memory for MPI).
     keep_stale: whether a push carries θ_j (the PS's policy reads it).
+    on_draw: called with (k, s) once learner k drew its step s, before computing on it (an MPI rank tells
+      rank 0, whose checkpoints hold every learner's stream).
   """
 
   def __init__(self, run: Any, devices: dict, published: Published, put: Callable[[Any], None],
-               stop: threading.Event, *, to_server: Callable[[Any], Any], keep_stale: bool = False) -> None:
+               stop: threading.Event, *, to_server: Callable[[Any], Any], keep_stale: bool = False,
+               on_draw: Optional[Callable[[int, int], None]] = None) -> None:
     self.run, self.devices, self.published, self.put, self.stop = run, devices, published, put, stop
-    self.to_server, self.keep_stale = to_server, keep_stale
+    self.to_server, self.keep_stale, self.on_draw = to_server, keep_stale, on_draw
     self.protocol = run.protocol
     self.gated = run.protocol.max_spread is not None
     self.faults = FaultPlan.from_config(run.config)
@@ -214,6 +217,8 @@ class Learners:
         version, params = self.published.value
         local = self.cache.get(device, version, params)
         images, labels, step = self.run.next_batch(k)
+        if self.on_draw is not None:
+          self.on_draw(k, step)
         if self.faults.raises(k, step):
           raise self.faults.error(k, step)
         # numpy inputs are uncommitted: they follow θ_j onto the learner's device.

@@ -12,11 +12,28 @@ After a push, rank r is sent the newest θ_i as soon as it is newer than the las
 go to a rank once per version it needs, shared by its learners, not once per learner. Rank 0 alone reads and
 writes the workdir; on resume it restores, then sends every rank its version, θ, its learners' streams
 (sampler position and step) and which of them are dead. Every rank runs the same learner loop
-(:mod:`~sajax.executors.learners`). A malformed message is logged and rejected (a rank that rejects weights
-asks for them again, RESEND); a rank that fails tells rank 0, which ends the job (``MPI_Abort``); waits for
-another rank during start-up and shutdown are bounded by ``mpi_timeout_s`` and fail naming the rank;
-rerunning the same command resumes from the last checkpoint. For a policy that reads θ_j, rank 0 keeps (by
-reference) each version it sent until no remote learner can still hold it.
+(:mod:`~sajax.executors.learners`). For a policy that reads θ_j, rank 0 keeps (by reference) each version it
+sent until no remote learner can still hold it.
+
+Streams and resume: a remote learner that draws its step s tells rank 0 at once (DRAW k s, before it computes
+on it), and rank 0's copy of k's stream moves past s; messages from one rank arrive in order, so a gradient
+never reaches the PS before its draw. A checkpoint therefore holds every step whose draw rank 0 had received,
+including the steps still being computed (their gradients are lost, as a threads learner's in-flight step is),
+so a resumed run never draws them again. Only a draw still on the wire while rank 0 saves (microseconds) counts
+as made after the checkpoint, exactly like a local draw just after it, and is drawn again on resume.
+
+What a rank accepts (:func:`mpi_wire.decode` + :func:`mpi_wire.check_weights_version`): besides size, magic,
+kind, length and learner range, every version is checked against what rank 0 can have sent. Rank 0 sends a
+rank strictly newer weights each time (the same again only after a RESEND), so a version older than the one the
+rank holds is corrupt (the same one is a repeat, ignored). Before START no update has happened: the first
+weights must carry exactly the SETUP's version. After it, no version (weights or permit) can pass the run's
+last update (every update applies at least one gradient of μ examples: epochs × N / μ, + c for the last
+update's overshoot), and under hardsync, while the rank has a live learner, weights can be at most one version
+ahead of those it holds (the next update needs its gradient). A permit's serial and a draw's step must be whole
+numbers (not NaN/Inf). A message that fails any check is logged and rejected: a rank that rejects asks rank 0
+for the newest weights and its outstanding permits again (RESEND). Not detected: a version corrupted to another
+value within those bounds under async/softsync/ssp (the wire has no checksum); rank 0 then rejects that rank's
+pushes as newer than the PS until newer weights arrive.
 
 Under ssp, rank 0 holds the run's one :class:`~sajax.protocol.SpreadGate`, since only the PS knows which pushes
 it accepted: after each push it processes (and each death) the gate names the learners that may start, and a
@@ -25,10 +42,15 @@ a push, and the learner starts once it holds both (:meth:`~sajax.executors.learn
 with c = λ gives σ = 0 here too. The price: a remote learner waits one round trip to rank 0 after every push.
 A PERMIT is never lost: each carries learner k's serial number (1, 2, …), rank 0 keeps it until k's next push
 (or death) arrives and sends it again when the rank asks for a RESEND (it rejected some message, perhaps that
-one), and the rank ignores a serial it has already granted, so a resent permit never lets k start twice. Not
-covered: a PUSH that rank 0 rejects as malformed is lost (it cannot tell whose it was); under async or
-softsync the run goes on without that gradient, but under hardsync or ssp every learner would wait for it, so
-rank 0 then ends the job with one line (rerun to resume from the last checkpoint) rather than hang.
+one), and the rank ignores a serial it has already granted, so a resent permit never lets k start twice.
+
+How a job ends when something goes wrong (every end is one line ``rank N: ...`` and exit code 5,
+:data:`~sajax.executors.mpi_comm.EXIT_RANK_FAILED`; rerunning the same command resumes from the last
+checkpoint): an exception on any rank (``rank N: Type: message; ending the job (...)``, its traceback in
+``<workdir>/mpi_errors.log``); a rank that does not answer within ``mpi_timeout_s`` during start-up, shutdown,
+a send, or the barrier at exit (the line names it); a PUSH that rank 0 rejects as malformed under hardsync or
+ssp (it cannot tell whose it was and every learner would wait for it; under async or softsync the run goes on
+without that gradient).
 
 MPI calls poll with a short sleep instead of blocking: MPICH's blocking calls spin a core, which learner
 threads on a few cores cannot spare.
@@ -56,18 +78,26 @@ from sajax.server import DivergenceError
 
 log = logging.getLogger("sajax")
 PyTree = Any
-DEFAULT_WAIT_S = 600.0   # start-up and shutdown waits for another rank (a first compilation under load is slow)
+DEFAULT_WAIT_S = mpi_comm.DEFAULT_WAIT_S   # waits for another rank (a first compilation under load is slow)
+CORRUPT_VERSION_OFFSET = 1 << 40           # fault_mpi_corrupt_version: a flipped high bit of the version
 
 
-def _corrupted(buf: np.ndarray) -> np.ndarray:
-  """``buf`` with a bad magic number (fault injection: ``fault_mpi_corrupt_weights``, ``..._permits``,
-  ``..._pushes``)."""
+def _corrupted(buf: np.ndarray, field: str = "magic") -> np.ndarray:
+  """``buf`` with a bad magic number, or (``field="version"``) a version 2⁴⁰ ahead (fault injection:
+  ``fault_mpi_corrupt_weights``, ``..._permits``, ``..._pushes``; ``fault_mpi_corrupt_version``)."""
   bad = buf.copy()
-  bad[:4] = 0
+  if field == "version":
+    header = bad[:wire.HEADER_BYTES].view(wire.HEADER)
+    header["version"] += CORRUPT_VERSION_OFFSET
+  else:
+    bad[:4] = 0
   return bad
 
 
 # ---- rank 0 ----------------------------------------------------------------------------------------------
+SERVER_EXPECTS = frozenset({wire.PUSH, wire.DEATH, wire.FAIL, wire.DONE, wire.READY, wire.RESEND, wire.DRAW})
+
+
 class ServerRank(ThreadedEngine):
   """Rank 0: the threads engine for its own learners, plus MPI receive/send threads for the other ranks'."""
 
@@ -85,16 +115,18 @@ class ServerRank(ThreadedEngine):
     self._sent = {r: -1 for r in range(1, self.ranks)}  # the last version each rank was sent
     self._corrupt = {r: int(run.config.get("fault_mpi_corrupt_weights", 0)) for r in range(1, self.ranks)}
     self._corrupt_permits = {r: int(run.config.get("fault_mpi_corrupt_permits", 0)) for r in range(1, self.ranks)}
+    self._corrupt_version = {r: int(run.config.get("fault_mpi_corrupt_version", 0)) for r in range(1, self.ranks)}
     self._permit_serial = {k: 0 for r in range(1, self.ranks) for k in self.blocks[r]}
     self._outstanding: dict[int, np.ndarray] = {}      # ssp: learner k -> its PERMIT not yet followed by a push
     self._done: set[int] = set()
     self._ready: set[int] = set()
-    self._closing = self._abandoned = False
+    self._closing = self._abandoned = self._started = False
     self._encoded: tuple[int, Optional[np.ndarray]] = (-1, None)
     # θ_j of the versions sent, for a policy that reads it: a remote learner holds a version no older than the
     # one it last pushed (or the first it was sent), so older ones are released.
     self._versions: dict[int, Any] = {}
     self._holds = {k: self.published.version for r in range(1, self.ranks) for k in self.blocks[r]}
+    mpi_comm.set_error_log(run.workdir)
 
   def run_loop(self) -> tuple[PyTree, PyTree]:
     dead = sorted(set(range(self.learners)) - self.deaths.alive)
@@ -117,6 +149,7 @@ class ServerRank(ThreadedEngine):
           raise RuntimeError(f"rank(s) {missing} did not report ready within {self.wait_s:g} s "
                              "(config.mpi_timeout_s)")
         self._control += [(r, wire.encode(wire.START)) for r in range(1, self.ranks)]
+        self._started = True
         self._lock.notify_all()
       return super().run_loop()
     except KeyboardInterrupt:
@@ -124,9 +157,9 @@ class ServerRank(ThreadedEngine):
       raise
     except (DivergenceError, LearnersFailed):
       raise                      # an orderly end with one line (exit 3 or 4): the other ranks stop as if finished
-    except BaseException:
+    except BaseException as e:
       if self.ranks > 1:
-        mpi_comm.fatal_error(f"failed, ending the job:\n{traceback.format_exc().rstrip()}")
+        mpi_comm.fatal_error(mpi_comm.ending_line(e), traceback.format_exc())
       raise
     finally:
       self._stop_ranks(interrupted, io)
@@ -141,62 +174,66 @@ class ServerRank(ThreadedEngine):
       self._lock.notify_all()
       if not self._lock.wait_for(lambda: len(self._done) == self.ranks - 1, timeout=self.wait_s):
         missing = sorted(set(range(1, self.ranks)) - self._done)
-        log.error("rank 0: rank(s) %s did not stop within %g s (config.mpi_timeout_s); ending without them",
-                  missing, self.wait_s)
+        reason = f"rank(s) {missing} did not stop within {self.wait_s:g} s (config.mpi_timeout_s)"
+        log.warning("rank 0: %s; finishing without them", reason)
+        mpi_comm.stopped_waiting_for(reason)   # the exit then ends the job with one line, never waits for them
         self._abandoned = True
         self._lock.notify_all()
     for t in io:
       t.join(timeout=self.wait_s)
 
   def _receiver(self) -> None:
-    expect = frozenset({wire.PUSH, wire.DEATH, wire.FAIL, wire.DONE, wire.READY, wire.RESEND})
     while len(self._done) < self.ranks - 1 and not self._abandoned:
       got = receive(self.comm, wire.TAG_TO_SERVER, stop=lambda: self._abandoned)
       if got is None:
         return
-      source, buf = got
-      try:
-        msg = wire.decode(buf, dim=self.dim, learners=self.learners, expect=expect)
-        if msg.kind in (wire.PUSH, wire.DEATH) and self.owner[msg.learner] != source:
-          raise wire.WireError(f"learner {msg.learner} belongs to rank {self.owner[msg.learner]}, not {source}")
-        if msg.kind == wire.PUSH and msg.version > self.published.version:
-          raise wire.WireError(f"version {msg.version} is newer than the PS version {self.published.version}")
-      except wire.WireError as e:
-        self.rejected += 1
-        log.error("rank 0: rejected a malformed message from rank %d (%d bytes): %s", source, buf.size, e)
-        if self.protocol.learners_wait or self.protocol.max_spread is not None:
-          mpi_comm.fatal_error(   # it may have been a gradient every learner now waits for: end, never hang
-              f"a malformed message from rank {source} may have been a gradient that protocol "
-              f"{self.protocol.name} waits for; ending the job (rerun the same command to resume from the last "
-              "checkpoint)")
-        continue
-      if msg.kind == wire.FAIL:
-        mpi_comm.fatal_error(f"rank {source} failed, ending the job (rerun the same command to resume from the last "
-                             f"checkpoint):\n{msg.text}")
-      elif msg.kind in (wire.DONE, wire.READY, wire.RESEND):
-        with self._lock:
-          if msg.kind == wire.RESEND:    # it rejected a message: the newest θ and its outstanding permits again
-            self._sent[source] = -1
-            self._want.add(source)
-            self._control += [(source, self._outstanding[k]) for k in self.blocks[source] if k in self._outstanding]
-          else:
-            (self._done if msg.kind == wire.DONE else self._ready).add(source)
-          self._lock.notify_all()
-      elif self.stop.is_set():
-        continue                                  # in flight when the run ended: discarded
-      elif msg.kind == wire.DEATH:
-        with self._lock:
-          self._outstanding.pop(msg.learner, None)
-        self._put(Death(msg.learner, msg.text))
-      else:
-        with self._lock:   # the pushing learner pulls next: send its rank θ as soon as there is a newer one
-          self._outstanding.pop(msg.learner, None)   # ssp: it used its permit
+      self._accept(*got)
+
+  def _accept(self, source: int, buf: np.ndarray) -> None:
+    """One message from rank ``source``: checked (a malformed one is counted and logged; under a protocol
+    that waits for every gradient it ends the job), then acted on."""
+    try:
+      msg = wire.decode(buf, dim=self.dim, learners=self.learners, expect=SERVER_EXPECTS)
+      if msg.kind in wire.LEARNER_KINDS and self.owner[msg.learner] != source:
+        raise wire.WireError(f"learner {msg.learner} belongs to rank {self.owner[msg.learner]}, not {source}")
+      if msg.kind == wire.PUSH and msg.version > self.published.version:
+        raise wire.WireError(f"version {msg.version} is newer than the PS version {self.published.version}")
+    except wire.WireError as e:
+      self.rejected += 1
+      log.error("rank 0: rejected a malformed message from rank %d (%d bytes): %s", source, buf.size, e)
+      if self.protocol.learners_wait or self.protocol.max_spread is not None:
+        mpi_comm.fatal_error(   # it may have been a gradient every learner now waits for: end, never hang
+            f"a malformed message from rank {source} may have been a gradient that protocol "
+            f"{self.protocol.name} waits for; ending the job ({mpi_comm.RESUME_HINT})")
+      return
+    if msg.kind == wire.FAIL:   # rank `source` printed why; its traceback goes to the error log
+      mpi_comm.write_error_log(msg.text)
+      mpi_comm.abort()
+    elif msg.kind == wire.DRAW:   # counted even after the run stopped: the final checkpoint is past it
+      self.run.streams[msg.learner].drawn_elsewhere(int(msg.value))
+    elif msg.kind in (wire.DONE, wire.READY, wire.RESEND):
+      with self._lock:
+        if msg.kind == wire.RESEND:    # it rejected a message: the newest θ and its outstanding permits again
+          self._sent[source] = -1
           self._want.add(source)
-          self._lock.notify_all()
-          stale = self._stale_params(msg.learner, msg.version)
-        self.run.streams[msg.learner].drawn_elsewhere()
-        finite = bool(np.isfinite(msg.payload).all())
-        self._put(Push(msg.learner, msg.version, msg.payload, finite, msg.value, stale))
+          self._control += [(source, self._outstanding[k]) for k in self.blocks[source] if k in self._outstanding]
+        else:
+          (self._done if msg.kind == wire.DONE else self._ready).add(source)
+        self._lock.notify_all()
+    elif self.stop.is_set():
+      return                                    # in flight when the run ended: discarded
+    elif msg.kind == wire.DEATH:
+      with self._lock:
+        self._outstanding.pop(msg.learner, None)
+      self._put(Death(msg.learner, msg.text))
+    else:
+      with self._lock:   # the pushing learner pulls next: send its rank θ as soon as there is a newer one
+        self._outstanding.pop(msg.learner, None)   # ssp: it used its permit
+        self._want.add(source)
+        self._lock.notify_all()
+        stale = self._stale_params(msg.learner, msg.version)
+      finite = bool(np.isfinite(msg.payload).all())
+      self._put(Push(msg.learner, msg.version, msg.payload, finite, msg.value, stale))
 
   def _stale_params(self, learner: int, version: int) -> Any:
     """θ_j of a remote push (policies that read it), releasing versions no remote learner can hold now."""
@@ -235,6 +272,9 @@ class ServerRank(ThreadedEngine):
           if self._corrupt[dest] > 0:
             self._corrupt[dest] -= 1
             buf = _corrupted(buf)
+          elif self._corrupt_version[dest] > 0 and self._started:   # mid-run, where a bad version did harm
+            self._corrupt_version[dest] -= 1
+            buf = _corrupted(buf, "version")
       send(self.comm, buf, dest, wire.TAG_TO_LEARNERS)
 
   def _weights_message(self, version: int, params: Any) -> np.ndarray:
@@ -296,6 +336,14 @@ class LearnerRank:
     self.corrupt_pushes = int(run.config.get("fault_mpi_corrupt_pushes", 0))
     self.interrupted = False
     self._granted = {k: 0 for k in self.local}   # ssp: the last permit serial granted to each local learner
+    # What a version from rank 0 may be (wire.check_weights_version): the setup's until START, then at most
+    # the run's last update (every update applies at least one gradient of μ; the last may pass by c − 1).
+    self.setup_version: Optional[int] = None
+    self.started = False
+    self.last_version = run.total_samples // run.config.batch_per_learner + run.protocol.gradients_per_update
+    self.hardsync = run.protocol.learners_wait
+    self.live: set[int] = set(self.local)
+    mpi_comm.set_error_log(run.workdir)
 
   def _next(self, expect: frozenset, what: str, deadline: Optional[float]) -> Optional[wire.Message]:
     """The next message from rank 0 of the kinds ``expect`` (None if it was rejected: RESEND asked)."""
@@ -305,7 +353,10 @@ class LearnerRank:
       raise RuntimeError(f"rank {self.rank}: nothing from rank 0 within {self.wait_s:g} s while waiting for "
                          f"{what} (config.mpi_timeout_s)")
     try:
-      return wire.decode(got[1], dim=self.dim, learners=self.learners, expect=expect)
+      msg = wire.decode(got[1], dim=self.dim, learners=self.learners, expect=expect)
+      if msg.kind in (wire.WEIGHTS, wire.PERMIT):
+        self._check_version(msg)
+      return msg
     except wire.WireError as e:
       self.rejected += 1
       log.error("rank %d: rejected a malformed message from rank 0 (%d bytes): %s; asking again", self.rank,
@@ -313,17 +364,33 @@ class LearnerRank:
       send(self.comm, wire.encode(wire.RESEND), 0, wire.TAG_TO_SERVER)
       return None
 
+  def _check_version(self, msg: wire.Message) -> None:
+    """Raises WireError for a weights or permit version rank 0 cannot have sent (module docstring)."""
+    last = self.last_version if self.started else self.setup_version
+    if msg.kind == wire.PERMIT:
+      if msg.version > last:
+        raise wire.WireError(f"permit version {msg.version} is past the run's last update {last}; allowed: 0..{last}")
+      return
+    held = self.published.version if self.published.value is not None else self.setup_version
+    wire.check_weights_version(msg.version, held, last, hardsync=self.hardsync and bool(self.live))
+
+  def _drawn(self, learner: int, step: int) -> None:
+    """Learner k drew its step s: rank 0's copy of k's stream moves past it (checkpoints never replay it)."""
+    send(self.comm, wire.encode(wire.DRAW, learner=learner, value=float(step)), 0, wire.TAG_TO_SERVER)
+
   def run_loop(self) -> tuple[PyTree, PyTree]:
     deadline = time.monotonic() + self.wait_s
     setup = None
     while setup is None:
       setup = self._next(frozenset({wire.SETUP}), "its setup", deadline)
+    self.setup_version = setup.version
     info = json.loads(setup.text)
     for k, state in info["streams"].items():
       self.run.streams[int(k)].set_state(state)
     live = {k: d for k, d in self.devices.items() if k not in set(info["dead"])}
+    self.live = set(live)
     pool = Learners(self.run, live, self.published, lambda item: bounded_put(self.queue, item, self.stop),
-                    self.stop, to_server=np.asarray)
+                    self.stop, to_server=np.asarray, on_draw=self._drawn)
     while self.published.value is None and not self.stop.is_set():
       self._handle(self._next(frozenset({wire.WEIGHTS, wire.STOP}), "its first weights", deadline))
     if not self.stop.is_set():
@@ -333,6 +400,7 @@ class LearnerRank:
     while not self.stop.is_set():   # START, or STOP when rank 0 failed to start
       msg = self._next(frozenset({wire.START, wire.WEIGHTS, wire.STOP}), "the start", deadline)
       if msg is not None and msg.kind == wire.START:
+        self.started = True
         break
       self._handle(msg)
     receiver = threading.Thread(target=self._receiver, name="mpi-receive", daemon=True)
@@ -344,6 +412,7 @@ class LearnerRank:
       except queue.Empty:
         continue
       if isinstance(item, Death):
+        self.live.discard(item.learner)
         buf = wire.encode(wire.DEATH, learner=item.learner, text=item.error)
       else:
         buf = wire.encode(wire.PUSH, learner=item.learner, version=item.version, value=float(item.loss),

@@ -2,13 +2,21 @@
 the point-to-point transport the MPI executor moves raw byte buffers with (:mod:`mpi_wire` encodes them).
 
 Calls poll with a short sleep instead of blocking: MPICH's blocking calls spin a core, which learner threads
-on a few cores cannot spare. An uncaught exception on any rank tells rank 0 and ends the whole job.
+on a few cores cannot spare. Every wait for another rank is bounded by ``config.mpi_timeout_s``: a send another
+rank does not take, and the barrier at exit. The executor's threads call MPI at once (receive, send, learner
+threads), so ``executor="mpi"`` needs ``MPI_THREAD_MULTIPLE`` and refuses to start without it (exit 2).
+
+An uncaught exception on any rank ends the whole job (``MPI_Abort``) with one line, ``rank N: Type: message;
+ending the job (...)``, and exit code :data:`EXIT_RANK_FAILED` (5), as does a rank that stops answering; the
+full traceback goes to ``<workdir>/mpi_errors.log`` (rank 0 writes it; a rank > 0 sends it there), and to the
+terminal as well with ``SAJAX_DEBUG=1``.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import re
 import sys
 import threading
 import time
@@ -24,6 +32,13 @@ from sajax.executors import mpi_wire as wire
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")   # set by mpiexec (MPICH/Open MPI) and srun
 _world = None
 ABORT_GRACE_S = 2.0   # how long a rank that ends the job waits for its last lines to reach mpiexec's output
+EXIT_RANK_FAILED = 5  # the exit code of a job ended by a failed or silent rank (MPI_Abort's code, mpiexec's exit)
+DEFAULT_WAIT_S = 600.0   # waits for another rank (a first compilation under load is slow); config.mpi_timeout_s
+ERROR_LOG = "mpi_errors.log"
+RESUME_HINT = "rerun the same command to resume from the last checkpoint"
+_wait_s = DEFAULT_WAIT_S
+_error_log: Optional[str] = None   # rank 0: where full tracebacks go (set once the workdir is known)
+_missing: Optional[str] = None     # why rank 0 stopped waiting for some rank: the job cannot end together
 
 
 def world_size_from_env() -> int:
@@ -57,8 +72,13 @@ def prepare_processes(config: Any) -> bool:
   written). ``executor="pmap"`` with several processes: ``jax.distributed.initialize`` through mpi4py, so
   pmap spans every process's devices. Any other run: one process, nothing to do.
   """
+  global _wait_s
+  _wait_s = float(config.get("mpi_timeout_s", DEFAULT_WAIT_S))
   if config.executor == "mpi":
     comm = world()
+    if comm.Get_size() > 1:
+      from mpi4py import MPI
+      check_thread_level(MPI)
     try:
       wire.learner_blocks(config.learners, comm.Get_size())
     except ValueError as e:
@@ -70,6 +90,20 @@ def prepare_processes(config: Any) -> bool:
       jax.distributed.initialize(cluster_detection_method="mpi4py")
     return jax.process_index() == 0
   return True
+
+
+def check_thread_level(mpi: Any) -> None:
+  """Raises ConfigError unless the MPI library (``mpi``: mpi4py's ``MPI`` module, once initialised) runs
+  threads at ``MPI_THREAD_MULTIPLE``: the executor's receive, send and learner threads call MPI at once."""
+  names = {getattr(mpi, n): n for n in ("THREAD_SINGLE", "THREAD_FUNNELED", "THREAD_SERIALIZED",
+                                        "THREAD_MULTIPLE")}
+  provided = mpi.Query_thread()
+  if provided < mpi.THREAD_MULTIPLE:
+    raise config_lib.ConfigError(
+        f"the MPI library gives thread level MPI_{names.get(provided, provided)}; executor 'mpi' needs "
+        "MPI_THREAD_MULTIPLE (its receive, send and learner threads call MPI at once); allowed: an MPI built "
+        "with thread support (the mpich wheel of pip install 'sajax[mpi]') and mpi4py.rc.thread_level "
+        "'multiple' (the default)")
 
 
 def rank0_outcome(config: Any, error: Optional[Exception]) -> Optional[Exception]:
@@ -89,6 +123,10 @@ def rank_metrics(run: Any) -> dict:
 
 
 # ---- transport -----------------------------------------------------------------------------------------
+class RankTimeout(RuntimeError):
+  """Another rank did not answer within ``config.mpi_timeout_s``."""
+
+
 def _wait(request, stop: Callable[[], bool] = lambda: False) -> bool:
   """Polls an MPI request until done (True) or ``stop()`` (False), sleeping 50 µs → 2 ms between tests."""
   pause = 5e-5
@@ -100,9 +138,17 @@ def _wait(request, stop: Callable[[], bool] = lambda: False) -> bool:
   return True
 
 
-def send(comm, buf: np.ndarray, dest: int, tag: int) -> None:
-  from mpi4py import MPI
-  _wait(comm.Isend([buf, MPI.BYTE], dest=dest, tag=tag))
+def send(comm, buf: np.ndarray, dest: int, tag: int, wait_s: Optional[float] = None) -> None:
+  """Sends ``buf`` to rank ``dest``; raises :class:`RankTimeout` naming it if the send has not completed
+  within ``wait_s`` (default ``config.mpi_timeout_s``): the rank stopped receiving."""
+  wait_s = _wait_s if wait_s is None else wait_s
+  deadline = time.monotonic() + wait_s
+  request = comm.Isend([buf, _byte()], dest=dest, tag=tag)
+  if not _wait(request, stop=lambda: time.monotonic() > deadline):
+    request.Cancel()
+    kind = int(np.frombuffer(buf[4:8].tobytes(), "<u4")[0]) if buf.size >= 8 else -1
+    raise RankTimeout(f"rank {dest} did not take a {wire.KINDS.get(kind, 'message')} message within {wait_s:g} s "
+                      "(config.mpi_timeout_s): it stopped answering")
 
 
 def receive(comm, tag: int, stop: Callable[[], bool], source: Optional[int] = None
@@ -122,40 +168,92 @@ def receive(comm, tag: int, stop: Callable[[], bool], source: Optional[int] = No
   return status.Get_source(), buf
 
 
-def _install_abort_hooks(comm) -> None:
-  """An uncaught exception in any thread of any rank tells rank 0 and ends the whole job (MPI_Abort)."""
-  def fatal(text: str) -> None:
-    rank = comm.Get_rank()
-    print(f"rank {rank}: {text}", file=sys.stderr, flush=True)
-    if rank != 0:   # rank 0 prints why the job ends; give it a moment to do so
-      try:
-        req = comm.Isend([wire.encode(wire.FAIL, text=text[-2000:]), _byte()], dest=0, tag=wire.TAG_TO_SERVER)
-        deadline = time.monotonic() + 5
-        _wait(req, stop=lambda: time.monotonic() > deadline)
-      except Exception:  # noqa: BLE001 - we are aborting anyway
-        pass
-    # mpiexec's proxy forwards each rank's output asynchronously and MPI_Abort kills it: on a loaded machine
-    # (CI, 2 cores) the lines printed just before were lost, so a job ended without its reason. Give it time.
-    time.sleep(ABORT_GRACE_S)
-    comm.Abort(1)
+def describe(error: BaseException) -> str:
+  """``Type: message`` on one line (without the ``rank N:`` a message of ours may already start with)."""
+  text = re.sub(r"^rank \d+: ", "", " ".join(str(error).split()))
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
+
+def set_error_log(workdir: str) -> None:
+  """Where full tracebacks go: ``<workdir>/mpi_errors.log`` (written by rank 0 only; every rank names it)."""
+  global _error_log
+  _error_log = os.path.join(workdir, ERROR_LOG)
+
+
+def write_error_log(text: str) -> None:
+  """Rank 0: appends ``text`` (a one-line reason and a traceback) to the error log, if one is set."""
+  if _error_log is None or not text:
+    return
+  try:
+    with open(_error_log, "a") as f:
+      f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text.rstrip()}\n\n")
+  except OSError:
+    pass   # ending anyway; the one line was printed
+
+
+def ending_line(error: BaseException) -> str:
+  """The one line a job ended by ``error`` prints after ``rank N:``: the error, how to resume, the log."""
+  where = f"; traceback in {_error_log}" if _error_log else ""
+  return f"{describe(error)}; ending the job ({RESUME_HINT}{where})"
+
+
+_hooked = None   # the communicator once :func:`_install_abort_hooks` ran (ranks of an mpiexec job)
+
+
+def _install_abort_hooks(comm) -> None:
+  """An uncaught exception in any thread of any rank ends the whole job with one line (:func:`fatal_error`)."""
+  global _hooked
+  _hooked = comm
   previous = sys.excepthook
 
   def excepthook(kind, value, tb):
     if issubclass(kind, (KeyboardInterrupt, SystemExit)):
       return previous(kind, value, tb)
-    fatal("".join(traceback.format_exception(kind, value, tb)).rstrip())
+    fatal_error(ending_line(value), "".join(traceback.format_exception(kind, value, tb)))
 
   sys.excepthook = excepthook
   threading.excepthook = lambda args: excepthook(args.exc_type, args.exc_value, args.exc_traceback)
-  global fatal_error
-  fatal_error = fatal
 
 
-def fatal_error(text: str) -> None:
-  """Ends the job with ``text``: once :func:`world` installed the hooks, prints ``rank N: text`` and calls
-  MPI_Abort (after :data:`ABORT_GRACE_S`); else raises RuntimeError(text)."""
-  raise RuntimeError(text)
+def fatal_error(text: str, detail: str = "") -> None:
+  """Ends the job: prints the one line ``rank N: text``, hands ``detail`` (a traceback) to the error log (rank
+  0 writes it, a rank > 0 sends it to rank 0 in a FAIL message; ``SAJAX_DEBUG=1`` prints it too), then calls
+  MPI_Abort with :data:`EXIT_RANK_FAILED` after :data:`ABORT_GRACE_S`. Outside an mpiexec job (no hooks
+  installed) raises RuntimeError(text)."""
+  comm = _hooked
+  if comm is None:
+    raise RuntimeError(text)
+  rank = comm.Get_rank()
+  line = f"rank {rank}: {text}"
+  if detail and os.environ.get("SAJAX_DEBUG"):
+    print(detail.rstrip(), file=sys.stderr)
+  print(line, file=sys.stderr, flush=True)
+  report = f"{line}\n{detail}" if detail else line
+  if rank == 0:
+    write_error_log(report)
+  else:
+    try:   # rank 0 writes the traceback to the error log, then ends the job too
+      req = comm.Isend([wire.encode(wire.FAIL, text=report[-20000:]), _byte()], dest=0, tag=wire.TAG_TO_SERVER)
+      deadline = time.monotonic() + 5
+      _wait(req, stop=lambda: time.monotonic() > deadline)
+    except Exception:  # noqa: BLE001 - we are aborting anyway
+      pass
+  abort()
+
+
+def abort() -> None:
+  """MPI_Abort with :data:`EXIT_RANK_FAILED`, after :data:`ABORT_GRACE_S`: mpiexec's proxy forwards each rank's
+  output asynchronously and MPI_Abort kills it, so on a loaded machine (CI, 2 cores) the lines printed just
+  before were lost and a job ended without its reason."""
+  time.sleep(ABORT_GRACE_S)
+  _hooked.Abort(EXIT_RANK_FAILED)
+
+
+def stopped_waiting_for(reason: str) -> None:
+  """Rank 0 gave up on some rank (``reason`` names it): the job cannot end together, so its exit ends the job
+  with the one line ``rank 0: <reason>; ending the job ...`` (:func:`_exit_together`)."""
+  global _missing
+  _missing = reason
 
 
 def _byte():
@@ -164,8 +262,17 @@ def _byte():
 
 
 def _exit_together(comm) -> None:
-  """At exit, wait (without spinning) until every rank is done, so MPI_Finalize does not busy-wait."""
+  """At exit, waits (without spinning) until every rank is done, for at most ``config.mpi_timeout_s``, so
+  MPI_Finalize neither busy-waits nor hangs. A rank that never comes, or one rank 0 already stopped waiting
+  for, ends the job with one line naming it and :data:`EXIT_RANK_FAILED`."""
+  if _missing:
+    fatal_error(f"{_missing}; ending the job ({RESUME_HINT})")
+    return
+  deadline = time.monotonic() + _wait_s
   try:
-    _wait(comm.Ibarrier())
+    if _wait(comm.Ibarrier(), stop=lambda: time.monotonic() > deadline):
+      return
   except Exception:  # noqa: BLE001 - exiting anyway
-    pass
+    return
+  fatal_error(f"another rank did not reach the end of the job within {_wait_s:g} s (config.mpi_timeout_s); "
+              f"ending the job ({RESUME_HINT})")
