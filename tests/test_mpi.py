@@ -136,10 +136,10 @@ class _Done:
 
 class _Comm:
   """What a rank reads of its communicator: its rank and the job's size; records sends and MPI_Abort; its
-  barrier never completes."""
+  ranks in ``silent`` never send anything."""
 
-  def __init__(self, rank=1, size=2):
-    self.rank, self.size, self.aborted, self.sent = rank, size, [], []
+  def __init__(self, rank=1, size=2, silent=()):
+    self.rank, self.size, self.silent, self.aborted, self.sent = rank, size, set(silent), [], []
 
   def Get_rank(self):
     return self.rank
@@ -151,8 +151,8 @@ class _Comm:
     self.sent.append((message[0], dest))
     return _Done()
 
-  def Ibarrier(self):
-    return _NeverDone()
+  def Irecv(self, message, source, tag):
+    return _NeverDone() if source in self.silent else _Done()
 
   def Abort(self, code):
     self.aborted.append(code)
@@ -376,17 +376,29 @@ def _ends_within(fn, *args, seconds=10):
   assert not t.is_alive(), f"{fn.__name__} still waiting after {seconds} s"
 
 
-def test_the_exit_barrier_gives_up_after_mpi_timeout_s_with_one_line(monkeypatch, capsys):
+@pytest.mark.parametrize("rank, size, silent", [(0, 3, [2]), (1, 3, [0])])
+def test_the_exit_barrier_gives_up_after_mpi_timeout_s_with_one_line_naming_the_rank(
+    rank, size, silent, monkeypatch, capsys):
+  """The barrier at exit waited without a bound (MPI_Ibarrier), so one rank that never got there hung the job."""
   from sajax.executors import mpi_comm
-  comm = _hooked(monkeypatch, rank=1)
+  comm = _hooked(monkeypatch, rank=rank)
+  comm.size, comm.silent = size, set(silent)
   monkeypatch.setattr(mpi_comm, "_wait_s", 0.3)
   start = time.monotonic()
   _ends_within(mpi_comm._exit_together, comm)
   assert 0.25 < time.monotonic() - start
   assert capsys.readouterr().err.splitlines() == [
-      "rank 1: another rank did not reach the end of the job within 0.3 s (config.mpi_timeout_s); ending the job "
-      "(rerun the same command to resume from the last checkpoint)"]
+      f"rank {rank}: rank(s) {silent} did not reach the end of the job within 0.3 s (config.mpi_timeout_s); "
+      "ending the job (rerun the same command to resume from the last checkpoint)"]
   assert comm.aborted == [5]
+
+
+def test_the_exit_handshake_passes_when_every_rank_comes(monkeypatch, capsys):
+  from sajax.executors import mpi_comm
+  comm = _hooked(monkeypatch, rank=0)
+  comm.size = 3
+  _ends_within(mpi_comm._exit_together, comm)
+  assert comm.aborted == [] and [dest for _, dest in comm.sent] == [1, 2] and capsys.readouterr().err == ""
 
 
 def test_a_send_that_a_silent_rank_never_takes_fails_naming_it():

@@ -262,17 +262,33 @@ def _byte():
 
 
 def _exit_together(comm) -> None:
-  """At exit, waits (without spinning) until every rank is done, for at most ``config.mpi_timeout_s``, so
+  """At exit, waits (without spinning) until every rank is at the end, for at most ``config.mpi_timeout_s``, so
   MPI_Finalize neither busy-waits nor hangs. A rank that never comes, or one rank 0 already stopped waiting
   for, ends the job with one line naming it and :data:`EXIT_RANK_FAILED`."""
   if _missing:
     fatal_error(f"{_missing}; ending the job ({RESUME_HINT})")
     return
-  deadline = time.monotonic() + _wait_s
-  try:
-    if _wait(comm.Ibarrier(), stop=lambda: time.monotonic() > deadline):
-      return
-  except Exception:  # noqa: BLE001 - exiting anyway
-    return
-  fatal_error(f"another rank did not reach the end of the job within {_wait_s:g} s (config.mpi_timeout_s); "
-              f"ending the job ({RESUME_HINT})")
+  late = absent_at_exit(comm, _wait_s)
+  if late:
+    fatal_error(f"rank(s) {late} did not reach the end of the job within {_wait_s:g} s (config.mpi_timeout_s); "
+                f"ending the job ({RESUME_HINT})")
+
+
+def absent_at_exit(comm, wait_s: float) -> list[int]:
+  """The exit handshake, a barrier that can name who is missing: each rank > 0 tells rank 0 it is at the end and
+  waits for rank 0's answer, which comes once every rank is there. Returns the ranks this one waited for in vain
+  for ``wait_s`` (rank 0: those that never came; a rank > 0: [0])."""
+  deadline = time.monotonic() + wait_s
+  late = lambda: time.monotonic() > deadline  # noqa: E731
+  here = np.zeros(1, np.uint8)
+  if comm.Get_rank() > 0:
+    arrived = _wait(comm.Isend([here, _byte()], dest=0, tag=wire.TAG_EXIT), stop=late)
+    return [] if arrived and _wait(comm.Irecv([np.empty(1, np.uint8), _byte()], source=0, tag=wire.TAG_EXIT),
+                                   stop=late) else [0]
+  buffers = {r: np.empty(1, np.uint8) for r in range(1, comm.Get_size())}
+  waits = {r: comm.Irecv([buf, _byte()], source=r, tag=wire.TAG_EXIT) for r, buf in buffers.items()}
+  absent = [r for r, request in waits.items() if not _wait(request, stop=late)]
+  if not absent:
+    for r in buffers:
+      _wait(comm.Isend([here, _byte()], dest=r, tag=wire.TAG_EXIT), stop=late)
+  return absent

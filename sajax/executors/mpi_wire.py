@@ -52,6 +52,7 @@ MAX_COUNT = 2 ** 53                   # the largest whole number a float64 holds
 # MPI tags: one per direction (the kind is in the header).
 TAG_TO_SERVER = 7001
 TAG_TO_LEARNERS = 7002
+TAG_EXIT = 7003      # the exit handshake (mpi_comm.absent_at_exit): one byte each way
 
 
 class WireError(ValueError):
