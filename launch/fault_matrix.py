@@ -6,7 +6,9 @@
 
 Rows (README "When things go wrong"): a non-finite gradient; every gradient non-finite (divergence); a learner
 that raises (and the same with ``fail_fast``); kill -9 mid-run then the same command again; a corrupt newest
-checkpoint; a bad config; a damaged config.json in the workdir being resumed. Columns: executor {threads, simulated, mpi (``mpiexec -n 2``, λ = 4 over 2 ranks)}
+checkpoint; a bad config; a damaged config.json in the workdir being resumed; MPI only: corrupt messages from
+rank 0 (weights, a version) and from rank 1 (a push), and a rank that stops answering (kill -STOP). Columns:
+executor {threads, simulated, mpi (``mpiexec -n 2``, λ = 4 over 2 ranks)}
 × protocol {hardsync, softsync n = 2, async}. Every cell is ``python launch/train.py --config
 configs/smoke.py`` with λ = 4, μ = 8, momentum 0.5, in a workdir of its own under ``--scratch``; every
 subprocess has a timeout (a timeout is a ✘ cell), so the matrix always ends, and a cell whose output holds a
@@ -55,6 +57,8 @@ TAIL_LINES = 15
 RESUMED = "resuming from the checkpoint at update"
 UNREADABLE = "is unreadable"
 EXCEPTION = re.compile(r"^[\w.]*(Error|Exception|Interrupt): ")   # the last line of a traceback
+MPI_ENDING = re.compile(r"^rank \d+: .*ending the job")          # how an MPI job ends (exit 5), one line
+REJECTED_BY_RANK_1 = "rank 1: rejected a malformed message from rank 0"
 NAN_ALL = ("--config.nan_learners=(0,1,2,3)", "--config.nan_steps=0")
 
 
@@ -95,10 +99,15 @@ def error_lines(output: str) -> list[str]:
   return [line.strip() for line in output.splitlines() if line.strip().startswith("error:")]
 
 
+def ending_lines(output: str) -> list[str]:
+  """The lines of ``output`` with which a rank ended an MPI job (``rank N: ...; ending the job (...)``)."""
+  return [line.strip() for line in output.splitlines() if MPI_ENDING.match(line.strip())]
+
+
 def reason(output: str) -> str:
-  """The one-line reason a run gave: its ``error:`` line(s), else the exception line that ends its traceback,
-  else ''."""
-  errors = error_lines(output)
+  """The one-line reason a run gave: its ``error:`` line(s) or the line that ended an MPI job, else the exception
+  line that ends its traceback, else ''."""
+  errors = error_lines(output) + ending_lines(output)
   if errors:
     return " / ".join(errors)
   if "Traceback" in output:
@@ -196,6 +205,21 @@ def judge_damaged_config(rerun: Launch, before: Kept, after: Kept, config_kept: 
   errors = error_lines(rerun.output)
   return (rerun.code == 2 and len(errors) == 1 and "config.json" in errors[0]
           and not has_traceback(rerun.output) and config_kept and before.exists and after == before)
+
+
+def judge_resent(launch: Launch, kept: Kept) -> bool:
+  """Row 7: exit 0; rank 1 rejected the bad magic and the bad version and asked again each time."""
+  asked = [line for line in launch.output.splitlines() if REJECTED_BY_RANK_1 in line and "asking again" in line]
+  return (launch.code == 0 and len(asked) == 2 and "bad magic" in asked[0]
+          and "past the run's last update" in asked[1] and kept.final.get("messages_rejected") == 0)
+
+
+def judge_corrupt_push(launch: Launch, kept: Kept, protocol: str) -> bool:
+  """Row 7p: async and softsync exit 0 with messages_rejected = 1; hardsync (which would wait for that gradient
+  forever) exits 5 with one ``rank 0: ...; ending the job`` line and no traceback."""
+  if protocol == "hardsync":
+    return launch.code == 5 and len(ending_lines(launch.output)) == 1 and not has_traceback(launch.output)
+  return launch.code == 0 and kept.final.get("messages_rejected") == 1
 
 
 # ---- running ------------------------------------------------------------------------------------------------
@@ -402,6 +426,31 @@ def bad_config_row(key: str, override: str) -> Callable[[Matrix, Column], Cell]:
   return row
 
 
+def row_mpi_messages(matrix: Matrix, column: Column) -> Cell:
+  """MPI only: rank 0 corrupts the first weights message to rank 1 (bad magic) and the first one after the start
+  (a version 2⁴⁰ ahead); rank 1 rejects each, asks again (RESEND) and the run finishes."""
+  if column.executor != "mpi":
+    return Cell(ok=None, note="MPI only")
+  workdir = matrix.workdir("7", column)
+  run = matrix.launch(train_command(column, workdir, "--config.fault_mpi_corrupt_weights=1",
+                                    "--config.fault_mpi_corrupt_version=1", "--config.epochs=1"), f"7-{column.slug}")
+  kept = read_kept(workdir)
+  asked = sum(REJECTED_BY_RANK_1 in line and "asking again" in line for line in run.output.splitlines())
+  return cell_result(judge_resent(run, kept), [run], kept, note=f"rank 1 asked again {asked} times")
+
+
+def row_mpi_push(matrix: Matrix, column: Column) -> Cell:
+  """MPI only: rank 1 corrupts its first gradient; rank 0 rejects it (it cannot tell whose it was)."""
+  if column.executor != "mpi":
+    return Cell(ok=None, note="MPI only")
+  workdir = matrix.workdir("7p", column)
+  run = matrix.launch(train_command(column, workdir, "--config.fault_mpi_corrupt_pushes=1", "--config.epochs=1"),
+                      f"7p-{column.slug}")
+  kept = read_kept(workdir)
+  return cell_result(judge_corrupt_push(run, kept, column.protocol), [run], kept,
+               note=f"messages_rejected = {kept.final.get('messages_rejected')}" if run.code == 0 else "")
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
   key: str
@@ -435,6 +484,12 @@ ROWS = (
     Row("6c", "damaged config.json in the workdir being resumed",
         "`--config.epochs=1`; cut `config.json` to its first 40 bytes; rerun the same command",
         "exit 2, one `error:` line naming config.json, workdir unchanged", row_damaged_config),
+    Row("7", "MPI: corrupt weights to rank 1 (bad magic, then a version 2⁴⁰ ahead)",
+        "`--config.fault_mpi_corrupt_weights=1 --config.fault_mpi_corrupt_version=1 --config.epochs=1`",
+        "exit 0, rank 1 rejects both and asks again (RESEND)", row_mpi_messages),
+    Row("7p", "MPI: a corrupt push from rank 1", "`--config.fault_mpi_corrupt_pushes=1 --config.epochs=1`",
+        "async, softsync: exit 0, messages_rejected = 1; hardsync: exit 5, one `rank 0: ... ending the job` line",
+        row_mpi_push),
 )
 
 

@@ -65,6 +65,26 @@ def test_judges_accept_the_documented_outcome_and_nothing_else(tmp_path):
   assert not fm.judge_fail_fast(_launch(0, one_line))
 
 
+def test_mpi_message_rows_need_the_resends_or_one_ending_line(tmp_path):
+  """Row 7: rank 1 rejects the bad magic, then the bad version, asking again each time; row 7p: a corrupt push is
+  rejected (async/softsync go on) or, under hardsync, ends the job with one ``rank 0:`` line and exit 5."""
+  kept = fm.read_kept(_workdir(tmp_path, messages_rejected=0))
+  asked = ("[rank 1] rank 1: rejected a malformed message from rank 0 (80 bytes): bad magic 0x0; asking again\n"
+           "[rank 1] rank 1: rejected a malformed message from rank 0 (80 bytes): weights version 1099511627777 "
+           "is past the run's last update 129; allowed: 1..129; asking again\n")
+  assert fm.judge_resent(_launch(0, asked), kept)
+  assert not fm.judge_resent(_launch(0, asked.split("\n")[0]), kept)          # the bad version was taken
+  ending = ("rank 0: rejected a malformed message from rank 1 (40 bytes): bad magic 0x0\nrank 0: a malformed "
+            "message from rank 1 may have been a gradient that protocol hardsync waits for; ending the job (rerun "
+            "the same command to resume from the last checkpoint)\n")
+  assert fm.judge_corrupt_push(_launch(5, ending), kept, "hardsync")
+  assert fm.reason(ending).startswith("rank 0: a malformed message from rank 1 may have been")
+  assert not fm.judge_corrupt_push(_launch(5, ending + "Traceback (most recent call last):\n"), kept, "hardsync")
+  assert not fm.judge_corrupt_push(_launch(0, ""), kept, "async")              # nothing was rejected
+  one = fm.read_kept(_workdir(tmp_path / "one", messages_rejected=1))
+  assert fm.judge_corrupt_push(_launch(0, ""), one, "async") and not fm.judge_corrupt_push(_launch(0), one, "hardsync")
+
+
 def test_resume_needs_a_killed_run_a_resumed_rerun_and_one_record_per_epoch_in_order(tmp_path):
   resumed = _launch(0, f"{fm.RESUMED} 32 (epoch 1.00)\n")
   kept = fm.read_kept(_workdir(tmp_path))
