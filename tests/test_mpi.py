@@ -174,10 +174,10 @@ class _Wire:
   """In place of mpi_comm.receive/send for one rank: hands out queued buffers from rank 0, records what it sends."""
 
   def __init__(self, monkeypatch):
-    from sajax.executors import mpi
+    from sajax.executors import mpi_learner_rank
     self.inbox, self.sent = [], []
-    monkeypatch.setattr(mpi, "receive", self.receive)
-    monkeypatch.setattr(mpi, "send", lambda comm, buf, dest, tag: self.sent.append(
+    monkeypatch.setattr(mpi_learner_rank, "receive", self.receive)
+    monkeypatch.setattr(mpi_learner_rank, "send", lambda comm, buf, dest, tag: self.sent.append(
         (dest, wire.KINDS[int(np.frombuffer(buf[4:8].tobytes(), "<u4")[0])])))
 
   def receive(self, comm, tag, stop, source=None):
@@ -187,7 +187,7 @@ class _Wire:
 def _learner_rank(protocol, tmp_path, monkeypatch, *, held=None, started=True, setup_version=0):
   pytest.importorskip("mpi4py")
   from sajax.executors import mpi_comm
-  from sajax.executors.mpi import LearnerRank
+  from sajax.executors.mpi_learner_rank import LearnerRank
   monkeypatch.setattr(mpi_comm, "_error_log", mpi_comm._error_log)
   link = _Wire(monkeypatch)
   rank = LearnerRank(_run(protocol, tmp_path), _Comm(rank=1, size=2))   # learners 2, 3; last update 800/8 + c
@@ -250,9 +250,9 @@ def test_a_permit_with_a_non_finite_serial_is_rejected_not_a_traceback(serial, t
 
 def test_a_rank_waiting_for_rank_0_gives_up_after_mpi_timeout_s_naming_itself(tmp_path, monkeypatch):
   import sajax
-  from sajax.executors import mpi
+  from sajax.executors import mpi_learner_rank
   rank, _ = _learner_rank(sajax.Protocol.asynchronous(learners=4), tmp_path, monkeypatch)
-  monkeypatch.setattr(mpi, "receive", lambda comm, tag, stop, source=None: None if _until(stop) else None)
+  monkeypatch.setattr(mpi_learner_rank, "receive", lambda comm, tag, stop, source=None: None if _until(stop) else None)
   start = time.monotonic()
   with pytest.raises(RuntimeError, match=r"rank 1: nothing from rank 0 within 0.3 s while waiting for its setup "
                                           r"\(config.mpi_timeout_s\)"):

@@ -6,12 +6,22 @@ Two kinds, both keyed by (learner k, k's own step s), so they hit the same gradi
   c re-derived from the live learners, unless ``fail_fast``);
 * ``nan_learners=(k, ...), nan_at_step=s, nan_steps=m``: those learners' gradients at steps s .. s+m−1
   (m = 0: every step from s on) are NaN. The PS drops them; enough in a row is divergence.
+
+The MPI executor's messages are corrupted by :func:`corrupted_message` (``fault_mpi_corrupt_weights``,
+``..._permits``, ``..._pushes``: the first k of each kind per rank get a bad magic number;
+``fault_mpi_corrupt_version``: the first k weights messages to each rank after the start a version 2⁴⁰ ahead).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+import numpy as np
+
+from sajax.executors import mpi_wire as wire
+
+CORRUPT_VERSION_OFFSET = 1 << 40   # fault_mpi_corrupt_version: a flipped high bit of the version
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,3 +52,13 @@ class FaultPlan:
 
   def error(self, learner: int, step: int) -> RuntimeError:
     return RuntimeError(f"injected fault: learner {learner} raised at its step {step} (config.fault_learner)")
+
+
+def corrupted_message(buf: np.ndarray, field: str = "magic") -> np.ndarray:
+  """A copy of the MPI message ``buf`` with a bad magic number, or (``field="version"``) a version 2⁴⁰ ahead."""
+  bad = buf.copy()
+  if field == "version":
+    bad[:wire.HEADER_BYTES].view(wire.HEADER)["version"] += CORRUPT_VERSION_OFFSET
+  else:
+    bad[:4] = 0
+  return bad

@@ -12,7 +12,7 @@ After a push, rank r is sent the newest θ_i as soon as it is newer than the las
 go to a rank once per version it needs, shared by its learners, not once per learner. Rank 0 alone reads and
 writes the workdir; on resume it restores, then sends every rank its version, θ, its learners' streams
 (sampler position and step) and which of them are dead. Every rank runs the same learner loop
-(:mod:`~sajax.executors.learners`). For a policy that reads θ_j, rank 0 keeps (by reference) each version it
+(:mod:`~sajax.executors.learners`); a rank > 0 is :class:`~sajax.executors.mpi_learner_rank.LearnerRank`. For a policy that reads θ_j, rank 0 keeps (by reference) each version it
 sent until no remote learner can still hold it.
 
 Streams and resume: a remote learner that draws its step s tells rank 0 at once (DRAW k s, before it computes
@@ -22,18 +22,17 @@ including the steps still being computed (their gradients are lost, as a threads
 so a resumed run never draws them again. Only a draw still on the wire while rank 0 saves (microseconds) counts
 as made after the checkpoint, exactly like a local draw just after it, and is drawn again on resume.
 
-What a rank accepts (:func:`mpi_wire.decode` + :func:`mpi_wire.check_weights_version`): besides size, magic,
-kind, length and learner range, every version is checked against what rank 0 can have sent. Rank 0 sends a
-rank strictly newer weights each time (the same again only after a RESEND), so a version older than the one the
-rank holds is corrupt (the same one is a repeat, ignored). Before START no update has happened: the first
-weights must carry exactly the SETUP's version. After it, no version (weights or permit) can pass the run's
-last update (every update applies at least one gradient of μ examples: epochs × N / μ, + c for the last
-update's overshoot), and under hardsync, while the rank has a live learner, weights can be at most one version
-ahead of those it holds (the next update needs its gradient). A permit's serial and a draw's step must be whole
-numbers (not NaN/Inf). A message that fails any check is logged and rejected: a rank that rejects asks rank 0
-for the newest weights and its outstanding permits again (RESEND). Not detected: a version corrupted to another
-value within those bounds under async/softsync/ssp (the wire has no checksum); rank 0 then rejects that rank's
-pushes as newer than the PS until newer weights arrive.
+What a rank accepts: besides size, magic, kind, length, learner range and whole-number counts (a permit's
+serial, a draw's step: never NaN/Inf), every version is checked against what rank 0 can have sent
+(:func:`mpi_wire.check_weights_version`): rank 0 sends a rank strictly newer weights each time, so an older
+version is corrupt (the same one again is a repeat after a RESEND, ignored); before START only the SETUP's
+version; after it no version (weights or permit) past the run's last update (every update applies at least one
+gradient of μ: epochs × N / μ, + c for the last update's overshoot); under hardsync, while the rank has a live
+learner, at most one version past the weights it holds (the next update needs its gradient). A message that
+fails a check is logged and rejected, and the rank asks for the newest weights and its outstanding permits again
+(RESEND). Not detected (the wire has no checksum): a version corrupted to another value within those bounds
+under async, softsync or ssp; rank 0 then rejects that rank's pushes as newer than the PS until newer weights
+reach it.
 
 Under ssp, rank 0 holds the run's one :class:`~sajax.protocol.SpreadGate`, since only the PS knows which pushes
 it accepted: after each push it processes (and each death) the gate names the learners that may start, and a
@@ -60,38 +59,24 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
-import time
 import traceback
 from typing import Any, Optional
 
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from sajax.executors import mpi_comm, mpi_wire as wire
-from sajax.executors.learners import Death, Learners, Published, Push, join_learners
+from sajax.executors.learners import Death, Push
 from sajax.executors.mpi_comm import receive, send, world
-from sajax.executors.threads import SHUTDOWN_WAIT_S, ThreadedEngine, bounded_put, learner_devices
+from sajax.executors.mpi_learner_rank import LearnerRank
+from sajax.executors.threads import ThreadedEngine
 from sajax.executors.common import LearnersFailed
+from sajax.executors.faults import corrupted_message
 from sajax.server import DivergenceError
 
 log = logging.getLogger("sajax")
 PyTree = Any
 DEFAULT_WAIT_S = mpi_comm.DEFAULT_WAIT_S   # waits for another rank (a first compilation under load is slow)
-CORRUPT_VERSION_OFFSET = 1 << 40           # fault_mpi_corrupt_version: a flipped high bit of the version
-
-
-def _corrupted(buf: np.ndarray, field: str = "magic") -> np.ndarray:
-  """``buf`` with a bad magic number, or (``field="version"``) a version 2⁴⁰ ahead (fault injection:
-  ``fault_mpi_corrupt_weights``, ``..._permits``, ``..._pushes``; ``fault_mpi_corrupt_version``)."""
-  bad = buf.copy()
-  if field == "version":
-    header = bad[:wire.HEADER_BYTES].view(wire.HEADER)
-    header["version"] += CORRUPT_VERSION_OFFSET
-  else:
-    bad[:4] = 0
-  return bad
 
 
 # ---- rank 0 ----------------------------------------------------------------------------------------------
@@ -271,10 +256,10 @@ class ServerRank(ThreadedEngine):
           buf = self._weights_message(version, params)
           if self._corrupt[dest] > 0:
             self._corrupt[dest] -= 1
-            buf = _corrupted(buf)
+            buf = corrupted_message(buf)
           elif self._corrupt_version[dest] > 0 and self._started:   # mid-run, where a bad version did harm
             self._corrupt_version[dest] -= 1
-            buf = _corrupted(buf, "version")
+            buf = corrupted_message(buf, "version")
       send(self.comm, buf, dest, wire.TAG_TO_LEARNERS)
 
   def _weights_message(self, version: int, params: Any) -> np.ndarray:
@@ -302,7 +287,7 @@ class ServerRank(ThreadedEngine):
           self._outstanding[k] = buf
           if self._corrupt_permits[rank] > 0:
             self._corrupt_permits[rank] -= 1
-            buf = _corrupted(buf)
+            buf = corrupted_message(buf)
           self._control.append((rank, buf))
           self._want.add(rank)
         self._lock.notify_all()
@@ -314,148 +299,6 @@ class ServerRank(ThreadedEngine):
                               for block in self.blocks]
     out["messages_rejected"] = self.rejected
     return out
-
-
-# ---- ranks > 0 ---------------------------------------------------------------------------------------------
-class LearnerRank:
-  """A rank > 0: its block of learner threads (the shared learner loop); pushes go to rank 0, weights come
-  from it. No PS here."""
-
-  def __init__(self, run: Any, comm) -> None:
-    self.run, self.comm, self.rank = run, comm, comm.Get_rank()
-    self.learners = run.config.learners
-    self.local = list(wire.learner_blocks(self.learners, comm.Get_size())[self.rank])
-    self.devices = dict(zip(self.local, learner_devices(len(self.local))[0]))
-    self.dim = int(ravel_pytree(run.params)[0].size)
-    self.wait_s = float(run.config.get("mpi_timeout_s", DEFAULT_WAIT_S))
-    # One gradient waits here at most: a deeper local queue would only add staleness (the PS queue bounds it).
-    self.queue: queue.Queue = queue.Queue(maxsize=1)
-    self.stop = threading.Event()
-    self.published = Published()
-    self.pushes = self.rejected = 0
-    self.corrupt_pushes = int(run.config.get("fault_mpi_corrupt_pushes", 0))
-    self.interrupted = False
-    self._granted = {k: 0 for k in self.local}   # ssp: the last permit serial granted to each local learner
-    # What a version from rank 0 may be (wire.check_weights_version): the setup's until START, then at most
-    # the run's last update (every update applies at least one gradient of μ; the last may pass by c − 1).
-    self.setup_version: Optional[int] = None
-    self.started = False
-    self.last_version = run.total_samples // run.config.batch_per_learner + run.protocol.gradients_per_update
-    self.hardsync = run.protocol.learners_wait
-    self.live: set[int] = set(self.local)
-    mpi_comm.set_error_log(run.workdir)
-
-  def _next(self, expect: frozenset, what: str, deadline: Optional[float]) -> Optional[wire.Message]:
-    """The next message from rank 0 of the kinds ``expect`` (None if it was rejected: RESEND asked)."""
-    got = receive(self.comm, wire.TAG_TO_LEARNERS, source=0,
-                  stop=lambda: deadline is not None and time.monotonic() > deadline)
-    if got is None:
-      raise RuntimeError(f"rank {self.rank}: nothing from rank 0 within {self.wait_s:g} s while waiting for "
-                         f"{what} (config.mpi_timeout_s)")
-    try:
-      msg = wire.decode(got[1], dim=self.dim, learners=self.learners, expect=expect)
-      if msg.kind in (wire.WEIGHTS, wire.PERMIT):
-        self._check_version(msg)
-      return msg
-    except wire.WireError as e:
-      self.rejected += 1
-      log.error("rank %d: rejected a malformed message from rank 0 (%d bytes): %s; asking again", self.rank,
-                got[1].size, e)
-      send(self.comm, wire.encode(wire.RESEND), 0, wire.TAG_TO_SERVER)
-      return None
-
-  def _check_version(self, msg: wire.Message) -> None:
-    """Raises WireError for a weights or permit version rank 0 cannot have sent (module docstring)."""
-    last = self.last_version if self.started else self.setup_version
-    if msg.kind == wire.PERMIT:
-      if msg.version > last:
-        raise wire.WireError(f"permit version {msg.version} is past the run's last update {last}; allowed: 0..{last}")
-      return
-    held = self.published.version if self.published.value is not None else self.setup_version
-    wire.check_weights_version(msg.version, held, last, hardsync=self.hardsync and bool(self.live))
-
-  def _drawn(self, learner: int, step: int) -> None:
-    """Learner k drew its step s: rank 0's copy of k's stream moves past it (checkpoints never replay it)."""
-    send(self.comm, wire.encode(wire.DRAW, learner=learner, value=float(step)), 0, wire.TAG_TO_SERVER)
-
-  def run_loop(self) -> tuple[PyTree, PyTree]:
-    deadline = time.monotonic() + self.wait_s
-    setup = None
-    while setup is None:
-      setup = self._next(frozenset({wire.SETUP}), "its setup", deadline)
-    self.setup_version = setup.version
-    info = json.loads(setup.text)
-    for k, state in info["streams"].items():
-      self.run.streams[int(k)].set_state(state)
-    live = {k: d for k, d in self.devices.items() if k not in set(info["dead"])}
-    self.live = set(live)
-    pool = Learners(self.run, live, self.published, lambda item: bounded_put(self.queue, item, self.stop),
-                    self.stop, to_server=np.asarray, on_draw=self._drawn)
-    while self.published.value is None and not self.stop.is_set():
-      self._handle(self._next(frozenset({wire.WEIGHTS, wire.STOP}), "its first weights", deadline))
-    if not self.stop.is_set():
-      pool.warm_up()
-      send(self.comm, wire.encode(wire.READY), 0, wire.TAG_TO_SERVER)
-    deadline = time.monotonic() + self.wait_s
-    while not self.stop.is_set():   # START, or STOP when rank 0 failed to start
-      msg = self._next(frozenset({wire.START, wire.WEIGHTS, wire.STOP}), "the start", deadline)
-      if msg is not None and msg.kind == wire.START:
-        self.started = True
-        break
-      self._handle(msg)
-    receiver = threading.Thread(target=self._receiver, name="mpi-receive", daemon=True)
-    receiver.start()
-    threads = pool.start() if not self.stop.is_set() else []
-    while not self.stop.is_set():
-      try:
-        item = self.queue.get(timeout=0.05)
-      except queue.Empty:
-        continue
-      if isinstance(item, Death):
-        self.live.discard(item.learner)
-        buf = wire.encode(wire.DEATH, learner=item.learner, text=item.error)
-      else:
-        buf = wire.encode(wire.PUSH, learner=item.learner, version=item.version, value=float(item.loss),
-                          payload=item.grads)
-        self.pushes += 1
-        if self.pushes <= self.corrupt_pushes:    # fault injection
-          buf = _corrupted(buf)
-      send(self.comm, buf, 0, wire.TAG_TO_SERVER)
-    self.published.wake()
-    join_learners(threads, self.queue, lambda death: None, SHUTDOWN_WAIT_S)
-    receiver.join()
-    send(self.comm, wire.encode(wire.DONE), 0, wire.TAG_TO_SERVER)
-    self.run.rank_summary = {"learners": self.local, "pushes": self.pushes, "messages_rejected": self.rejected}
-    if self.interrupted:
-      raise KeyboardInterrupt
-    return self.run.params, self.run.opt_state
-
-  def _receiver(self) -> None:
-    while not self.stop.is_set():   # unbounded: rank 0 ends the job (MPI_Abort) if it fails
-      self._handle(self._next(frozenset({wire.WEIGHTS, wire.STOP, wire.PERMIT}), "weights", None))
-
-  def _handle(self, msg: Optional[wire.Message]) -> None:
-    """WEIGHTS: the version the rank's learners pull from now on; PERMIT: learner k may start a gradient (ssp);
-    STOP: the run is over."""
-    if msg is None:
-      return
-    if msg.kind == wire.PERMIT:
-      if msg.learner in self.local:
-        serial = int(msg.value)
-        if serial > self._granted[msg.learner]:   # else a resent permit it already has: never grant twice
-          self._granted[msg.learner] = serial
-          self.published.grant([msg.learner], msg.version)
-      else:
-        self.rejected += 1
-        log.error("rank %d: rejected a permission for learner %d, which runs on another rank", self.rank,
-                  msg.learner)
-      return
-    if msg.kind == wire.STOP:
-      self.interrupted = msg.value != 0
-      self.stop.set()
-      self.published.wake()
-    elif msg.kind == wire.WEIGHTS and msg.version > self.published.version:
-      self.published.set(msg.version, msg.payload)
 
 
 def run_mpi(run: Any) -> tuple[PyTree, PyTree]:
