@@ -450,6 +450,20 @@ def test_an_error_on_a_rank_ends_the_job_with_one_line_and_its_traceback_in_the_
   assert line in log and "Traceback (most recent call last)" in log and 'raise ValueError("the reason' in log
 
 
+def test_an_error_before_the_workdir_is_known_says_how_to_see_its_traceback(monkeypatch, capsys):
+  from sajax.executors import mpi_comm
+  comm = _hooked(monkeypatch, rank=1)
+  monkeypatch.setenv("SAJAX_DEBUG", "1")
+  try:
+    raise KeyError("x")
+  except KeyError as e:
+    sys.excepthook(type(e), e, e.__traceback__)
+  err = capsys.readouterr().err
+  assert err.startswith("Traceback (most recent call last)") and comm.aborted == [5]
+  assert err.splitlines()[-1] == ("rank 1: KeyError: 'x'; ending the job (rerun the same command to resume from "
+                                  "the last checkpoint; SAJAX_DEBUG=1 prints the traceback)")
+
+
 def test_the_mpi_executor_refuses_an_mpi_without_thread_multiple(monkeypatch):
   """The receive, send and learner threads call MPI at once: an MPI that gives less than MPI_THREAD_MULTIPLE
   would corrupt or crash mid-run; it is refused at start-up with one line (exit 2, ConfigError)."""
@@ -634,11 +648,11 @@ def test_a_killed_rank_ends_the_job_and_rerunning_resumes_and_trains_softsync(tm
 
 @needs_mpiexec
 def test_fewer_learners_than_ranks_exits_2_with_one_line(tmp_path):
-  result = _mpiexec(3, *ARGS, "--config.executor=mpi", "--config.learners=2", "--workdir", str(tmp_path / "run"),
+  result = _mpiexec(2, *ARGS, "--config.executor=mpi", "--config.learners=1", "--workdir", str(tmp_path / "run"),
                     timeout=120)
-  assert result.returncode == 2
+  assert result.returncode == 2, _said(result)
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(lines) == 1 and "learners=2" in lines[0] and "allowed" in lines[0]
+  assert len(lines) == 1 and "learners=1 is invalid with 2 MPI ranks" in lines[0] and "allowed" in lines[0]
   assert not (tmp_path / "run").exists()
 
 

@@ -193,7 +193,7 @@ def write_error_log(text: str) -> None:
 
 def ending_line(error: BaseException) -> str:
   """The one line a job ended by ``error`` prints after ``rank N:``: the error, how to resume, the log."""
-  where = f"; traceback in {_error_log}" if _error_log else ""
+  where = f"; traceback in {_error_log}" if _error_log else "; SAJAX_DEBUG=1 prints the traceback"
   return f"{describe(error)}; ending the job ({RESUME_HINT}{where})"
 
 
