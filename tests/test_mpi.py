@@ -282,6 +282,10 @@ def _server_rank(protocol, tmp_path, ranks=3):
   server._lock, server._want, server._outstanding = threading.Condition(), set(), {}
   server._done, server._ready = set(), set()
   server.ps = types.SimpleNamespace(needs_stale_params=False)
+  server.deaths, server.wait_s = types.SimpleNamespace(alive=set(range(4))), 0.3
+  server._started, server._closing, server._abandoned = True, False, False
+  now = time.monotonic()
+  server._heard, server._pushed_on, server._last_update, server._next_watch = dict.fromkeys(range(1, ranks), now), {}, now, now
   return server
 
 
@@ -307,6 +311,28 @@ def test_rank_0_checkpoints_a_remote_learners_stream_past_every_step_it_drew_so_
   assert step == 3
   np.testing.assert_array_equal(indices, next(fresh))                # the first batch not drawn before
   assert server.queue.get_nowait().learner == 3                      # the push itself still reached the PS queue
+
+
+def test_rank_0_ends_the_job_naming_a_rank_that_stopped_answering_mid_run(tmp_path, monkeypatch, capsys):
+  """Hardsync, 3 ranks: rank 1's learner pushed on the current version 3 and waits for the next (silent by right);
+  rank 2 (learners 2, 3) has sent nothing for mpi_timeout_s and the PS made no update meanwhile. The PS waited for
+  rank 2's gradients forever; now rank 0 ends the job with one line naming rank 2 only, exit 5."""
+  import sajax
+  from sajax.executors import mpi
+  comm = _hooked(monkeypatch, rank=0)
+  server = _server_rank(sajax.Protocol.hardsync(learners=4), tmp_path)
+  server.comm = comm
+  server._accept(1, wire.encode(wire.PUSH, learner=1, version=3, payload=np.ones(10, np.float32)))
+  monkeypatch.setattr(mpi, "receive", lambda comm, tag, stop, source=None: None if _until(stop) else None)
+  capsys.readouterr()
+  start = time.monotonic()
+  _ends_within(server._receiver)
+  assert 0.25 < time.monotonic() - start
+  assert capsys.readouterr().err.splitlines() == [
+      "rank 0: no update for 0.3 s and rank(s) [2], whose gradients the PS waits for, sent nothing for as long "
+      "(config.mpi_timeout_s): stopped answering; ending the job (rerun the same command to resume from the last "
+      "checkpoint)"]
+  assert comm.aborted == [5]
 
 
 def test_the_learner_loop_reports_each_draw_before_computing_on_it():

@@ -47,7 +47,8 @@ How a job ends when something goes wrong (every end is one line ``rank N: ...`` 
 :data:`~sajax.executors.mpi_comm.EXIT_RANK_FAILED`; rerunning the same command resumes from the last
 checkpoint): an exception on any rank (``rank N: Type: message; ending the job (...)``, its traceback in
 ``<workdir>/mpi_errors.log``); a rank that does not answer within ``mpi_timeout_s`` during start-up, shutdown,
-a send, or the barrier at exit (the line names it); a PUSH that rank 0 rejects as malformed under hardsync or
+a send, or the handshake at exit, or that sends nothing for as long mid-run while the PS, making no update,
+waits for its gradients (the line names it); a PUSH that rank 0 rejects as malformed under hardsync or
 ssp (it cannot tell whose it was and every learner would wait for it; under async or softsync the run goes on
 without that gradient).
 
@@ -60,6 +61,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import traceback
 from typing import Any, Optional
 
@@ -111,6 +113,11 @@ class ServerRank(ThreadedEngine):
     # one it last pushed (or the first it was sent), so older ones are released.
     self._versions: dict[int, Any] = {}
     self._holds = {k: self.published.version for r in range(1, self.ranks) for k in self.blocks[r]}
+    # The watch for a rank that stopped answering mid-run (_stalled): when each rank was last heard from, when
+    # the PS last updated, the version each remote learner last pushed on.
+    self._heard = {r: time.monotonic() for r in range(1, self.ranks)}
+    self._last_update = self._next_watch = time.monotonic()
+    self._pushed_on: dict[int, int] = {}
     mpi_comm.set_error_log(run.workdir)
 
   def run_loop(self) -> tuple[PyTree, PyTree]:
@@ -134,7 +141,8 @@ class ServerRank(ThreadedEngine):
           raise RuntimeError(f"rank(s) {missing} did not report ready within {self.wait_s:g} s "
                              "(config.mpi_timeout_s)")
         self._control += [(r, wire.encode(wire.START)) for r in range(1, self.ranks)]
-        self._started = True
+        self._started, self._last_update = True, time.monotonic()
+        self._heard = {r: self._last_update for r in range(1, self.ranks)}
         self._lock.notify_all()
       return super().run_loop()
     except KeyboardInterrupt:
@@ -169,7 +177,7 @@ class ServerRank(ThreadedEngine):
 
   def _receiver(self) -> None:
     while len(self._done) < self.ranks - 1 and not self._abandoned:
-      got = receive(self.comm, wire.TAG_TO_SERVER, stop=lambda: self._abandoned)
+      got = receive(self.comm, wire.TAG_TO_SERVER, stop=lambda: self._abandoned or self._watch())
       if got is None:
         return
       self._accept(*got)
@@ -177,6 +185,7 @@ class ServerRank(ThreadedEngine):
   def _accept(self, source: int, buf: np.ndarray) -> None:
     """One message from rank ``source``: checked (a malformed one is counted and logged; under a protocol
     that waits for every gradient it ends the job), then acted on."""
+    self._heard[source] = time.monotonic()
     try:
       msg = wire.decode(buf, dim=self.dim, learners=self.learners, expect=SERVER_EXPECTS)
       if msg.kind in wire.LEARNER_KINDS and self.owner[msg.learner] != source:
@@ -214,11 +223,41 @@ class ServerRank(ThreadedEngine):
     else:
       with self._lock:   # the pushing learner pulls next: send its rank θ as soon as there is a newer one
         self._outstanding.pop(msg.learner, None)   # ssp: it used its permit
+        self._pushed_on[msg.learner] = msg.version
         self._want.add(source)
         self._lock.notify_all()
         stale = self._stale_params(msg.learner, msg.version)
       finite = bool(np.isfinite(msg.payload).all())
       self._put(Push(msg.learner, msg.version, msg.payload, finite, msg.value, stale))
+
+  def _watch(self) -> bool:
+    """At most once a second: ends the job with one line if :meth:`_stalled` names ranks. True once ending."""
+    now = time.monotonic()
+    if now >= self._next_watch:
+      self._next_watch = now + 1.0
+      silent = self._stalled(now)
+      if silent:
+        mpi_comm.fatal_error(
+            f"no update for {self.wait_s:g} s and rank(s) {silent}, whose gradients the PS waits for, sent "
+            f"nothing for as long (config.mpi_timeout_s): stopped answering; ending the job ({mpi_comm.RESUME_HINT})")
+        self._abandoned = True
+    return self._abandoned
+
+  def _stalled(self, now: float) -> list[int]:
+    """The ranks that stopped answering mid-run: once the PS has made no update for ``mpi_timeout_s``, those
+    silent for as long with a live learner the PS waits for (hardsync: one that has not pushed on the current
+    version; ssp: one holding a permit; async, softsync: any). A rank whose learners all wait for rank 0 is
+    silent by right and never named."""
+    if not self._started or self.stop.is_set() or self._closing or now - self._last_update < self.wait_s:
+      return []
+    alive, version = self.deaths.alive, self.published.version
+
+    def awaited(k: int) -> bool:
+      if self.protocol.learners_wait:
+        return self._pushed_on.get(k, -1) < version
+      return k in self._outstanding if self.protocol.max_spread is not None else True
+    return [r for r in range(1, self.ranks) if now - self._heard[r] >= self.wait_s
+            and any(k in alive and awaited(k) for k in self.blocks[r])]
 
   def _stale_params(self, learner: int, version: int) -> Any:
     """θ_j of a remote push (policies that read it), releasing versions no remote learner can hold now."""
@@ -269,6 +308,7 @@ class ServerRank(ThreadedEngine):
 
   def _publish(self) -> None:
     super()._publish()
+    self._last_update = time.monotonic()
     with self._lock:
       self._lock.notify_all()
 
