@@ -222,6 +222,13 @@ def judge_corrupt_push(launch: Launch, kept: Kept, protocol: str) -> bool:
   return launch.code == 0 and kept.final.get("messages_rejected") == 1
 
 
+def judge_silent_rank(launch: Launch) -> bool:
+  """Row 8: exit 5 with one ``rank N: ...; ending the job`` line naming rank 1, no traceback on the terminal."""
+  endings = ending_lines(launch.output)
+  return (launch.code == 5 and len(endings) == 1 and ("rank 1 " in endings[0] or "[1]" in endings[0])
+          and not has_traceback(launch.output))
+
+
 # ---- running ------------------------------------------------------------------------------------------------
 def train_command(column: Column, workdir: str, *extra: str) -> list[str]:
   """``[mpiexec -n 2] python launch/train.py`` with the base config, the column and ``extra`` overrides."""
@@ -451,6 +458,32 @@ def row_mpi_push(matrix: Matrix, column: Column) -> Cell:
                note=f"messages_rejected = {kept.final.get('messages_rejected')}" if run.code == 0 else "")
 
 
+SILENT_AFTER_S = 20   # row 8's --config.mpi_timeout_s
+
+
+def row_silent_rank(matrix: Matrix, column: Column) -> Cell:
+  """MPI only: rank 1 is stopped (SIGSTOP) once the first checkpoint exists; rank 0 gives up on it after
+  ``mpi_timeout_s`` and ends the job with one line naming it."""
+  if column.executor != "mpi":
+    return Cell(ok=None, note="MPI only")
+  workdir = matrix.workdir("8", column)
+  stopped_at: list[float] = []
+  start = time.monotonic()
+
+  def stop_after_first_checkpoint(process: subprocess.Popen) -> None:
+    if stopped_at or not read_kept(workdir).checkpoints:
+      return
+    pid = timed_launch.rank_pid(process.pid, 1, TRAIN)
+    if pid is not None:
+      os.kill(pid, signal.SIGSTOP)
+      stopped_at.append(time.monotonic() - start)
+
+  run = matrix.launch(train_command(column, workdir, f"--config.mpi_timeout_s={SILENT_AFTER_S}"),
+                      f"8-{column.slug}", during=stop_after_first_checkpoint)
+  when = f"rank 1 stopped at {stopped_at[0]:.0f} s" if stopped_at else "rank 1 never stopped"
+  return cell_result(bool(stopped_at) and judge_silent_rank(run), [run], read_kept(workdir), note=when)
+
+
 @dataclasses.dataclass(frozen=True)
 class Row:
   key: str
@@ -490,6 +523,9 @@ ROWS = (
     Row("7p", "MPI: a corrupt push from rank 1", "`--config.fault_mpi_corrupt_pushes=1 --config.epochs=1`",
         "async, softsync: exit 0, messages_rejected = 1; hardsync: exit 5, one `rank 0: ... ending the job` line",
         row_mpi_push),
+    Row("8", "MPI: rank 1 stops answering (kill -STOP after the first checkpoint)",
+        f"base command + `--config.mpi_timeout_s={SILENT_AFTER_S}`",
+        "exit 5, one `rank 0: ... ending the job` line naming rank 1", row_silent_rank),
 )
 
 

@@ -85,6 +85,16 @@ def test_mpi_message_rows_need_the_resends_or_one_ending_line(tmp_path):
   assert fm.judge_corrupt_push(_launch(0, ""), one, "async") and not fm.judge_corrupt_push(_launch(0), one, "hardsync")
 
 
+def test_a_silent_rank_needs_exit_5_and_one_line_naming_it():
+  line = ("rank 0: no update for 20 s and rank(s) [1], whose gradients the PS waits for, sent nothing for as long "
+          "(config.mpi_timeout_s): stopped answering; ending the job (rerun the same command to resume from the "
+          "last checkpoint)\n")
+  assert fm.judge_silent_rank(_launch(5, line))
+  assert not fm.judge_silent_rank(_launch(5, line + line))                   # one line, not two
+  assert not fm.judge_silent_rank(_launch(5, line.replace("[1]", "[2]")))    # names the stopped rank
+  assert not fm.judge_silent_rank(_launch(None, line))                       # a timeout is never the outcome
+
+
 def test_resume_needs_a_killed_run_a_resumed_rerun_and_one_record_per_epoch_in_order(tmp_path):
   resumed = _launch(0, f"{fm.RESUMED} 32 (epoch 1.00)\n")
   kept = fm.read_kept(_workdir(tmp_path))

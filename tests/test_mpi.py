@@ -388,6 +388,7 @@ def _hooked(monkeypatch, rank, grace=0.0):
   monkeypatch.setattr(threading, "excepthook", threading.excepthook)
   for name in ("_hooked", "_missing", "_error_log", "_wait_s"):
     monkeypatch.setattr(mpi_comm, name, getattr(mpi_comm, name))
+  monkeypatch.setattr(mpi_comm, "_ending", threading.Lock())
   if grace is not None:
     monkeypatch.setattr(mpi_comm, "ABORT_GRACE_S", grace)
   mpi_comm._install_abort_hooks(comm)
@@ -474,6 +475,18 @@ def test_an_error_on_a_rank_ends_the_job_with_one_line_and_its_traceback_in_the_
     assert events[-1] == ("sleep", mpi_comm.ABORT_GRACE_S, "") and comm.aborted == [5, 5]
   log = (tmp_path / "mpi_errors.log").read_text()
   assert line in log and "Traceback (most recent call last)" in log and 'raise ValueError("the reason' in log
+
+
+def test_a_second_reason_while_the_job_is_ending_prints_nothing_more(tmp_path, monkeypatch, capsys):
+  """Rank 0's sender timed out on a silent rank and its watch named the same rank a moment later: two lines for
+  one end. Only the first prints; the second goes to the error log."""
+  from sajax.executors import mpi_comm
+  comm = _hooked(monkeypatch, rank=0)
+  mpi_comm.set_error_log(str(tmp_path))
+  mpi_comm.fatal_error("the first reason")
+  mpi_comm.fatal_error("the second reason")
+  assert capsys.readouterr().err.splitlines() == ["rank 0: the first reason"] and comm.aborted == [5, 5]
+  assert "rank 0: the second reason (while the job was ending)" in (tmp_path / "mpi_errors.log").read_text()
 
 
 def test_an_error_before_the_workdir_is_known_says_how_to_see_its_traceback(monkeypatch, capsys):

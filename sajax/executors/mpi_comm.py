@@ -198,6 +198,7 @@ def ending_line(error: BaseException) -> str:
 
 
 _hooked = None   # the communicator once :func:`_install_abort_hooks` ran (ranks of an mpiexec job)
+_ending = threading.Lock()   # held by the first thread that ends the job: the job ends with its line alone
 
 
 def _install_abort_hooks(comm) -> None:
@@ -218,13 +219,19 @@ def _install_abort_hooks(comm) -> None:
 def fatal_error(text: str, detail: str = "") -> None:
   """Ends the job: prints the one line ``rank N: text``, hands ``detail`` (a traceback) to the error log (rank
   0 writes it, a rank > 0 sends it to rank 0 in a FAIL message; ``SAJAX_DEBUG=1`` prints it too), then calls
-  MPI_Abort with :data:`EXIT_RANK_FAILED` after :data:`ABORT_GRACE_S`. Outside an mpiexec job (no hooks
-  installed) raises RuntimeError(text)."""
+  MPI_Abort with :data:`EXIT_RANK_FAILED` after :data:`ABORT_GRACE_S`. Only the first call prints: a second
+  reason found while the job is ending (another thread timing out on the same silent rank) goes to the log.
+  Outside an mpiexec job (no hooks installed) raises RuntimeError(text)."""
   comm = _hooked
   if comm is None:
     raise RuntimeError(text)
   rank = comm.Get_rank()
   line = f"rank {rank}: {text}"
+  if not _ending.acquire(blocking=False):   # another thread is ending the job already, with its own line
+    if rank == 0:
+      write_error_log(f"{line} (while the job was ending)\n{detail}")
+    abort()
+    return
   if detail and os.environ.get("SAJAX_DEBUG"):
     print(detail.rstrip(), file=sys.stderr)
   print(line, file=sys.stderr, flush=True)
