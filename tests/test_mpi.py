@@ -450,7 +450,7 @@ def test_a_send_that_a_silent_rank_never_takes_fails_naming_it():
 def test_an_error_on_a_rank_ends_the_job_with_one_line_and_its_traceback_in_the_workdir(
     rank, tmp_path, monkeypatch, capsys):
   """An uncaught exception on any rank printed its whole traceback, then MPI_Abort(1). Now: one line
-  ``rank N: Type: message; ending the job (...)``, exit code 5, the traceback in <workdir>/mpi_errors.log
+  ``rank N: Type: message; ending the job (...)``, exit code 5, the traceback in <workdir>/errors.log
   (rank 0 writes it; a rank > 0 sends it to rank 0 in its FAIL message); the line is printed before the grace
   wait, so mpiexec forwards it before MPI_Abort kills the proxy."""
   import sajax
@@ -464,16 +464,16 @@ def test_an_error_on_a_rank_ends_the_job_with_one_line_and_its_traceback_in_the_
   except ValueError as e:
     sys.excepthook(type(e), e, e.__traceback__)
   line = (f"rank {rank}: ValueError: the reason over two lines; ending the job (rerun the same command to resume "
-          f"from the last checkpoint; traceback in {tmp_path / 'mpi_errors.log'})")
+          f"from the last checkpoint; traceback in {tmp_path / 'errors.log'})")
   assert events == [("sleep", mpi_comm.ABORT_GRACE_S, line + "\n")] and comm.aborted == [5]
   assert mpi_comm.ABORT_GRACE_S >= 1
   if rank == 1:   # rank 0 receives the FAIL message, writes the traceback and ends the job without a second line
     (buf, dest), = comm.sent
-    assert dest == 0 and not (tmp_path / "mpi_errors.log").exists()
+    assert dest == 0 and not (tmp_path / "errors.log").exists()
     server = _server_rank(sajax.Protocol.asynchronous(learners=4), tmp_path, ranks=2)
     server._accept(1, buf)
     assert events[-1] == ("sleep", mpi_comm.ABORT_GRACE_S, "") and comm.aborted == [5, 5]
-  log = (tmp_path / "mpi_errors.log").read_text()
+  log = (tmp_path / "errors.log").read_text()
   assert line in log and "Traceback (most recent call last)" in log and 'raise ValueError("the reason' in log
 
 
@@ -486,7 +486,7 @@ def test_a_second_reason_while_the_job_is_ending_prints_nothing_more(tmp_path, m
   mpi_comm.fatal_error("the first reason")
   mpi_comm.fatal_error("the second reason")
   assert capsys.readouterr().err.splitlines() == ["rank 0: the first reason"] and comm.aborted == [5, 5]
-  assert "rank 0: the second reason (while the job was ending)" in (tmp_path / "mpi_errors.log").read_text()
+  assert "rank 0: the second reason (while the job was ending)" in (tmp_path / "errors.log").read_text()
 
 
 def test_an_error_before_the_workdir_is_known_says_how_to_see_its_traceback(monkeypatch, capsys):
@@ -584,11 +584,13 @@ on_async_job = pytest.mark.xdist_group("mpi-async")
 on_hardsync_job = pytest.mark.xdist_group("mpi-hardsync")
 
 
+@pytest.mark.slow
 @on_async_job
 def test_three_ranks_train_async_with_learners_on_every_rank(async_job):
   _check_trained(*async_job, c=1, rejected=2)
 
 
+@pytest.mark.slow
 @on_hardsync_job
 def test_three_ranks_train_hardsync_with_sigma_0_and_one_push_each_per_update(hardsync_job):
   final = _check_trained(*hardsync_job, c=4)
@@ -596,6 +598,7 @@ def test_three_ranks_train_hardsync_with_sigma_0_and_one_push_each_per_update(ha
   assert {v["count"] for v in final["staleness_per_learner"].values()} == {final["updates"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", [pytest.param("async_job", marks=on_async_job),
                                  pytest.param("hardsync_job", marks=on_hardsync_job)])
 def test_a_remote_nan_gradient_is_dropped_and_the_run_goes_on(job, request):
@@ -606,6 +609,7 @@ def test_a_remote_nan_gradient_is_dropped_and_the_run_goes_on(job, request):
   assert final["gradients_dropped"] == 1 and final["staleness_per_learner"]["3"]["dropped"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("job", [pytest.param("async_job", marks=on_async_job),
                                  pytest.param("hardsync_job", marks=on_hardsync_job)])
 def test_corrupt_weights_and_a_corrupt_version_are_rejected_and_asked_for_again(job, request):
@@ -620,6 +624,7 @@ def test_corrupt_weights_and_a_corrupt_version_are_rejected_and_asked_for_again(
   assert _records(workdir)[-1]["messages_rejected"] == (2 if job == "async_job" else 0)
 
 
+@pytest.mark.slow
 @on_async_job
 def test_a_corrupt_push_is_rejected_and_async_goes_on_without_it(async_job):
   result, workdir = async_job
@@ -629,6 +634,7 @@ def test_a_corrupt_push_is_rejected_and_async_goes_on_without_it(async_job):
   assert _records(workdir)[-1]["messages_rejected"] == 2
 
 
+@pytest.mark.slow
 @needs_mpiexec
 def test_a_corrupt_push_under_hardsync_ends_the_job_with_one_line_and_exit_5(tmp_path):
   """Rank 1 corrupts its first gradient. Hardsync would wait for it forever (the round needs every learner's),
@@ -659,6 +665,7 @@ def _rank_pid(workdir, rank):
   raise AssertionError(f"no rank {rank} process found")
 
 
+@pytest.mark.slow
 @needs_mpiexec
 def test_a_killed_rank_ends_the_job_and_rerunning_resumes_and_trains_softsync(tmp_path):
   """3 ranks, 2-softsync: rank 2 killed after the first checkpoint ends the job; the same command resumes and
@@ -685,6 +692,7 @@ def test_a_killed_rank_ends_the_job_and_rerunning_resumes_and_trains_softsync(tm
   _check_trained(resumed, workdir, c=2)           # statistics carried over the restart, still consistent
 
 
+@pytest.mark.slow
 @needs_mpiexec
 def test_fewer_learners_than_ranks_exits_2_with_one_line(tmp_path):
   result = _mpiexec(2, *ARGS, "--config.executor=mpi", "--config.learners=1", "--workdir", str(tmp_path / "run"),
@@ -695,6 +703,7 @@ def test_fewer_learners_than_ranks_exits_2_with_one_line(tmp_path):
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 @needs_mpiexec
 def test_pmap_across_two_processes_matches_one_process(tmp_path):
   """Global batch λμ = 32 over 4 devices: 2 processes × 2 devices vs 1 process × 4, one epoch (32 steps). The
@@ -727,6 +736,7 @@ def test_pmap_across_two_processes_matches_one_process(tmp_path):
   assert os.listdir(tmp_path / "two" / "checkpoints")
 
 
+@pytest.mark.slow
 @needs_mpiexec
 def test_a_diverged_mpi_run_exits_3_with_one_line(tmp_path):
   workdir = tmp_path / "run"
@@ -737,6 +747,7 @@ def test_a_diverged_mpi_run_exits_3_with_one_line(tmp_path):
   assert len(lines) == 1 and "diverged: 20 consecutive non-finite gradients at update" in lines[0], lines
 
 
+@pytest.mark.slow
 @needs_mpiexec
 @pytest.mark.parametrize("executor", ["mpi", "pmap"])
 def test_a_workdir_refused_on_rank_0_ends_every_rank_at_once(executor, tmp_path):

@@ -46,7 +46,7 @@ one), and the rank ignores a serial it has already granted, so a resent permit n
 How a job ends when something goes wrong (every end is one line ``rank N: ...`` and exit code 5,
 :data:`~sajax.executors.mpi_comm.EXIT_RANK_FAILED`; rerunning the same command resumes from the last
 checkpoint): an exception on any rank (``rank N: Type: message; ending the job (...)``, its traceback in
-``<workdir>/mpi_errors.log``); a rank that does not answer within ``mpi_timeout_s`` during start-up, shutdown,
+``<workdir>/errors.log``); a rank that does not answer within ``mpi_timeout_s`` during start-up, shutdown,
 a send, or the handshake at exit, or that sends nothing for as long mid-run while the PS, making no update,
 waits for its gradients (the line names it); a PUSH that rank 0 rejects as malformed under hardsync or
 ssp (it cannot tell whose it was and every learner would wait for it; under async or softsync the run goes on
@@ -201,7 +201,7 @@ class ServerRank(ThreadedEngine):
             f"{self.protocol.name} waits for; ending the job ({mpi_comm.RESUME_HINT})")
       return
     if msg.kind == wire.FAIL:   # rank `source` printed why; its traceback goes to the error log
-      mpi_comm.write_error_log(msg.text)
+      mpi_comm.write_error_log(f"rank {source}", msg.text)
       mpi_comm.abort()
     elif msg.kind == wire.DRAW:   # counted even after the run stopped: the final checkpoint is past it
       self.run.streams[msg.learner].drawn_elsewhere(int(msg.value))

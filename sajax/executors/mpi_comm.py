@@ -8,7 +8,7 @@ threads), so ``executor="mpi"`` needs ``MPI_THREAD_MULTIPLE`` and refuses to sta
 
 An uncaught exception on any rank ends the whole job (``MPI_Abort``) with one line, ``rank N: Type: message;
 ending the job (...)``, and exit code :data:`EXIT_RANK_FAILED` (5), as does a rank that stops answering; the
-full traceback goes to ``<workdir>/mpi_errors.log`` (rank 0 writes it; a rank > 0 sends it there), and to the
+full traceback goes to ``<workdir>/errors.log`` (rank 0 writes it; a rank > 0 sends it there), and to the
 terminal as well with ``SAJAX_DEBUG=1``.
 """
 
@@ -27,6 +27,7 @@ import jax
 import numpy as np
 
 from sajax import config as config_lib
+from sajax.workdir import ERRORS_LOG, keep_traceback
 from sajax.executors import mpi_wire as wire
 
 SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")   # set by mpiexec (MPICH/Open MPI) and srun
@@ -34,7 +35,6 @@ _world = None
 ABORT_GRACE_S = 2.0   # how long a rank that ends the job waits for its last lines to reach mpiexec's output
 EXIT_RANK_FAILED = 5  # the exit code of a job ended by a failed or silent rank (MPI_Abort's code, mpiexec's exit)
 DEFAULT_WAIT_S = 600.0   # waits for another rank (a first compilation under load is slow); config.mpi_timeout_s
-ERROR_LOG = "mpi_errors.log"
 RESUME_HINT = "rerun the same command to resume from the last checkpoint"
 _wait_s = DEFAULT_WAIT_S
 _error_log: Optional[str] = None   # rank 0: where full tracebacks go (set once the workdir is known)
@@ -175,18 +175,18 @@ def describe(error: BaseException) -> str:
 
 
 def set_error_log(workdir: str) -> None:
-  """Where full tracebacks go: ``<workdir>/mpi_errors.log`` (written by rank 0 only; every rank names it)."""
+  """Where full tracebacks go: the run's ``<workdir>/errors.log`` (written by rank 0 only; every rank names it)."""
   global _error_log
-  _error_log = os.path.join(workdir, ERROR_LOG)
+  _error_log = os.path.join(workdir, ERRORS_LOG)
 
 
-def write_error_log(text: str) -> None:
-  """Rank 0: appends ``text`` (a one-line reason and a traceback) to the error log, if one is set."""
+def write_error_log(what: str, text: str) -> None:
+  """Rank 0: appends ``text`` (a one-line reason and a traceback of ``what``, e.g. 'rank 2') to the error log
+  (:func:`sajax.workdir.keep_traceback`), if one is set."""
   if _error_log is None or not text:
     return
   try:
-    with open(_error_log, "a") as f:
-      f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text.rstrip()}\n\n")
+    keep_traceback(os.path.dirname(_error_log), what, text)
   except OSError:
     pass   # ending anyway; the one line was printed
 
@@ -229,7 +229,7 @@ def fatal_error(text: str, detail: str = "") -> None:
   line = f"rank {rank}: {text}"
   if not _ending.acquire(blocking=False):   # another thread is ending the job already, with its own line
     if rank == 0:
-      write_error_log(f"{line} (while the job was ending)\n{detail}")
+      write_error_log("rank 0", f"{line} (while the job was ending)\n{detail}")
     abort()
     return
   if detail and os.environ.get("SAJAX_DEBUG"):
@@ -237,7 +237,7 @@ def fatal_error(text: str, detail: str = "") -> None:
   print(line, file=sys.stderr, flush=True)
   report = f"{line}\n{detail}" if detail else line
   if rank == 0:
-    write_error_log(report)
+    write_error_log("rank 0", report)
   else:
     try:   # rank 0 writes the traceback to the error log, then ends the job too
       req = comm.Isend([wire.encode(wire.FAIL, text=report[-20000:]), _byte()], dest=0, tag=wire.TAG_TO_SERVER)
