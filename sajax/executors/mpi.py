@@ -12,8 +12,9 @@ After a push, rank r is sent the newest θ_i as soon as it is newer than the las
 go to a rank once per version it needs, shared by its learners, not once per learner. Rank 0 alone reads and
 writes the workdir; on resume it restores, then sends every rank its version, θ, its learners' streams
 (sampler position and step) and which of them are dead. Every rank runs the same learner loop
-(:mod:`~sajax.executors.learners`); a rank > 0 is :class:`~sajax.executors.mpi_learner_rank.LearnerRank`. For a policy that reads θ_j, rank 0 keeps (by reference) each version it
-sent until no remote learner can still hold it.
+(:mod:`~sajax.executors.learners`); a rank > 0 is :class:`~sajax.executors.mpi_learner_rank.LearnerRank`.
+For a policy that reads θ_j, rank 0 keeps (by reference) each version it sent until no remote learner can still
+hold it.
 
 Streams and resume: a remote learner that draws its step s tells rank 0 at once (DRAW k s, before it computes
 on it), and rank 0's copy of k's stream moves past s; messages from one rank arrive in order, so a gradient
@@ -50,7 +51,8 @@ checkpoint): an exception on any rank (``rank N: Type: message; ending the job (
 a send, or the handshake at exit, or that sends nothing for as long mid-run while the PS, making no update,
 waits for its gradients (the line names it); a PUSH that rank 0 rejects as malformed under hardsync or
 ssp (it cannot tell whose it was and every learner would wait for it; under async or softsync the run goes on
-without that gradient).
+without that gradient). Not covered: rank 0 alive but silent (SIGSTOP) while every remote learner waits for its
+weights or permits (hardsync, ssp): ranks > 0 cannot tell it from a long evaluation on rank 0, and wait.
 
 MPI calls poll with a short sleep instead of blocking: MPICH's blocking calls spin a core, which learner
 threads on a few cores cannot spare.

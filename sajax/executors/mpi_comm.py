@@ -2,8 +2,8 @@
 the point-to-point transport the MPI executor moves raw byte buffers with (:mod:`mpi_wire` encodes them).
 
 Calls poll with a short sleep instead of blocking: MPICH's blocking calls spin a core, which learner threads
-on a few cores cannot spare. Every wait for another rank is bounded by ``config.mpi_timeout_s``: a send another
-rank does not take, and the barrier at exit. The executor's threads call MPI at once (receive, send, learner
+on a few cores cannot spare. Every wait for another rank here is bounded by ``config.mpi_timeout_s``: a send
+another rank does not take, and the handshake at exit (:func:`absent_at_exit`), which names who never came. The executor's threads call MPI at once (receive, send, learner
 threads), so ``executor="mpi"`` needs ``MPI_THREAD_MULTIPLE`` and refuses to start without it (exit 2).
 
 An uncaught exception on any rank ends the whole job (``MPI_Abort``) with one line, ``rank N: Type: message;
