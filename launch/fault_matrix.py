@@ -222,10 +222,12 @@ def judge_corrupt_push(launch: Launch, kept: Kept, protocol: str) -> bool:
   return launch.code == 0 and kept.final.get("messages_rejected") == 1
 
 
-def judge_silent_rank(launch: Launch) -> bool:
-  """Row 8: exit 5 with one ``rank N: ...; ending the job`` line naming rank 1, no traceback on the terminal."""
+def judge_silent_rank(launch: Launch, rank: int = 1) -> bool:
+  """Rows 8, 8r0: exit 5 with one ``rank N: ...; ending the job`` line naming the stopped ``rank`` (after its
+  ``rank N:`` prefix), no traceback on the terminal."""
   endings = ending_lines(launch.output)
-  return (launch.code == 5 and len(endings) == 1 and ("rank 1 " in endings[0] or "[1]" in endings[0])
+  said = endings[0].split(":", 1)[1] if len(endings) == 1 else ""
+  return (launch.code == 5 and len(endings) == 1 and (f"rank {rank} " in said or f"[{rank}]" in said)
           and not has_traceback(launch.output))
 
 
@@ -461,27 +463,31 @@ def row_mpi_push(matrix: Matrix, column: Column) -> Cell:
 SILENT_AFTER_S = 20   # row 8's --config.mpi_timeout_s
 
 
-def row_silent_rank(matrix: Matrix, column: Column) -> Cell:
-  """MPI only: rank 1 is stopped (SIGSTOP) once the first checkpoint exists; rank 0 gives up on it after
+def silent_rank_row(key: str, rank: int) -> Callable[[Matrix, Column], Cell]:
+  """MPI only: ``rank`` is stopped (SIGSTOP) once the first checkpoint exists; the other rank gives up on it after
   ``mpi_timeout_s`` and ends the job with one line naming it."""
-  if column.executor != "mpi":
-    return Cell(ok=None, note="MPI only")
-  workdir = matrix.workdir("8", column)
-  stopped_at: list[float] = []
-  start = time.monotonic()
 
-  def stop_after_first_checkpoint(process: subprocess.Popen) -> None:
-    if stopped_at or not read_kept(workdir).checkpoints:
-      return
-    pid = timed_launch.rank_pid(process.pid, 1, TRAIN)
-    if pid is not None:
-      os.kill(pid, signal.SIGSTOP)
-      stopped_at.append(time.monotonic() - start)
+  def row(matrix: Matrix, column: Column) -> Cell:
+    if column.executor != "mpi":
+      return Cell(ok=None, note="MPI only")
+    workdir = matrix.workdir(key, column)
+    stopped_at: list[float] = []
+    start = time.monotonic()
 
-  run = matrix.launch(train_command(column, workdir, f"--config.mpi_timeout_s={SILENT_AFTER_S}"),
-                      f"8-{column.slug}", during=stop_after_first_checkpoint)
-  when = f"rank 1 stopped at {stopped_at[0]:.0f} s" if stopped_at else "rank 1 never stopped"
-  return cell_result(bool(stopped_at) and judge_silent_rank(run), [run], read_kept(workdir), note=when)
+    def stop_after_first_checkpoint(process: subprocess.Popen) -> None:
+      if stopped_at or not read_kept(workdir).checkpoints:
+        return
+      pid = timed_launch.rank_pid(process.pid, rank, TRAIN)
+      if pid is not None:
+        os.kill(pid, signal.SIGSTOP)
+        stopped_at.append(time.monotonic() - start)
+
+    run = matrix.launch(train_command(column, workdir, f"--config.mpi_timeout_s={SILENT_AFTER_S}"),
+                        f"{key}-{column.slug}", during=stop_after_first_checkpoint)
+    when = f"rank {rank} stopped at {stopped_at[0]:.0f} s" if stopped_at else f"rank {rank} never stopped"
+    return cell_result(bool(stopped_at) and judge_silent_rank(run, rank), [run], read_kept(workdir), note=when)
+  row.__doc__ = silent_rank_row.__doc__.replace("``rank``", f"rank {rank}")
+  return row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -525,7 +531,10 @@ ROWS = (
         row_mpi_push),
     Row("8", "MPI: rank 1 stops answering (kill -STOP after the first checkpoint)",
         f"base command + `--config.mpi_timeout_s={SILENT_AFTER_S}`",
-        "exit 5, one `rank 0: ... ending the job` line naming rank 1", row_silent_rank),
+        "exit 5, one `rank 0: ... ending the job` line naming rank 1", silent_rank_row("8", 1)),
+    Row("8r0", "MPI: rank 0 (the PS) stops answering (kill -STOP after the first checkpoint)",
+        f"base command + `--config.mpi_timeout_s={SILENT_AFTER_S}`",
+        "exit 5, one `rank 1: ... ending the job` line naming rank 0", silent_rank_row("8r0", 0)),
 )
 
 

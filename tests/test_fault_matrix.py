@@ -93,6 +93,9 @@ def test_a_silent_rank_needs_exit_5_and_one_line_naming_it():
   assert not fm.judge_silent_rank(_launch(5, line + line))                   # one line, not two
   assert not fm.judge_silent_rank(_launch(5, line.replace("[1]", "[2]")))    # names the stopped rank
   assert not fm.judge_silent_rank(_launch(None, line))                       # a timeout is never the outcome
+  other = ("rank 1: RankTimeout: rank 0 sent nothing for 20 s (config.mpi_timeout_s), not even that it is alive: "
+           "it stopped answering; ending the job (rerun the same command to resume from the last checkpoint)\n")
+  assert fm.judge_silent_rank(_launch(5, other), rank=0) and not fm.judge_silent_rank(_launch(5, other), rank=1)
 
 
 def test_resume_needs_a_killed_run_a_resumed_rerun_and_one_record_per_epoch_in_order(tmp_path):

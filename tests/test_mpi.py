@@ -203,10 +203,11 @@ def _weights(version):
 
 def _take(rank, link, *bufs):
   """Delivers ``bufs`` from rank 0 to the rank's receive loop, one at a time; the versions it holds after each."""
+  from sajax.executors.mpi_learner_rank import RUN_EXPECTS
   held = []
   for buf in bufs:
     link.inbox.append(buf)
-    rank._handle(rank._next(frozenset({wire.WEIGHTS, wire.STOP, wire.PERMIT}), "weights", None))
+    rank._handle(rank._next(RUN_EXPECTS, "weights", None))
     held.append(rank.published.version)
   return held
 
@@ -260,6 +261,43 @@ def test_a_rank_waiting_for_rank_0_gives_up_after_mpi_timeout_s_naming_itself(tm
   assert 0.25 < time.monotonic() - start < 5
 
 
+def test_a_rank_that_hears_nothing_from_rank_0_for_mpi_timeout_s_ends_the_job_and_alive_keeps_it_waiting(
+    tmp_path, monkeypatch):
+  """Under hardsync a rank whose learners wait for rank 0's weights waited for ever if rank 0 stopped answering.
+  Now rank 0 sends an ALIVE to a rank it has told nothing for mpi_timeout_s / 4, and a rank that has heard
+  nothing at all for mpi_timeout_s ends the job (RankTimeout: one line, exit 5)."""
+  import sajax
+  from sajax.executors import mpi_comm
+  rank, link = _learner_rank(sajax.Protocol.hardsync(learners=4), tmp_path, monkeypatch, held=5)
+  rank.wait_s = 0.3
+  time.sleep(0.2)
+  _take(rank, link, wire.encode(wire.ALIVE))            # rank 0 is busy, not gone
+  time.sleep(0.2)
+  rank.check_rank_0_alive(time.monotonic())             # 0.2 s since the ALIVE: still waiting
+  assert link.sent == [] and rank.published.version == 5
+  with pytest.raises(mpi_comm.RankTimeout, match=r"^rank 0 sent nothing for 0.3 s \(config.mpi_timeout_s\), not "
+                                                 r"even that it is alive: it stopped answering$"):
+    rank.check_rank_0_alive(time.monotonic() + 0.2)
+
+
+def test_rank_0_tells_a_rank_it_has_sent_nothing_for_a_quarter_of_mpi_timeout_s_that_it_is_alive(
+    tmp_path, monkeypatch):
+  import sajax
+  from sajax.executors import mpi
+  server = _server_rank(sajax.Protocol.hardsync(learners=4), tmp_path)   # rank 1: learner 1; rank 2: 2, 3
+  server.wait_s, server._control, server._sent = 4.0, [], {1: 3, 2: 3}
+  server._told = {1: time.monotonic() - 1.5, 2: time.monotonic()}
+  sent = []
+
+  def send(comm, buf, dest, tag):
+    sent.append((dest, wire.KINDS[int(np.frombuffer(buf[4:8].tobytes(), "<u4")[0])]))
+    server._abandoned = True                               # one message is enough: stop the sender
+
+  monkeypatch.setattr(mpi, "send", send)
+  _ends_within(server._sender)
+  assert sent == [(1, "alive")]                            # 1.5 s >= 4 s / 4; rank 2 was just sent something
+
+
 def _until(stop):
   """Polls ``stop`` as mpi_comm.receive does when nothing arrives (a rank that never answers)."""
   while not stop():
@@ -274,6 +312,7 @@ def _server_rank(protocol, tmp_path, ranks=3):
   from sajax.executors.learners import Published
   from sajax.executors.mpi import ServerRank
   server = ServerRank.__new__(ServerRank)
+  server.comm = _Comm(rank=0, size=ranks)
   server.run, server.protocol, server.ranks = _run(protocol, tmp_path), protocol, ranks
   server.learners, server.dim, server.rejected = 4, 10, 0
   server.blocks = wire.learner_blocks(4, ranks)

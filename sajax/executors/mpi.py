@@ -51,8 +51,8 @@ checkpoint): an exception on any rank (``rank N: Type: message; ending the job (
 a send, or the handshake at exit, or that sends nothing for as long mid-run while the PS, making no update,
 waits for its gradients (the line names it); a PUSH that rank 0 rejects as malformed under hardsync or
 ssp (it cannot tell whose it was and every learner would wait for it; under async or softsync the run goes on
-without that gradient). Not covered: rank 0 alive but silent (SIGSTOP) while every remote learner waits for its
-weights or permits (hardsync, ssp): ranks > 0 cannot tell it from a long evaluation on rank 0, and wait.
+without that gradient); rank 0 itself silent for ``mpi_timeout_s`` (it sends a rank it has told nothing for a
+quarter of that an ALIVE, so a busy rank 0 is told from a stopped one; the line comes from the rank > 0).
 
 MPI calls poll with a short sleep instead of blocking: MPICH's blocking calls spin a core, which learner
 threads on a few cores cannot spare.
@@ -118,6 +118,7 @@ class ServerRank(ThreadedEngine):
     # The watch for a rank that stopped answering mid-run (_stalled): when each rank was last heard from, when
     # the PS last updated, the version each remote learner last pushed on.
     self._heard = {r: time.monotonic() for r in range(1, self.ranks)}
+    self._told = dict(self._heard)   # when each rank was last sent anything (ALIVE when it is a while ago)
     self._last_update = self._next_watch = time.monotonic()
     self._pushed_on: dict[int, int] = {}
     mpi_comm.set_error_log(run.workdir)
@@ -280,6 +281,7 @@ class ServerRank(ThreadedEngine):
           return self._control or any(self._sent[r] < version for r in self._want) or self._abandoned or (
               self._closing and len(self._done) == self.ranks - 1)
         self._lock.wait_for(ready, timeout=0.5)
+        self._control += [(r, wire.encode(wire.ALIVE)) for r in self._quiet(time.monotonic())]
         if self._control:
           dest, buf = self._control.pop(0)
         else:
@@ -301,7 +303,19 @@ class ServerRank(ThreadedEngine):
           elif self._corrupt_version[dest] > 0 and self._started:   # mid-run, where a bad version did harm
             self._corrupt_version[dest] -= 1
             buf = corrupted_message(buf, "version")
+      self._told[dest] = time.monotonic()
       send(self.comm, buf, dest, wire.TAG_TO_LEARNERS)
+
+  def _quiet(self, now: float) -> list[int]:
+    """The ranks that were sent nothing for ``mpi_timeout_s`` / 4 during the run: they get an ALIVE, so a rank
+    waiting for rank 0 (weights, a permit) can tell a rank 0 that is busy (a long evaluation) from one that
+    stopped answering."""
+    if not self._started or self._closing or self._abandoned:
+      return []
+    quiet = [r for r in range(1, self.ranks) if now - self._told[r] >= self.wait_s / 4]
+    for r in quiet:
+      self._told[r] = now
+    return quiet
 
   def _weights_message(self, version: int, params: Any) -> np.ndarray:
     if self._encoded[0] != version:   # encoded once per version, whatever the number of ranks

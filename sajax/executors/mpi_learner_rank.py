@@ -2,11 +2,12 @@
 
     learner k (thread): pull (j, θ_j) from the rank's Published → DRAW (k, s) to rank 0 → grad → local queue
     main thread: local queue → PUSH (k, j, loss | flat g) or DEATH to rank 0
-    receive thread: WEIGHTS (i | θ_i), PERMIT (ssp), STOP from rank 0, each checked (mpi_wire) before use
+    receive thread: WEIGHTS (i | θ_i), PERMIT (ssp), ALIVE, STOP from rank 0, each checked (mpi_wire) before use
 
 Start-up: SETUP (the learners' streams and the dead), the first weights, compile, READY, then START. Every wait
-for rank 0 is bounded by ``mpi_timeout_s`` (start-up, each send); afterwards the receive thread waits for rank 0
-without a bound, since rank 0 ends the job (MPI_Abort) if it fails. What the rank accepts, and why, is in
+for rank 0 is bounded by ``mpi_timeout_s``: start-up, each send, and the run itself, since rank 0 sends a rank
+it has told nothing for ``mpi_timeout_s`` / 4 an ALIVE (it may be busy evaluating), so a rank that has heard
+nothing for ``mpi_timeout_s`` ends the job (RankTimeout, one line, exit 5). What the rank accepts, and why, is in
 :mod:`sajax.executors.mpi`'s docstring.
 """
 
@@ -31,6 +32,7 @@ from sajax.executors.threads import SHUTDOWN_WAIT_S, bounded_put, learner_device
 log = logging.getLogger("sajax")
 PyTree = Any
 DEFAULT_WAIT_S = mpi_comm.DEFAULT_WAIT_S
+RUN_EXPECTS = frozenset({wire.WEIGHTS, wire.STOP, wire.PERMIT, wire.ALIVE})   # what rank 0 sends once started
 
 
 class LearnerRank:
@@ -59,6 +61,7 @@ class LearnerRank:
     self.last_version = run.total_samples // run.config.batch_per_learner + run.protocol.gradients_per_update
     self.hardsync = run.protocol.learners_wait
     self.live: set[int] = set(self.local)
+    self.heard = time.monotonic()   # when rank 0 last sent anything (it sends ALIVE every mpi_timeout_s / 4)
     mpi_comm.set_error_log(run.workdir)
 
   def _next(self, expect: frozenset, what: str, deadline: Optional[float]) -> Optional[wire.Message]:
@@ -68,6 +71,7 @@ class LearnerRank:
     if got is None:
       raise RuntimeError(f"rank {self.rank}: nothing from rank 0 within {self.wait_s:g} s while waiting for "
                          f"{what} (config.mpi_timeout_s)")
+    self.heard = time.monotonic()
     try:
       msg = wire.decode(got[1], dim=self.dim, learners=self.learners, expect=expect)
       if msg.kind in (wire.WEIGHTS, wire.PERMIT):
@@ -126,6 +130,7 @@ class LearnerRank:
       try:
         item = self.queue.get(timeout=0.05)
       except queue.Empty:
+        self.check_rank_0_alive(time.monotonic())
         continue
       if isinstance(item, Death):
         self.live.discard(item.learner)
@@ -146,9 +151,15 @@ class LearnerRank:
       raise KeyboardInterrupt
     return self.run.params, self.run.opt_state
 
+  def check_rank_0_alive(self, now: float) -> None:
+    """Raises RankTimeout once rank 0 has sent nothing (not even an ALIVE) for ``mpi_timeout_s``."""
+    if now - self.heard > self.wait_s:
+      raise mpi_comm.RankTimeout(f"rank 0 sent nothing for {self.wait_s:g} s (config.mpi_timeout_s), not even "
+                                 "that it is alive: it stopped answering")
+
   def _receiver(self) -> None:
-    while not self.stop.is_set():   # unbounded: rank 0 ends the job (MPI_Abort) if it fails
-      self._handle(self._next(frozenset({wire.WEIGHTS, wire.STOP, wire.PERMIT}), "weights", None))
+    while not self.stop.is_set():   # without a bound: the main thread watches self.heard
+      self._handle(self._next(RUN_EXPECTS, "weights", None))
 
   def _handle(self, msg: Optional[wire.Message]) -> None:
     """WEIGHTS: the version the rank's learners pull from now on; PERMIT: learner k may start a gradient (ssp);

@@ -41,8 +41,9 @@ STOP = 12     # stop learning; value = 1.0 when the run was interrupted (Ctrl-C)
 SETUP = 13    # first message to a rank: its learners' sampler states as UTF-8 JSON (rank 0 restored them)
 START = 14    # every rank is READY: start the learners
 PERMIT = 15   # ssp: learner k may start one gradient, on weights of this version or newer; value = k's serial
+ALIVE = 16    # rank 0 is alive: sent to a rank that was sent nothing for mpi_timeout_s / 4 (it stops waiting after)
 KINDS = {PUSH: "push", DEATH: "death", FAIL: "fail", DONE: "done", READY: "ready", RESEND: "resend", DRAW: "draw",
-         WEIGHTS: "weights", STOP: "stop", SETUP: "setup", START: "start", PERMIT: "permit"}
+         WEIGHTS: "weights", STOP: "stop", SETUP: "setup", START: "start", PERMIT: "permit", ALIVE: "alive"}
 FLOAT_KINDS = frozenset({PUSH, WEIGHTS})
 TEXT_KINDS = frozenset({DEATH, FAIL, SETUP})
 LEARNER_KINDS = frozenset({PUSH, DEATH, PERMIT, DRAW})
