@@ -6,7 +6,9 @@ where. Rerunning with the same ``--workdir`` resumes from its last checkpoint. B
 exits with code 2; a diverged run (too many non-finite gradients in a row) prints one line naming the update,
 the count and the newest checkpoint and exits with code 3; a learner failure under ``fail_fast`` (or every learner
 dead) prints one line and exits with code 4 (each learner failure is one line; its traceback goes to
-``<workdir>/errors.log``); Ctrl-C saves a checkpoint and exits with code 130, even when every learner has stalled.
+``<workdir>/errors.log``); under MPI, a rank that fails or stops answering ends the job with one line and exit
+code 5 (``sajax.executors.mpi_comm.EXIT_RANK_FAILED``); Ctrl-C saves a checkpoint and exits with code 130, even
+when every learner has stalled.
 """
 
 from __future__ import annotations
