@@ -1,4 +1,5 @@
-"""launch/fault_matrix.py's pure helpers: reading a run's output and workdir, judging a cell, the report.
+"""launch/fault_matrix.py and its judges (launch/fault_judges.py): reading a run's output and workdir, judging a
+cell, the report.
 
 No training here: the matrix itself is `python launch/fault_matrix.py` (docs/reliability.md).
 """
@@ -13,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 
 import fault_matrix as fm  # noqa: E402
+from launch import fault_judges as fj  # noqa: E402
 
 DIVERGED = ("sajax: training into runs/x\ndiverged: 100 consecutive non-finite gradients at update 3; no checkpoint "
             "was saved\nerror: diverged: 100 consecutive non-finite gradients at update 3; no checkpoint was saved\n")
@@ -21,7 +23,7 @@ FAIL_FAST = ("learner 1 died: RuntimeError: injected fault\nTraceback (most rece
 
 
 def _launch(code, output=""):
-  return fm.Launch(command="python launch/train.py", code=code, seconds=12.3, output=output)
+  return fj.Launch(command="python launch/train.py", code=code, seconds=12.3, output=output)
 
 
 def _workdir(tmp_path, epochs=(1.0, 2.0), steps=(32, 64), aside=(), **final):
@@ -35,105 +37,105 @@ def _workdir(tmp_path, epochs=(1.0, 2.0), steps=(32, 64), aside=(), **final):
 
 
 def test_reason_is_the_error_line_else_the_last_line_of_a_traceback():
-  assert fm.reason(DIVERGED) == "error: diverged: 100 consecutive non-finite gradients at update 3; no checkpoint " \
+  assert fj.reason(DIVERGED) == "error: diverged: 100 consecutive non-finite gradients at update 3; no checkpoint " \
                                 "was saved"
-  assert fm.reason(FAIL_FAST).endswith("and fail_fast is set")
-  assert fm.reason("all fine\n") == ""
-  assert fm.reason(FAIL_FAST + "=" * 64 + "\n") == fm.reason(FAIL_FAST)   # not a separator printed after it
+  assert fj.reason(FAIL_FAST).endswith("and fail_fast is set")
+  assert fj.reason("all fine\n") == ""
+  assert fj.reason(FAIL_FAST + "=" * 64 + "\n") == fj.reason(FAIL_FAST)   # not a separator printed after it
 
 
 def test_read_kept_finds_checkpoints_records_and_corrupt_folders(tmp_path):
-  kept = fm.read_kept(_workdir(tmp_path, steps=(16, 48, 64), aside=("corrupt-32",), gradients_dropped=1))
+  kept = fj.read_kept(_workdir(tmp_path, steps=(16, 48, 64), aside=("corrupt-32",), gradients_dropped=1))
   assert kept.exists and kept.checkpoints == (16, 48, 64) and kept.corrupt == ("corrupt-32",)
   assert kept.epochs == (1.0, 2.0) and kept.final["gradients_dropped"] == 1
-  assert fm.describe_kept(kept) == "ckpt 16, 48, 64 · 2 records (epochs 1, 2) · corrupt-32"
-  assert fm.describe_kept(fm.read_kept(str(tmp_path / "absent"))) == "no workdir"
+  assert fj.describe_kept(kept) == "ckpt 16, 48, 64 · 2 records (epochs 1, 2) · corrupt-32"
+  assert fj.describe_kept(fj.read_kept(str(tmp_path / "absent"))) == "no workdir"
 
 
 def test_judges_accept_the_documented_outcome_and_nothing_else(tmp_path):
-  kept = fm.read_kept(_workdir(tmp_path, gradients_dropped=1, learners_alive=3))
-  assert fm.judge_dropped(_launch(0), kept) and not fm.judge_dropped(_launch(1), kept)
-  assert fm.judge_diverged(_launch(3, DIVERGED))
-  assert not fm.judge_diverged(_launch(3, DIVERGED + "error: again\n"))      # one line, not two
-  assert not fm.judge_diverged(_launch(0, DIVERGED))
-  assert fm.judge_survived(_launch(0), kept) and not fm.judge_survived(_launch(0), kept, learners=8)
+  kept = fj.read_kept(_workdir(tmp_path, gradients_dropped=1, learners_alive=3))
+  assert fj.judge_dropped(_launch(0), kept) and not fj.judge_dropped(_launch(1), kept)
+  assert fj.judge_diverged(_launch(3, DIVERGED))
+  assert not fj.judge_diverged(_launch(3, DIVERGED + "error: again\n"))      # one line, not two
+  assert not fj.judge_diverged(_launch(0, DIVERGED))
+  assert fj.judge_survived(_launch(0), kept) and not fj.judge_survived(_launch(0), kept, learners=8)
   one_line = "learner 1 died: RuntimeError: injected fault\nerror: learner 1 failed (RuntimeError: injected " \
              "fault) and fail_fast is set\n"
-  assert fm.judge_fail_fast(_launch(4, one_line))
-  assert not fm.judge_fail_fast(_launch(1, FAIL_FAST))                      # a traceback is not one line
-  assert not fm.judge_fail_fast(_launch(None, one_line))                    # a timeout is never the outcome
-  assert not fm.judge_fail_fast(_launch(0, one_line))
+  assert fj.judge_fail_fast(_launch(4, one_line))
+  assert not fj.judge_fail_fast(_launch(1, FAIL_FAST))                      # a traceback is not one line
+  assert not fj.judge_fail_fast(_launch(None, one_line))                    # a timeout is never the outcome
+  assert not fj.judge_fail_fast(_launch(0, one_line))
 
 
 def test_mpi_message_rows_need_the_resends_or_one_ending_line(tmp_path):
   """Row 7: rank 1 rejects the bad magic, then the bad version, asking again each time; row 7p: a corrupt push is
   rejected (async/softsync go on) or, under hardsync, ends the job with one ``rank 0:`` line and exit 5."""
-  kept = fm.read_kept(_workdir(tmp_path, messages_rejected=0))
+  kept = fj.read_kept(_workdir(tmp_path, messages_rejected=0))
   asked = ("[rank 1] rank 1: rejected a malformed message from rank 0 (80 bytes): bad magic 0x0; asking again\n"
            "[rank 1] rank 1: rejected a malformed message from rank 0 (80 bytes): weights version 1099511627777 "
            "is past the run's last update 129; allowed: 1..129; asking again\n")
-  assert fm.judge_resent(_launch(0, asked), kept)
-  assert not fm.judge_resent(_launch(0, asked.split("\n")[0]), kept)          # the bad version was taken
+  assert fj.judge_resent(_launch(0, asked), kept)
+  assert not fj.judge_resent(_launch(0, asked.split("\n")[0]), kept)          # the bad version was taken
   ending = ("rank 0: rejected a malformed message from rank 1 (40 bytes): bad magic 0x0\nrank 0: a malformed "
             "message from rank 1 may have been a gradient that protocol hardsync waits for; ending the job (rerun "
             "the same command to resume from the last checkpoint)\n")
-  assert fm.judge_corrupt_push(_launch(5, ending), kept, "hardsync")
-  assert fm.reason(ending).startswith("rank 0: a malformed message from rank 1 may have been")
-  assert not fm.judge_corrupt_push(_launch(5, ending + "Traceback (most recent call last):\n"), kept, "hardsync")
-  assert not fm.judge_corrupt_push(_launch(0, ""), kept, "async")              # nothing was rejected
-  one = fm.read_kept(_workdir(tmp_path / "one", messages_rejected=1))
-  assert fm.judge_corrupt_push(_launch(0, ""), one, "async") and not fm.judge_corrupt_push(_launch(0), one, "hardsync")
+  assert fj.judge_corrupt_push(_launch(5, ending), kept, "hardsync")
+  assert fj.reason(ending).startswith("rank 0: a malformed message from rank 1 may have been")
+  assert not fj.judge_corrupt_push(_launch(5, ending + "Traceback (most recent call last):\n"), kept, "hardsync")
+  assert not fj.judge_corrupt_push(_launch(0, ""), kept, "async")              # nothing was rejected
+  one = fj.read_kept(_workdir(tmp_path / "one", messages_rejected=1))
+  assert fj.judge_corrupt_push(_launch(0, ""), one, "async") and not fj.judge_corrupt_push(_launch(0), one, "hardsync")
 
 
 def test_a_silent_rank_needs_exit_5_and_one_line_naming_it():
   line = ("rank 0: no update for 20 s and rank(s) [1], whose gradients the PS waits for, sent nothing for as long "
           "(config.mpi_timeout_s): stopped answering; ending the job (rerun the same command to resume from the "
           "last checkpoint)\n")
-  assert fm.judge_silent_rank(_launch(5, line))
-  assert not fm.judge_silent_rank(_launch(5, line + line))                   # one line, not two
-  assert not fm.judge_silent_rank(_launch(5, line.replace("[1]", "[2]")))    # names the stopped rank
-  assert not fm.judge_silent_rank(_launch(None, line))                       # a timeout is never the outcome
+  assert fj.judge_silent_rank(_launch(5, line))
+  assert not fj.judge_silent_rank(_launch(5, line + line))                   # one line, not two
+  assert not fj.judge_silent_rank(_launch(5, line.replace("[1]", "[2]")))    # names the stopped rank
+  assert not fj.judge_silent_rank(_launch(None, line))                       # a timeout is never the outcome
   other = ("rank 1: RankTimeout: rank 0 sent nothing for 20 s (config.mpi_timeout_s), not even that it is alive: "
            "it stopped answering; ending the job (rerun the same command to resume from the last checkpoint)\n")
-  assert fm.judge_silent_rank(_launch(5, other), rank=0) and not fm.judge_silent_rank(_launch(5, other), rank=1)
+  assert fj.judge_silent_rank(_launch(5, other), rank=0) and not fj.judge_silent_rank(_launch(5, other), rank=1)
 
 
 def test_resume_needs_a_killed_run_a_resumed_rerun_and_one_record_per_epoch_in_order(tmp_path):
-  resumed = _launch(0, f"{fm.RESUMED} 32 (epoch 1.00)\n")
-  kept = fm.read_kept(_workdir(tmp_path))
-  assert fm.judge_resumed(_launch(-9), resumed, kept, epochs=(1.0, 2.0))
-  assert not fm.judge_resumed(_launch(0), resumed, kept, epochs=(1.0, 2.0))     # finished before the kill
-  assert not fm.judge_resumed(_launch(-9), _launch(0, "fresh start\n"), kept, epochs=(1.0, 2.0))
-  assert not fm.judge_resumed(_launch(-9), resumed, kept, epochs=(1.0, 1.0, 2.0))
+  resumed = _launch(0, f"{fj.RESUMED} 32 (epoch 1.00)\n")
+  kept = fj.read_kept(_workdir(tmp_path))
+  assert fj.judge_resumed(_launch(-9), resumed, kept, epochs=(1.0, 2.0))
+  assert not fj.judge_resumed(_launch(0), resumed, kept, epochs=(1.0, 2.0))     # finished before the kill
+  assert not fj.judge_resumed(_launch(-9), _launch(0, "fresh start\n"), kept, epochs=(1.0, 2.0))
+  assert not fj.judge_resumed(_launch(-9), resumed, kept, epochs=(1.0, 1.0, 2.0))
 
 
 def test_a_corrupt_checkpoint_must_be_moved_aside_with_a_warning_and_the_previous_one_used(tmp_path):
-  output = (f"checkpoint at step 32 {fm.UNREADABLE} (ValueError: x); moved it to w/corrupt-32\n"
-            f"{fm.RESUMED} 16 (epoch 0.50)\n")
-  kept = fm.read_kept(_workdir(tmp_path, steps=(16, 32, 64), aside=("corrupt-32",)))
-  assert fm.judge_corrupt(_launch(0, output), kept, corrupt_step=32, previous_step=16)
-  assert not fm.judge_corrupt(_launch(0, output), kept, corrupt_step=64, previous_step=32)
-  assert not fm.judge_corrupt(_launch(2, output), kept, corrupt_step=32, previous_step=16)
+  output = (f"checkpoint at step 32 {fj.UNREADABLE} (ValueError: x); moved it to w/corrupt-32\n"
+            f"{fj.RESUMED} 16 (epoch 0.50)\n")
+  kept = fj.read_kept(_workdir(tmp_path, steps=(16, 32, 64), aside=("corrupt-32",)))
+  assert fj.judge_corrupt(_launch(0, output), kept, corrupt_step=32, previous_step=16)
+  assert not fj.judge_corrupt(_launch(0, output), kept, corrupt_step=64, previous_step=32)
+  assert not fj.judge_corrupt(_launch(2, output), kept, corrupt_step=32, previous_step=16)
 
 
 def test_bad_config_needs_exit_2_one_line_and_no_workdir(tmp_path):
   line = "error: config.divergence_after=0 is invalid; allowed: an integer >= 1\n"
-  absent = fm.read_kept(str(tmp_path / "run"))
-  assert fm.judge_bad_config(_launch(2, line), absent)
-  assert not fm.judge_bad_config(_launch(2, line), fm.read_kept(str(tmp_path)))
-  assert not fm.judge_bad_config(_launch(2, line + "Traceback (most recent call last):\n"), absent)
-  assert not fm.judge_bad_config(_launch(1, line), absent)
+  absent = fj.read_kept(str(tmp_path / "run"))
+  assert fj.judge_bad_config(_launch(2, line), absent)
+  assert not fj.judge_bad_config(_launch(2, line), fj.read_kept(str(tmp_path)))
+  assert not fj.judge_bad_config(_launch(2, line + "Traceback (most recent call last):\n"), absent)
+  assert not fj.judge_bad_config(_launch(1, line), absent)
 
 
 def test_a_cell_whose_output_holds_a_traceback_fails_whatever_its_row_judged(tmp_path):
   """Every known failure ends with one line: a traceback anywhere in a cell's runs (here the learner's own log
   before the one error line, or the first of two runs) makes it ✘, with a note."""
-  kept = fm.read_kept(_workdir(tmp_path, learners_alive=3))
+  kept = fj.read_kept(_workdir(tmp_path, learners_alive=3))
   one_line = "learner 1 died (RuntimeError: injected fault)\nerror: learner 1 failed and fail_fast is set\n"
   traced = "learner 1 died: RuntimeError: injected fault\nTraceback (most recent call last):\n  File \"x.py\"\n" \
            + one_line
   assert fm.cell_result(True, [_launch(4, one_line)], kept).ok
-  assert not fm.judge_fail_fast(_launch(4, traced))
+  assert not fj.judge_fail_fast(_launch(4, traced))
   cell = fm.cell_result(True, [_launch(0, traced)], kept, note="learners_alive = 3")
   assert cell.ok is False and cell.note == "learners_alive = 3; a traceback in the output" and cell.failure
   assert fm.cell_result(True, [_launch(-9, traced), _launch(0, "resumed")], kept).ok is False
@@ -141,16 +143,16 @@ def test_a_cell_whose_output_holds_a_traceback_fails_whatever_its_row_judged(tmp
 
 def test_a_damaged_config_must_be_one_line_naming_it_with_the_workdir_unchanged(tmp_path):
   line = "error: saved run config 'w/config.json' is not readable JSON (...); allowed: ...\n"
-  before = fm.read_kept(_workdir(tmp_path / "run"))
+  before = fj.read_kept(_workdir(tmp_path / "run"))
   (tmp_path / "w").mkdir()
-  assert fm.judge_damaged_config(_launch(2, line), before, before, config_kept=True)
-  assert not fm.judge_damaged_config(_launch(2, line), before, before, config_kept=False)   # overwritten
-  assert not fm.judge_damaged_config(_launch(2, line), before, fm.read_kept(_workdir(tmp_path / "w", steps=(32,))),
+  assert fj.judge_damaged_config(_launch(2, line), before, before, config_kept=True)
+  assert not fj.judge_damaged_config(_launch(2, line), before, before, config_kept=False)   # overwritten
+  assert not fj.judge_damaged_config(_launch(2, line), before, fj.read_kept(_workdir(tmp_path / "w", steps=(32,))),
                                      config_kept=True)                                    # checkpoints lost
-  assert not fm.judge_damaged_config(_launch(1, line), before, before, config_kept=True)
-  assert not fm.judge_damaged_config(_launch(2, "Traceback (most recent call last):\n" + line), before, before,
+  assert not fj.judge_damaged_config(_launch(1, line), before, before, config_kept=True)
+  assert not fj.judge_damaged_config(_launch(2, "Traceback (most recent call last):\n" + line), before, before,
                                      config_kept=True)
-  assert not fm.judge_damaged_config(_launch(2, "error: learners=0 is invalid\n"), before, before, config_kept=True)
+  assert not fj.judge_damaged_config(_launch(2, "error: learners=0 is invalid\n"), before, before, config_kept=True)
 
 
 def test_corrupt_overwrites_every_file_with_garbage_of_its_length(tmp_path):
