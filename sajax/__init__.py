@@ -9,7 +9,8 @@ from sajax.optim import (StalenessAwareState, StalenessPolicy, available_policie
                          register_policy, staleness_aware, staleness_scale)
 from sajax import policies  # noqa: E402,F401 - registers the built-in policies
 from sajax.protocol import Protocol
-from sajax.server import ParameterServer, PushResult, StalenessStats
+from sajax.server import ParameterServer, PushResult
+from sajax.stats import StalenessStats
 
 __all__ = [
     "ParameterServer", "Protocol", "PushResult", "StalenessAwareState", "StalenessStats", "StalenessPolicy",
