@@ -423,7 +423,16 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
     raise refused
   if primary:
     log.info("sajax: training into %s", os.path.abspath(workdir))
-  run = Run(config, workdir, dataset, callbacks, outputs=primary)
+  run, refused = None, None
+  try:
+    run = Run(config, workdir, dataset, callbacks, outputs=primary)
+  except checkpoint.CheckpointMismatch as e:   # found by rank 0 alone, which restores: every process must stop
+    refused = e
+  refused = mpi_comm.rank0_outcome(config, refused)
+  if refused is not None:
+    if run is not None:
+      run.close()
+    raise refused
   from sajax import sync
   from sajax.executors import simulated, threads
   executors = {"pmap": sync.run_ssgd, "threads": threads.run_threads, "simulated": simulated.run_simulated,

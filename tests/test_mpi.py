@@ -177,7 +177,7 @@ class _Wire:
     from sajax.executors import mpi_learner_rank
     self.inbox, self.sent = [], []
     monkeypatch.setattr(mpi_learner_rank, "receive", self.receive)
-    monkeypatch.setattr(mpi_learner_rank, "send", lambda comm, buf, dest, tag: self.sent.append(
+    monkeypatch.setattr(mpi_learner_rank, "send", lambda comm, buf, dest, tag, **waits: self.sent.append(
         (dest, wire.KINDS[int(np.frombuffer(buf[4:8].tobytes(), "<u4")[0])])))
 
   def receive(self, comm, tag, stop, source=None):
@@ -269,15 +269,45 @@ def test_a_rank_that_hears_nothing_from_rank_0_for_mpi_timeout_s_ends_the_job_an
   import sajax
   from sajax.executors import mpi_comm
   rank, link = _learner_rank(sajax.Protocol.hardsync(learners=4), tmp_path, monkeypatch, held=5)
-  rank.wait_s = 0.3
-  time.sleep(0.2)
-  _take(rank, link, wire.encode(wire.ALIVE))            # rank 0 is busy, not gone
-  time.sleep(0.2)
-  rank.check_rank_0_alive(time.monotonic())             # 0.2 s since the ALIVE: still waiting
+  rank.wait_s = 0.3                                     # a rank > 0 waits 1.5 × that for any word: 0.45 s
+  rank.heard = time.monotonic() - 10                    # long silent ...
+  _take(rank, link, wire.encode(wire.ALIVE))            # ... then rank 0 says it is busy, not gone
+  heard = rank.heard
+  assert time.monotonic() - heard < 5
+  rank.check_rank_0_alive(heard + 0.4)                  # 0.4 s after the ALIVE: still waiting
   assert link.sent == [] and rank.published.version == 5
-  with pytest.raises(mpi_comm.RankTimeout, match=r"^rank 0 sent nothing for 0.3 s \(config.mpi_timeout_s\), not "
-                                                 r"even that it is alive: it stopped answering$"):
-    rank.check_rank_0_alive(time.monotonic() + 0.2)
+  with pytest.raises(mpi_comm.RankTimeout, match=r"^rank 0 sent nothing for 0.45 s \(1.5 × config.mpi_timeout_s\), "
+                                                 r"not even that it is alive: it stopped answering$"):
+    rank.check_rank_0_alive(heard + 0.5)
+
+
+def test_a_send_waits_for_a_busy_rank_that_says_it_is_alive_and_gives_up_on_a_silent_one():
+  """A rank > 0's push waits while rank 0 is busy (its queue full while it evaluates) but sends ALIVEs: the send
+  gives up only after ``wait_s`` of silence, not ``wait_s`` after it started (a healthy run ended with exit 5)."""
+  pytest.importorskip("mpi4py")
+  from sajax.executors import mpi_comm
+
+  class NeverTaken:
+    def Test(self):
+      return False
+
+    def Cancel(self):
+      pass
+
+  class Comm:
+    def Isend(self, buf, dest, tag):
+      return NeverTaken()
+
+  buf = wire.encode(wire.PUSH, learner=1, version=0, payload=np.ones(4, np.float32))
+  start = time.monotonic()
+  alive_until = start + 0.6                                  # rank 0 says it is alive for 0.6 s, then nothing
+  with pytest.raises(mpi_comm.RankTimeout, match=r"^rank 0 did not take a \w+ message within 0.2 s"):
+    mpi_comm.send(Comm(), buf, 0, wire.TAG_TO_SERVER, wait_s=0.2, heard=lambda: min(time.monotonic(), alive_until))
+  assert time.monotonic() - start >= 0.8                     # 0.6 s alive + 0.2 s of silence
+  start = time.monotonic()
+  with pytest.raises(mpi_comm.RankTimeout):
+    mpi_comm.send(Comm(), buf, 0, wire.TAG_TO_SERVER, wait_s=0.2)   # without heard=: 0.2 s from the start
+  assert time.monotonic() - start < 0.6
 
 
 def test_rank_0_tells_a_rank_it_has_sent_nothing_for_a_quarter_of_mpi_timeout_s_that_it_is_alive(
@@ -286,7 +316,7 @@ def test_rank_0_tells_a_rank_it_has_sent_nothing_for_a_quarter_of_mpi_timeout_s_
   from sajax.executors import mpi
   server = _server_rank(sajax.Protocol.hardsync(learners=4), tmp_path)   # rank 1: learner 1; rank 2: 2, 3
   server.wait_s, server._control, server._sent = 4.0, [], {1: 3, 2: 3}
-  server._told = {1: time.monotonic() - 1.5, 2: time.monotonic()}
+  server._told = {1: time.monotonic() - 1.5, 2: time.monotonic() + 60}   # rank 2 due only in a minute
   sent = []
 
   def send(comm, buf, dest, tag):
@@ -352,23 +382,26 @@ def test_rank_0_checkpoints_a_remote_learners_stream_past_every_step_it_drew_so_
   assert server.queue.get_nowait().learner == 3                      # the push itself still reached the PS queue
 
 
-def test_rank_0_ends_the_job_naming_a_rank_that_stopped_answering_mid_run(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("last_push, named", [(1.0, "[2]"), (np.nan, "[1, 2]")], ids=["finite", "dropped"])
+def test_rank_0_ends_the_job_naming_a_rank_that_stopped_answering_mid_run(last_push, named, tmp_path, monkeypatch,
+                                                                          capsys):
   """Hardsync, 3 ranks: rank 1's learner pushed on the current version 3 and waits for the next (silent by right);
   rank 2 (learners 2, 3) has sent nothing for mpi_timeout_s and the PS made no update meanwhile. The PS waited for
-  rank 2's gradients forever; now rank 0 ends the job with one line naming rank 2 only, exit 5."""
+  rank 2's gradients forever; now rank 0 ends the job with one line naming rank 2 only, exit 5. A learner whose
+  push was non-finite (dropped) recomputes at once, so the PS still waits for it: then rank 1 is named too."""
   import sajax
   from sajax.executors import mpi
   comm = _hooked(monkeypatch, rank=0)
   server = _server_rank(sajax.Protocol.hardsync(learners=4), tmp_path)
   server.comm = comm
-  server._accept(1, wire.encode(wire.PUSH, learner=1, version=3, payload=np.ones(10, np.float32)))
+  server._accept(1, wire.encode(wire.PUSH, learner=1, version=3, payload=np.full(10, last_push, np.float32)))
   monkeypatch.setattr(mpi, "receive", lambda comm, tag, stop, source=None: None if _until(stop) else None)
   capsys.readouterr()
-  start = time.monotonic()
+  start = server._last_update = server._heard[2] = time.monotonic()   # silence counted from here
   _ends_within(server._receiver)
   assert 0.25 < time.monotonic() - start
   assert capsys.readouterr().err.splitlines() == [
-      "rank 0: no update for 0.3 s and rank(s) [2], whose gradients the PS waits for, sent nothing for as long "
+      f"rank 0: no update for 0.3 s and rank(s) {named}, whose gradients the PS waits for, sent nothing for as long "
       "(config.mpi_timeout_s): stopped answering; ending the job (rerun the same command to resume from the last "
       "checkpoint)"]
   assert comm.aborted == [5]
@@ -804,3 +837,27 @@ def test_a_workdir_refused_on_rank_0_ends_every_rank_at_once(executor, tmp_path)
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "holds a run with another config" in lines[0]
   assert time.time() - start < 200
+
+
+def test_a_checkpoint_that_does_not_fit_found_by_rank_0_alone_stops_every_rank_with_its_one_line(tmp_path, monkeypatch):
+  """Only rank 0 restores, so only it finds a checkpoint that does not fit the run. Its refusal goes to every rank
+  (rank0_outcome, as a refused workdir does): each stops with the one line and exit 2, instead of the others
+  waiting mpi_timeout_s for rank 0 and ending with exit 5."""
+  import sajax
+  from sajax import checkpoint, config as config_lib, trainer
+  from sajax.executors import mpi_comm
+  from tests.helpers import smoke_config
+  told = []
+
+  def refuse(*args, **kwargs):
+    raise checkpoint.CheckpointMismatch("checkpoint x does not fit this run's state; allowed: a fresh --workdir")
+
+  def everyone(config, error):
+    told.append(error)
+    return None if error is None else config_lib.ConfigError(str(error))
+
+  monkeypatch.setattr(trainer, "Run", refuse)
+  monkeypatch.setattr(mpi_comm, "rank0_outcome", everyone)
+  with pytest.raises(config_lib.ConfigError, match=r"^checkpoint x does not fit this run's state; allowed"):
+    sajax.train(smoke_config("mpi", "async", learners=2, batch_per_learner=8), workdir=str(tmp_path / "run"))
+  assert told[0] is None and isinstance(told[1], checkpoint.CheckpointMismatch)   # the workdir, then the restore

@@ -233,7 +233,10 @@ class Learners:
       # The PS side reports it in one line (common.Deaths); the traceback goes to the workdir's errors.log
       # (on MPI ranks > 0, which write nothing, only to the debug log).
       detail = " ".join(f"{type(e).__name__}: {e}".split())
-      kept = keep_traceback(self.run.workdir, f"learner {k}", traceback.format_exc()) if self.run.outputs else None
+      try:
+        kept = keep_traceback(self.run.workdir, f"learner {k}", traceback.format_exc()) if self.run.outputs else None
+      except OSError:   # the workdir cannot be written: the death must still be reported, or hardsync waits for k
+        kept = None
       log.debug("learner %d died: %s\n%s", k, detail, traceback.format_exc())
       self.put(Death(k, detail, kept))
 

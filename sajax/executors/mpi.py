@@ -20,8 +20,8 @@ Streams and resume: a remote learner that draws its step s tells rank 0 at once 
 on it), and rank 0's copy of k's stream moves past s; messages from one rank arrive in order, so a gradient
 never reaches the PS before its draw. A checkpoint therefore holds every step whose draw rank 0 had received,
 including the steps still being computed (their gradients are lost, as a threads learner's in-flight step is),
-so a resumed run never draws them again. Only a draw still on the wire while rank 0 saves (microseconds) counts
-as made after the checkpoint, exactly like a local draw just after it, and is drawn again on resume.
+so a resumed run never draws them again. Only a draw not yet taken by rank 0's receiver while it saves (on the wire, or
+waiting while the receiver is blocked on a full PS queue) counts as made after the checkpoint, exactly like a local draw just after it, and is drawn again on resume.
 
 What a rank accepts: besides size, magic, kind, length, learner range and whole-number counts (a permit's
 serial, a draw's step: never NaN/Inf), every version is checked against what rank 0 can have sent
@@ -224,13 +224,14 @@ class ServerRank(ThreadedEngine):
         self._outstanding.pop(msg.learner, None)
       self._put(Death(msg.learner, msg.text))
     else:
+      finite = bool(np.isfinite(msg.payload).all())
       with self._lock:   # the pushing learner pulls next: send its rank θ as soon as there is a newer one
         self._outstanding.pop(msg.learner, None)   # ssp: it used its permit
-        self._pushed_on[msg.learner] = msg.version
+        if finite:   # a dropped gradient is recomputed at once: under hardsync the PS still waits for that learner
+          self._pushed_on[msg.learner] = msg.version
         self._want.add(source)
         self._lock.notify_all()
         stale = self._stale_params(msg.learner, msg.version)
-      finite = bool(np.isfinite(msg.payload).all())
       self._put(Push(msg.learner, msg.version, msg.payload, finite, msg.value, stale))
 
   def _watch(self) -> bool:

@@ -107,9 +107,10 @@ def check_thread_level(mpi: Any) -> None:
 
 
 def rank0_outcome(config: Any, error: Optional[Exception]) -> Optional[Exception]:
-  """Rank 0's refusal of the workdir (a ConfigError, or None) on every process of an ``mpiexec`` job, so that a
-  refused run ends on every rank at once instead of leaving the others waiting for rank 0. Outside a
-  multi-process job: ``error`` unchanged."""
+  """Rank 0's refusal of the run (its workdir, or a checkpoint that does not fit: a bad-input error, or None) on
+  every process of an ``mpiexec`` job, as a ConfigError with its one line (exit 2), so that a refused run ends on
+  every rank at once instead of leaving the others waiting for rank 0. Outside a multi-process job: ``error``
+  unchanged."""
   if config.executor not in ("mpi", "pmap") or world_size_from_env() <= 1:
     return error
   text = world().bcast(None if error is None else str(error), root=0)   # one small control message
@@ -138,13 +139,17 @@ def _wait(request, stop: Callable[[], bool] = lambda: False) -> bool:
   return True
 
 
-def send(comm, buf: np.ndarray, dest: int, tag: int, wait_s: Optional[float] = None) -> None:
+def send(comm, buf: np.ndarray, dest: int, tag: int, wait_s: Optional[float] = None,
+         heard: Optional[Callable[[], float]] = None) -> None:
   """Sends ``buf`` to rank ``dest``; raises :class:`RankTimeout` naming it if the send has not completed
-  within ``wait_s`` (default ``config.mpi_timeout_s``): the rank stopped receiving."""
+  within ``wait_s`` (default ``config.mpi_timeout_s``): the rank stopped receiving. With ``heard`` (when
+  ``dest`` last sent anything, ``time.monotonic()``), the wait is counted from then instead: a rank that is busy
+  (rank 0 evaluating, its queue full) but still says it is alive is waited for."""
   wait_s = _wait_s if wait_s is None else wait_s
-  deadline = time.monotonic() + wait_s
+  start = time.monotonic()
+  since = (lambda: max(start, heard())) if heard is not None else (lambda: start)  # noqa: E731
   request = comm.Isend([buf, _byte()], dest=dest, tag=tag)
-  if not _wait(request, stop=lambda: time.monotonic() > deadline):
+  if not _wait(request, stop=lambda: time.monotonic() > since() + wait_s):
     request.Cancel()
     kind = int(np.frombuffer(buf[4:8].tobytes(), "<u4")[0]) if buf.size >= 8 else -1
     raise RankTimeout(f"rank {dest} did not take a {wire.KINDS.get(kind, 'message')} message within {wait_s:g} s "

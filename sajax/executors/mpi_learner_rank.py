@@ -5,9 +5,10 @@
     receive thread: WEIGHTS (i | θ_i), PERMIT (ssp), ALIVE, STOP from rank 0, each checked (mpi_wire) before use
 
 Start-up: SETUP (the learners' streams and the dead), the first weights, compile, READY, then START. Every wait
-for rank 0 is bounded by ``mpi_timeout_s``: start-up, each send, and the run itself, since rank 0 sends a rank
-it has told nothing for ``mpi_timeout_s`` / 4 an ALIVE (it may be busy evaluating), so a rank that has heard
-nothing for ``mpi_timeout_s`` ends the job (RankTimeout, one line, exit 5). What the rank accepts, and why, is in
+for rank 0 is bounded: start-up by ``mpi_timeout_s``; each send and the run itself by rank 0's silence, since
+rank 0 sends a rank it has told nothing for ``mpi_timeout_s`` / 4 an ALIVE (it may be busy evaluating, its queue
+full, so a push waits), and a rank that has heard nothing for 1.5 × ``mpi_timeout_s`` ends the job (RankTimeout,
+one line, exit 5). The 1.5: when another rank stops answering, rank 0 (which names it) speaks first. What the rank accepts, and why, is in
 :mod:`sajax.executors.mpi`'s docstring.
 """
 
@@ -33,6 +34,7 @@ log = logging.getLogger("sajax")
 PyTree = Any
 DEFAULT_WAIT_S = mpi_comm.DEFAULT_WAIT_S
 RUN_EXPECTS = frozenset({wire.WEIGHTS, wire.STOP, wire.PERMIT, wire.ALIVE})   # what rank 0 sends once started
+RANK_0_SILENCE = 1.5   # × mpi_timeout_s: how long a rank > 0 waits for any word from rank 0 (see silence_s)
 
 
 class LearnerRank:
@@ -81,7 +83,7 @@ class LearnerRank:
       self.rejected += 1
       log.error("rank %d: rejected a malformed message from rank 0 (%d bytes): %s; asking again", self.rank,
                 got[1].size, e)
-      send(self.comm, wire.encode(wire.RESEND), 0, wire.TAG_TO_SERVER)
+      self._send(wire.encode(wire.RESEND))
       return None
 
   def _check_version(self, msg: wire.Message) -> None:
@@ -96,7 +98,7 @@ class LearnerRank:
 
   def _drawn(self, learner: int, step: int) -> None:
     """Learner k drew its step s: rank 0's copy of k's stream moves past it (checkpoints never replay it)."""
-    send(self.comm, wire.encode(wire.DRAW, learner=learner, value=float(step)), 0, wire.TAG_TO_SERVER)
+    self._send(wire.encode(wire.DRAW, learner=learner, value=float(step)))
 
   def run_loop(self) -> tuple[PyTree, PyTree]:
     deadline = time.monotonic() + self.wait_s
@@ -115,7 +117,7 @@ class LearnerRank:
       self._handle(self._next(frozenset({wire.WEIGHTS, wire.STOP}), "its first weights", deadline))
     if not self.stop.is_set():
       pool.warm_up()
-      send(self.comm, wire.encode(wire.READY), 0, wire.TAG_TO_SERVER)
+      self._send(wire.encode(wire.READY))
     deadline = time.monotonic() + self.wait_s
     while not self.stop.is_set():   # START, or STOP when rank 0 failed to start
       msg = self._next(frozenset({wire.START, wire.WEIGHTS, wire.STOP}), "the start", deadline)
@@ -141,21 +143,33 @@ class LearnerRank:
         self.pushes += 1
         if self.pushes <= self.corrupt_pushes:    # fault injection
           buf = corrupted_message(buf)
-      send(self.comm, buf, 0, wire.TAG_TO_SERVER)
+      self._send(buf)
     self.published.wake()
     join_learners(threads, self.queue, lambda death: None, SHUTDOWN_WAIT_S)
     receiver.join()
-    send(self.comm, wire.encode(wire.DONE), 0, wire.TAG_TO_SERVER)
+    self._send(wire.encode(wire.DONE))
     self.run.rank_summary = {"learners": self.local, "pushes": self.pushes, "messages_rejected": self.rejected}
     if self.interrupted:
       raise KeyboardInterrupt
     return self.run.params, self.run.opt_state
 
+  def _send(self, buf: np.ndarray) -> None:
+    """Sends ``buf`` to rank 0, waiting while rank 0 is busy but alive: the send gives up only once rank 0 has sent
+    nothing for :attr:`silence_s` (it sends an ALIVE every ``mpi_timeout_s`` / 4 while it tells a rank nothing)."""
+    send(self.comm, buf, 0, wire.TAG_TO_SERVER, wait_s=self.silence_s, heard=lambda: self.heard)
+
+  @property
+  def silence_s(self) -> float:
+    """How long a rank > 0 waits for any word from rank 0: ``RANK_0_SILENCE`` × ``mpi_timeout_s``. Longer than
+    rank 0's own bounds, so when another rank stops answering, rank 0, which can name it, ends the job first (a
+    stopped rank r also stalls rank 0's one sender thread, so the other ranks stop hearing from rank 0 too)."""
+    return RANK_0_SILENCE * self.wait_s
+
   def check_rank_0_alive(self, now: float) -> None:
-    """Raises RankTimeout once rank 0 has sent nothing (not even an ALIVE) for ``mpi_timeout_s``."""
-    if now - self.heard > self.wait_s:
-      raise mpi_comm.RankTimeout(f"rank 0 sent nothing for {self.wait_s:g} s (config.mpi_timeout_s), not even "
-                                 "that it is alive: it stopped answering")
+    """Raises RankTimeout once rank 0 has sent nothing (not even an ALIVE) for :attr:`silence_s`."""
+    if now - self.heard > self.silence_s:
+      raise mpi_comm.RankTimeout(f"rank 0 sent nothing for {self.silence_s:g} s ({RANK_0_SILENCE:g} × "
+                                 "config.mpi_timeout_s), not even that it is alive: it stopped answering")
 
   def _receiver(self) -> None:
     while not self.stop.is_set():   # without a bound: the main thread watches self.heard
