@@ -38,15 +38,19 @@ def test_softsync_mean_staleness_is_near_n(n, tmp_path, monkeypatch):
   adding one update, so n(λ−1)/λ − 0.25 ≤ ⟨σ⟩ ≤ n(λ−1)/λ + Q/c holds structurally. Measured here ⟨σ⟩ was
   within 15 % of n for every n (e.g. 2.11 for n = 2, 9.04 for n = 8), so we also ask for 0.5·n ≤ ⟨σ⟩ ≤ 1.5·n + 0.5.
 
-  One pace, as the paper's learners (and the expectation above) have: each learner sleeps 50 ms before each
-  mini-batch, which dominates its few ms of compute. Without it, a CPU shared with other processes (another
-  pytest-xdist worker) lets some learners push twice within one update, at σ = 0: ⟨σ⟩ = 0.52 for n = 1 was seen.
+  One pace, as the paper's learners (and the expectation above) have: learner k starts its step s at
+  start + s × 0.1 s, whatever its compute took (a few ms here). Without that, a CPU shared with other processes
+  (another pytest-xdist worker, a loaded machine) lets some learners push twice within one update, at σ = 0:
+  ⟨σ⟩ = 0.52 for n = 1 was seen, and 0.55 with a plain 50 ms sleep per step.
   """
-  next_batch = trainer.Run.next_batch
+  next_batch, start = trainer.Run.next_batch, []
 
   def paced(self, learner):
-    time.sleep(0.05)
-    return next_batch(self, learner)
+    images, labels, step = next_batch(self, learner)
+    if not start:
+      start.append(time.monotonic())
+    time.sleep(max(0.0, start[0] + 0.1 * step - time.monotonic()))
+    return images, labels, step
 
   monkeypatch.setattr(trainer.Run, "next_batch", paced)
   learners = 8
