@@ -1,4 +1,7 @@
-"""Shared by the executor tests: the smoke config switched to an executor, and the reproducible metric fields."""
+"""Shared by the executor tests: the smoke config switched to an executor, the reproducible metric fields, and the
+environment of a child process."""
+
+import os
 
 from configs import smoke
 from sajax import metrics as metrics_lib
@@ -40,3 +43,12 @@ def stop_with_gradients_buffered(monkeypatch, after, condition=lambda run: True)
 
   monkeypatch.setattr(ParameterServer, "push", push)
   return [lambda run: runs.append(run) if not runs else None], stopped
+
+
+def child_env():
+  """``os.environ`` for a child process that sets its own device count (launch/train.py, each mpiexec rank):
+  XLA_FLAGS without tests/conftest.py's device count, its other flags (single-threaded Eigen) kept."""
+  env = dict(os.environ)
+  flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags)
+  return env

@@ -9,15 +9,15 @@ import time
 
 import pytest
 
+from tests.helpers import child_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
 
 
 def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # the launcher sets the device count itself
-  return env
+  return child_env()  # the launcher sets the device count itself
 
 
 def _launch(*args, cwd=None, timeout=300):
@@ -82,40 +82,38 @@ def test_unprepared_tfds_dataset_exits_2_fast_and_writes_nothing(tmp_path):
 
 @pytest.mark.slow
 def test_no_flags_runs_the_default_config_into_a_fresh_workdir_and_says_where(tmp_path):
-  """The default run itself is long; a flag-free start is checked by stopping it at its first evaluation."""
+  """The default run itself is long; a flag-free start is checked by stopping it (Ctrl-C) once it has written its
+  config.json into a fresh runs/ folder. That a Ctrl-C leaves a checkpoint to resume from is the next test's."""
   proc = subprocess.Popen([sys.executable, TRAIN], cwd=str(tmp_path), env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   try:
     deadline = time.time() + 240
-    metrics = None
-    while time.time() < deadline and metrics is None:
+    saved = None
+    while time.time() < deadline and saved is None:
       runs = tmp_path / "runs"
       if runs.exists():
-        for d in runs.iterdir():
-          if (d / "metrics.jsonl").exists() and (d / "metrics.jsonl").read_text().strip():
-            metrics = d / "metrics.jsonl"
-      time.sleep(0.5)
-    assert metrics is not None, "the default run wrote no evaluation in time"
+        saved = next((d / "config.json" for d in runs.iterdir() if (d / "config.json").exists()), None)
+      time.sleep(0.1)
+    assert saved is not None, "the default run wrote no config.json in time"
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=600)
   finally:
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == 130, err
-  workdir = metrics.parent
-  assert f"training into {workdir}" in err
-  config = json.loads((workdir / "config.json").read_text())
-  assert config["dataset"] == "mnist5k" and config["learners"] == 8
-  assert os.listdir(workdir / "checkpoints"), "Ctrl-C must leave a checkpoint"
+  workdir = saved.parent
+  assert f"training into {workdir}" in err and f"rerun with --workdir {os.path.join('runs', workdir.name)}" in err
+  config = json.loads(saved.read_text())
+  assert config["dataset"] == "mnist5k" and config["learners"] == 8 and config["executor"] == "threads"
 
 
 @pytest.mark.slow
 def test_a_run_prints_its_summary_and_ctrl_c_then_rerun_resumes_to_the_uninterrupted_result(tmp_path):
-  args = ["--config", SMOKE, "--config.epochs=6", "--config.train_examples=2048"]
+  args = ["--config", SMOKE, "--config.epochs=4", "--config.train_examples=1024"]
   reference = _launch(*args, "--workdir", str(tmp_path / "reference"))
   assert reference.returncode == 0, reference.stderr
   assert "test error" in reference.stdout and str(tmp_path / "reference") in reference.stdout   # the summary
-  assert len((tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()) == 6
+  assert len((tmp_path / "reference" / "metrics.jsonl").read_text().splitlines()) == 4
 
   workdir = tmp_path / "run"
   proc = subprocess.Popen([sys.executable, TRAIN, *args, "--workdir", str(workdir)], env=_env(),
@@ -147,9 +145,11 @@ def test_a_run_prints_its_summary_and_ctrl_c_then_rerun_resumes_to_the_uninterru
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("executor, protocol", [("threads", "hardsync"), ("simulated", "async")])
+@pytest.mark.parametrize("executor, protocol", [("threads", "hardsync")])
 def test_a_diverged_run_exits_3_with_one_line_naming_the_update_and_checkpoint(executor, protocol, tmp_path):
-  """`--config.learning_rate=1e9` (ran on, silent, before divergence was detected): ends in seconds, exit 3."""
+  """`--config.learning_rate=1e9` (ran on, silent, before divergence was detected): ends in seconds, exit 3. The
+  other executors and protocols end with DivergenceError in-process (tests/test_reliability.py), which the CLI turns
+  into this line and exit 3 whatever the executor (docs/reliability.md row 2 runs it through the CLI in each)."""
   workdir = tmp_path / "run"
   start = time.time()
   result = _launch("--config", SMOKE, f"--config.executor={executor}", f"--config.protocol={protocol}",

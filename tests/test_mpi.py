@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from sajax.executors import mpi_wire as wire
+from tests.helpers import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
@@ -31,9 +32,7 @@ ARGS = ["--config", SMOKE, "--config.learners=4", "--config.batch_per_learner=8"
 
 
 def _env():
-  env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)  # the launcher sets each rank's device count itself
-  return env
+  return child_env()   # the launcher sets each rank's device count itself
 
 
 def _mpiexec(ranks, *args, timeout=600):   # a bound on a hang, sized for a loaded machine (load 17 took > 240 s)
@@ -562,7 +561,6 @@ def test_a_second_reason_while_the_job_is_ending_prints_nothing_more(tmp_path, m
 
 
 def test_an_error_before_the_workdir_is_known_says_how_to_see_its_traceback(monkeypatch, capsys):
-  from sajax.executors import mpi_comm
   comm = _hooked(monkeypatch, rank=1)
   monkeypatch.setenv("SAJAX_DEBUG", "1")
   try:
@@ -798,7 +796,7 @@ def test_pmap_across_two_processes_matches_one_process(tmp_path):
   two = _mpiexec(2, *one_epoch, "--workdir", str(tmp_path / "two"))
   assert two.returncode == 0, two.stderr[-3000:]
   env = _env()
-  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+  env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
   one = subprocess.run([sys.executable, TRAIN, *one_epoch, "--workdir", str(tmp_path / "one")],
                        capture_output=True, text=True, env=env, timeout=240)
   assert one.returncode == 0, one.stderr[-3000:]

@@ -11,7 +11,7 @@ import pytest
 
 import sajax
 from sajax import optim
-from tests.helpers import smoke_config
+from tests.helpers import child_env, smoke_config
 
 ARGS = {"polynomial": {"a": 0.5}, "exponential": {}, "hinge": {}, "delay_adaptive": {}, "drop": {"bound": 6},
         "dc_asgd": {}, "dc_asgd_adaptive": {}, "gap_aware": {}, "inverse": {}, "constant": {}}
@@ -58,9 +58,11 @@ def test_each_policy_trains_across_mpi_ranks(tmp_path):
   for the other rank's pushes too: rank 0 keeps the versions it sent. (dc_asgd_adaptive, with its papers' λ0 = 2,
   diverged once at update 83 of a longer run — exit 3, as it should end — and trained poorly under threads and
   simulated alike, train loss 2.9 and 2.5 after one epoch: a property of the rule at this α0.)"""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  # The runs compile the same steps again (new closures per run): a persistent cache makes the repeats loads.
-  env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  env = child_env()
+  # The runs compile the same steps again (new closures per run): a persistent cache (the test session's, which
+  # tests/conftest.py sets) makes the repeats loads.
+  env.setdefault("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax_cache"))
+  env.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
   result = subprocess.run([MPIEXEC, "-n", "2", sys.executable, os.path.join(ROOT, "tests", "mpi_policies.py"),
                            str(tmp_path)], capture_output=True, text=True, env=env, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
