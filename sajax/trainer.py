@@ -72,6 +72,7 @@ class Run:
     # The Ctrl-C handler goes in first: under Python's default handler a Ctrl-C during the compilations below
     # raises inside JAX, which can swallow it (the run then trained on to its end); this one only sets a flag.
     self._stop_requested = False
+    self._on_stop: list[Callable[[], None]] = []
     self._previous_sigint = None
     self._bar = self.writer = self.checkpointer = None     # what close() closes, once _build has made it
     if threading.current_thread() is threading.main_thread():
@@ -156,6 +157,13 @@ class Run:
     the current update, or, in an executor that checks between pushes, after the current push, with gradients
     buffered toward the next update (the checkpoint holds them: see ``ParameterServer.pending_arrays``)."""
     self._stop_requested = True
+    for wake in self._on_stop:
+      wake()
+
+  def on_stop_request(self, wake: Callable[[], None]) -> None:
+    """``wake()`` is called by :meth:`request_stop` (from the Ctrl-C handler: it must not block or take locks the
+    main thread may hold), e.g. to wake an executor that waits for gradients."""
+    self._on_stop.append(wake)
 
   def stop_if_requested(self) -> None:
     """Raises KeyboardInterrupt once a stop was requested: called after every update, between two events of the
