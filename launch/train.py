@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import sys
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -26,12 +27,6 @@ from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.py")
-# No default here: config_flags would apply --config.* overrides while defining the flag, outside our error
-# handling; main() puts the default config in front of the arguments instead.
-_CONFIG = config_flags.DEFINE_config_file("config", None, "ml_collections config file (default: "
-                                          "configs/default.py).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run folder (created; an existing one is resumed). "
-                               "Default: a fresh runs/<config>-<date>-<time>.")
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -147,8 +142,25 @@ def _unknown_override(argv: list[str], path: str) -> str | None:
   return None
 
 
-def parse_config(argv: list[str]):
-  """Parses the flags; raises ValueError with one line for a missing file, an unknown key or a bad value."""
+def _define_flags(argv: list[str]) -> tuple[flags.FlagValues, Any]:
+  """Fresh flags for one parse of ``argv``: ``--config`` (with its ``--config.*`` overrides, which config_flags
+  finds in the argv it is given, not in sys.argv) and ``--workdir``. A parse of its own each call, so that
+  ``main(argv)`` reads exactly ``argv``, also when called twice in one process (absl's global FLAGS would keep
+  the first call's override flags and refuse to define them again)."""
+  values = flags.FlagValues()
+  # No default: config_flags would apply --config.* overrides while defining the flag, outside our error
+  # handling; parse_config puts the default config in front of the arguments instead.
+  config = config_flags.DEFINE_config_file("config", None, "ml_collections config file (default: "
+                                           "configs/default.py).", flag_values=values, lock_config=True,
+                                           sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Run folder (created; an existing one is resumed). Default: a fresh "
+                      "runs/<config>-<date>-<time>.", flag_values=values)
+  return values, config
+
+
+def parse_args(argv: list[str]) -> tuple[Any, str | None, str]:
+  """(config, --workdir or None, the config file's path) from ``argv`` (``argv[0]`` is the program). Raises
+  ValueError with one line for a missing file, an unknown key or a bad value."""
   path = _config_path(argv[1:])
   if path is None:
     argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
@@ -156,21 +168,27 @@ def parse_config(argv: list[str]):
     raise ValueError(f"config file {path!r} does not exist; allowed: a path to an ml_collections config file, "
                      f"e.g. configs/default.py")
   path = path or DEFAULT_CONFIG
+  values, config_flag = _define_flags(argv)
   try:
-    flags.FLAGS(argv)
-    config = _CONFIG.value
+    values(argv)
+    config = config_flag.value
     config.learners  # noqa: B018 - a config file that failed to load raises here
   except (flags.Error, KeyError, AttributeError, TypeError, OSError) as e:
     key = _unknown_override(argv[1:], path)
     if key is not None:
       raise ValueError(f"unknown config key {key!r}; allowed: {', '.join(_config_keys(path))}") from None
     raise ValueError(_bad_value_message(e, path) or _one_line(e)) from None
-  return config
+  return config, values["workdir"].value, path
+
+
+def parse_config(argv: list[str]):
+  """The run's config from ``argv``; raises ValueError with one line (see :func:`parse_args`)."""
+  return parse_args(argv)[0]
 
 
 def main(argv: list[str]) -> int:
   try:
-    config = parse_config(argv)
+    config, workdir_flag, config_path = parse_args(argv)
   except ValueError as e:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -185,8 +203,8 @@ def main(argv: list[str]) -> int:
   import sajax
   from sajax import config as config_lib, data, metrics, trainer as train_lib
 
-  config_name = os.path.splitext(os.path.basename(flags.FLAGS["config"].config_filename))[0]
-  workdir = _WORKDIR.value or config.get("workdir") or train_lib.default_workdir(config_name)
+  config_name = os.path.splitext(os.path.basename(config_path))[0]
+  workdir = workdir_flag or config.get("workdir") or train_lib.default_workdir(config_name)
   try:
     config_lib.validate(config)
     train_lib.check_workdir_writable(workdir)

@@ -47,17 +47,47 @@ BAD_INPUT = [
 ]
 
 
+def _assert_one_line_error(code, stderr, named, workdir, folder):
+  assert code == 2, stderr
+  lines = [line for line in stderr.splitlines() if line.strip()]
+  assert len(lines) == 1, stderr
+  assert lines[0].startswith("error: ") and named in lines[0] and "allowed" in lines[0]
+  assert "Traceback" not in stderr
+  assert not workdir.exists()
+  assert sorted(os.listdir(folder)) == []
+
+
 @pytest.mark.parametrize("args, named", BAD_INPUT, ids=[a[0][-1] for a in BAD_INPUT])
-def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, named, tmp_path):
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(args, named, tmp_path, monkeypatch, capsys):
+  """In-process: ``main(argv)`` is what `python launch/train.py` runs (``sys.exit(main(sys.argv))``); the
+  test below checks the same in a real process for two of these."""
+  from launch import train as launcher
+  monkeypatch.chdir(tmp_path)
+  workdir = tmp_path / "run"
+  code = launcher.main(["train.py", *args, "--workdir", str(workdir)])
+  _assert_one_line_error(code, capsys.readouterr().err, named, workdir, tmp_path)
+
+
+@pytest.mark.parametrize("args, named", [BAD_INPUT[2], BAD_INPUT[14]], ids=["dataset", "type"])
+def test_bad_input_in_a_real_process_prints_only_its_one_line(args, named, tmp_path):
+  """A process of its own: nothing else on stderr either (no warning from importing jax or a dataset
+  library), for a value refused while parsing the flags and one refused by sajax.train."""
   workdir = tmp_path / "run"
   result = _launch(*args, "--workdir", str(workdir), cwd=str(tmp_path))
-  assert result.returncode == 2, result.stderr
-  lines = [line for line in result.stderr.splitlines() if line.strip()]
-  assert len(lines) == 1, result.stderr
-  assert lines[0].startswith("error: ") and named in lines[0] and "allowed" in lines[0]
-  assert "Traceback" not in result.stderr
-  assert not workdir.exists()
-  assert sorted(os.listdir(tmp_path)) == ["run"] or sorted(os.listdir(tmp_path)) == []
+  _assert_one_line_error(result.returncode, result.stderr, named, workdir, tmp_path)
+
+
+def test_main_parses_the_argv_it_is_given_each_time(tmp_path):
+  """Two calls in one process read their own ``--config.*`` overrides (absl's global flags kept the first
+  call's override flags and refused the second: "defined twice")."""
+  from launch import train as launcher
+  first = launcher.parse_config(["train.py", "--config.learners=3", "--config.protocol=softsync"])
+  second = launcher.parse_config(["train.py", "--config.learners=5"])
+  third = launcher.parse_config(["train.py"])
+  default = launcher._load_config_file(launcher.DEFAULT_CONFIG)
+  assert (first.learners, first.protocol) == (3, "softsync")
+  assert (second.learners, second.protocol) == (5, default.protocol)
+  assert third.learners == default.learners
 
 
 def test_unwritable_workdir_exits_2(tmp_path):
