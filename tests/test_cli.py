@@ -90,22 +90,24 @@ def test_main_parses_the_argv_it_is_given_each_time(tmp_path):
   assert third.learners == default.learners
 
 
-def test_unwritable_workdir_exits_2(tmp_path):
+def test_unwritable_workdir_exits_2(tmp_path, capsys):
+  from launch import train as launcher
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  result = _launch("--config", SMOKE, "--workdir", str(blocker / "run"))
-  assert result.returncode == 2
-  lines = [line for line in result.stderr.splitlines() if line.strip()]
+  code = launcher.main(["train.py", "--config", SMOKE, "--workdir", str(blocker / "run")])
+  lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+  assert code == 2
   assert len(lines) == 1 and "not writable" in lines[0] and str(blocker) in lines[0]
   assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 
-def test_unprepared_tfds_dataset_exits_2_fast_and_writes_nothing(tmp_path):
+def test_unprepared_tfds_dataset_exits_2_fast_and_writes_nothing(tmp_path, capsys):
+  from launch import train as launcher
   start = time.time()
-  result = _launch("--config.dataset=cifar10", f"--config.data_dir={tmp_path / 'tfds'}", "--workdir",
-                   str(tmp_path / "run"))
-  assert result.returncode == 2
-  assert "tfds build cifar10" in result.stderr.splitlines()[-1]
+  code = launcher.main(["train.py", "--config.dataset=cifar10", f"--config.data_dir={tmp_path / 'tfds'}",
+                        "--workdir", str(tmp_path / "run")])
+  assert code == 2
+  assert "tfds build cifar10" in capsys.readouterr().err.splitlines()[-1]
   assert time.time() - start < 60
   assert not (tmp_path / "run").exists()
 

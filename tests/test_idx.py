@@ -3,8 +3,6 @@
 import gzip
 import hashlib
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -187,27 +185,23 @@ def test_shift_flip_shifts_by_at_most_2_pixels_and_mirrors_about_half(tmp_path):
   assert plain[0, 10, 5, 0] == pytest.approx((1 - 0.2860) / 0.3530, rel=1e-5)      # evaluation: no augmentation
 
 
-# launch/train.py run as a script, with a system copy of Fashion-MNIST where the test puts one (argv[1]).
-_TRAIN_WITH_SYSTEM_COPY = ("import runpy, sys; from sajax import idx; sys.argv = sys.argv[1:]; "
-                           "idx.SYSTEM_FOLDERS['fashion_mnist'] = sys.argv.pop(1); "
-                           "runpy.run_path(sys.argv[0], run_name='__main__')")
-
-
-def test_a_bad_data_dir_through_the_cli_exits_2_with_one_line_and_no_workdir(tmp_path):
-  train = os.path.join(ROOT, "launch", "train.py")
+def test_a_bad_data_dir_through_the_cli_exits_2_with_one_line_and_no_workdir(tmp_path, monkeypatch, capsys):
+  """``main(argv)`` of launch/train.py, in-process (what the script runs), with a system copy of Fashion-MNIST
+  that must not stand in for the data_dir given."""
+  from launch import train as launcher
   folder, _ = _corrupt(tmp_path, "train_labels", _good_bytes("train_labels")[:-3])
-  system = _write_set(tmp_path / "debian")                                  # must not stand in for data_dir
+  monkeypatch.setitem(idx.SYSTEM_FOLDERS, "fashion_mnist", _write_set(tmp_path / "debian"))
   missing = str(tmp_path / "nonexistent" / "idx")
-  runs = (([train, "--config.dataset=mnist", f"--config.data_dir={folder}"], "truncated"),
-          (["-c", _TRAIN_WITH_SYSTEM_COPY, train, system, "--config", os.path.join(ROOT, "configs", "fashion_mnist.py"),
-            f"--config.data_dir={missing}"], f"'fashion_mnist' not found in --config.data_dir={missing} "))
+  runs = ((["--config.dataset=mnist", f"--config.data_dir={folder}"], "truncated"),
+          (["--config", os.path.join(ROOT, "configs", "fashion_mnist.py"), f"--config.data_dir={missing}"],
+           f"'fashion_mnist' not found in --config.data_dir={missing} "))
   for i, (args, expected) in enumerate(runs):
     workdir = tmp_path / f"run{i}"
-    result = subprocess.run([sys.executable, *args, "--workdir", str(workdir)], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.returncode == 2 and len(lines) == 1 and expected in lines[0], result.stderr[-2000:]
-    assert "Traceback" not in result.stderr and not workdir.exists()
+    code = launcher.main(["train.py", *args, "--workdir", str(workdir)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(lines) == 1 and expected in lines[0], err[-2000:]
+    assert "Traceback" not in err and not workdir.exists()
 
 
 def _register(monkeypatch, digest, name, base="train-images-idx3-ubyte"):
