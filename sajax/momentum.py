@@ -64,6 +64,12 @@ def _check(rule: str, name: str, value: Any, ok: bool, allowed: str) -> None:
     raise ValueError(f"momentum rule {rule!r}: {name}={value!r} is invalid; allowed: {allowed}")
 
 
+def _require_staleness(rule: str, staleness: Any) -> None:
+  if staleness is None:
+    raise ValueError(f"momentum rule {rule!r} needs staleness= (σ of the update's gradients); wrap it in "
+                     "sajax.staleness_aware, which hands it over")
+
+
 def _real(value: Any) -> bool:
   return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -135,17 +141,20 @@ def delayed_nesterov(learning_rate: optax.ScalarOrSchedule, momentum: float, per
 
       Δ ← Δ + g;  θ ← θ − α·g/N;  and every N-th arrival:  m ← β·m + Δ/N,  θ ← θ − α·β·m,  Δ ← 0.
 
-  Over N arrivals this is one Nesterov step on their mean ḡ = Δ/N, θ ← θ − α·(ḡ + β·m), but θ moves with each
-  gradient instead of waiting for all N. ``period`` is N; the trainer's default is λ, so the momentum advances
+  Over N arrivals this is one Nesterov step on their mean ḡ = Δ/N, θ ← θ − α·(ḡ + β·m) with m already advanced,
+  but θ moves with each gradient instead of waiting for all N. ``period`` is N; the trainer's default is λ, so the momentum advances
   once per λ gradients, the cadence of SSGD's momentum.
 
   Gradients are counted, not PS updates: an update that combined c gradients (n-softsync: c = ⌊λ/n⌋, the length
   of its σ vector) counts as c arrivals of its combination ḡ = (1/c) Σ_l s(σ_l)·g_l, so θ moves by −α·c·ḡ/N and
   the momentum steps wherever the count crosses a multiple of N, with Δ split there: the part of the update that
-  completes the N, then the rest starts the next Δ. With c = N (hardsync, N = λ) every update is exactly
-  Nesterov momentum, ``optax.sgd(α, β, nesterov=True)``; with c dividing N (N = λ, n dividing λ) the momentum
-  steps every N/c updates. α is α(t) at the update's PS count t. Combine it with any staleness policy (Liu et
-  al. use no staleness scale; the policy's s(σ) applies to ḡ before the rule sees it).
+  completes the N, then the rest starts the next Δ (an update of c > N gradients steps it more than once). With
+  c = N (hardsync, N = λ) every update is exactly Nesterov momentum, ``optax.sgd(α, β, nesterov=True)``; with c
+  dividing N (N = λ, n dividing λ) the momentum steps every N/c updates. The c gradients of an update are
+  already one combination when the rule sees them, so counting them as c equal arrivals is the only split it
+  can make, and it keeps the rate per gradient α/N whatever the protocol. α is α(t) at the update's PS count
+  t. Combine it with any staleness policy (Liu et al. use no staleness scale; a policy adjusts each gradient
+  before the combination ḡ reaches the rule).
 
   Args:
     learning_rate: α, a float or a schedule of the PS update count.
@@ -239,9 +248,7 @@ def compensated_momentum(learning_rate: optax.ScalarOrSchedule, momentum: float,
   def update_fn(updates: PyTree, state: CompensationState, params: PyTree = None, *, staleness: Any = None,
                 **extra_args: Any) -> tuple[PyTree, CompensationState]:
     del params, extra_args
-    if staleness is None:
-      raise ValueError("momentum rule 'compensation' needs staleness= (σ of the update's gradients); wrap it "
-                       "in sajax.staleness_aware, which hands it over")
+    _require_staleness("compensation", staleness)
     sigma = update_staleness_mean(state.staleness, staleness, decay)
     effective = jnp.maximum(0.0, jnp.float32(beta) - implicit_momentum(staleness_mean(sigma)))
     trace = jax.tree.map(lambda g, t: g + effective.astype(t.dtype) * t, updates, state.trace)
@@ -286,9 +293,10 @@ def lookahead_momentum(learning_rate: optax.ScalarOrSchedule, momentum: float,
 
       m ← β·m + ḡ,   θ ← θ − α(t)·m,   Θ = θ − α(t)·D·m,   D = Σ_{k=1..⟨σ⟩+1} β^k = β(1 − β^(⟨σ⟩+1))/(1 − β)
 
-  Θ is where θ will be after ⟨σ⟩ + 1 more updates if no new gradient came (each moves it by α·β^k·m): a
-  gradient pulled now is applied ⟨σ⟩ updates later and moves θ at the update after, so ḡ, computed on Θ, is
-  evaluated at an estimate of the weights it is applied to. ⟨σ⟩ is the PS's smoothed mean staleness
+  Θ is where θ will be after ⟨σ⟩ + 1 more updates if no new gradient came (the k-th moves it by α·β^k·m): a
+  gradient pulled now enters the update σ + 1 updates later, so ḡ, computed on Θ, is evaluated where momentum
+  will have carried the weights by then, as Nesterov's gradient is one update ahead (σ = 0, D = β). The
+  estimate leaves out the gradients still to come, which are unknown. ⟨σ⟩ is the PS's smoothed mean staleness
   (:func:`update_staleness_mean`), since the σ of a gradient being computed is not known yet. The transform moves
   the parameters it is given, Θ, by Θ' − Θ = −α·m' − α·D'·m' + offset·m (``offset`` = α·D of the previous Θ), so
   θ itself is never stored: the published weights are Θ, and learners, policies and evaluations all read Θ.
@@ -316,9 +324,7 @@ def lookahead_momentum(learning_rate: optax.ScalarOrSchedule, momentum: float,
   def update_fn(updates: PyTree, state: LookaheadState, params: PyTree = None, *, staleness: Any = None,
                 **extra_args: Any) -> tuple[PyTree, LookaheadState]:
     del params, extra_args
-    if staleness is None:
-      raise ValueError("momentum rule 'lookahead' needs staleness= (σ of the update's gradients); wrap it in "
-                       "sajax.staleness_aware, which hands it over")
+    _require_staleness("lookahead", staleness)
     sigma = update_staleness_mean(state.staleness, staleness, decay)
     step = _step_size(learning_rate, state.count)                       # −α(t)
     offset = -jnp.asarray(step, jnp.float32) * lookahead_distance(beta, staleness_mean(sigma))   # α·D
