@@ -37,6 +37,11 @@ def get_config() -> ml_collections.ConfigDict:
   # 0.9 at this α0 trained far slower here (docs/benchmarks.md); asynchrony itself acts like extra momentum.
   config.learning_rate = 0.05
   config.momentum = 0.5
+  config.momentum_rule = "plain"      # plain (m ← βm + g, θ ← θ − αm) | delayed_nesterov (momentum once per N
+                                      # gradients) | compensation (β − implicit 1 − 1/(1 + ⟨σ⟩)) | lookahead
+                                      # (publish θ's estimated position at the gradient's arrival): sajax/momentum.py
+  config.momentum_rule_period = 0     # N of delayed_nesterov, in gradients (0: λ, SSGD's momentum cadence)
+  config.momentum_rule_staleness_decay = 0.99  # ρ per gradient of the smoothed ⟨σ⟩ (compensation, lookahead; 1: mean)
   config.weight_decay = 0.0
   config.lr_boundaries_epochs = (13.33, 17.5)  # α ← α · lr_decay at each of these epochs (⅔ and ⅞ of them)
   config.lr_decay = 0.1

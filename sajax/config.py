@@ -39,7 +39,8 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "sim_push_time": (float, int), "sim_example_time": (float, int), "sim_jitter": (float, int),
     "sim_stragglers": (float, int), "sim_slowdown": (float, int), "sim_poisson": (bool,),
     "sim_speeds": (tuple, list), "policy_args": (str, dict),
-    "sim_profile": (str,), "ssp_spread": (int,),
+    "sim_profile": (str,), "ssp_spread": (int,), "momentum_rule": (str,), "momentum_rule_period": (int,),
+    "momentum_rule_staleness_decay": (float, int),
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
                            "lr_warmup_epochs", "fail_fast", "fault_learner", "fault_at_step", "nan_learners",
@@ -47,7 +48,8 @@ OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", 
                            "fault_mpi_corrupt_weights", "fault_mpi_corrupt_permits", "fault_mpi_corrupt_pushes",
                            "fault_mpi_corrupt_version", "sim_base_time", "sim_push_time", "sim_example_time", "sim_jitter",
                            "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds", "policy_args",
-                           "sim_profile", "ssp_spread"})
+                           "sim_profile", "ssp_spread", "momentum_rule", "momentum_rule_period",
+                           "momentum_rule_staleness_decay"})
 
 # Keys of earlier versions that no longer mean anything (the simulated executor's version ring and slot
 # batching, gone since it dispatches each gradient at its pull): a saved run that has them still resumes.
@@ -61,7 +63,8 @@ ABSENT_MEANS: Mapping[str, Any] = {
     "sim_push_time": 0.0,
     "sim_example_time": 0.0, "nan_learners": (), "nan_at_step": 0, "nan_steps": 1, "divergence_after": 100,
     "mpi_timeout_s": 600.0, "fault_mpi_corrupt_weights": 0,
-    "fault_mpi_corrupt_permits": 0, "fault_mpi_corrupt_pushes": 0, "fault_mpi_corrupt_version": 0}
+    "fault_mpi_corrupt_permits": 0, "fault_mpi_corrupt_pushes": 0, "fault_mpi_corrupt_version": 0,
+    "momentum_rule": "plain", "momentum_rule_period": 0, "momentum_rule_staleness_decay": 0.99}
 
 # Executors whose learners send θ_j's version to a parameter server, so a policy that reads θ_j can run there.
 STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi")
@@ -114,6 +117,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_policy(config, values)
   if not 0 <= values["momentum"] < 1:
     raise ConfigError(f"config.momentum={values['momentum']!r} is invalid; allowed: 0 <= momentum < 1")
+  _check_momentum_rule(values)
   if values.get("lr_warmup_epochs", 0) < 0:
     raise ConfigError(f"config.lr_warmup_epochs={values['lr_warmup_epochs']!r} is invalid; allowed: a number "
                       ">= 0 (0: no warm-up)")
@@ -193,6 +197,23 @@ def _check_policy(config: Any, values: Mapping[str, Any]) -> None:
     raise ConfigError(f"policy {policy.name!r} needs θ_j (the weights each gradient was computed on), which "
                       f"executor {values['executor']!r} does not keep; allowed executors: "
                       f"{', '.join(STALE_PARAMS_EXECUTORS)}")
+
+
+def _check_momentum_rule(values: Mapping[str, Any]) -> None:
+  """``momentum_rule`` (:mod:`sajax.momentum`) and its arguments."""
+  from sajax import momentum
+  rule = values.get("momentum_rule", "plain")
+  _one_of("momentum_rule", rule, momentum.MOMENTUM_RULES)
+  if values.get("momentum_rule_period", 0) < 0:
+    raise ConfigError(f"config.momentum_rule_period={values['momentum_rule_period']!r} is invalid; allowed: an "
+                      "integer >= 0 (gradients per momentum step of delayed_nesterov; 0: λ)")
+  if not 0 <= values.get("momentum_rule_staleness_decay", 0.99) <= 1:
+    raise ConfigError(f"config.momentum_rule_staleness_decay={values['momentum_rule_staleness_decay']!r} is "
+                      "invalid; allowed: 0 <= ρ <= 1 (the per-gradient decay of the smoothed ⟨σ⟩; 1: running mean)")
+  if rule == "delayed_nesterov" and values["executor"] == "pmap":
+    raise ConfigError("momentum_rule 'delayed_nesterov' counts the gradients arriving at a parameter server, which "
+                      "executor 'pmap' (SSGD) has none of; allowed executors: threads, simulated, mpi (under SSGD it "
+                      "is Nesterov momentum: momentum_rule 'lookahead' gives it)")
 
 
 def _check_speed_profile(values: Mapping[str, Any]) -> None:

@@ -250,7 +250,11 @@ def staleness_aware(base_tx: optax.GradientTransformation, policy: str | Stalene
 
   Args:
     base_tx: any optax transformation (``optax.sgd(schedule, momentum=0.9)`` in the paper; Adam,
-      ``optax.chain``, ``optax.inject_hyperparams`` ... all work). Extra keyword args are forwarded to it.
+      ``optax.chain``, ``optax.inject_hyperparams`` ... all work). Extra keyword args are forwarded to it, and
+      so is σ, as ``staleness=`` (the σ of the gradients it gets combined): a base that reads it, such as the
+      momentum rules of :mod:`sajax.momentum`, sees the staleness of each update; any other ignores it, as
+      optax's interface asks of an extra argument a transform does not need (a plain
+      ``GradientTransformation`` never sees it).
     policy: a registered policy name (``"inverse"`` s(σ) = 1/σ, s(0) = 1; ``"constant"`` s ≡ 1; the others in
       :mod:`sajax.policies`) or a :class:`StalenessPolicy`.
     policy_args: the policy's arguments, e.g. ``{"a": 0.5}`` for ``"polynomial"`` (see :func:`get_policy`).
@@ -283,7 +287,8 @@ def staleness_aware(base_tx: optax.GradientTransformation, policy: str | Stalene
                          "each gradient used)")
       updates, policy_state = combine_gradients(updates, staleness, policy_obj, params=params,
                                                 stale_params=stale_params, policy_state=policy_state)
-    new_updates, inner_state = base_tx.update(updates, state.inner_state, params, **extra_args)
+    new_updates, inner_state = base_tx.update(updates, state.inner_state, params, staleness=staleness,
+                                              **extra_args)
     return new_updates, StalenessAwareState(inner_state=inner_state, policy_state=policy_state)
 
   remember_policy(update_fn, policy_obj)

@@ -26,6 +26,7 @@ import optax
 from sajax import checkpoint, config as config_lib, data, metrics, models, steps, streams
 from sajax.workdir import check_workdir_writable, default_workdir, prepare_workdir  # noqa: F401 - public here too
 from sajax.executors.common import Executor
+from sajax.momentum import DEFAULT_STALENESS_DECAY, momentum_rule
 from sajax.optim import staleness_aware
 from sajax.server import DivergenceError, all_finite_jit
 
@@ -56,9 +57,13 @@ def make_schedule(config: ml_collections.ConfigDict, per_epoch: float) -> optax.
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule, policy: Optional[Any] = None
                    ) -> optax.GradientTransformationExtraArgs:
-  """The paper's optimizer: SGD(α0 with step decays at epoch boundaries, momentum), wrapped staleness-aware
-  with ``config.policy`` built from ``config.policy_args`` (:func:`sajax.config.policy_of`)."""
-  base = optax.sgd(schedule, momentum=config.momentum or None)
+  """The paper's optimizer: SGD(α0 with step decays at epoch boundaries, momentum β) under
+  ``config.momentum_rule`` (``plain``, the default, is ``optax.sgd(α, momentum=β)``; the others are in
+  :mod:`sajax.momentum`), wrapped staleness-aware with ``config.policy`` built from ``config.policy_args``
+  (:func:`sajax.config.policy_of`)."""
+  base = momentum_rule(config.get("momentum_rule", "plain"), schedule, config.momentum, learners=config.learners,
+                       period=config.get("momentum_rule_period", 0),
+                       staleness_decay=config.get("momentum_rule_staleness_decay", DEFAULT_STALENESS_DECAY))
   if config.get("weight_decay", 0.0):
     base = optax.chain(optax.add_decayed_weights(config.weight_decay), base)
   return staleness_aware(base, policy=policy or config_lib.policy_of(config))

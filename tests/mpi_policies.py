@@ -1,6 +1,8 @@
 """Run under ``mpiexec -n 2``: every registered staleness policy trains through the mpi executor, one short
-run each in the same two processes (one job for all of them keeps the test cheap). Rank 0 prints one JSON
-line per policy with its final record; any failure raises and ends the job non-zero."""
+run each in the same two processes (one job for all of them keeps the test cheap). Three of the runs also use a
+staleness-aware momentum rule (RULES; the others plain momentum), so each rule runs across ranks too: a rule is
+the PS's optimizer on rank 0, with no MPI code of its own. Rank 0 prints one JSON line per policy with its final
+record; any failure raises and ends the job non-zero."""
 
 import json
 import os
@@ -16,15 +18,19 @@ from tests.helpers import smoke_config  # noqa: E402
 from tests.test_policies_e2e import ARGS  # noqa: E402
 
 
+RULES = {"constant": "delayed_nesterov", "polynomial": "compensation", "exponential": "lookahead"}
+
+
 def main(root: str) -> None:
   from sajax.executors import mpi_comm
   rank = mpi_comm.world().Get_rank()
   for policy in sorted(ARGS):
     config = smoke_config("mpi", "async", learners=4, batch_per_learner=8, policy=policy,
-                          policy_args=json.dumps(ARGS[policy]), epochs=1.0, train_examples=128)
+                          policy_args=json.dumps(ARGS[policy]), epochs=1.0, train_examples=128,
+                          momentum_rule=RULES.get(policy, "plain"))
     result = sajax.train(config, workdir=os.path.join(root, policy))
     if rank == 0:
-      print(json.dumps({"policy": policy, **result.metrics}), flush=True)
+      print(json.dumps({"policy": policy, "momentum_rule": config.momentum_rule, **result.metrics}), flush=True)
 
 
 if __name__ == "__main__":
