@@ -258,6 +258,8 @@ def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, 
               + f" {sum(key[0] == profile for key in decided)} of this profile's {here} comparisons are decided.", ""]
     lines += table_lines(rows, constants, ssgd, missing) + [""] + equal_time_lines(rows, ssgd)
   evals = sorted(len(h) for s in summary.values() if isinstance(s, dict) for h in s["histories"] if h)
+  evaluated = "" if not evals else f" (the runs here evaluated {evals[0]}" + (
+      f" to {evals[-1]}" if evals[-1] != evals[0] else "") + " times)"
   lines += [
       "Columns: final test error, mean ± half-width of the 95 % Student-t interval over the trained seeds; − SSGD: "
       "the mean of the paired differences row − SSGD (same seed) with its 95 % interval and Holm-adjusted p-value, "
@@ -265,10 +267,9 @@ def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, 
       f"by the same rule (no verdict anywhere else: the order of the other rows is within the noise of "
       f"{len(seeds)} seeds); time to target: simulated seconds (a learner of factor 1 takes 1 s per gradient) "
       "until the test error first reaches the target, linear between the last evaluation above it and the first "
-      "at or below it" + (f" (the runs here evaluated {evals[0]}" + (f" to {evals[-1]}" if evals[-1] != evals[0] else "")
-                                     + " times)" if evals else "")
-      + "; the median over all seeds, a seed that never reached it counting as slower than any that did (no "
-      "median when half or more never did), and how many reached it; SSGD time ÷: SSGD's median time over this "
+      f"at or below it{evaluated}; the median over all seeds, a seed that never reached it counting as slower "
+      "than any that did (no median when half or more never did), and how many reached it; SSGD time ÷: SSGD's "
+      "median time over this "
       "row's (above 1: faster than SSGD); ⟨σ⟩: mean staleness of the accepted gradients (mean over seeds), max σ "
       "over all seeds; dropped: gradients refused for their σ or non-finite, over all pushed.", "", "## Constants",
       "", "| row | constants | from |", "|---|---|---|"]

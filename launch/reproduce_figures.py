@@ -85,28 +85,35 @@ def plot_error_curves(histories: dict[tuple[int, int, str], list[list[dict]]], p
 
 
 def plot_error_vs_n(agg: dict, path: str) -> str:
-  """The paper's accuracy figure: final test error against n, one panel per λ, inverse and constant with their
-  95 % interval bars (none for one seed), SSGD as a band (mean ± half-width)."""
+  """The paper's accuracy figure: final test error over the trained seeds against n, one panel per λ, inverse and
+  constant with their 95 % interval bars (none for one seed; cut at 0 %), SSGD as a band (mean ± half-width), a
+  mean over fewer seeds than ran marked 'k of n seeds', and the cells with no trained seed listed under the panel."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   lams = sorted({lam for lam, _, _ in agg})
-  fig, axes = plt.subplots(1, len(lams), figsize=(4.5 * len(lams), 3.8), squeeze=False)
+  fig, axes = plt.subplots(1, len(lams), figsize=(4.5 * len(lams), 4.3), squeeze=False)
   for ax, lam in zip(axes[0], lams):
     ssgd = agg.get((lam, 0, "ssgd"))
     if ssgd and ssgd["error"] is not None:
       mean, half = ssgd["error"][0], ssgd["half"] or 0.0
-      ax.axhspan(mean - half, mean + half, color="k", alpha=0.12)
+      ax.axhspan(max(mean - half, 0.0), mean + half, color="k", alpha=0.12)
       ax.axhline(mean, color="k", linewidth=2, label=f"SSGD {error_text(ssgd)}")
     for policy, style in (("inverse", dict(color="C0", marker="o")), ("constant", dict(color="C3", marker="s",
                                                                                            linestyle="--"))):
       rows = sorted((n, a) for (l, n, p), a in agg.items() if l == lam and p == policy and a["error"] is not None)
       if rows:
         ax.errorbar([n for n, _ in rows], [a["error"][0] for _, a in rows],
-                    yerr=[a["half"] or 0.0 for _, a in rows], capsize=3, label=policy, **style)
-    gone = sorted(f"{p} n = {n} ({error_text(a)})" for (l, n, p), a in agg.items() if l == lam and a["error"] is None)
-    if gone:                                    # no point to draw: say so on the panel
-      ax.text(0.02, 0.98, "no final error: " + ", ".join(gone), transform=ax.transAxes, va="top", fontsize=7)
+                    yerr=[[min(a["half"] or 0.0, a["error"][0]) for _, a in rows],   # cut at 0 %
+                          [a["half"] or 0.0 for _, a in rows]], capsize=3, label=policy, **style)
+        for n, a in rows:                       # a mean over fewer seeds than ran: say over how many
+          if a["outcomes"]:
+            ax.annotate(f"{len(a['by_seed'])} of {a['seeds']} seeds", (n, a["error"][0]), fontsize=7,
+                        xytext=(4, 4), textcoords="offset points", color=style["color"])
+    gone = sorted(f"{p} n = {n}: " + ", ".join(f"{k} of {a['seeds']} {word}" for word, k in a["outcomes"].items())
+                  for (l, n, p), a in agg.items() if l == lam and a["error"] is None)
+    if gone:                                    # no point to draw: say so under the panel
+      ax.text(0.0, -0.18, "no seed trained: " + "\n".join(gone), transform=ax.transAxes, va="top", fontsize=7)
     ns = sorted({n for (l, n, p) in agg if l == lam and p != "ssgd"})
     ax.set_xscale("log", base=2)
     ax.set_xticks(ns, [str(n) for n in ns])

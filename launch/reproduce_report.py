@@ -160,10 +160,13 @@ def fit_seconds(points: Sequence[tuple[float, float, float, float]]) -> tuple[fl
 def error_text(a: dict) -> str:
   """A cell's test error in % over its trained seeds: '3.12 ± 0.40' (mean ± 95 % half-width), '3.12' for one
   seed, '3.12 ± 0.40 (4 of 5 seeds; 1 collapsed)' when some seeds did not train, '– (collapsed in 2 of 3 seeds,
-  diverged in 1 of 3 seeds)' when none did."""
+  diverged in 1 of 3 seeds)' when none did; '5.83 (0 to 12.93: the interval cut at 0)' when mean − half-width < 0
+  (an error rate is not negative: the t interval of a few spread-out seeds can reach below 0)."""
   if a["error"] is None:
     return f"– ({outcomes_text(a)})"
-  text = f"{a['error'][0]:.2f}" + (f" ± {a['half']:.2f}" if a["half"] is not None else "")
+  mean, half = a["error"][0], a["half"]
+  text = f"{mean:.2f}" + ("" if half is None else f" ± {half:.2f}" if mean - half >= 0 else
+                          f" (0 to {mean + half:.2f}: the interval cut at 0)")
   if not a["outcomes"]:
     return text
   return text + f" ({len(a['by_seed'])} of {a['seeds']} seeds; " + ", ".join(

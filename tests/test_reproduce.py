@@ -438,6 +438,10 @@ def test_a_collapsed_or_diverged_seed_is_an_outcome_of_its_own_never_averaged_an
   assert "A cell with a collapsed or diverged seed is never *within*" in text
   for mean, half in re.findall(r"\| (\d+\.\d+) ± (\d+\.\d+)", text):     # no error interval below 0
     assert float(mean) - float(half) >= 0
+  # three trained seeds far apart (8.8, 5.6, 3.1 %: docs/reproduction.md's constant at n = 4, λ = 8): the t
+  # interval 5.83 ± 7.10 would reach −1.27 %; an error rate is not negative, so it is cut at 0
+  spread = reproduce_report.aggregate([_final(8, 4, "constant", s, e) for s, e in enumerate((0.088, 0.056, 0.031))])
+  assert reproduce_report.error_text(spread[(8, 4, "constant")]) == "5.83 (0 to 12.93: the interval cut at 0)"
 
 
 def test_a_kept_note_with_a_number_is_refused_in_one_line_before_any_training(tmp_path, capsys):
