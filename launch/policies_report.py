@@ -17,9 +17,9 @@ import statistics
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from launch.reproduce import P4_POINTS
-from launch.reproduce_report import (CLASSES, NOTE_END, NOTE_START, error_text, outcome_of, outcome_rule,
-                                     run_error_text, save_figure)
-from launch.seed_stats import (ALPHA, FAILED, TRAINED, censored_median, count_outcomes, half_width, holm, mean_sd,
+from launch.reproduce_report import (CLASSES, NOTE_END, NOTE_START, error_text, failed_seeds, outcome_of,
+                                     outcome_rule, run_error_text, save_figure)
+from launch.seed_stats import (ALPHA, TRAINED, censored_median, count_outcomes, half_width, holm, mean_sd,
                                paired_difference, time_to_target)
 
 if TYPE_CHECKING:
@@ -116,7 +116,7 @@ def _staleness(finals: Sequence[dict]) -> dict:
 
 def failed(s: dict) -> int:
   """How many seeds of the row ``s`` collapsed or diverged (a row with any is compared with no row)."""
-  return sum(k for word, k in s["outcomes"].items() if word in FAILED)
+  return len(failed_seeds(s))
 
 
 def comparisons(summary: dict) -> dict[tuple[str, str, str], dict]:

@@ -21,7 +21,7 @@ import math
 import os
 import re
 import statistics
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from launch.grid_runner import unfinished
 from launch.reproduce import (BASE_CONFIGS, DATASETS, LEARNERS, NS, P4_POINTS, SIM_JITTER, TRAIN_SIZES, Cell,
@@ -107,11 +107,9 @@ def p4_verdicts(agg: dict, points: float = P4_POINTS) -> list[dict]:
       continue
     row = {"learners": lam, "n": n, "delta": None, **dict.fromkeys(("sd", "half", "lo", "hi")), "pairs": 0,
            "verdict": "undecided", "seeds_needed": None, "failed": len(failed_seeds(a))}
-    notes = [outcomes_text({**a, "outcomes": {w: k for w, k in a["outcomes"].items() if w in FAILED}})] \
-        if row["failed"] else []
+    notes = [outcomes_text(a, lambda word: word in FAILED)] if row["failed"] else []
     if any(w not in FAILED for w in a["outcomes"]):       # timed out, learners failed: missing, not a result
-      notes.append("left out: " + outcomes_text({**a, "outcomes": {w: k for w, k in a["outcomes"].items()
-                                                                  if w not in FAILED}}))
+      notes.append("left out: " + outcomes_text(a, lambda word: word not in FAILED))
     if not ssgd["by_seed"]:
       out.append({**row, "why": f"no SSGD reference: SSGD {outcomes_text(ssgd)}"})
       continue
@@ -173,11 +171,13 @@ def error_text(a: dict) -> str:
       f"{k} {word}" for word, k in a["outcomes"].items()) + ")"
 
 
-def outcomes_text(a: dict) -> str:
-  """'collapsed in 1 of 3 seeds, diverged in 2 of 3 seeds' ('diverged' for a cell of one seed)."""
+def outcomes_text(a: dict, keep: Callable[[str], bool] = lambda word: True) -> str:
+  """'collapsed in 1 of 3 seeds, diverged in 2 of 3 seeds' ('diverged' for a cell of one seed): the outcomes of
+  the summary ``a`` but trained, those that ``keep`` keeps."""
+  outcomes = {word: k for word, k in a["outcomes"].items() if keep(word)}
   if a["seeds"] == 1:
-    return ", ".join(a["outcomes"])
-  return ", ".join(f"{word} in {k} of {a['seeds']} seeds" for word, k in a["outcomes"].items())
+    return ", ".join(outcomes)
+  return ", ".join(f"{word} in {k} of {a['seeds']} seeds" for word, k in outcomes.items())
 
 
 def run_error_text(final: dict, classes: int = CLASSES) -> str:
