@@ -20,11 +20,15 @@ pattern cycled over the learners), with one of the rows:
 
 Each cell trains in a child process of its own through launch/grid_runner.py (a cell is done once its
 ``final.json`` exists; reruns skip done cells and resume half-done ones; a run that diverges, whose learners
-fail, or that runs past ``--cell-timeout-s`` seconds (killed; a rerun resumes it) is a result, recorded as such). The report (``--out``, default docs/policies.md, PNG beside it) ranks the rows of each profile
-by final test error (mean and 95 % Student-t interval over seeds); one row is *decidedly* better than another
-only where the 95 % interval of their paired differences (same seed) lies wholly on one side of 0. Per row also:
-the simulated time to the SSGD target (SSGD's mean final error + 0.5 point; the first evaluation at or below it),
-⟨σ⟩ and max σ, and the fraction of gradients dropped (non-finite, or refused by the policy).
+fail, or that runs past ``--cell-timeout-s`` seconds (killed; a rerun resumes it) is a result, recorded as
+such). The report (``--out``, default docs/policies.md, PNG beside it) ranks the rows of each profile by final
+test error (mean and 95 % Student-t interval over the seeds that trained; a seed that collapsed to chance or
+diverged is counted apart, and its row is ranked last); one row is *decidedly* better than another only where
+the paired t test of their differences (same seed) rejects at 5 % after Holm–Bonferroni's adjustment over every
+pair the page compares. Per row also: the simulated time to the SSGD target (SSGD's mean final error + 0.5
+point; interpolated between evaluations, of which a run has ``launch.reproduce.EVALS``; the median over seeds,
+those that never reached it censored), ⟨σ⟩ and max σ, and the fraction of gradients dropped (non-finite, or
+refused by the policy). A hand-written note kept in the report may hold no number (one line, exit 2).
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from launch import grid_runner, reproduce  # noqa: E402
-from launch.policies_report import EVALS, SSGD, SSP, plot_error_vs_time, render_markdown, summarize  # noqa: E402
+from launch.policies_report import SSGD, SSP, plot_error_vs_time, render_markdown, summarize  # noqa: E402
 from launch.reproduce_report import kept_note  # noqa: E402
 
 LEARNERS = 30                       # λ: the paper's largest, async at λ = 30 is its hardest staleness
@@ -114,8 +118,8 @@ def grid(variant_list: Sequence[Variant], profiles: Sequence[str], seeds: Sequen
 
 
 def cell_config(cell: PolicyCell, epochs: float, train_examples: int = 0):
-  """launch/reproduce.py's cell config for λ, μ, seed and dataset, with this cell's protocol, policy, profile;
-  :data:`EVALS` evaluations per run."""
+  """launch/reproduce.py's cell config for λ, μ, seed and dataset (:data:`launch.reproduce.EVALS` evaluations per
+  run), with this cell's protocol, policy, profile."""
   v = cell.variant
   ssgd = v.protocol == "hardsync"
   base = reproduce.Cell(cell.learners, 0 if ssgd else cell.learners, SSGD if ssgd else v.policy, cell.seed,
@@ -127,7 +131,6 @@ def cell_config(cell: PolicyCell, epochs: float, train_examples: int = 0):
     config.ssp_spread = v.spread
   config.policy, config.policy_args = v.policy, v.policy_args
   config.sim_profile = cell.profile
-  config.eval_every_epochs = epochs / EVALS
   return config
 
 
@@ -241,7 +244,8 @@ def main(argv: Sequence[str]) -> int:
     args = parse_args(argv[1:])
     if args.cell is None:
       from sajax import data
-      data.load_dataset(reproduce.base_config(args.dataset).dataset)   # a missing dataset: one line now
+      classes = data.load_dataset(reproduce.base_config(args.dataset).dataset).num_classes   # missing: one line
+      note = kept_note(args.out)      # a note with numbers: one line now, not after the grid
   except ValueError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return grid_runner.EXIT_BAD_INPUT
@@ -264,7 +268,7 @@ def main(argv: Sequence[str]) -> int:
 
   names = [c.name(args.epochs, args.train_examples) for c in cells]
   runs = [(c, f, metrics.read_metrics(os.path.join(args.root, n))) for c, f, n in zip(cells, finals, names)]
-  summary = summarize(runs)
+  summary = summarize(runs, classes=classes)
   first = lambda v: PolicyCell(v, args.profiles[0], 0, args.dataset, momentum=args.momentum)   # noqa: E731
   constants = {v.name: constants_text(v, cell_config(first(v), args.epochs, args.train_examples)) for v in rows}
   missing = [] if runnable else [v.name for v in rows if v.protocol == SSP]
@@ -273,9 +277,10 @@ def main(argv: Sequence[str]) -> int:
   png = plot_error_vs_time(summary, args.profiles, os.path.join(folder, "test_error_vs_time.png"))
   text = render_markdown(summary, profiles=args.profiles, constants=constants,
                          command=("python launch/compare_policies.py " + shlex.join(argv[1:])).strip(),
-                         note=kept_note(args.out), setting=setting_text(args), seeds=args.seeds, wall_s=wall,
+                         note=note, setting=setting_text(args), seeds=args.seeds, wall_s=wall,
                          figure=os.path.relpath(png, os.path.dirname(os.path.abspath(args.out))),
-                         runs=list(zip(names, finals)), missing=missing, trained=trained)
+                         runs=list(zip(names, finals)), missing=missing, trained=trained,
+                         classes=classes)
   grid_runner.write_text(args.out, text)
   ends = "".join(f", {k} {word}" for word, k in grid_runner.outcome_counts(finals).items())
   print(f"{len(cells)} runs ({trained} trained, {len(cells) - trained} already done{ends}) in {wall:.0f} s; "

@@ -266,6 +266,8 @@ def main(argv: Sequence[str]) -> int:
     if args.probe is None:
       from sajax import data
       data.load_dataset(DATASET, data_dir=args.data_dir or None)   # a missing dataset: one line now
+      from launch.reproduce_report import kept_note
+      note = kept_note(args.out)      # a note with numbers: one line now, not after the runs
   except ValueError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return grid_runner.EXIT_BAD_INPUT
@@ -289,9 +291,8 @@ def main(argv: Sequence[str]) -> int:
   os.makedirs(folder, exist_ok=True)
   png = plot(rows, os.path.join(folder, "train_loss.png"))
   command = "python launch/momentum_staleness.py " + shlex.join(argv[1:])
-  from launch.reproduce_report import kept_note
   grid_runner.write_text(args.out, render(rows, command=command.strip(), epochs=args.epochs,
-                                          train_examples=args.train_examples, wall_s=wall, note=kept_note(args.out),
+                                          train_examples=args.train_examples, wall_s=wall, note=note,
                                           figure=os.path.relpath(png, os.path.dirname(os.path.abspath(args.out)))))
   print(f"{len(rows)} runs; report: {args.out}")
   return 0

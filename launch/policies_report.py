@@ -1,29 +1,31 @@
 """launch/compare_policies.py's numbers and report: the ranking of the staleness policies (issue #11).
 
 Pure functions over finished runs (``(cell, final.json, metrics history)``, a cell being compare_policies's
-``PolicyCell``): per profile and row, the final test error over seeds (mean, 95 % Student-t half-width), the
-paired difference against SSGD (same seed) and which rows are *decidedly* better than which (the interval of
-their paired differences wholly on one side of 0), the simulated time to the SSGD target (SSGD's mean final
-error + :data:`TARGET_POINTS`), ⟨σ⟩, max σ and the fraction of gradients dropped; then docs/policies.md and its
-figure of test error against simulated time.
+``PolicyCell``): per profile and row, the final test error over the seeds that trained (mean, 95 % Student-t
+half-width; a seed that collapsed or diverged is counted apart, launch/seed_stats.py), the paired difference
+against SSGD (same seed) and which rows are *decidedly* better than which: a two-sided paired t test per pair of
+rows, Holm–Bonferroni adjusted over every pair the page compares (:func:`comparisons`). Also the simulated time
+to the SSGD target (SSGD's mean final error + :data:`TARGET_POINTS`; interpolated between evaluations, the
+median over seeds with those that never reached it censored), ⟨σ⟩, max σ and the fraction of gradients
+dropped; then docs/policies.md and its figure of test error against simulated time.
 """
 
 from __future__ import annotations
 
-import math
+import itertools
 import statistics
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from launch.grid_runner import outcome_counts, unfinished
 from launch.reproduce import P4_POINTS
-from launch.reproduce_report import (NOTE_END, NOTE_START, error_text, half_width, mean_sd, paired_difference,
-                                     save_figure, verdict)
+from launch.reproduce_report import (CLASSES, NOTE_END, NOTE_START, error_text, failed_seeds, outcome_of,
+                                     outcome_rule, run_error_text, save_figure)
+from launch.seed_stats import (ALPHA, TRAINED, censored_median, count_outcomes, half_width, holm, mean_sd,
+                               paired_difference, time_to_target)
 
 if TYPE_CHECKING:
   from launch.compare_policies import PolicyCell
 
 TARGET_POINTS = P4_POINTS  # the target: SSGD's final error + 0.5 point
-EVALS = 10                          # evaluations per run: the resolution of the time to target
 SSGD, SSP = "ssgd", "ssp"
 NOT_RUN = "not run (protocol not available)"
 
@@ -44,14 +46,6 @@ SOURCES = {   # where each policy's constants come from (sajax/policies.py has t
 
 
 # ---- the numbers (pure) -----------------------------------------------------------------------------------
-def time_to_target(history: Sequence[dict], target: float) -> Optional[float]:
-  """Simulated time of the first evaluation whose test error (in %) is at or below ``target``; None if none."""
-  for r in history:
-    if r.get("test_error") is not None and 100 * r["test_error"] <= target + 1e-9:
-      return float(r["sim_time"])
-  return None
-
-
 def mean_curve(histories: Sequence[Sequence[dict]]) -> list[tuple[float, float]]:
   """(simulated time, test error in %) per evaluation, each the mean over the runs, up to the shortest run's
   last evaluation (runs without any are left out)."""
@@ -77,35 +71,37 @@ def dropped_fraction(finals: Sequence[dict]) -> Optional[float]:
   return dropped / (dropped + accepted) if dropped + accepted else None
 
 
-def summarize(runs: Sequence[tuple[PolicyCell, dict, list[dict]]], points: float = TARGET_POINTS) -> dict:
-  """Per (profile, variant name): final test error in % over the seeds that did not diverge (mean, sd, 95 %
-  half-width, per seed), diverged seeds, the time to the profile's SSGD target (mean over seeds that reached it,
-  how many did), ⟨σ⟩ (mean over seeds), max σ, the fraction dropped, and the histories. Plus per profile
-  ``(profile, None)``: the target (SSGD's mean final error + ``points``), None without SSGD runs."""
+def summarize(runs: Sequence[tuple[PolicyCell, dict, list[dict]]], points: float = TARGET_POINTS,
+              classes: int = CLASSES) -> dict:
+  """Per (profile, variant name): final test error in % over the seeds that trained (mean, sd, 95 % half-width,
+  per seed; None when none did), each seed's outcome and their counts (collapsed, diverged, ...), the times to
+  the profile's SSGD target per seed (None: never reached it, censored), their censored median and how many
+  reached it, ⟨σ⟩ (mean over seeds), max σ, the fraction dropped, and the histories (all; the trained seeds'
+  apart, for mean curves). Plus per profile ``(profile, None)``: the target (SSGD's mean final error over its
+  trained seeds + ``points``), None without a trained SSGD seed."""
   groups: dict[tuple[str, str], list[tuple[PolicyCell, dict, list[dict]]]] = {}
   for cell, final, history in runs:
     groups.setdefault((cell.profile, cell.variant.name), []).append((cell, final, history))
   out: dict = {}
   for (profile, name), rs in groups.items():
-    finished = [(c.seed, 100 * f["test_error"]) for c, f, _ in rs if f.get("test_error") is not None]
-    errors = [e for _, e in finished]
-    stats = mean_sd(errors) if errors else (math.nan, 0.0)
+    outcome = {c.seed: outcome_of(f, classes) for c, f, _ in rs}
+    trained = [(c.seed, 100 * f["test_error"], h) for c, f, h in rs if outcome[c.seed] == TRAINED]
+    stats = mean_sd([e for _, e, _ in trained]) if trained else None
     out[(profile, name)] = {
-        "variant": rs[0][0].variant, "error": stats, "half": half_width(stats[1], len(errors)) if errors else None,
-        "by_seed": dict(finished), "seeds": len(rs), "diverged": sum(unfinished(f) == "diverged" for _, f, _ in rs),
-        "outcomes": outcome_counts([f for _, f, _ in rs]),
-        **_staleness([f for _, f, _ in rs]),
-        "dropped": dropped_fraction([f for _, f, _ in rs]), "histories": [h for _, _, h in rs]}
+        "variant": rs[0][0].variant, "error": stats, "half": half_width(stats[1], len(trained)) if stats else None,
+        "by_seed": {s: e for s, e, _ in trained}, "seeds": len(rs), "outcome_by_seed": outcome,
+        "outcomes": count_outcomes(outcome.values()), **_staleness([f for _, f, _ in rs]),
+        "dropped": dropped_fraction([f for _, f, _ in rs]), "histories": [h for _, _, h in rs],
+        "trained_histories": [h for _, _, h in trained]}
   for profile in {p for p, _ in groups}:
     ssgd = out.get((profile, SSGD))
     target = ssgd["error"][0] + points if ssgd and ssgd["by_seed"] else None
     out[(profile, None)] = target
     for (p, name), s in list(out.items()):
       if p == profile and name is not None:
-        times = [time_to_target(h, target) for h in s["histories"]] if target is not None else []
-        reached = [t for t in times if t is not None]
-        s["time"] = statistics.fmean(reached) if reached else None
-        s["reached"] = len(reached)
+        s["times"] = [time_to_target(h, target) for h in s["histories"]] if target is not None else []
+        s["time"] = censored_median(s["times"])
+        s["reached"] = sum(t is not None for t in s["times"])
   return out
 
 
@@ -118,45 +114,83 @@ def _staleness(finals: Sequence[dict]) -> dict:
           "sigma_max": max(f["staleness_max"] for f in seen)}
 
 
-def rank(summary: dict, profile: str) -> list[dict]:
-  """The rows of ``profile`` by final error (rows with a diverged seed last), each with ``better_than``: the rows
-  it is decidedly better than (the 95 % interval of the paired differences other − this lies above 0), and
-  ``vs_ssgd``: the paired difference this − SSGD with ``decided`` (better, worse, or undecided)."""
+def failed(s: dict) -> int:
+  """How many seeds of the row ``s`` collapsed or diverged (a row with any is compared with no row)."""
+  return len(failed_seeds(s))
+
+
+def comparisons(summary: dict) -> dict[tuple[str, str, str], dict]:
+  """The family of paired comparisons the report makes: per profile, every pair of rows (a, b) with a < b by
+  name, neither with a collapsed or diverged seed, and at least two seeds both trained; each the paired
+  difference a − b (:func:`launch.seed_stats.paired_difference`, with its two-sided t-test p-value) plus
+  ``p_holm``, its Holm–Bonferroni adjusted p-value over the whole family (every profile)."""
+  rows = {key: s for key, s in summary.items() if key[1] is not None and not failed(s)}
+  family = {}
+  for (pa, a), (pb, b) in itertools.combinations(sorted(rows), 2):
+    if pa == pb and len(set(rows[(pa, a)]["by_seed"]) & set(rows[(pb, b)]["by_seed"])) >= 2:
+      family[(pa, a, b)] = paired_difference(rows[(pa, a)], rows[(pb, b)])
+  for diff, p in zip(family.values(), holm([d["p"] for d in family.values()])):
+    diff["p_holm"] = p
+  return family
+
+
+def better(family: dict, profile: str, a: str, b: str) -> bool:
+  """Whether row ``a`` is decidedly better (lower error) than ``b``: their comparison's Holm-adjusted p-value
+  is at most α = 0.05 and the paired difference a − b is below 0."""
+  key, sign = ((profile, a, b), 1) if a < b else ((profile, b, a), -1)
+  diff = family.get(key)
+  return diff is not None and diff["p_holm"] <= ALPHA and sign * diff["mean"] < 0
+
+
+def rank(summary: dict, profile: str, family: Optional[dict] = None) -> list[dict]:
+  """The rows of ``profile`` by final error over their trained seeds (rows with a collapsed or diverged seed
+  last), each with ``better_than``: the rows it is decidedly better than (:func:`better`), and ``vs_ssgd``: the
+  paired difference this − SSGD with ``decided`` (better, worse, undecided; None for a row with a collapsed or
+  diverged seed, which is compared with none) and ``p_holm``. ``family``: :func:`comparisons` (default: of
+  ``summary``)."""
+  family = comparisons(summary) if family is None else family
   rows = [s for (p, name), s in summary.items() if p == profile and name is not None]
-  rows.sort(key=lambda s: (s["diverged"] > 0, s["error"][0] if s["by_seed"] else math.inf, s["variant"].name))
+  rows.sort(key=lambda s: (failed(s) > 0, s["error"][0] if s["by_seed"] else float("inf"), s["variant"].name))
   ssgd = summary.get((profile, SSGD))
   out = []
   for s in rows:
     name = s["variant"].name
-    beats = [o["variant"].name for o in rows if o is not s and _decides(o, s)]
-    row = {**s, "better_than": beats, "vs_ssgd": None}
+    row = {**s, "better_than": [o["variant"].name for o in rows if better(family, profile, name, o["variant"].name)],
+           "vs_ssgd": None}
     if ssgd and name != SSGD and set(s["by_seed"]) & set(ssgd["by_seed"]):
-      decided = "worse" if _decides(s, ssgd) else "better" if _decides(ssgd, s) else "undecided"
-      row["vs_ssgd"] = {**paired_difference(s, ssgd), "decided": decided}
+      key = (profile, *sorted((name, SSGD)))
+      tested = family.get(key)
+      decided = (None if tested is None and failed(s) else "better" if better(family, profile, name, SSGD) else
+                 "worse" if better(family, profile, SSGD, name) else "undecided")
+      row["vs_ssgd"] = {**paired_difference(s, ssgd), "decided": decided,
+                        "p_holm": tested["p_holm"] if tested else None}
     out.append(row)
   return out
 
 
-def _decides(worse: dict, better: dict) -> bool:
-  """Whether the 95 % interval of the paired differences worse − better (seeds both finished, at least two) lies
-  wholly above 0."""
-  if len(set(worse["by_seed"]) & set(better["by_seed"])) < 2:
-    return False
-  return verdict(paired_difference(worse, better), 0.0) == "worse"
-
-
 # ---- the report ---------------------------------------------------------------------------------------------
 def _time_text(s: dict, ssgd: Optional[dict]) -> tuple[str, str]:
-  if s.get("time") is None:
-    return "not reached", "–"
-  part = "" if s["reached"] == s["seeds"] else f" ({s['reached']} of {s['seeds']} seeds)"
+  if not s.get("times"):
+    return "–", "–"
+  counts = f"{s['reached']} of {s['seeds']} reached"
+  if s["time"] is None:
+    return ("not reached" if not s["reached"] else "–") + f" ({counts})", "–"
   ratio = f"{ssgd['time'] / s['time']:.2f}×" if ssgd and ssgd.get("time") and s["variant"].name != SSGD else "–"
-  return f"{s['time']:.1f}{part}", ratio
+  return f"{s['time']:.1f} ({counts})", ratio
 
 
 def _number(value, spec: str) -> str:
   """``value`` formatted with ``spec``, or '–' when it is None (a run that diverged before evaluating)."""
   return "–" if value is None else format(value, spec)
+
+
+def _vs_text(v: Optional[dict]) -> str:
+  if v is None:
+    return "–"
+  text = f"{v['mean']:+.2f}" + (f" ± {v['half']:.2f}" if v["half"] is not None else "")
+  if v["p_holm"] is None:
+    return text + (" (not compared)" if v["decided"] is None else "")
+  return text + f" ({v['decided'] + ', ' if v['decided'] != 'undecided' else ''}Holm p = {v['p_holm']:.2g})"
 
 
 def table_lines(rows: Sequence[dict], constants: dict, ssgd: Optional[dict], missing: Sequence[str] = ()) -> list[str]:
@@ -165,15 +199,9 @@ def table_lines(rows: Sequence[dict], constants: dict, ssgd: Optional[dict], mis
            "SSGD time ÷ | ⟨σ⟩ | max σ | dropped |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for i, s in enumerate(rows, 1):
     name = s["variant"].name
-    # error_text says '(k of n diverged)' when some seeds finished; a row with none gets the counts here
-    error = error_text(s) if s["by_seed"] else "– (" + ", ".join(
-        f"{word} in {k} of {s['seeds']} seeds" for word, k in s["outcomes"].items()) + ")"
-    v = s["vs_ssgd"]
-    vs = "–" if v is None else f"{v['mean']:+.2f}" + (f" ± {v['half']:.2f}" if v["half"] is not None else "") + (
-        f" ({v['decided']})" if v["decided"] != "undecided" else "")
     time_text, ratio = _time_text(s, ssgd)
     dropped = "–" if s["dropped"] is None else f"{100 * s['dropped']:.1f} %"
-    lines.append(f"| {i} | **{name}** | {constants.get(name, '')} | {error} | {vs} | "
+    lines.append(f"| {i} | **{name}** | {constants.get(name, '')} | {error_text(s)} | {_vs_text(s['vs_ssgd'])} | "
                  f"{', '.join(s['better_than']) or '–'} | {time_text} | {ratio} | "
                  f"{_number(s['sigma_mean'], '.1f')} | {_number(s['sigma_max'], 'd')} | {dropped} |")
   lines += [f"| – | **{name}** | {constants.get(name, '')} | {NOT_RUN} | | | | | | | |" for name in missing]
@@ -182,9 +210,9 @@ def table_lines(rows: Sequence[dict], constants: dict, ssgd: Optional[dict], mis
 
 def equal_time_lines(rows: Sequence[dict], ssgd: Optional[dict]) -> list[str]:
   """A sentence: when the async rows' runs end (mean simulated time of their last evaluations) and SSGD's mean
-  test error at that time, against the best async row's final error."""
+  test error (over its trained seeds) at that time, against the best async row's final error."""
   ends = [h[-1]["sim_time"] for s in rows if s["variant"].name != SSGD for h in s["histories"] if h]
-  curve = mean_curve(ssgd["histories"]) if ssgd else []
+  curve = mean_curve(ssgd["trained_histories"]) if ssgd else []
   error = error_at(curve, statistics.fmean(ends)) if ends and curve else None
   if error is None:
     return []
@@ -197,7 +225,8 @@ def equal_time_lines(rows: Sequence[dict], ssgd: Optional[dict]) -> list[str]:
 
 def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, command: str, note: str,
                     setting: str, seeds: Sequence[int], wall_s: float, figure: str,
-                    runs: Sequence[tuple[str, dict]], missing: Sequence[str] = (), trained: int = 0) -> str:
+                    runs: Sequence[tuple[str, dict]], missing: Sequence[str] = (), trained: int = 0,
+                    classes: int = CLASSES) -> str:
   """docs/policies.md: the note (why this setting), the command, one ranking table per profile, the constants
   and their sources, the figure, the time and load, and every run."""
   lines = ["# Staleness policies ranked: async λ = 30 under slow learners (simulated)", "",
@@ -205,27 +234,45 @@ def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, 
            "Written by `launch/compare_policies.py`; every number below comes from this command (each run is in "
            "`<root>/<run>/`: `config.json`, `metrics.jsonl`, `final.json`):", "", "```bash", command, "```", "",
            setting, ""]
+  family = comparisons(summary)
+  decided = [key for key, d in family.items() if d["p_holm"] <= ALPHA]
+  lines += [
+      f"**Multiple comparisons.** The page makes {len(family)} paired comparisons: every pair of rows of a profile "
+      "(both profiles together) neither of which has a collapsed or diverged seed, each a two-sided paired t test "
+      "of the difference in final test error over the seeds both trained. A pair is decided only where its "
+      f"Holm–Bonferroni adjusted p-value over all {len(family)} is at most {ALPHA:.2g} (a family-wise error rate "
+      f"of 5 %): {len(decided)} of the {len(family)} are. The ± intervals are each comparison's own 95 % "
+      f"interval, not adjusted. {outcome_rule(classes)} A row with such a seed is ranked last and compared with "
+      "none.", ""]
   for profile in profiles:
     target = summary.get((profile, None))
     ssgd = summary.get((profile, SSGD))
-    rows = rank(summary, profile)
+    rows = rank(summary, profile, family)
     lines += [f"## Profile `{profile}`", ""]
     if not rows:
       lines += ["No run of this profile.", ""]
       continue
-    lines += [f"SSGD target: {target:.2f} % test error (SSGD's mean final error + {TARGET_POINTS} point)."
-              if target is not None else "No SSGD run: no target.", ""]
+    here = sum(key[0] == profile for key in family)
+    lines += [(f"SSGD target: {target:.2f} % test error (SSGD's mean final error + {TARGET_POINTS} point)."
+               if target is not None else "No SSGD run trained: no target.")
+              + f" {sum(key[0] == profile for key in decided)} of this profile's {here} comparisons are decided.", ""]
     lines += table_lines(rows, constants, ssgd, missing) + [""] + equal_time_lines(rows, ssgd)
+  evals = sorted(len(h) for s in summary.values() if isinstance(s, dict) for h in s["histories"] if h)
+  evaluated = "" if not evals else f" (the runs here evaluated {evals[0]}" + (
+      f" to {evals[-1]}" if evals[-1] != evals[0] else "") + " times)"
   lines += [
-      "Columns: final test error, mean ± half-width of the 95 % Student-t interval over seeds; − SSGD: the mean "
-      "of the paired differences row − SSGD (same seed) with its interval, *(better)*/*(worse)* only where the "
-      "interval excludes 0; *decidedly better than*: the rows whose paired differences with this one have an "
-      "interval wholly above 0 (no verdict anywhere else: the order of the other rows is within the noise of "
+      "Columns: final test error, mean ± half-width of the 95 % Student-t interval over the trained seeds; − SSGD: "
+      "the mean of the paired differences row − SSGD (same seed) with its 95 % interval and Holm-adjusted p-value, "
+      "*better*/*worse* only where that p-value is at most 0.05; *decidedly better than*: the rows this one beats "
+      f"by the same rule (no verdict anywhere else: the order of the other rows is within the noise of "
       f"{len(seeds)} seeds); time to target: simulated seconds (a learner of factor 1 takes 1 s per gradient) "
-      f"to the first of the {EVALS} evaluations at or below the target, mean over the seeds that reached it; "
-      "SSGD time ÷: SSGD's time to the target over this row's (above 1: faster than SSGD); ⟨σ⟩: mean staleness "
-      "of the accepted gradients (mean over seeds), max σ over all seeds; dropped: gradients refused for their "
-      "σ or non-finite, over all pushed.", "", "## Constants", "", "| row | constants | from |", "|---|---|---|"]
+      "until the test error first reaches the target, linear between the last evaluation above it and the first "
+      f"at or below it{evaluated}; the median over all seeds, a seed that never reached it counting as slower "
+      "than any that did (no median when half or more never did), and how many reached it; SSGD time ÷: SSGD's "
+      "median time over this "
+      "row's (above 1: faster than SSGD); ⟨σ⟩: mean staleness of the accepted gradients (mean over seeds), max σ "
+      "over all seeds; dropped: gradients refused for their σ or non-finite, over all pushed.", "", "## Constants",
+      "", "| row | constants | from |", "|---|---|---|"]
   lines += [f"| {name} | {c} | {SOURCES.get(name, 'see sajax/policies.py')} |" for name, c in constants.items()]
   total = sum(f.get("wall_s", 0.0) for _, f in runs)
   loads = [f["load_avg_1min"] for _, f in runs if "load_avg_1min" in f]
@@ -241,7 +288,7 @@ def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, 
             "| run (folder under the root) | test error % | ⟨σ⟩ | max σ | dropped | sim time | training wall |",
             "|---|---|---|---|---|---|---|"]
   for name, f in runs:
-    error = unfinished(f) or f"{100 * f['test_error']:.2f}"
+    error = run_error_text(f, classes)
     lines.append(f"| `{name}` | {error} | {_number(f.get('staleness_mean'), '.2f')} | "
                  f"{_number(f.get('staleness_max'), 'd')} | "
                  f"{f.get('gradients_dropped', 0) + f.get('gradients_stale_dropped', 0)} | "
@@ -261,7 +308,7 @@ def plot_error_vs_time(summary: dict, profiles: Sequence[str], path: str) -> str
   for ax, profile in zip(axes[0], profiles):
     rows = [s for (p, name), s in sorted(summary.items(), key=lambda kv: str(kv[0])) if p == profile and name]
     for i, s in enumerate(sorted(rows, key=lambda s: s["variant"].name)):
-      curve = mean_curve(s["histories"])
+      curve = mean_curve(s["trained_histories"])
       if not curve:
         continue
       times, errors = zip(*curve)

@@ -17,10 +17,12 @@ Each cell trains into ``<root>/<cell>`` through ``sajax.train``, in a child proc
 CPU-emulated devices (one process for a whole grid runs out of memory maps, see ``run_cell``). A cell is done
 once its ``final.json`` exists (written atomically after training), so rerunning skips done cells and resumes
 a half-done one from its last checkpoint. The report (``--out``, default docs/reproduction.md) has the final
-test errors (rows n, λ, μ; columns inverse, constant, SSGD; mean and 95 % Student-t interval over seeds), the
-paired difference inverse − SSGD (same λ and seed) with its interval, the three-valued P4 verdict per inverse
-cell (within 0.5 point of SSGD, worse, or undecided, with an estimate of the seeds that would decide it), the
-staleness distribution per n (⟨σ⟩ ≈ n) and test error against epochs, as PNGs beside it.
+test errors (rows n, λ, μ; columns inverse, constant, SSGD; mean and 95 % Student-t interval over the trained
+seeds, a collapsed or diverged seed counted apart), the paired difference inverse − SSGD (same λ and seed) with
+its interval, the three-valued P4 verdict per inverse cell (within 0.5 point of SSGD, worse, or undecided, with
+the seeds a paired t test would need for 80 % power), the staleness distribution per n (⟨σ⟩ ≈ n) and test error
+against epochs, as PNGs beside it. Every run evaluates :data:`EVALS` times. A hand-written note kept in the
+report (between its markers) may hold no number: one that does is one line and exit 2 before any training.
 ``--quick`` runs λ ∈ {4, 8} for 4 epochs (16 runs, ≤ 10 min on 2 cores); the report estimates the full grid's
 time from the runs' measured times. Bad input prints one line and exits with code 2 before anything is
 written; Ctrl-C keeps a checkpoint of the current run and exits with code 130. ``--cell-timeout-s S`` kills a cell
@@ -59,6 +61,7 @@ BASE_CONFIGS = {"mnist5k": "default", "fashion_mnist": "fashion_mnist"}   # modu
 TRAIN_SIZES = {"mnist5k": 4000, "fashion_mnist": 60000}
 SIM_JITTER = 0.2                        # σ of the lognormal factor on each learner's time per gradient
 P4_POINTS = 0.5
+EVALS = 40                              # evaluations per run, evenly spaced: the resolution of a time to target
 # The speedup figure's learner-speed model (``--speedup``): a gradient of μ examples costs a fixed push time
 # plus a time ∝ μ (128 examples: 1 s), each time × a mean-1 lognormal factor (σ = SIM_JITTER), and learner 0
 # is a straggler STRAGGLER_SLOWDOWN× slower in its compute (λ ≥ 2).
@@ -163,14 +166,13 @@ def cell_config(cell: Cell, epochs: float, train_examples: int = 0):
     config.protocol, config.n, config.policy = "softsync", cell.n, cell.policy
   config.epochs = float(epochs)
   config.lr_boundaries_epochs = boundaries
-  config.eval_every_epochs = max(epochs / 12, 0.5) if epochs > 1 else epochs
+  config.eval_every_epochs = epochs / EVALS
   config.checkpoint_every_epochs = max(epochs / 6, 1.0)
   config.train_examples = train_examples
   config.sim_jitter = SIM_JITTER
-  if cell.speed == "cost":      # the speedup figure: time in simulated seconds, evaluated every ½ epoch
+  if cell.speed == "cost":      # the speedup figure: time in simulated seconds
     config.sim_profile = "one_slow" if cell.learners > 1 else "lognormal"
     config.sim_slowdown, config.sim_example_time, config.sim_push_time = STRAGGLER_SLOWDOWN, EXAMPLE_TIME, PUSH_TIME
-    config.eval_every_epochs = 0.5
   config.progress = False
   return config
 
@@ -293,8 +295,9 @@ def check_run_args(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-  from launch.reproduce_report import (aggregate, estimate_text, kept_note, p4_verdicts, plot_error_curves,
-                                       plot_error_vs_n, plot_staleness_by_n, render_markdown, verdict_counts)
+  from launch.reproduce_figures import plot_error_curves, plot_error_vs_n, plot_staleness_by_n
+  from launch.reproduce_report import (TRAINED, aggregate, estimate_text, kept_note, outcome_of, p4_verdicts,
+                                       render_markdown, verdict_counts)
   from launch.speedup_report import plot_speedup, speedup_ladder, speedup_markdown
   try:
     args = parse_args(argv[1:])
@@ -308,7 +311,8 @@ def main(argv: Sequence[str]) -> int:
                        f"{args.learners}; allowed: n <= λ")
     if args.cell is None:
       from sajax import data
-      data.load_dataset(base_config(args.dataset).dataset)   # a missing dataset: one line now, not in a cell
+      classes = data.load_dataset(base_config(args.dataset).dataset).num_classes   # missing: one line now
+      note = kept_note(args.out)      # a note with numbers: one line now, not after the grid
   except ValueError as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return EXIT_BAD_INPUT
@@ -342,13 +346,13 @@ def main(argv: Sequence[str]) -> int:
   wall = time.perf_counter() - start
   finals, speed_finals = finals[:len(cells)], finals[len(cells):]
 
-  agg = aggregate(finals)
+  agg = aggregate(finals, classes)
   verdicts = p4_verdicts(agg)
   folder = os.path.splitext(args.out)[0]
   os.makedirs(folder, exist_ok=True)
   histories: dict[tuple, list] = {}
   for cell, f in zip(cells, finals):
-    if not unfinished(f):       # an unfinished run's shorter curve would cut the others' mean short
+    if outcome_of(f, classes) == TRAINED:   # never averaged with a collapsed run; a diverged one ends short
       histories.setdefault(cell.key, []).append(
           metrics.read_metrics(os.path.join(args.root, cell.name(args.epochs, args.train_examples))))
   rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(args.out)))  # noqa: E731
@@ -375,7 +379,7 @@ def main(argv: Sequence[str]) -> int:
                          runs=[(c.name(args.epochs, args.train_examples), f)
                                for c, f in zip(cells + speed_cells, finals + speed_finals)],
                          dataset=args.dataset, train_examples=args.train_examples, extra=speedup,
-                         momentum=args.momentum, note=kept_note(args.out), missing=missing)
+                         momentum=args.momentum, note=note, missing=missing, classes=classes)
   write_text(args.out, text)
   ends = "".join(f", {k} {word}" for word, k in outcome_counts(finals + speed_finals).items())
   print(f"{len(cells)} cells ({trained} trained, {len(cells) - trained} already done{ends}) in {wall:.0f} s; "

@@ -14,6 +14,7 @@ from typing import Sequence
 
 from launch.reproduce import P4_POINTS, SIM_JITTER, Cell
 from launch.reproduce_report import save_figure
+from launch.seed_stats import time_to_target
 
 PROTOCOL_OF = {"ssgd": "hardsync (SSGD)", "n1": "1-softsync, inverse", "async": "async, inverse"}
 # Looser targets (λ = 1's final error + these points) shown beside the main one (+ P4_POINTS). Added after the
@@ -29,14 +30,6 @@ def protocol_of(cell: dict) -> str:
   return PROTOCOL_OF["async"] if cell["n"] == cell["learners"] else PROTOCOL_OF["n1"]
 
 
-def time_to(history: Sequence[dict], target_percent: float) -> float | None:
-  """Simulated seconds at the first evaluation whose test error is at or below the target; None if never."""
-  for record in history:
-    if 100 * record["test_error"] <= target_percent:
-      return float(record["sim_time"])
-  return None
-
-
 def speedup_rows(runs: Sequence[tuple[dict, list[dict]]],
                  points: float = P4_POINTS) -> tuple[float | None, list[dict]]:
   """(target %, rows): the target is the λ = 1 runs' mean final test error + ``points``; a row per (protocol, λ)
@@ -50,7 +43,7 @@ def speedup_rows(runs: Sequence[tuple[dict, list[dict]]],
   for cell, h in runs:
     protocols = list(PROTOCOL_OF.values()) if cell["learners"] == 1 else [protocol_of(cell)]
     for protocol in protocols:                      # λ = 1: one run is every protocol's first point
-      by.setdefault((protocol, cell["learners"]), []).append(time_to(h, target))
+      by.setdefault((protocol, cell["learners"]), []).append(time_to_target(h, target))
   t1 = statistics.fmean(t for t in by.get((PROTOCOL_OF["ssgd"], 1), []) if t is not None) if all(
       t is not None for t in by.get((PROTOCOL_OF["ssgd"], 1), [None])) else None
   rows = []
@@ -106,8 +99,9 @@ def speedup_markdown(ladder: Sequence[tuple[float, float, Sequence[dict]]], figu
            f"Learner-speed model: a gradient of μ examples costs {PUSH_TIME:g} s (push) + μ × {EXAMPLE_TIME:.6g} s "
            f"(128 examples: {128 * EXAMPLE_TIME:g} s), times a mean-1 lognormal factor (σ = {SIM_JITTER}); for λ ≥ 2 "
            f"learner 0 computes {STRAGGLER_SLOWDOWN:g}× slower. Target: the λ = 1 run's final test error + "
-           f"{points:g} point = **{target:.2f} %**; time = simulated seconds at the first evaluation (every ½ "
-           "epoch) at or below it; – when a seed never reached it. Speedup = T(λ = 1) / T(λ). One seed per run "
+           f"{points:g} point = **{target:.2f} %**; time = simulated seconds when the test error first reaches it, "
+           "linear between the last evaluation above it and the first at or below it; – when a seed never "
+           "reached it. Speedup = T(λ = 1) / T(λ). One seed per run "
            "(the grid's first).", "",
            "| protocol | λ | μ | time to target (s), per seed | mean | speedup |", "|---|---|---|---|---|---|"]
   for r in rows:

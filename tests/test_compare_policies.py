@@ -1,12 +1,15 @@
-"""launch/compare_policies.py: the rows and cells, time to target, ranking with paired verdicts, the report."""
+"""launch/compare_policies.py: the rows and cells, time to target, ranking with Holm-adjusted paired verdicts,
+collapsed and diverged seeds counted apart, the report."""
 
 import dataclasses
 import json
+import re
 
 import pytest
 
 from launch import compare_policies as cp
 from launch import policies_report as pr
+from launch import reproduce
 from sajax import config as config_lib, optim
 
 POLICIES = optim.available_policies()
@@ -43,7 +46,7 @@ def test_cell_config_is_async_with_the_profile_and_ssgd_is_hardsync():
   assert (drop.executor, drop.protocol, drop.policy, drop.sim_profile, drop.seed) == (
       "simulated", "async", "drop", "heterogeneous", 2)
   assert config_lib.protocol_of(drop).gradients_per_update == 1
-  assert drop.eval_every_epochs == pytest.approx(1.0 / pr.EVALS)
+  assert drop.eval_every_epochs == pytest.approx(1.0 / reproduce.EVALS) and reproduce.EVALS >= 40
   ssgd = cp.cell_config(cp.PolicyCell(rows["ssgd"], "one_slow", 0), epochs=1.0)
   config_lib.validate(ssgd)
   assert (ssgd.protocol, config_lib.protocol_of(ssgd).gradients_per_update, ssgd.sim_profile) == (
@@ -66,15 +69,6 @@ def test_constants_are_the_built_policys_with_lambda_and_alpha0_filled_in():
 
 def _curve(points):
   return [{"sim_time": t, "test_error": e / 100} for t, e in points]
-
-
-def test_time_to_target_is_the_first_evaluation_at_or_below_it():
-  curve = _curve([(10, 60.0), (20, 30.0), (30, 12.0), (40, 14.0), (50, 9.0)])
-  assert pr.time_to_target(curve, 12.0) == 30          # at the target counts
-  assert pr.time_to_target(curve, 13.0) == 30          # the first crossing, not the last
-  assert pr.time_to_target(curve, 9.5) == 50
-  assert pr.time_to_target(curve, 5.0) is None
-  assert pr.time_to_target(curve[:1], 70.0) == 10
 
 
 def test_mean_curve_and_error_at_equal_simulated_time():
@@ -113,7 +107,15 @@ def _runs(errors_by_row, profile="one_slow", times=None):
 
 
 RUNS = {"ssgd": [10.0, 11.0, 12.0], "inverse": [10.1, 11.0, 11.7], "constant": [14.0, 15.2, 16.1],
-        "drop": [9.0, 12.0, 10.0], "hinge": [10.0, 11.0, None], "dc_asgd": [None, None, None]}
+        "drop": [9.0, 12.0, 10.0], "polynomial": [9.5, 90.0, 10.5], "hinge": [10.0, 11.0, None],
+        "dc_asgd": [None, None, None]}      # polynomial's seed 1 collapsed (at chance), hinge's seed 2 diverged
+
+
+def _crossing(error, scale=1.0, target=11.5):
+  """Where a fabricated curve (90 % → ``error`` over 10 evaluations) reaches ``target``, by hand: between its
+  9th and 10th evaluations, t = 9 + (e₉ − target)/(e₉ − e₁₀), times ``scale``."""
+  e9 = 90.0 + (error - 90.0) * 9 / 10
+  return scale * (9 + (e9 - target) / (e9 - error))
 
 
 def test_summary_target_and_time_to_target():
@@ -122,30 +124,50 @@ def test_summary_target_and_time_to_target():
   inverse = summary[("one_slow", "inverse")]
   assert inverse["error"][0] == pytest.approx(32.8 / 3) and inverse["half"] is not None
   assert (inverse["sigma_mean"], inverse["sigma_max"], inverse["seeds"]) == (29.0, 122, 3)
-  # seed errors 10.1, 11.0, 11.7 reach 11.5 at the 10th, 10th and never: (10 + 10)/2 over 2 seeds
-  assert (inverse["time"], inverse["reached"]) == (pytest.approx(10.0), 2)
+  # seed errors 10.1, 11.0, 11.7 reach 11.5 between the 9th and 10th evaluations, then never: the median of
+  # the three with the censored one last is the larger of the two that reached it
+  assert inverse["times"] == [pytest.approx(_crossing(10.1)), pytest.approx(_crossing(11.0)), None]
+  assert _crossing(10.1) == pytest.approx(9 + 6.59 / 7.99)              # e₉ = 18.09, e₁₀ = 10.1
+  assert (inverse["time"], inverse["reached"]) == (pytest.approx(_crossing(11.0)), 2)
   ssgd = summary[("one_slow", "ssgd")]
-  assert (ssgd["time"], ssgd["reached"]) == (pytest.approx(40.0), 2)      # 10, 11 reach 11.5; 12 does not
+  assert (ssgd["time"], ssgd["reached"]) == (pytest.approx(_crossing(11.0, 4.0)), 2)   # 12 never reaches 11.5
   assert summary[("one_slow", "drop")]["dropped"] == pytest.approx(10 / 100)
   assert summary[("one_slow", "dc_asgd")]["sigma_mean"] == 29.0             # diverged after evaluating
   hinge = summary[("one_slow", "hinge")]
-  assert (hinge["diverged"], hinge["by_seed"]) == (1, {0: 10.0, 1: 11.0})
+  assert (hinge["outcomes"], hinge["by_seed"]) == ({"diverged": 1}, {0: 10.0, 1: 11.0})
+  # the collapsed seed is counted apart, never averaged: the mean is over the two that trained
+  poly = summary[("one_slow", "polynomial")]
+  assert poly["outcomes"] == {"collapsed": 1} and poly["by_seed"] == {0: 9.5, 2: 10.5}
+  assert poly["error"][0] == pytest.approx(10.0) and poly["outcome_by_seed"][1] == "collapsed"
+  assert len(poly["trained_histories"]) == 2 and len(poly["histories"]) == 3
 
 
-def test_rank_sorts_by_error_and_decides_only_where_the_paired_interval_does():
-  rows = pr.rank(pr.summarize(_runs(RUNS)), "one_slow")
-  assert [r["variant"].name for r in rows] == ["drop", "inverse", "ssgd", "constant", "hinge", "dc_asgd"]
-  # diverged last; a row that diverged in every seed has no error, no paired difference, no verdict
+def test_rank_sorts_by_error_and_decides_only_where_holm_does():
+  summary = pr.summarize(_runs(RUNS))
+  family = pr.comparisons(summary)
+  # the family: every pair of the four rows without a collapsed or diverged seed (polynomial, hinge, dc_asgd are
+  # not compared), 6 paired t tests over 3 seeds each
+  assert sorted(family) == [("one_slow", a, b) for a, b in (("constant", "drop"), ("constant", "inverse"),
+                                                             ("constant", "ssgd"), ("drop", "inverse"),
+                                                             ("drop", "ssgd"), ("inverse", "ssgd"))]
+  # constant − drop = 5.0, 3.2, 6.1: t = 4.767 / (1.464/√3) = 5.64 on 2 df, p = 0.030 on its own (decided at
+  # 5 %), but the third smallest of 6: Holm multiplies it by 4, 0.120 (undecided)
+  cd = family[("one_slow", "constant", "drop")]
+  assert cd["p"] == pytest.approx(0.0300, abs=2e-4) and cd["p_holm"] == pytest.approx(4 * cd["p"])
+  assert family[("one_slow", "constant", "ssgd")]["p_holm"] == pytest.approx(6 * family[("one_slow", "constant",
+                                                                                          "ssgd")]["p"])
+  rows = pr.rank(summary, "one_slow", family)
+  assert [r["variant"].name for r in rows] == ["drop", "inverse", "ssgd", "constant", "polynomial", "hinge",
+                                               "dc_asgd"]
+  # a row with a collapsed or diverged seed is last and compared with none, even on its trained seeds
   assert (rows[-1]["better_than"], rows[-1]["vs_ssgd"], rows[-1]["time"]) == ([], None, None)
-  assert all("dc_asgd" not in r["better_than"] for r in rows)
+  assert all(n not in r["better_than"] for r in rows for n in ("polynomial", "hinge", "dc_asgd"))
   by = {r["variant"].name: r for r in rows}
-  # constant is ≈ 4 points worse than SSGD in every seed: decided; inverse is −0.07 ± 0.52: undecided
+  assert by["polynomial"]["vs_ssgd"]["decided"] is None and by["polynomial"]["better_than"] == []
   assert by["constant"]["vs_ssgd"]["decided"] == "worse"
   assert by["inverse"]["vs_ssgd"]["decided"] == "undecided"
-  assert "constant" in by["ssgd"]["better_than"] and "constant" in by["inverse"]["better_than"]
-  assert "inverse" not in by["ssgd"]["better_than"] and "ssgd" not in by["inverse"]["better_than"]
-  # drop has the lowest mean, but its differences with SSGD are noisy (−1, +1, −2): it beats only constant
-  assert by["drop"]["better_than"] == ["constant"]
+  assert by["ssgd"]["better_than"] == ["constant"] and by["inverse"]["better_than"] == ["constant"]
+  assert by["drop"]["better_than"] == []                 # its p = 0.03 against constant does not survive Holm
   assert by["ssgd"]["vs_ssgd"] is None
 
 
@@ -156,7 +178,7 @@ def test_runs_that_diverged_before_evaluating_have_no_staleness():
   dc = summary[("one_slow", "dc_asgd")]
   assert (dc["sigma_mean"], dc["sigma_max"], dc["dropped"], dc["time"]) == (None, None, 1.0, None)
   table = pr.table_lines(pr.rank(summary, "one_slow"), {}, summary[("one_slow", "ssgd")])
-  assert table[-1].endswith("| not reached | – | – | – | 100.0 % |")
+  assert table[-1].endswith("| not reached (0 of 1 reached) | – | – | – | 100.0 % |")
   assert pr.dropped_fraction([{"test_error": None}]) is None                  # nothing recorded: no fraction
 
 
@@ -180,12 +202,24 @@ def test_report_has_a_row_per_policy_the_missing_ssp_the_note_and_the_figure(tmp
   assert "SSGD target: 11.50 %" in text and "No run of this profile." in text
   table = [line for line in text.splitlines() if line.startswith("| ") and "**" in line]
   assert [line.split("|")[2].strip() for line in table] == ["**drop**", "**inverse**", "**ssgd**", "**constant**",
-                                                          "**hinge**", "**dc_asgd**", "**ssp**"]
+                                                          "**polynomial**", "**hinge**", "**dc_asgd**", "**ssp**"]
   assert "| 1 | **drop** | bound = 60 | 10.33 ± " in table[0]
-  assert "(worse)" in table[3] and pr.NOT_RUN in table[6]
-  assert " (1 of 3 diverged) |" in table[4] and "diverged in" not in table[4]   # said once, not twice
-  assert "| – (diverged in 3 of 3 seeds) | – | – | not reached |" in table[5]
-  assert "| 10.0 (2 of 3 seeds) | 4.00× |" in table[1]                     # SSGD's 40 s over inverse's 10 s
+  assert f"| +4.10 ± 0.25 (worse, Holm p = {6 * 0.000198:.2g}) |" in table[3] and pr.NOT_RUN in table[7]
+  assert "(Holm p = 1) | – |" in table[0]                                # drop decides nothing after Holm
+  # the collapsed seed and the diverged one are counted apart, the means over the two seeds that trained
+  assert "| 10.00 ± 6.35 (2 of 3 seeds; 1 collapsed) | -1.00 ± 6.35 (not compared) | – |" in table[4]
+  assert "| 10.50 ± 6.35 (2 of 3 seeds; 1 diverged) |" in table[5] and "diverged in" not in table[5]
+  assert "| – (diverged in 3 of 3 seeds) | – | – | not reached (0 of 3 reached) |" in table[6]
+  # censored median: inverse reached the target in 2 of 3 seeds; SSGD's median over inverse's
+  assert f"| {_crossing(11.0):.1f} (2 of 3 reached) | 4.00× |" in table[1]
+  assert "| `mnist5k-one_slow-polynomial-lambda30-mu5-e1-seed1` | 90.00 (collapsed) |" in text
+  assert ("The page makes 6 paired comparisons: every pair of rows of a profile (both profiles together) neither "
+          "of which has a collapsed or diverged seed") in text
+  assert "Holm–Bonferroni adjusted p-value over all 6 is at most 0.05" in text and "2 of the 6 are" in text
+  assert "A seed *collapsed* when its final train loss is within 0.01 of ln 10 = 2.3026" in text
+  assert "at or above 85 %" in text and "(the runs here evaluated 10 times)" in text
+  for mean, half in re.findall(r"\| (\d+\.\d+) ± (\d+\.\d+)", text):     # no error cell's interval goes below 0
+    assert float(mean) - float(half) >= 0
   assert "| `mnist5k-one_slow-hinge-lambda30-mu5-e1-seed2` | diverged |" in text
   # the async runs end at 10 s, when SSGD's curve (4 s per evaluation, 90 % → 11 %) is at 90 − 79·2.5/10 %
   assert ("Equal simulated time: the async runs end at ≈ 10 s; SSGD's mean test error then is 70.2 % (the best "
@@ -244,8 +278,18 @@ def test_a_row_whose_runs_timed_out_or_whose_learners_failed_says_so_and_average
            (cp.PolicyCell(rows["dc_asgd"], "one_slow", 1), timed_out, [])]
   summary = pr.summarize(runs)
   constant, dc = summary[("one_slow", "constant")], summary[("one_slow", "dc_asgd")]
-  assert constant["by_seed"] == {0: 20.0} and constant["outcomes"] == {"timed out": 1} and constant["diverged"] == 0
+  assert constant["by_seed"] == {0: 20.0} and constant["outcomes"] == {"timed out": 1} and not pr.failed(constant)
   assert dc["outcomes"] == {"learners failed": 1, "timed out": 1} and not dc["by_seed"]
   table = "\n".join(pr.table_lines(pr.rank(summary, "one_slow"), {}, summary[("one_slow", "ssgd")]))
-  assert "| 20.00 (1 of 2 timed out) |" in table
+  assert "| 20.00 (1 of 2 seeds; 1 timed out) |" in table
   assert "| – (learners failed in 1 of 2 seeds, timed out in 1 of 2 seeds) |" in table
+
+
+def test_a_kept_note_with_a_number_stops_the_comparison_in_one_line_before_any_run(tmp_path, capsys):
+  out, root = tmp_path / "p.md", tmp_path / "r"
+  out.write_text("# p\n\n<!-- note -->\nhinge trains 8× slower than inverse.\n<!-- /note -->\n")
+  argv = ["compare_policies.py", "--dataset", "mnist5k", "--epochs", "1", "--root", str(root), "--out", str(out)]
+  assert cp.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "has 1 number(s) the command does not recompute (first: '8')" in err
+  assert not root.exists() or not list(root.iterdir())
