@@ -295,9 +295,8 @@ def main(argv: Sequence[str]) -> int:
                        classes=classes, trained=trained, wall_s=wall,
                        figure=os.path.relpath(png, os.path.dirname(os.path.abspath(args.out))))
   grid_runner.write_text(args.out, text)
-  done1 = sum(f is not None for _, f, _ in phase1)
-  print(f"phase 1: {done1} of {len(phase1)} runs done; phase 2: "
-        + (f"{sum(f is not None for _, f, _ in phase2)} of {len(phase2)} done ({ranking[0]['row']})" if ranking
+  print(f"phase 1: {sum(map(report.is_done, phase1))} of {len(phase1)} runs done; phase 2: "
+        + (f"{sum(map(report.is_done, phase2))} of {len(phase2)} done ({ranking[0]['row']})" if ranking
            else "waits for phase 1") + f"; {trained} trained in {wall:.0f} s; report: {args.out}")
   return 0
 

@@ -51,7 +51,7 @@ def row_text(row: str, learners: int) -> str:
 
 # ---- the numbers (pure) -------------------------------------------------------------------------------------
 def summarize(runs: Sequence[tuple[RemedyCell, Optional[dict], list]], classes: int) -> dict:
-  """Per (row, n), in run order: ``cells`` (runs declared), ``done``, ``agg`` (launch/reproduce_report.py's
+  """Per (row, n), in run order: ``cells`` (runs declared), ``done`` (final.json written), ``agg`` (launch/reproduce_report.py's
   :func:`aggregate` of the done runs; None when none is), ``histories`` (done runs) and ``trained_histories``;
   then the time to target: ``target`` (SSGD's mean final error over its trained seeds + 0.5 point; None
   without one) and per group ``times`` (None: never reached it), their censored ``median`` and ``reached``."""
@@ -64,7 +64,7 @@ def summarize(runs: Sequence[tuple[RemedyCell, Optional[dict], list]], classes: 
                                             "seed": cell.seed}})
       g["histories"].append(history)
   for g in out.values():
-    g["done"] = len(g["finals"])
+    g["done"] = sum(not f.get("timed_out") for f in g["finals"])     # a timed-out run is to be resumed
     g["agg"] = next(iter(aggregate(g["finals"], classes).values())) if g["finals"] else None
     if g["agg"]:
       trained = set(g["agg"]["by_seed"])
@@ -101,6 +101,11 @@ def verdicts(summaries: Sequence[dict]) -> dict:
     v.setdefault("p_holm", None)
     v.setdefault("holm", v["verdict"])
   return out
+
+
+def is_done(run: tuple) -> bool:
+  """Whether a run (cell, final, history) is done: its final.json is written (a timed-out run's record is not)."""
+  return run[1] is not None and not run[1].get("timed_out")
 
 
 # ---- the page ---------------------------------------------------------------------------------------------
@@ -254,8 +259,7 @@ def render(phase1: Sequence[tuple], phase2: Sequence[tuple], ranking: Optional[l
   goal statement, the figure, every run."""
   s1, s2 = summarize(phase1, classes), summarize(phase2, classes)
   verdict_of = verdicts([s1, s2])
-  done1 = sum(f is not None for _, f, _ in phase1)
-  done2 = sum(f is not None for _, f, _ in phase2)
+  done1, done2 = sum(map(is_done, phase1)), sum(map(is_done, phase2))
   runs2 = 2 * len(list(seeds)[:PHASE2_SEEDS])
   lines = ["# Momentum remedies for asynchronous learners at momentum 0.9 (Fashion-MNIST, simulated)", "",
            NOTE_START, note, NOTE_END, "",
@@ -266,7 +270,7 @@ def render(phase1: Sequence[tuple], phase2: Sequence[tuple], ranking: Optional[l
   lines += declaration(learners=learners, seeds=seeds, epochs=epochs, train_examples=train_examples,
                        runs1=len(phase1), runs2=runs2, classes=classes)
   lines += ["## Progress", ""]
-  complete = [str(seed) for seed in seeds if all(f is not None for c, f, _ in phase1 if c.seed == seed)]
+  complete = [str(seed) for seed in seeds if all(is_done(r) for r in phase1 if r[0].seed == seed)]
   walls = [f["wall_s"] for _, f, _ in phase1 if f is not None and not grid_runner.unfinished(f) and "wall_s" in f]
   lines.append(f"Phase 1: **{done1} of {len(phase1)} runs done**" + (
       f" (seeds complete: {', '.join(complete)})" if complete else "") + "; a cell shows the seeds it has, "
@@ -330,6 +334,7 @@ def plot_curves(phase1: Sequence[tuple], phase2: Sequence[tuple], path: str, cla
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
   learners = phase1[0][0].learners if phase1 else 0
   panels = [(f"phase 1, n = {n}", phase1, n) for n in ns_of(learners)] + [("phase 2, n = λ", phase2, learners)]
   fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
@@ -349,8 +354,11 @@ def plot_curves(phase1: Sequence[tuple], phase2: Sequence[tuple], path: str, cla
     if not drawn:
       ax.text(0.5, 0.5, "no trained run yet", transform=ax.transAxes, ha="center")
     ax.set(xlabel="epoch", ylabel="test error (%)", title=title)
-    ax.grid(alpha=0.3)
+    ax.grid(alpha=0.3, which="both")
     if drawn:
+      ax.set_yscale("log")
+      ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+      ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
       ax.legend(fontsize=7)
   save_figure(fig, path)
   plt.close(fig)

@@ -132,8 +132,10 @@ def test_the_report_of_a_partial_grid_shows_what_it_has_and_the_goal(tmp_path):
 
 def test_cells_with_no_run_wait_and_so_does_the_goal():
   phase1 = [(c, f if i < 6 else None, h if i < 6 else []) for i, (c, f, h) in enumerate(_partial_grid())]
+  phase1[5] = (phase1[5][0], {"test_error": None, "timed_out": "ran past --cell-timeout-s 9 s"}, [])
   text = _render(phase1)
-  assert "Phase 1: **6 of 48 runs done**;" in text
+  assert "Phase 1: **5 of 48 runs done**;" in text                       # a timed-out run is to be resumed
+  assert "| 0 of 3 | – | timed out |" in _line(text, "### n = 1 ", "warm-up")
   assert "| 0 of 3 | waiting |" in _line(text, "### n = 4", "plain momentum")
   assert "| 1 of 3 |" in _line(text, "### n = 1 ", "plain momentum")
   goal = text.split("## Where the goal was reached")[1]
