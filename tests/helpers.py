@@ -7,12 +7,19 @@ from configs import smoke
 from sajax import metrics as metrics_lib
 
 
+SMOKE_EXAMPLES = 512
+"""Training examples of the executor tests' runs: half of configs/smoke.py's slice. Enough for the properties
+they check (staleness, faults, resume), and the suite's in-process runs are half as long."""
+
+
 def smoke_config(executor, protocol, *, n=1, learners, batch_per_learner, **overrides):
-  """configs/smoke.py (1,024 examples, 2 epochs) with ``executor``/``protocol``, λ, μ, momentum 0.5."""
+  """configs/smoke.py (2 epochs) on :data:`SMOKE_EXAMPLES` examples with ``executor``/``protocol``, λ, μ,
+  momentum 0.5."""
   config = smoke.get_config()
   config.executor, config.protocol, config.n = executor, protocol, n
   config.learners, config.batch_per_learner = learners, batch_per_learner
   config.momentum = 0.5
+  config.train_examples = SMOKE_EXAMPLES
   for key, value in overrides.items():
     config[key] = value
   return config

@@ -16,7 +16,7 @@ from hypothesis import given, settings, strategies as st
 import sajax
 from sajax import config as config_lib, trainer
 from sajax.protocol import Protocol, SpreadGate
-from tests.helpers import reproducible, smoke_config, stop_with_gradients_buffered
+from tests.helpers import SMOKE_EXAMPLES, reproducible, smoke_config, stop_with_gradients_buffered
 from tests.test_mpi import ARGS as MPI_ARGS, _mpiexec, _records, needs_mpiexec
 
 
@@ -121,7 +121,8 @@ def test_a_negative_spread_is_refused_in_one_line(tmp_path):
 
 # ---- end to end ------------------------------------------------------------------------------------------
 def _config(executor, *, n=4, spread=1, **overrides):
-  """λ = 4, μ = 8, 1 epoch of the 1,024-example smoke slice; n = 4 (c = 1) unless given."""
+  """λ = 4, μ = 8, 1 epoch of the executor tests' slice (tests/helpers.SMOKE_EXAMPLES); n = 4 (c = 1) unless
+  given."""
   overrides.setdefault("epochs", 1)
   overrides.setdefault("lr_boundaries_epochs", (0.5,))
   return smoke_config(executor, "ssp", n=n, learners=4, batch_per_learner=8, ssp_spread=spread, **overrides)
@@ -195,7 +196,7 @@ def test_a_dead_learner_never_holds_the_others_back(executor, n, spread, tmp_pat
                        workdir=str(tmp_path))
   final = result.metrics
   assert final["learners_alive"] == 3 and "injected fault" in final["learners_dead"]["0"]
-  assert final["samples"] >= 1024
+  assert final["samples"] >= SMOKE_EXAMPLES
   per = final["staleness_per_learner"]
   assert per["0"]["count"] == 2 and min(per[k]["count"] for k in "123") > 2 + spread + 1
   if n == 1:

@@ -6,7 +6,7 @@ import threading
 import pytest
 
 import sajax
-from tests.helpers import smoke_config
+from tests.helpers import SMOKE_EXAMPLES, smoke_config
 from sajax import metrics as metrics_lib
 
 
@@ -84,7 +84,7 @@ def test_a_learner_that_raises_is_reported_and_hardsync_goes_on_without_it(tmp_p
   assert "injected fault" in final["learners_dead"]["3"]
   assert final["gradients_per_update"] == 7     # c re-derived from the live learners: no deadlock
   assert final["staleness_per_learner"]["3"]["count"] == 2
-  assert final["samples"] >= 2 * 1024
+  assert final["samples"] >= 2 * SMOKE_EXAMPLES
   records = metrics_lib.read_metrics(str(tmp_path))
   assert records[-1]["learners_dead"]["3"].startswith("RuntimeError")
 
@@ -113,7 +113,7 @@ def test_interrupted_threads_run_resumes_from_the_ps_state(tmp_path):
   seen = {}
 
   def stop(run):
-    if run.updates == 40:
+    if run.updates == 20:            # mid-epoch 2 (16 updates per epoch)
       seen["samples"] = run.samples
       raise KeyboardInterrupt
 
@@ -121,9 +121,9 @@ def test_interrupted_threads_run_resumes_from_the_ps_state(tmp_path):
     sajax.train(config, workdir=workdir, callbacks=[stop])
   resumed_at = []
   result = sajax.train(config, workdir=workdir, callbacks=[lambda run: resumed_at.append(run.updates)])
-  assert resumed_at[0] == 41                   # the PS version and update count continued
+  assert resumed_at[0] == 21                   # the PS version and update count continued
   final = result.metrics
-  assert final["samples"] >= 2 * 1024
+  assert final["samples"] >= 2 * SMOKE_EXAMPLES
   # staleness statistics cover both sessions: every accepted gradient of every update is counted once
   assert sum(final["staleness_histogram"].values()) == final["updates"] * 4
   assert [r["epoch"] for r in result.history] == [1.0, 2.0]
@@ -140,7 +140,7 @@ def _rss_mb():
 @pytest.mark.slow
 def test_memory_stays_flat_over_a_run_five_times_longer(tmp_path):
   """Bounded queue, one snapshot per device: RSS after 5× more updates stays within a small margin."""
-  config = _config("async", epochs=5.0, eval_every_epochs=5.0, checkpoint_every_epochs=5.0)
+  config = _config("async", epochs=5.0, eval_every_epochs=5.0, checkpoint_every_epochs=5.0, train_examples=1024)
   rss = {}
 
   def sample(run):
