@@ -4,10 +4,13 @@ Pure functions over finished runs (``(cell, final.json, metrics history)``, a ce
 ``PolicyCell``): per profile and row, the final test error over the seeds that trained (mean, 95 % Student-t
 half-width; a seed that collapsed or diverged is counted apart, launch/seed_stats.py), the paired difference
 against SSGD (same seed) and which rows are *decidedly* better than which: a two-sided paired t test per pair of
-rows, Holm–Bonferroni adjusted over every pair the page compares (:func:`comparisons`). Also the simulated time
-to the SSGD target (SSGD's mean final error + :data:`TARGET_POINTS`; interpolated between evaluations, the
-median over seeds with those that never reached it censored), ⟨σ⟩, max σ and the fraction of gradients
-dropped; then docs/policies.md and its figure of test error against simulated time.
+rows, Holm–Bonferroni adjusted over every pair the page compares (:func:`comparisons`; rows added to the page,
+such as the rules at α0/λ, add pairs to that family). Also the simulated time to the SSGD target (SSGD's mean
+final error + :data:`TARGET_POINTS`; interpolated between evaluations, the median over seeds with those that never
+reached it censored), ⟨σ⟩, max σ and the fraction of gradients dropped; then docs/policies.md and its figure of
+test error against simulated time. A grid still running renders honestly: a row whose seeds have not all run is
+marked waiting (``waiting (0 of 3 seeds)`` when none has), averages only the runs it has, and is compared with
+none until its seeds are in.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ if TYPE_CHECKING:
 
 TARGET_POINTS = P4_POINTS  # the target: SSGD's final error + 0.5 point
 SSGD, SSP = "ssgd", "ssp"
+LR_OVER_LAMBDA = "-lr_over_lambda"   # a row's name suffix: the rule at α0/λ (launch/compare_policies.py)
 NOT_RUN = "not run (protocol not available)"
 
 SOURCES = {   # where each policy's constants come from (sajax/policies.py has the formulas)
@@ -43,6 +47,23 @@ SOURCES = {   # where each policy's constants come from (sajax/policies.py has t
     SSGD: "hardsync, c = λ (the baseline)",
     SSP: "Stale Synchronous Parallel (Ho et al., NIPS 2013), plain SGD",
 }
+SCALED_SOURCE = "at α0/λ: SSGD's step per example, the linear-scaling rule (Goyal et al. 2017)"
+
+
+def base_name(name: str) -> str:
+  """The rule a row runs: ``constant`` for both ``constant`` and ``constant-lr_over_lambda``."""
+  return name[:-len(LR_OVER_LAMBDA)] if name.endswith(LR_OVER_LAMBDA) else name
+
+
+def row_label(name: str) -> str:
+  """What the page calls a row: its name, or ``constant (α0/λ)`` for ``constant-lr_over_lambda``."""
+  return name if base_name(name) == name else f"{base_name(name)} (α0/λ)"
+
+
+def source_text(name: str) -> str:
+  """Where a row's constants (and, for an α0/λ row, its step) come from."""
+  source = SOURCES.get(base_name(name), "see sajax/policies.py")
+  return source if base_name(name) == name else f"{source}; {SCALED_SOURCE}"
 
 
 # ---- the numbers (pure) -----------------------------------------------------------------------------------
@@ -72,13 +93,14 @@ def dropped_fraction(finals: Sequence[dict]) -> Optional[float]:
 
 
 def summarize(runs: Sequence[tuple[PolicyCell, dict, list[dict]]], points: float = TARGET_POINTS,
-              classes: int = CLASSES) -> dict:
+              classes: int = CLASSES, waiting: Sequence[PolicyCell] = ()) -> dict:
   """Per (profile, variant name): final test error in % over the seeds that trained (mean, sd, 95 % half-width,
   per seed; None when none did), each seed's outcome and their counts (collapsed, diverged, ...), the times to
   the profile's SSGD target per seed (None: never reached it, censored), their censored median and how many
   reached it, ⟨σ⟩ (mean over seeds), max σ, the fraction dropped, and the histories (all; the trained seeds'
-  apart, for mean curves). Plus per profile ``(profile, None)``: the target (SSGD's mean final error over its
-  trained seeds + ``points``), None without a trained SSGD seed."""
+  apart, for mean curves), and ``waiting``: how many of its cells in ``waiting`` (not run yet) it has; a row with
+  only waiting cells has ``seeds`` 0 and no numbers. Plus per profile ``(profile, None)``: the target (SSGD's mean
+  final error over its trained seeds + ``points``), None without a trained SSGD seed."""
   groups: dict[tuple[str, str], list[tuple[PolicyCell, dict, list[dict]]]] = {}
   for cell, final, history in runs:
     groups.setdefault((cell.profile, cell.variant.name), []).append((cell, final, history))
@@ -92,8 +114,14 @@ def summarize(runs: Sequence[tuple[PolicyCell, dict, list[dict]]], points: float
         "by_seed": {s: e for s, e, _ in trained}, "seeds": len(rs), "outcome_by_seed": outcome,
         "outcomes": count_outcomes(outcome.values()), **_staleness([f for _, f, _ in rs]),
         "dropped": dropped_fraction([f for _, f, _ in rs]), "histories": [h for _, _, h in rs],
-        "trained_histories": [h for _, _, h in trained]}
-  for profile in {p for p, _ in groups}:
+        "trained_histories": [h for _, _, h in trained], "waiting": 0}
+  for cell in waiting:
+    row = out.setdefault((cell.profile, cell.variant.name), {
+        "variant": cell.variant, "error": None, "half": None, "by_seed": {}, "seeds": 0, "outcome_by_seed": {},
+        "outcomes": {}, "sigma_mean": None, "sigma_max": None, "dropped": None, "histories": [],
+        "trained_histories": [], "waiting": 0})
+    row["waiting"] += 1
+  for profile in {p for p, _ in out}:
     ssgd = out.get((profile, SSGD))
     target = ssgd["error"][0] + points if ssgd and ssgd["by_seed"] else None
     out[(profile, None)] = target
@@ -119,12 +147,18 @@ def failed(s: dict) -> int:
   return len(failed_seeds(s))
 
 
+def comparable(s: dict) -> bool:
+  """Whether the row ``s`` enters the family of comparisons: no seed collapsed or diverged, none still waiting."""
+  return not failed(s) and not s.get("waiting")
+
+
 def comparisons(summary: dict) -> dict[tuple[str, str, str], dict]:
   """The family of paired comparisons the report makes: per profile, every pair of rows (a, b) with a < b by
-  name, neither with a collapsed or diverged seed, and at least two seeds both trained; each the paired
-  difference a − b (:func:`launch.seed_stats.paired_difference`, with its two-sided t-test p-value) plus
-  ``p_holm``, its Holm–Bonferroni adjusted p-value over the whole family (every profile)."""
-  rows = {key: s for key, s in summary.items() if key[1] is not None and not failed(s)}
+  name, neither with a collapsed or diverged seed nor a seed waiting for its run (:func:`comparable`), and at
+  least two seeds both trained; each the paired difference a − b (:func:`launch.seed_stats.paired_difference`,
+  with its two-sided t-test p-value) plus ``p_holm``, its Holm–Bonferroni adjusted p-value over the whole family
+  (every profile)."""
+  rows = {key: s for key, s in summary.items() if key[1] is not None and comparable(s)}
   family = {}
   for (pa, a), (pb, b) in itertools.combinations(sorted(rows), 2):
     if pa == pb and len(set(rows[(pa, a)]["by_seed"]) & set(rows[(pb, b)]["by_seed"])) >= 2:
@@ -144,13 +178,14 @@ def better(family: dict, profile: str, a: str, b: str) -> bool:
 
 def rank(summary: dict, profile: str, family: Optional[dict] = None) -> list[dict]:
   """The rows of ``profile`` by final error over their trained seeds (rows with a collapsed or diverged seed
-  last), each with ``better_than``: the rows it is decidedly better than (:func:`better`), and ``vs_ssgd``: the
-  paired difference this − SSGD with ``decided`` (better, worse, undecided; None for a row with a collapsed or
-  diverged seed, which is compared with none) and ``p_holm``. ``family``: :func:`comparisons` (default: of
-  ``summary``)."""
+  after the others, rows with seeds still waiting after those), each with ``better_than``: the rows it is
+  decidedly better than (:func:`better`), and ``vs_ssgd``: the paired difference this − SSGD with ``decided``
+  (better, worse, undecided; None for a row compared with none: a collapsed or diverged seed, or a seed waiting,
+  in it or in SSGD) and ``p_holm``. ``family``: :func:`comparisons` (default: of ``summary``)."""
   family = comparisons(summary) if family is None else family
   rows = [s for (p, name), s in summary.items() if p == profile and name is not None]
-  rows.sort(key=lambda s: (failed(s) > 0, s["error"][0] if s["by_seed"] else float("inf"), s["variant"].name))
+  rows.sort(key=lambda s: (s["waiting"] > 0, failed(s) > 0, s["error"][0] if s["by_seed"] else float("inf"),
+                           s["variant"].name))
   ssgd = summary.get((profile, SSGD))
   out = []
   for s in rows:
@@ -160,7 +195,8 @@ def rank(summary: dict, profile: str, family: Optional[dict] = None) -> list[dic
     if ssgd and name != SSGD and set(s["by_seed"]) & set(ssgd["by_seed"]):
       key = (profile, *sorted((name, SSGD)))
       tested = family.get(key)
-      decided = (None if tested is None and failed(s) else "better" if better(family, profile, name, SSGD) else
+      decided = (None if tested is None and not (comparable(s) and comparable(ssgd)) else
+                 "better" if better(family, profile, name, SSGD) else
                  "worse" if better(family, profile, SSGD, name) else "undecided")
       row["vs_ssgd"] = {**paired_difference(s, ssgd), "decided": decided,
                         "p_holm": tested["p_holm"] if tested else None}
@@ -193,18 +229,30 @@ def _vs_text(v: Optional[dict]) -> str:
   return text + f" ({v['decided'] + ', ' if v['decided'] != 'undecided' else ''}Holm p = {v['p_holm']:.2g})"
 
 
+def row_error_text(s: dict) -> str:
+  """A row's test error (:func:`launch.reproduce_report.error_text`), 'waiting (0 of 3 seeds)' when none of its
+  seeds has run, and '…; 2 of 3 seeds waiting' when some have not."""
+  if not s["seeds"]:
+    return f"waiting (0 of {s['waiting']} seeds)"
+  waiting = s.get("waiting", 0)
+  return error_text(s) + (f"; {waiting} of {s['seeds'] + waiting} seeds waiting" if waiting else "")
+
+
 def table_lines(rows: Sequence[dict], constants: dict, ssgd: Optional[dict], missing: Sequence[str] = ()) -> list[str]:
-  """The ranking table of one profile; ``missing``: rows not run (SSP without its protocol)."""
+  """The ranking table of one profile (a row none of whose seeds has run has no rank); ``missing``: rows not run
+  (SSP without its protocol)."""
   lines = ["| rank | row | constants | test error % | − SSGD (paired) | decidedly better than | time to target | "
            "SSGD time ÷ | ⟨σ⟩ | max σ | dropped |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for i, s in enumerate(rows, 1):
     name = s["variant"].name
     time_text, ratio = _time_text(s, ssgd)
     dropped = "–" if s["dropped"] is None else f"{100 * s['dropped']:.1f} %"
-    lines.append(f"| {i} | **{name}** | {constants.get(name, '')} | {error_text(s)} | {_vs_text(s['vs_ssgd'])} | "
-                 f"{', '.join(s['better_than']) or '–'} | {time_text} | {ratio} | "
+    lines.append(f"| {i if s['seeds'] else '–'} | **{row_label(name)}** | {constants.get(name, '')} | "
+                 f"{row_error_text(s)} | {_vs_text(s['vs_ssgd'])} | "
+                 f"{', '.join(map(row_label, s['better_than'])) or '–'} | {time_text} | {ratio} | "
                  f"{_number(s['sigma_mean'], '.1f')} | {_number(s['sigma_max'], 'd')} | {dropped} |")
-  lines += [f"| – | **{name}** | {constants.get(name, '')} | {NOT_RUN} | | | | | | | |" for name in missing]
+  lines += [f"| – | **{row_label(name)}** | {constants.get(name, '')} | {NOT_RUN} | | | | | | | |"
+            for name in missing]
   return lines
 
 
@@ -218,7 +266,7 @@ def equal_time_lines(rows: Sequence[dict], ssgd: Optional[dict]) -> list[str]:
     return []
   best = next((s for s in rows if s["variant"].name != SSGD and s["by_seed"]), None)
   return [f"Equal simulated time: the async runs end at ≈ {statistics.fmean(ends):.0f} s; SSGD's mean test error "
-          f"then is {error:.1f} %" + (f" (the best async row, {best['variant'].name}, ends at "
+          f"then is {error:.1f} %" + (f" (the best async row, {row_label(best['variant'].name)}, ends at "
           f"{best['error'][0]:.2f} %)" if best else "") + f"; SSGD ends at {curve[-1][0]:.0f} s with "
           f"{curve[-1][1]:.2f} %.", ""]
 
@@ -226,9 +274,10 @@ def equal_time_lines(rows: Sequence[dict], ssgd: Optional[dict]) -> list[str]:
 def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, command: str, note: str,
                     setting: str, seeds: Sequence[int], wall_s: float, figure: str,
                     runs: Sequence[tuple[str, dict]], missing: Sequence[str] = (), trained: int = 0,
-                    classes: int = CLASSES) -> str:
+                    classes: int = CLASSES, alphas: Optional[dict] = None, waiting: int = 0) -> str:
   """docs/policies.md: the note (why this setting), the command, one ranking table per profile, the constants
-  and their sources, the figure, the time and load, and every run."""
+  (``constants``; ``alphas``: each row's step) and their sources, the figure, the time and load, and every run
+  (``runs``: those done; ``waiting``: how many of the command's runs are not)."""
   lines = ["# Staleness policies ranked: async λ = 30 under slow learners (simulated)", "",
            NOTE_START, note, NOTE_END, "",
            "Written by `launch/compare_policies.py`; every number below comes from this command (each run is in "
@@ -238,12 +287,19 @@ def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, 
   decided = [key for key, d in family.items() if d["p_holm"] <= ALPHA]
   lines += [
       f"**Multiple comparisons.** The page makes {len(family)} paired comparisons: every pair of rows of a profile "
-      "(both profiles together) neither of which has a collapsed or diverged seed, each a two-sided paired t test "
-      "of the difference in final test error over the seeds both trained. A pair is decided only where its "
-      f"Holm–Bonferroni adjusted p-value over all {len(family)} is at most {ALPHA:.2g} (a family-wise error rate "
-      f"of 5 %): {len(decided)} of the {len(family)} are. The ± intervals are each comparison's own 95 % "
-      f"interval, not adjusted. {outcome_rule(classes)} A row with such a seed is ranked last and compared with "
-      "none.", ""]
+      "(both profiles together) neither of which has a collapsed or diverged seed (nor a seed still waiting for "
+      "its run), each a two-sided paired t test of the difference in final test error over the seeds both "
+      f"trained. A pair is decided only where its Holm–Bonferroni adjusted p-value over all {len(family)} is at "
+      f"most {ALPHA:.2g} (a family-wise error rate of 5 %): {len(decided)} of the {len(family)} are. The family "
+      "grows with the rows the page reports (the rules at α0/λ add their pairs once their seeds are in), and a "
+      "larger family asks a smaller p-value of each pair. The ± intervals are each comparison's own 95 % "
+      f"interval, not adjusted. {outcome_rule(classes)} A row with such a seed is ranked after the others and "
+      "compared with none.", ""]
+  if waiting:
+    lines += [f"**Partial grid.** {waiting} of the command's {waiting + len(runs)} runs are not done yet: this "
+              "page was written from the runs done so far (`--report-only`). A row with seeds still waiting "
+              "says how many, averages only the runs it has, is ranked after the rows whose seeds are all in and "
+              "is compared with none: the family above counts only the pairs that can be decided now.", ""]
   for profile in profiles:
     target = summary.get((profile, None))
     ssgd = summary.get((profile, SSGD))
@@ -272,15 +328,17 @@ def render_markdown(summary: dict, *, profiles: Sequence[str], constants: dict, 
       "median time over this "
       "row's (above 1: faster than SSGD); ⟨σ⟩: mean staleness of the accepted gradients (mean over seeds), max σ "
       "over all seeds; dropped: gradients refused for their σ or non-finite, over all pushed.", "", "## Constants",
-      "", "| row | constants | from |", "|---|---|---|"]
-  lines += [f"| {name} | {c} | {SOURCES.get(name, 'see sajax/policies.py')} |" for name, c in constants.items()]
+      "", "| row | α | constants | from |", "|---|---|---|---|"]
+  lines += [f"| {row_label(name)} | {(alphas or {}).get(name, '')} | {c} | {source_text(name)} |"
+            for name, c in constants.items()]
   total = sum(f.get("wall_s", 0.0) for _, f in runs)
   loads = [f["load_avg_1min"] for _, f in runs if "load_avg_1min" in f]
   lines += ["", "## Time and load", "",
-            f"The {len(runs)} runs trained for {total:.0f} s in all ({total / 60:.1f} min of their `wall_s`); "
+            f"The {len(runs)} runs trained for {total:.0f} s in all ({total / 60:.1f} min of their `wall_s`)"
+            + (f"; {waiting} more wait for their runs" if waiting else "") + "; "
             + (f"the invocation that wrote this page trained {trained} of them in {wall_s:.0f} s (runs already "
                "done are not rerun)." if trained else "the invocation that wrote this page trained none of them "
-               "(all were done) and only wrote the report.")
+               f"({'`--report-only`' if waiting else 'all were done'}) and only wrote the report.")
             + (f" The machine's 1-minute load average when each run ended: {min(loads):.1f} to {max(loads):.1f} "
                f"(median {statistics.median(loads):.1f}) on {runs[0][1].get('cpu_count')} cores, shared with "
                "other jobs." if loads else ""), "", "## Test error against simulated time", "",
@@ -315,7 +373,7 @@ def plot_error_vs_time(summary: dict, profiles: Sequence[str], path: str) -> str
       name = s["variant"].name
       style = dict(color="k", linewidth=2.2) if name == SSGD else dict(color=f"C{i % 10}",
                                                                      linestyle=styles[i // 10 % 4])
-      ax.plot(times, errors, marker=".", label=name, **style)
+      ax.plot(times, errors, marker=".", label=row_label(name), **style)
     target = summary.get((profile, None))
     if target is not None:
       ax.axhline(target, color="grey", linestyle=":", label=f"SSGD target {target:.1f} %")
@@ -326,7 +384,8 @@ def plot_error_vs_time(summary: dict, profiles: Sequence[str], path: str) -> str
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:        # a grid with no run done yet has no line
+      ax.legend(fontsize=7, ncol=2)
   save_figure(fig, path)
   plt.close(fig)
   return path

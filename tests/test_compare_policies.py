@@ -3,6 +3,7 @@ collapsed and diverged seeds counted apart, the report."""
 
 import dataclasses
 import json
+import os
 import re
 
 import pytest
@@ -13,11 +14,18 @@ from launch import reproduce
 from sajax import config as config_lib, optim
 
 POLICIES = optim.available_policies()
+# the rules that leave the step at α0 (issue #20 item 4): each also runs at α0/λ, and no other rule does
+STEP_AT_ALPHA0 = ("constant", "delay_adaptive", "drop", "dc_asgd", "dc_asgd_adaptive", "ssp")
+SCALED = [f"{r}-lr_over_lambda" for r in STEP_AT_ALPHA0]
+RUNS_FASHION = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "policies",
+                            "runs_fashion")
 
 
 def test_rows_are_ssgd_then_every_policy_on_async_then_ssp():
   rows = cp.variants([*POLICIES, cp.SSP])
-  assert [v.name for v in rows] == [cp.SSGD, *POLICIES, cp.SSP]
+  assert [v.name for v in rows] == [cp.SSGD, *POLICIES, cp.SSP, *SCALED]
+  assert [v.name for v in cp.variants([*POLICIES, cp.SSP], lr_over_lambda=False)] == [cp.SSGD, *POLICIES, cp.SSP]
+  rows = rows[:-len(SCALED)]
   assert rows[0] == cp.Variant("ssgd", "hardsync", "constant")
   assert {v.protocol for v in rows[1:-1]} == {"async"}
   assert json.loads(next(v for v in rows if v.name == "drop").policy_args) == {"bound": 60}   # R = 2λ
@@ -29,10 +37,11 @@ def test_rows_are_ssgd_then_every_policy_on_async_then_ssp():
 def test_grid_runs_a_whole_seed_first_and_leaves_out_ssp_when_it_cannot_run():
   rows = cp.variants([*POLICIES, cp.SSP])
   cells = cp.grid(rows, cp.PROFILES, [0, 1, 2], "mnist5k", runnable=False)
-  assert len(cells) == len(set(cells)) == 3 * 2 * (len(POLICIES) + 1)
+  assert len(cells) == len(set(cells)) == 3 * 2 * (len(POLICIES) + 1 + len(SCALED) - 1)
   assert [c.seed for c in cells] == sorted(c.seed for c in cells)
-  assert cp.SSP not in {c.variant.name for c in cells}
-  assert len(cp.grid(rows, cp.PROFILES, [0, 1, 2], "mnist5k", runnable=True)) == 3 * 2 * (len(POLICIES) + 2)
+  assert {c.variant.protocol for c in cells} == {"hardsync", "async"}        # neither SSP row
+  assert len(cp.grid(rows, cp.PROFILES, [0, 1, 2], "mnist5k", runnable=True)) == 3 * 2 * (
+      len(POLICIES) + 2 + len(SCALED))
   cell = cells[1]
   assert (cell.learners, cell.batch) == (30, 5)
   assert cell.name(1.0) == "mnist5k-one_slow-inverse-lambda30-mu5-e1-seed0"
@@ -65,6 +74,39 @@ def test_constants_are_the_built_policys_with_lambda_and_alpha0_filled_in():
   assert text("hinge") == "a = 10, b = 4"
   assert text("inverse") == "none"
   assert text("ssgd") == "c = λ = 30, σ = 0" and text("ssp") == "spread s = 2, c = 1"
+
+
+def test_the_alpha_over_lambda_rows_are_their_alpha0_rows_at_alpha0_over_lambda():
+  rows = {v.name: v for v in cp.variants([*POLICIES, cp.SSP])}
+  assert sorted(n for n, v in rows.items() if v.alpha_over_lambda) == sorted(SCALED)
+  for rule in STEP_AT_ALPHA0:
+    at_alpha0, scaled = rows[rule], rows[f"{rule}-lr_over_lambda"]
+    assert dataclasses.replace(scaled, name=rule, alpha_over_lambda=False) == at_alpha0
+    cell = cp.PolicyCell(scaled, "heterogeneous", 1, "fashion_mnist", momentum=0.5)
+    a = cp.cell_config(dataclasses.replace(cell, variant=at_alpha0), epochs=12.0, train_examples=20000)
+    b = cp.cell_config(cell, epochs=12.0, train_examples=20000)
+    if scaled.protocol != cp.SSP:
+      config_lib.validate(b)
+    assert a.learning_rate == reproduce.base_config("fashion_mnist").learning_rate == 0.05
+    assert b.learning_rate == pytest.approx(0.05 / 30)                        # α0·μ/(λμ) = α0/λ
+    assert {**b.to_dict(), "learning_rate": None} == {**a.to_dict(), "learning_rate": None}   # all else equal
+    assert cp.constants_text(scaled, b) == cp.constants_text(at_alpha0, a)
+    assert (cp.alpha_text(at_alpha0, a), cp.alpha_text(scaled, b)) == ("α0 = 0.05", "α0/λ = 0.05/30 = 0.00167")
+    assert cp.cell_from_json(json.dumps(dataclasses.asdict(cell))) == cell
+    assert cell.name(12, 20000) == (f"fashion_mnist-heterogeneous-{rule}-lr_over_lambda-lambda30-mu5-e12-t20000-"
+                                    "m0.5-seed1")
+  assert pr.row_label("constant-lr_over_lambda") == "constant (α0/λ)" and pr.row_label("constant") == "constant"
+
+
+def test_the_committed_runs_keep_their_folders_and_the_new_rows_get_their_own():
+  """Every run of docs/policies/runs_fashion/ is still a cell of its command, so a rerun skips all of them."""
+  rows = cp.variants([*POLICIES, cp.SSP])
+  names = [c.name(12.0, 20000) for c in cp.grid(rows, cp.PROFILES, [0, 1, 2], "fashion_mnist", momentum=0.5)]
+  assert "fashion_mnist-heterogeneous-constant-lambda30-mu5-e12-t20000-m0.5-seed0" in names
+  committed = {n for n in os.listdir(RUNS_FASHION) if n.startswith("fashion_mnist-")}
+  assert len(committed) == 72 and committed <= set(names)
+  new = set(names) - committed
+  assert len(new) == 2 * 3 * len(STEP_AT_ALPHA0) and all("-lr_over_lambda-" in n for n in new)
 
 
 def _curve(points):
@@ -180,6 +222,70 @@ def test_runs_that_diverged_before_evaluating_have_no_staleness():
   table = pr.table_lines(pr.rank(summary, "one_slow"), {}, summary[("one_slow", "ssgd")])
   assert table[-1].endswith("| not reached (0 of 1 reached) | – | – | – | 100.0 % |")
   assert pr.dropped_fraction([{"test_error": None}]) is None                  # nothing recorded: no fraction
+
+
+def test_the_report_shows_a_rule_at_alpha0_and_at_alpha0_over_lambda_with_the_same_statistics():
+  runs = _runs({**RUNS, "constant-lr_over_lambda": [10.2, 11.1, 12.3], "drop-lr_over_lambda": [9.9, None, 10.0]})
+  summary = pr.summarize(runs)
+  family = pr.comparisons(summary)
+  # the family grows: constant at α0/λ trained in every seed and is compared with the four others (6 + 4 pairs);
+  # drop at α0/λ has a diverged seed and is compared with none
+  assert len(family) == 10 and ("one_slow", "constant-lr_over_lambda", "ssgd") in family
+  assert not any("drop-lr_over_lambda" in key for key in family)
+  alphas = {"constant": "α0 = 0.05", "constant-lr_over_lambda": "α0/λ = 0.05/30 = 0.00167"}
+  text = pr.render_markdown(summary, profiles=["one_slow"], constants={"constant": "none",
+                            "constant-lr_over_lambda": "none"}, alphas=alphas, command="c", note="", setting="",
+                            seeds=[0, 1, 2], wall_s=0.0, figure="x.png", runs=[(c.name(1.0), f) for c, f, _ in runs])
+  table = {line.split("|")[2].strip(): line for line in text.splitlines() if line.startswith("| ") and "**" in line}
+  assert table["**constant**"].startswith("| 5 | **constant** | none | 15.10 ± ")
+  assert "| **constant (α0/λ)** | none | 11.20 ± " in table["**constant (α0/λ)**"]
+  assert "| 9.95 ± 0.64 (2 of 3 seeds; 1 diverged) | -1.05" in table["**drop (α0/λ)**"]
+  # constant − constant at α0/λ = 3.8, 4.1, 3.8: decided after Holm over the 10, and named by its label
+  assert table["**constant (α0/λ)**"].split("|")[6].strip() == "constant"
+  assert pr.better(family, "one_slow", "constant-lr_over_lambda", "constant")
+  assert "| constant (α0/λ) | α0/λ = 0.05/30 = 0.00167 | none | plain ASGD (staleness ignored); at α0/λ" in text
+  assert "| constant | α0 = 0.05 | none | plain ASGD (staleness ignored) |" in text
+  assert "The page makes 10 paired comparisons" in text and "The family grows with the rows" in text
+  assert "`mnist5k-one_slow-drop-lr_over_lambda-lambda30-mu5-e1-seed1` | diverged |" in text
+
+
+def test_a_partial_grid_shows_its_waiting_rows_and_compares_only_the_complete_ones():
+  rows = {v.name: v for v in cp.variants([*POLICIES, cp.SSP])}
+  runs = _runs({"ssgd": [10.0, 11.0, 12.0], "inverse": [10.1, 11.0, 11.7], "constant-lr_over_lambda": [10.4]})
+  waiting = [cp.PolicyCell(rows[n], "one_slow", seed) for n, seeds in (("constant-lr_over_lambda", (1, 2)),
+                                                                       ("ssp-lr_over_lambda", (0, 1, 2)))
+             for seed in seeds]
+  summary = pr.summarize(runs, waiting=waiting)
+  assert summary[("one_slow", "ssp-lr_over_lambda")]["waiting"] == 3
+  assert summary[("one_slow", "ssp-lr_over_lambda")]["seeds"] == 0
+  assert summary[("one_slow", "constant-lr_over_lambda")]["waiting"] == 2
+  assert sorted(pr.comparisons(summary)) == [("one_slow", "inverse", "ssgd")]   # only the complete rows
+  ranked = pr.rank(summary, "one_slow")
+  assert [r["variant"].name for r in ranked] == ["inverse", "ssgd", "constant-lr_over_lambda", "ssp-lr_over_lambda"]
+  assert ranked[2]["vs_ssgd"]["decided"] is None                              # waiting: compared with none
+  text = pr.render_markdown(summary, profiles=["one_slow"], constants={}, command="c", note="", setting="",
+                            seeds=[0, 1, 2], wall_s=0.0, figure="x.png",
+                            runs=[(c.name(1.0), f) for c, f, _ in runs], waiting=len(waiting))
+  table = [line for line in text.splitlines() if line.startswith("| ") and "**" in line]
+  assert table[2].startswith("| 3 | **constant (α0/λ)** |  | 10.40; 2 of 3 seeds waiting | +0.40 (not compared) |")
+  assert table[3] == "| – | **ssp (α0/λ)** |  | waiting (0 of 3 seeds) | – | – | – | – | – | – | – |"
+  assert "The page makes 1 paired comparisons" in text and "**Partial grid.** 5 of the command's 12 runs" in text
+  assert "7 runs trained for" in text and "5 more wait for their runs" in text and "(`--report-only`)" in text
+
+
+def test_report_only_trains_nothing_and_shows_every_row_waiting(tmp_path, capsys):
+  out, root = tmp_path / "p.md", tmp_path / "r"
+  argv = ["compare_policies.py", "--dataset", "mnist5k", "--epochs", "1", "--root", str(root), "--out", str(out),
+          "--seeds", "0", "--profiles", "one_slow", "--policies", "inverse", "drop", "--report-only"]
+  assert cp.main(argv) == 0
+  assert not root.exists() or not [p for p in root.iterdir() if p.name != ".jax_cache"]
+  text = out.read_text()
+  command = text.split("```bash\n")[1].split("\n")[0]                          # the grid's, not this invocation's
+  assert command.startswith("python launch/compare_policies.py --dataset mnist5k --epochs 1 --root ")
+  assert command.endswith("--policies inverse drop")
+  assert "| – | **drop (α0/λ)** | bound = 60 | waiting (0 of 1 seeds) |" in text
+  assert "α0 = 0.05 (α0/λ = 0.00167 in the rows marked α0/λ)" in text
+  assert "4 waiting" in capsys.readouterr().out
 
 
 def test_one_seed_decides_nothing():
