@@ -364,7 +364,8 @@ def plot_error_vs_time(summary: dict, profiles: Sequence[str], path: str) -> str
   fig, axes = plt.subplots(1, len(profiles), figsize=(6.5 * len(profiles), 4.6), squeeze=False)
   styles = ["-", "--", "-.", ":"]
   for ax, profile in zip(axes[0], profiles):
-    rows = [s for (p, name), s in sorted(summary.items(), key=lambda kv: str(kv[0])) if p == profile and name]
+    rows = [s for (p, name), s in sorted(summary.items(), key=lambda kv: str(kv[0]))
+            if p == profile and name and s["seeds"]]             # a row still waiting for every seed: no line
     for i, s in enumerate(sorted(rows, key=lambda s: s["variant"].name)):
       curve = mean_curve(s["trained_histories"])
       if not curve:
