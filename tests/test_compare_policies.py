@@ -85,8 +85,7 @@ def test_the_alpha_over_lambda_rows_are_their_alpha0_rows_at_alpha0_over_lambda(
     cell = cp.PolicyCell(scaled, "heterogeneous", 1, "fashion_mnist", momentum=0.5)
     a = cp.cell_config(dataclasses.replace(cell, variant=at_alpha0), epochs=12.0, train_examples=20000)
     b = cp.cell_config(cell, epochs=12.0, train_examples=20000)
-    if scaled.protocol != cp.SSP:
-      config_lib.validate(b)
+    config_lib.validate(b)
     assert a.learning_rate == reproduce.base_config("fashion_mnist").learning_rate == 0.05
     assert b.learning_rate == pytest.approx(0.05 / 30)                        # α0·μ/(λμ) = α0/λ
     assert {**b.to_dict(), "learning_rate": None} == {**a.to_dict(), "learning_rate": None}   # all else equal
