@@ -21,12 +21,14 @@ from tests.test_policies_e2e import ARGS  # noqa: E402
 RULES = {"constant": "delayed_nesterov", "polynomial": "compensation", "exponential": "lookahead"}
 
 
+# 512 examples: 64 gradients, so rank 1's learners (which load their compiled step after rank 0's have started)
+# push in every run; with 128 (16 gradients) rank 0's two learners once finished the epoch alone on a loaded machine.
 def main(root: str) -> None:
   from sajax.executors import mpi_comm
   rank = mpi_comm.world().Get_rank()
   for policy in sorted(ARGS):
     config = smoke_config("mpi", "async", learners=4, batch_per_learner=8, policy=policy,
-                          policy_args=json.dumps(ARGS[policy]), epochs=1.0, train_examples=128,
+                          policy_args=json.dumps(ARGS[policy]), epochs=1.0, train_examples=512,
                           momentum_rule=RULES.get(policy, "plain"))
     result = sajax.train(config, workdir=os.path.join(root, policy))
     if rank == 0:
