@@ -58,7 +58,12 @@ def _naive_caffe_pool(x, window, stride, mode):
 _SHAPES = {"small_cnn": (28, 28, 1), "cifar10_full": (32, 32, 3), "alexnet": (64, 64, 3)}
 
 
-@pytest.fixture(scope="module")
+# The tests using ``built`` go to one pytest-xdist worker, which builds the models once (session scope: a
+# module-scoped fixture is built again whenever the worker ran another module's test in between).
+pytestmark = pytest.mark.xdist_group("models-built")
+
+
+@pytest.fixture(scope="session")
 def built():
   """Every model (5 classes; alexnet at 64×64×3, the smallest size its docstring promises) and its params."""
   out = {}

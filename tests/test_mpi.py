@@ -2,8 +2,10 @@
 format (malformed and truncated messages are rejected, never applied), and each rank's side driven in-process.
 
 Test cost: every mpiexec job starts 2–3 JAX processes, so independent faults share one job per protocol (a
-module-scoped fixture runs it once; each test asserts its own part of it). Under pytest-xdist the tests of one
-job share an ``xdist_group`` (``--dist loadgroup``) or a file (``--dist loadfile``), so it still runs once."""
+session-scoped fixture runs it once; each test asserts its own part of it). Under pytest-xdist the tests of one
+job share an ``xdist_group`` (``--dist loadgroup``), so they run in one worker, which runs the job once. Not
+module-scoped: pytest tears a module's fixture down as soon as the worker's next test comes from another module,
+and sets it up again for the next test that needs it (a per-test CPU profile showed each job run twice)."""
 
 import json
 import math
@@ -637,7 +639,7 @@ def _job(tmp_path_factory, name, *args):
   return _mpiexec(3, *ARGS, "--config.executor=mpi", *args, "--workdir", str(workdir)), workdir
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def async_job(tmp_path_factory):
   """3 ranks, async, the faults above, and each rank > 0's first push corrupted (rank 0 rejects 2 pushes)."""
   if not os.path.exists(MPIEXEC):
@@ -646,7 +648,7 @@ def async_job(tmp_path_factory):
               "--config.fault_mpi_corrupt_pushes=1")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def hardsync_job(tmp_path_factory):
   """3 ranks, hardsync, the faults above (a corrupt push would end a hardsync job: tested apart)."""
   if not os.path.exists(MPIEXEC):

@@ -18,7 +18,12 @@ REQUIRED = {"epoch", "updates", "samples", "wall_s", "train_loss", "test_error",
             "staleness_max", "samples_per_s"}
 
 
-@pytest.fixture(scope="module")
+# The tests sharing the reference run go to one pytest-xdist worker, which makes it once (session scope: a
+# module-scoped fixture is made again whenever the worker ran another module's test in between).
+pytestmark = pytest.mark.xdist_group("train-reference")
+
+
+@pytest.fixture(scope="session")
 def reference_run(tmp_path_factory):
   """One uninterrupted smoke run, shared by the tests that compare against it."""
   workdir = str(tmp_path_factory.mktemp("reference"))
