@@ -16,7 +16,7 @@ import pytest
 import sajax
 from sajax import config as config_lib, data, local_steps, metrics as metrics_lib, models, steps, trainer
 from tests.helpers import reproducible, smoke_config
-from tests.test_delayed_reference import TinyNet, max_gap
+from tests.test_delayed_reference import TinyNet, max_gap, train_recording
 
 NEW_KEYS = ("local_steps", "inner_optimizer", "inner_learning_rate", "inner_momentum", "inner_weight_decay",
             "inner_schedule", "outer_optimizer", "outer_learning_rate", "outer_momentum")
@@ -71,24 +71,10 @@ def test_hardsync_local_sgd_is_diloco_in_the_executor_and_the_parameter_server(t
   updates equals a hand-written DiLoCo loop fed the very mini-batches the executor drew; so does a bare
   ParameterServer fed the loop's Δs. The same loop with the inner state reset at each pull, or one inner step
   fewer, lands far away (the test can fail; and the executor keeps the inner state, as documented)."""
-  drawn, trajectory, runs = {}, [], []
-  next_batch = trainer.Run.next_batch
-
-  def recording_next_batch(run, learner):
-    images, labels, step = next_batch(run, learner)
-    drawn[learner, step] = (images, labels)
-    return images, labels, step
-
-  def after_update(run):
-    runs[:] = [run]
-    trajectory.append(jax.tree.map(np.array, run.executor.ps.params))
-
-  monkeypatch.setattr(trainer.Run, "next_batch", recording_next_batch)
   config = _config("simulated", "hardsync", learners=LEARNERS, batch=BATCH, train_examples=LEARNERS * H * BATCH * ROUNDS,
                    local_steps=H, inner_optimizer="adamw", inner_learning_rate=INNER_LR, outer_optimizer="nesterov",
                    policy="constant")
-  result = sajax.train(config, workdir=str(tmp_path), callbacks=[after_update])
-  run = runs[0]
+  run, trajectory, drawn, result = train_recording(config, str(tmp_path), monkeypatch)
   assert result.metrics["updates"] == len(trajectory) == ROUNDS and result.metrics["staleness_max"] == 0
   assert sorted(drawn) == [(k, s) for k in range(LEARNERS) for s in range((ROUNDS + 1) * H)]   # + the round in flight
 
