@@ -24,7 +24,8 @@ Checkpoints hold the whole simulation: the event queue, the speed model's RNG st
 step and dispatched-but-not-pushed gradient, and the PS with the gradients it holds toward its next update.
 With ``local_steps`` = H > 1 a learner's round (H mini-batches, H inner steps, Δ; :mod:`sajax.local_steps`) is
 dispatched at its pull like a gradient and takes H gradients' time; its Δ is the gradient in flight, and its
-inner-optimizer state (after that round) is saved too. A
+inner-optimizer state (after that round) is saved too (λ·d more floats for SGD with momentum, 2λ·d for
+AdamW). A
 Ctrl-C stops the run between two events (not only between two updates), and a run stopped and resumed ends
 bit-identical to an uninterrupted one. The price is checkpoint size: up to
 λ flat gradients (λ·d floats; 2λ·d for a policy that reads θ_j) beside θ and the optimizer state, e.g. 13 MB
