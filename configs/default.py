@@ -8,6 +8,7 @@ Every other config file starts from this one, so this file lists every key sajax
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -43,6 +44,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.momentum_rule_period = 0     # N of delayed_nesterov, in gradients (0: λ, SSGD's momentum cadence)
   config.momentum_rule_staleness_decay = 0.99  # ρ per gradient of the smoothed ⟨σ⟩ (compensation, lookahead; 1: mean)
   config.weight_decay = 0.0
+  # asynchronous local-SGD (sajax/local_steps.py): a learner runs H inner steps from θ_j and pushes Δ = θ_j − θ_local
+  config.local_steps = 1              # H, mini-batches of μ per push (1: a plain gradient, the paper's system)
+  config.inner_optimizer = "sgd"      # sgd | adamw: the learner's own optimizer for its H steps (state kept across pushes)
+  config.inner_learning_rate = placeholder(float)  # α_inner (None: α0 for sgd, 1e-3 for adamw)
+  config.inner_momentum = 0.0         # β of inner sgd
+  config.inner_weight_decay = 0.0     # weight decay of the inner optimizer (decoupled for adamw)
+  config.inner_schedule = "constant"  # constant | cosine (α_inner → 0 over the run's PS updates, by the version pulled)
+  config.outer_optimizer = "sgd"      # the PS's optimizer of what learners push: sgd (α0, momentum, momentum_rule) |
+                                      # nesterov (DiLoCo) | delayed_nesterov (Liu et al. 2024)
+  config.outer_learning_rate = placeholder(float)  # None: α0 for sgd, 0.7 for nesterov and delayed_nesterov
+  config.outer_momentum = placeholder(float)       # None: momentum for sgd, 0.9 for nesterov and delayed_nesterov
   config.lr_boundaries_epochs = (13.33, 17.5)  # α ← α · lr_decay at each of these epochs (⅔ and ⅞ of them)
   config.lr_decay = 0.1
   config.lr_warmup_epochs = 0.0       # > 0: α ramps linearly from α0/W to α0 over the first W updates (these epochs)

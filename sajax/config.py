@@ -40,7 +40,10 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "sim_stragglers": (float, int), "sim_slowdown": (float, int), "sim_poisson": (bool,),
     "sim_speeds": (tuple, list), "policy_args": (str, dict),
     "sim_profile": (str,), "ssp_spread": (int,), "momentum_rule": (str,), "momentum_rule_period": (int,),
-    "momentum_rule_staleness_decay": (float, int),
+    "momentum_rule_staleness_decay": (float, int), "local_steps": (int,), "inner_optimizer": (str,),
+    "inner_learning_rate": (float, int, type(None)), "inner_momentum": (float, int),
+    "inner_weight_decay": (float, int), "inner_schedule": (str,), "outer_optimizer": (str,),
+    "outer_learning_rate": (float, int, type(None)), "outer_momentum": (float, int, type(None)),
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
                            "lr_warmup_epochs", "fail_fast", "fault_learner", "fault_at_step", "nan_learners",
@@ -49,7 +52,9 @@ OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", 
                            "fault_mpi_corrupt_version", "sim_base_time", "sim_push_time", "sim_example_time", "sim_jitter",
                            "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds", "policy_args",
                            "sim_profile", "ssp_spread", "momentum_rule", "momentum_rule_period",
-                           "momentum_rule_staleness_decay"})
+                           "momentum_rule_staleness_decay", "local_steps", "inner_optimizer", "inner_learning_rate",
+                           "inner_momentum", "inner_weight_decay", "inner_schedule", "outer_optimizer",
+                           "outer_learning_rate", "outer_momentum"})
 
 # Keys of earlier versions that no longer mean anything (the simulated executor's version ring and slot
 # batching, gone since it dispatches each gradient at its pull): a saved run that has them still resumes.
@@ -64,7 +69,10 @@ ABSENT_MEANS: Mapping[str, Any] = {
     "sim_example_time": 0.0, "nan_learners": (), "nan_at_step": 0, "nan_steps": 1, "divergence_after": 100,
     "mpi_timeout_s": 600.0, "fault_mpi_corrupt_weights": 0,
     "fault_mpi_corrupt_permits": 0, "fault_mpi_corrupt_pushes": 0, "fault_mpi_corrupt_version": 0,
-    "momentum_rule": "plain", "momentum_rule_period": 0, "momentum_rule_staleness_decay": 0.99}
+    "momentum_rule": "plain", "momentum_rule_period": 0, "momentum_rule_staleness_decay": 0.99,
+    "local_steps": 1, "inner_optimizer": "sgd", "inner_learning_rate": None, "inner_momentum": 0.0,
+    "inner_weight_decay": 0.0, "inner_schedule": "constant", "outer_optimizer": "sgd", "outer_learning_rate": None,
+    "outer_momentum": None}
 
 # Executors whose learners send θ_j's version to a parameter server, so a policy that reads θ_j can run there.
 STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi")
@@ -102,7 +110,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _one_of("executor", values["executor"], EXECUTORS)
   _one_of("protocol", values["protocol"], PROTOCOLS)
   _one_of("model", values["model"], models.MODELS)
-  _one_of("policy", values["policy"], optim.available_policies())
+  _one_of("policy", values["policy"], (*optim.available_policies(), *optim.policy_presets()))
   if values["dataset"] not in data.DATASETS and not _is_tfds_name(values["dataset"]):
     raise ConfigError(f"unknown dataset {values['dataset']!r}; allowed: {', '.join(data.DATASETS)} "
                       "or any TFDS dataset name")
@@ -118,6 +126,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   if not 0 <= values["momentum"] < 1:
     raise ConfigError(f"config.momentum={values['momentum']!r} is invalid; allowed: 0 <= momentum < 1")
   _check_momentum_rule(values)
+  _check_local_steps(values)
   if values.get("lr_warmup_epochs", 0) < 0:
     raise ConfigError(f"config.lr_warmup_epochs={values['lr_warmup_epochs']!r} is invalid; allowed: a number "
                       ">= 0 (0: no warm-up)")
@@ -216,6 +225,44 @@ def _check_momentum_rule(values: Mapping[str, Any]) -> None:
                       "is Nesterov momentum: momentum_rule 'lookahead' gives it)")
 
 
+def _check_local_steps(values: Mapping[str, Any]) -> None:
+  """``local_steps`` (H) and the inner and outer optimizers of asynchronous local-SGD (:mod:`sajax.local_steps`)."""
+  from sajax import local_steps
+  steps = values.get("local_steps", 1)
+  if steps < 1:
+    raise ConfigError(f"config.local_steps={steps!r} is invalid; allowed: an integer >= 1 (inner steps per push; "
+                      "1: a plain gradient)")
+  _one_of("inner_optimizer", values.get("inner_optimizer", "sgd"), local_steps.INNER_OPTIMIZERS)
+  _one_of("inner_schedule", values.get("inner_schedule", "constant"), local_steps.INNER_SCHEDULES)
+  outer = values.get("outer_optimizer", "sgd")
+  _one_of("outer_optimizer", outer, local_steps.OUTER_OPTIMIZERS)
+  for key in ("inner_learning_rate", "outer_learning_rate"):
+    if values.get(key) is not None and not values[key] > 0:
+      raise ConfigError(f"config.{key}={values[key]!r} is invalid; allowed: a number > 0, or None (the "
+                        "optimizer's default)")
+  for key in ("inner_momentum", "outer_momentum"):
+    if values.get(key) is not None and not 0 <= values[key] < 1:
+      raise ConfigError(f"config.{key}={values[key]!r} is invalid; allowed: 0 <= momentum < 1"
+                        + (", or None (the optimizer's default)" if key == "outer_momentum" else ""))
+  if values.get("inner_weight_decay", 0) < 0:
+    raise ConfigError(f"config.inner_weight_decay={values['inner_weight_decay']!r} is invalid; allowed: a number "
+                      ">= 0")
+  if values.get("inner_momentum", 0) and values.get("inner_optimizer", "sgd") != "sgd":
+    raise ConfigError(f"config.inner_momentum={values['inner_momentum']!r} is read by inner_optimizer 'sgd' only; "
+                      f"allowed with {values['inner_optimizer']!r}: 0")
+  rule = values.get("momentum_rule", "plain")
+  if outer != "sgd" and rule not in ("plain", outer):
+    raise ConfigError(f"outer_optimizer {outer!r} is its own momentum, so momentum_rule {rule!r} cannot apply; "
+                      "allowed: momentum_rule 'plain' with it, or outer_optimizer 'sgd' with any momentum_rule")
+  if outer == "delayed_nesterov" and values["executor"] == "pmap":
+    raise ConfigError("outer_optimizer 'delayed_nesterov' counts the pushes arriving at a parameter server, which "
+                      "executor 'pmap' (SSGD) has none of; allowed executors: threads, simulated, mpi")
+  if steps > 1 and values["executor"] == "pmap":
+    raise ConfigError(f"config.local_steps={steps!r} needs learners that push to a parameter server, which "
+                      "executor 'pmap' (SSGD) has none of; allowed: local_steps 1 with pmap, or executors "
+                      "threads, simulated, mpi")
+
+
 def _check_speed_profile(values: Mapping[str, Any]) -> None:
   """``sim_profile`` and the ``sim_*`` keys it reads (see :mod:`sajax.executors.speed`)."""
   from sajax.executors import speed
@@ -277,9 +324,10 @@ def protocol_of(config: ml_collections.ConfigDict) -> Protocol:
                             config.get("ssp_spread", DEFAULT_SSP_SPREAD))
 
 
-def updates_per_epoch(num_examples: int, protocol: Protocol, batch_per_learner: int) -> float:
-  """N / (c·μ): parameter-server updates in one pass over the N training examples."""
-  return num_examples / (protocol.gradients_per_update * batch_per_learner)
+def updates_per_epoch(num_examples: int, protocol: Protocol, batch_per_learner: int, local_steps: int = 1) -> float:
+  """N / (c·H·μ): parameter-server updates in one pass over the N training examples, each update combining c
+  pushes of H mini-batches of μ (H = ``local_steps``, 1 for plain gradients)."""
+  return num_examples / (protocol.gradients_per_update * batch_per_learner * local_steps)
 
 
 def epoch_to_update(epoch: float, per_epoch: float) -> int:

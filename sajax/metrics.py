@@ -177,6 +177,8 @@ def summary(config: Mapping[str, Any], final: Mapping[str, Any], workdir: str) -
       f" λ = {c['learners']} learners × μ = {c['batch_per_learner']}   protocol = {final.get('protocol', '')}"
       f"   {n_text}   policy = {c['policy']}",
       f" α0 = {c['learning_rate']}   momentum = {c['momentum']}   epochs = {final['epoch']:g}",
+      *([f" local SGD       H = {c['local_steps']} {c.get('inner_optimizer', 'sgd')} steps per push (Δ), "
+         f"outer {c.get('outer_optimizer', 'sgd')}"] if c.get("local_steps", 1) > 1 else []),
       "-" * 64,
       f" test error      {100 * final['test_error']:.2f} %"
       + (f"   (top-5 {100 * final['test_error_top5']:.2f} %)" if "test_error_top5" in final else ""),

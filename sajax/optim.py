@@ -99,6 +99,7 @@ PolicyFactory = Callable[..., StalenessPolicy]
 """Keyword arguments (a policy's parameters) -> :class:`StalenessPolicy`."""
 
 _POLICIES: dict[str, PolicyFactory] = {}
+_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {}   # preset name -> (registered policy, its arguments)
 
 
 def register_policy(name: str, *, scale: Optional[ScaleFn] = None, adjust: Optional[AdjustFn] = None,
@@ -133,6 +134,22 @@ def register_policy(name: str, *, scale: Optional[ScaleFn] = None, adjust: Optio
   return factory
 
 
+def register_preset(name: str, policy: str, **args: Any) -> None:
+  """Names a setting of a registered policy: ``get_policy(name)`` (and ``config.policy = name``) is
+  ``get_policy(policy, **args)``, the policy itself, under its own name (so a parameter server or checkpoint
+  sees the same policy either way); arguments given with the preset override its own. A preset is not a policy
+  of its own: :func:`available_policies` does not list it (:func:`policy_presets` does)."""
+  if name in _POLICIES:
+    raise ValueError(f"preset {name!r} would hide the registered policy of that name; allowed: a new name")
+  get_policy(policy, **args)   # checks the policy and its arguments now
+  _PRESETS[name] = (policy, dict(args))
+
+
+def policy_presets() -> tuple[str, ...]:
+  """Names of every preset (:func:`register_preset`)."""
+  return tuple(_PRESETS)
+
+
 def get_policy(policy: str | StalenessPolicy, **args: Any) -> StalenessPolicy:
   """The policy registered as ``policy``, built with ``args`` (a :class:`StalenessPolicy` passes through).
 
@@ -146,6 +163,9 @@ def get_policy(policy: str | StalenessPolicy, **args: Any) -> StalenessPolicy:
     if args:
       raise ValueError(f"policy {policy.name!r} is already built; got arguments {', '.join(args)}; allowed: none")
     return policy
+  if policy in _PRESETS:
+    base, preset_args = _PRESETS[policy]
+    return get_policy(base, **{**preset_args, **args})
   allowed = policy_arg_names(policy)
   for key in args:
     if key not in allowed:
@@ -159,7 +179,10 @@ def get_policy(policy: str | StalenessPolicy, **args: Any) -> StalenessPolicy:
 
 
 def policy_arg_names(policy: str) -> tuple[str, ...]:
-  """The arguments a registered policy takes (``()`` for a fixed policy such as ``inverse``)."""
+  """The arguments a registered policy (or a preset's policy) takes (``()`` for a fixed policy such as
+  ``inverse``)."""
+  if policy in _PRESETS:
+    policy = _PRESETS[policy][0]
   if policy not in _POLICIES:
     raise ValueError(f"unknown staleness policy {policy!r}; allowed: {', '.join(available_policies())}")
   return tuple(inspect.signature(_POLICIES[policy]).parameters)

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from sajax.optim import StalenessPolicy, _weighted_mean, register_policy
+from sajax.optim import StalenessPolicy, _weighted_mean, register_policy, register_preset
 
 Array = jax.Array
 PyTree = Any
@@ -68,7 +68,8 @@ def polynomial(a: float = 0.5) -> StalenessPolicy:
 
   Xie, Koyejo & Gupta, "Asynchronous Federated Optimization" (FedAsync), 2019, its polynomial staleness
   function; the default a = 0.5 is the choice of asynchronous local-SGD (Liu et al., "Asynchronous Local-SGD
-  Training for Language Modeling", 2024).
+  Training for Language Modeling", 2024), whose pseudo-gradients (``local_steps`` > 1) it weights: the preset
+  ``async_local_sgd`` names it.
   """
   a = _real("polynomial", "a", a)
   return StalenessPolicy("polynomial", scale=lambda s: (1.0 + _sigma(s)) ** -a, args=(("a", a),))
@@ -220,3 +221,7 @@ def gap_aware(learning_rate: float, decay: float = 0.999, eps: float = 1e-8) -> 
 for _factory in (inverse, constant, polynomial, exponential, hinge, delay_adaptive, drop, dc_asgd,
                  dc_asgd_adaptive, gap_aware):
   register_policy(_factory.__name__, factory=_factory, overwrite=True)
+
+# Asynchronous local-SGD's weighting of a pseudo-gradient of staleness σ, s(σ) = (1 + σ)^−0.5 (Liu et al.,
+# "Asynchronous Local-SGD Training for Language Modeling", 2024): ``polynomial`` with a = 0.5, by that name.
+register_preset("async_local_sgd", "polynomial", a=0.5)

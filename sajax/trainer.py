@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sajax import checkpoint, config as config_lib, data, metrics, models, steps, streams
+from sajax import checkpoint, config as config_lib, data, local_steps, metrics, models, steps, streams
 from sajax.workdir import check_workdir_writable, default_workdir, prepare_workdir  # noqa: F401 - public here too
 from sajax.executors.common import Executor
 from sajax.momentum import DEFAULT_STALENESS_DECAY, momentum_rule
@@ -47,8 +47,11 @@ class TrainResult:
 def make_schedule(config: ml_collections.ConfigDict, per_epoch: float) -> optax.Schedule:
   """α as a function of the PS update count t: α0, times lr_decay at each boundary (given in epochs), and with
   ``lr_warmup_epochs`` = w > 0 times min(1, (t + 1)/W) over the first W = w epochs' updates (the linear warm-up
-  of Goyal et al. 2017, which also tames the first λ asynchronous pushes, all computed on θ_0)."""
-  steps = optax.piecewise_constant_schedule(config.learning_rate, config_lib.schedule_boundaries(config, per_epoch))
+  of Goyal et al. 2017, which also tames the first λ asynchronous pushes, all computed on θ_0). The start is the
+  outer optimizer's rate (:func:`sajax.local_steps.outer_learning_rate`): α0 unless ``outer_optimizer`` or
+  ``outer_learning_rate`` says otherwise."""
+  start = local_steps.outer_learning_rate(config)
+  steps = optax.piecewise_constant_schedule(start, config_lib.schedule_boundaries(config, per_epoch))
   warmup = config_lib.epoch_to_update(config.get("lr_warmup_epochs", 0.0), per_epoch)
   if not warmup:
     return steps
@@ -60,10 +63,22 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule, 
   """The paper's optimizer: SGD(α0 with step decays at epoch boundaries, momentum β) under
   ``config.momentum_rule`` (``plain``, the default, is ``optax.sgd(α, momentum=β)``; the others are in
   :mod:`sajax.momentum`), wrapped staleness-aware with ``config.policy`` built from ``config.policy_args``
-  (:func:`sajax.config.policy_of`)."""
-  base = momentum_rule(config.get("momentum_rule", "plain"), schedule, config.momentum, learners=config.learners,
-                       period=config.get("momentum_rule_period", 0),
-                       staleness_decay=config.get("momentum_rule_staleness_decay", DEFAULT_STALENESS_DECAY))
+  (:func:`sajax.config.policy_of`).
+
+  ``config.outer_optimizer`` (the optimizer of the parameter server, whatever learners push: gradients, or the
+  pseudo-gradients Δ of ``local_steps`` > 1, :mod:`sajax.local_steps`) picks the base: ``sgd`` is the above;
+  ``nesterov`` is ``optax.sgd(α, β, nesterov=True)`` (DiLoCo's outer step); ``delayed_nesterov`` is the momentum
+  rule of that name. α follows ``schedule``; β is :func:`sajax.local_steps.outer_momentum` (``config.momentum``
+  for ``sgd``, 0.9 for the other two, unless ``outer_momentum`` is set)."""
+  outer = config.get("outer_optimizer", "sgd")
+  beta = local_steps.outer_momentum(config)
+  if outer == "nesterov":
+    base = optax.sgd(schedule, momentum=beta, nesterov=True)
+  else:
+    rule = "delayed_nesterov" if outer == "delayed_nesterov" else config.get("momentum_rule", "plain")
+    base = momentum_rule(rule, schedule, beta, learners=config.learners,
+                         period=config.get("momentum_rule_period", 0),
+                         staleness_decay=config.get("momentum_rule_staleness_decay", DEFAULT_STALENESS_DECAY))
   if config.get("weight_decay", 0.0):
     base = optax.chain(optax.add_decayed_weights(config.weight_decay), base)
   return staleness_aware(base, policy=policy or config_lib.policy_of(config))
@@ -104,10 +119,14 @@ class Run:
     self.num_train = len(dataset.train)
     if config.get("train_examples", 0):
       self.num_train = min(self.num_train, config.train_examples)
-    self.per_epoch = config_lib.updates_per_epoch(self.num_train, self.protocol, config.batch_per_learner)
-    # The clock is samples applied (c·μ per update; c may shrink when learners die). Eval, checkpoint and
+    # A push carries H·μ examples (H = local_steps: H mini-batches of μ behind one pseudo-gradient; 1 otherwise).
+    self.local_steps = local_steps.local_steps_of(config)
+    self.examples_per_push = config.batch_per_learner * self.local_steps
+    self.per_epoch = config_lib.updates_per_epoch(self.num_train, self.protocol, config.batch_per_learner,
+                                                  self.local_steps)
+    # The clock is samples applied (c·H·μ per update; c may shrink when learners die). Eval, checkpoint and
     # stop points are the sample counts of whole updates at those epochs with the protocol's c.
-    self.samples_per_update = self.protocol.gradients_per_update * config.batch_per_learner
+    self.samples_per_update = self.protocol.gradients_per_update * self.examples_per_push
     self.total_updates = config_lib.epoch_to_update(config.epochs, self.per_epoch)
     self.total_samples = self.total_updates * self.samples_per_update
     self.eval_at = [u * self.samples_per_update for u in
@@ -124,6 +143,7 @@ class Run:
     self.schedule = make_schedule(config, self.per_epoch)
     self.policy = config_lib.policy_of(config)   # built once: the optimizer and the PS share it
     self.tx = make_optimizer(config, self.schedule, self.policy)
+    self.local = local_steps.from_config(config, self.total_updates)   # None for H = 1: plain gradients
     self.params = models.init_params(self.model, jax.random.fold_in(self.key, 0), dataset.input_shape)
     self.opt_state = self.tx.init(self.params)
     self.streams = streams.learner_streams(
@@ -201,11 +221,11 @@ class Run:
 
   def after_update(self, loss: jax.Array | list, *, gradients: int,
                    current_state: Callable[[], tuple[PyTree, PyTree]]) -> None:
-    """Called by the executor after each PS update of ``gradients`` (c) mini-batches; evaluates,
-    checkpoints and reports on schedule. ``loss``: the update's training loss, or the losses of its c
-    gradients (device scalars, fetched lazily)."""
+    """Called by the executor after each PS update of ``gradients`` (c) pushes of H·μ examples each (H mini-batches
+    of μ; H = 1 but with ``local_steps``); evaluates, checkpoints and reports on schedule. ``loss``: the update's
+    training loss, or the losses of its c pushes (device scalars, fetched lazily)."""
     self.updates += 1
-    added = gradients * self.config.batch_per_learner
+    added = gradients * self.examples_per_push
     before, self.samples = self.samples, self.samples + added
     losses = list(loss) if isinstance(loss, (list, tuple)) else [loss]
     self._pending_losses.extend(losses)

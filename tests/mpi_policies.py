@@ -1,7 +1,7 @@
 """Run under ``mpiexec -n 2``: every registered staleness policy trains through the mpi executor, one short
 run each in the same two processes (one job for all of them keeps the test cheap). Three of the runs also use a
 staleness-aware momentum rule (RULES; the others plain momentum), so each rule runs across ranks too: a rule is
-the PS's optimizer on rank 0, with no MPI code of its own. Rank 0 prints one JSON line per policy with its final
+the PS's optimizer on rank 0, with no MPI code of its own; one (LOCAL) runs asynchronous local-SGD. Rank 0 prints one JSON line per policy with its final
 record; any failure raises and ends the job non-zero."""
 
 import json
@@ -19,6 +19,10 @@ from tests.test_policies_e2e import ARGS  # noqa: E402
 
 
 RULES = {"constant": "delayed_nesterov", "polynomial": "compensation", "exponential": "lookahead"}
+# One run is asynchronous local-SGD (sajax/local_steps.py): learners on both ranks push Δ after H = 2 AdamW steps,
+# the PS steps outer Nesterov on it. 1,024 examples keep its pushes at 64 (each carries 2μ examples), as the others'.
+LOCAL = {"inverse": {"local_steps": 2, "inner_optimizer": "adamw", "outer_optimizer": "nesterov",
+                     "train_examples": 1024}}
 
 
 # 512 examples: 64 gradients, so rank 1's learners (which load their compiled step after rank 0's have started)
@@ -27,12 +31,14 @@ def main(root: str) -> None:
   from sajax.executors import mpi_comm
   rank = mpi_comm.world().Get_rank()
   for policy in sorted(ARGS):
+    overrides = {"train_examples": 512, **LOCAL.get(policy, {})}
     config = smoke_config("mpi", "async", learners=4, batch_per_learner=8, policy=policy,
-                          policy_args=json.dumps(ARGS[policy]), epochs=1.0, train_examples=512,
-                          momentum_rule=RULES.get(policy, "plain"))
+                          policy_args=json.dumps(ARGS[policy]), epochs=1.0, momentum_rule=RULES.get(policy, "plain"),
+                          **overrides)
     result = sajax.train(config, workdir=os.path.join(root, policy))
     if rank == 0:
-      print(json.dumps({"policy": policy, "momentum_rule": config.momentum_rule, **result.metrics}), flush=True)
+      print(json.dumps({"policy": policy, "momentum_rule": config.momentum_rule, "local_steps": config.local_steps,
+                        **result.metrics}), flush=True)
 
 
 if __name__ == "__main__":

@@ -71,10 +71,10 @@ def executor_reads(k, i):
   return i if k == LEARNERS - 1 else max(i - 1, 0)
 
 
-def run_executor(tmp_path, monkeypatch, momentum):
-  """Trains through ``sajax.train``; returns θ_0, [θ_1..θ_K], the run's key, learner k's s-th mini-batch
-  {(k, s): (images, labels)} as its stream gave it to the executor, and the final metrics."""
-  monkeypatch.setattr(models, "create_model", lambda name, num_classes: TinyNet(num_classes))
+def train_recording(config, workdir, monkeypatch):
+  """Trains ``config`` through ``sajax.train`` with the simulated executor; returns the run, its θ after each update
+  [θ_1..θ_K], learner k's s-th mini-batch {(k, s): (images, labels)} as its stream gave it to the executor, and the
+  result. (tests/test_local_sgd.py checks DiLoCo the same way.)"""
   drawn, trajectory, run_of = {}, [], []
   next_batch = trainer.Run.next_batch
 
@@ -88,12 +88,20 @@ def run_executor(tmp_path, monkeypatch, momentum):
     trajectory.append(jax.tree.map(np.array, run.executor.ps.params))
 
   monkeypatch.setattr(trainer.Run, "next_batch", recording_next_batch)
+  result = sajax.train(config, workdir=workdir, callbacks=[after_update])
+  monkeypatch.setattr(trainer.Run, "next_batch", next_batch)
+  return run_of[0], trajectory, drawn, result
+
+
+def run_executor(tmp_path, monkeypatch, momentum):
+  """Trains through ``sajax.train`` (:func:`train_recording`); returns θ_0, [θ_1..θ_K], the run's key, the
+  mini-batches drawn {(k, s): (images, labels)}, and the final metrics."""
+  monkeypatch.setattr(models, "create_model", lambda name, num_classes: TinyNet(num_classes))
   config = smoke_config("simulated", "softsync", n=1, learners=LEARNERS, batch_per_learner=BATCH,
                         train_examples=LEARNERS * BATCH * UPDATES, epochs=1, lr_boundaries_epochs=(),
                         learning_rate=LEARNING_RATE, momentum=momentum, policy="inverse")
-  result = sajax.train(config, workdir=str(tmp_path), callbacks=[after_update])
+  run, trajectory, drawn, result = train_recording(config, str(tmp_path), monkeypatch)
   monkeypatch.undo()
-  run = run_of[0]
   return jax.tree.map(np.array, run.params), trajectory, run.key, drawn, result.metrics
 
 

@@ -54,7 +54,8 @@ MPIEXEC = os.path.join(os.path.dirname(sys.executable), "mpiexec")
 @pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec not installed (pip install '.[mpi]')")
 def test_each_policy_trains_across_mpi_ranks(tmp_path):
   """One ``mpiexec -n 2`` job trains every policy in turn (tests/mpi_policies.py): rank 1's learners push to
-  rank 0's parameter server under each rule (three of the runs under a staleness-aware momentum rule as well). The policies that read θ_j (gap_aware, stateful; dc_asgd) get it
+  rank 0's parameter server under each rule (three of the runs under a staleness-aware momentum rule as well, one
+as asynchronous local-SGD: Δ after 2 inner steps, outer Nesterov). The policies that read θ_j (gap_aware, stateful; dc_asgd) get it
   for the other rank's pushes too: rank 0 keeps the versions it sent. (dc_asgd_adaptive, with its papers' λ0 = 2,
   diverged once at update 83 of a longer run — exit 3, as it should end — and trained poorly under threads and
   simulated alike, train loss 2.9 and 2.5 after one epoch: a property of the rule at this α0.)"""
@@ -74,5 +75,6 @@ def test_each_policy_trains_across_mpi_ranks(tmp_path):
     # rank 1 took part: a push applied, or (drop, when rank 1 started late) pushes dropped as too stale
     assert final["pushes_per_rank"][1] > 0 or (policy == "drop" and final["gradients_stale_dropped"] > 0), policy
   assert finals["drop"]["staleness_max"] < ARGS["drop"]["bound"]
+  assert finals["inverse"]["local_steps"] == 2 and finals["inverse"]["samples"] == 1024   # pushes of Δ over 2μ
   for policy in ("gap_aware", "dc_asgd"):       # stale pushes of rank 1 reached the rule with their θ_j
     assert finals[policy]["pushes_per_rank"][1] > 0 and finals[policy]["staleness_max"] >= 1, policy

@@ -5,6 +5,7 @@
     jit grad on μ examples → g to the PS side → put(Push(k, j, g, finite, loss, θ_j))
     hardsync: wait for a version newer than j, unless g was non-finite (the PS drops it: recompute at once)
     ssp: before each gradient, wait for a permission from the PS side (:meth:`Published.take`)
+    local_steps = H > 1: H mini-batches, H inner steps from θ_j (sajax.local_steps), push Δ = θ_j − θ_local as g
 
 Only *where* a push goes differs between executors (``put``: the PS queue in-process; a queue drained to
 MPI rank 0 on other ranks) and *where* weights and ssp permissions come from (:class:`Published`). Faults are
@@ -28,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from sajax import local_steps
 from sajax.executors.faults import FaultPlan
 from sajax.server import all_finite
 from sajax.workdir import keep_traceback
@@ -175,11 +177,18 @@ class Learners:
     keep_stale: whether a push carries θ_j (the PS's policy reads it).
     on_draw: called with (k, s) once learner k drew its step s, before computing on it (an MPI rank tells
       rank 0, whose checkpoints hold every learner's stream).
+    inner_states: with ``local_steps`` > 1, learner k -> the inner-optimizer state it resumes with (host arrays,
+      flat like θ; a checkpoint's, :func:`sajax.local_steps.restore_states`); a learner without one starts fresh.
+
+  With ``local_steps`` = H > 1 (``run.local``) a learner draws H mini-batches per push, runs the H inner steps
+  of :func:`sajax.local_steps.make_local_update` from θ_j and pushes Δ = θ_j − θ_local in place of g; its inner
+  state stays in :attr:`inner_states` (learner k -> the state after its last round, on its device).
   """
 
   def __init__(self, run: Any, devices: dict, published: Published, put: Callable[[Any], None],
                stop: threading.Event, *, to_server: Callable[[Any], Any], keep_stale: bool = False,
-               on_draw: Optional[Callable[[int, int], None]] = None) -> None:
+               on_draw: Optional[Callable[[int, int], None]] = None,
+               inner_states: Optional[dict[int, Any]] = None) -> None:
     self.run, self.devices, self.published, self.put, self.stop = run, devices, published, put, stop
     self.to_server, self.keep_stale, self.on_draw = to_server, keep_stale, on_draw
     self.protocol = run.protocol
@@ -187,6 +196,11 @@ class Learners:
     self.faults = FaultPlan.from_config(run.config)
     self.unravel = ravel_pytree(run.params)[1]
     self.grad_step = make_grad_step(run.loss_fn, self.unravel)
+    self.local = run.local
+    if self.local is not None:
+      self.local_update = local_steps.make_local_update(lambda flat, *batch: run.loss_fn(self.unravel(flat), *batch),
+                                                        self.local.inner)
+    self.inner_states: dict[int, Any] = dict(inner_states or {})
     self.cache = SnapshotCache()
     self.threads: list[threading.Thread] = []
 
@@ -203,9 +217,23 @@ class Learners:
     images, labels = run.dataset.train.gather(np.arange(run.config.batch_per_learner))
     params = self.published.value[1]
     for device in set(self.devices.values()):
-      out = self.grad_step(jax.device_put(params, device), images, np.asarray(labels, np.int32),
-                           jax.device_put(run.key, device), np.uint32(0))
+      local, key = jax.device_put(params, device), jax.device_put(run.key, device)
+      if self.local is None:
+        out = self.grad_step(local, images, np.asarray(labels, np.int32), key, np.uint32(0))
+      else:
+        h = self.local.steps
+        out = self.local_update(local, self.local.inner.init(local), np.stack([images] * h),
+                                np.stack([np.asarray(labels, np.int32)] * h), key, np.zeros(h, np.uint32), 0.0)
       jax.block_until_ready(out)
+
+  def _draw(self, k: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Learner k's next mini-batch and step, told to ``on_draw``; raises the injected fault of that step."""
+    images, labels, step = self.run.next_batch(k)
+    if self.on_draw is not None:
+      self.on_draw(k, step)
+    if self.faults.raises(k, step):
+      raise self.faults.error(k, step)
+    return images, labels, step
 
   def _loop(self, k: int) -> None:
     device = self.devices[k]
@@ -216,14 +244,19 @@ class Learners:
           break
         version, params = self.published.value
         local = self.cache.get(device, version, params)
-        images, labels, step = self.run.next_batch(k)
-        if self.on_draw is not None:
-          self.on_draw(k, step)
-        if self.faults.raises(k, step):
-          raise self.faults.error(k, step)
-        # numpy inputs are uncommitted: they follow θ_j onto the learner's device.
-        loss, grads, finite = self.grad_step(local, images, np.asarray(labels, np.int32), key, np.uint32(step))
-        if self.faults.nonfinite(k, step):
+        if self.local is None:
+          images, labels, step = self._draw(k)
+          # numpy inputs are uncommitted: they follow θ_j onto the learner's device.
+          loss, grads, finite = self.grad_step(local, images, np.asarray(labels, np.int32), key, np.uint32(step))
+          nonfinite = self.faults.nonfinite(k, step)
+        else:
+          images, labels, steps = local_steps.stack_batches([self._draw(k) for _ in range(self.local.steps)])
+          state = self.inner_states.get(k)
+          state = self.local.inner.init(local) if state is None else jax.device_put(state, device)
+          grads, self.inner_states[k], loss, finite = self.local_update(
+              local, state, images, labels, key, steps, self.local.learning_rate(version))
+          nonfinite = any(self.faults.nonfinite(k, int(s)) for s in steps)
+        if nonfinite:
           grads, finite = jnp.full_like(grads, jnp.nan), False
         finite = bool(finite)
         self.put(Push(k, version, self.to_server(grads), finite, loss, params if self.keep_stale else None))

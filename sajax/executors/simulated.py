@@ -21,7 +21,11 @@ learners pull it. A gradient depends only on (θ_j, batch, learner, step), never
 dispatched, so the simulation is exact.
 
 Checkpoints hold the whole simulation: the event queue, the speed model's RNG state, each learner's version,
-step and dispatched-but-not-pushed gradient, and the PS with the gradients it holds toward its next update. A
+step and dispatched-but-not-pushed gradient, and the PS with the gradients it holds toward its next update.
+With ``local_steps`` = H > 1 a learner's round (H mini-batches, H inner steps, Δ; :mod:`sajax.local_steps`) is
+dispatched at its pull like a gradient and takes H gradients' time; its Δ is the gradient in flight, and its
+inner-optimizer state (after that round) is saved too (λ·d more floats for SGD with momentum, 2λ·d for
+AdamW). A
 Ctrl-C stops the run between two events (not only between two updates), and a run stopped and resumed ends
 bit-identical to an uninterrupted one. The price is checkpoint size: up to
 λ flat gradients (λ·d floats; 2λ·d for a policy that reads θ_j) beside θ and the optimizer state, e.g. 13 MB
@@ -37,6 +41,7 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from sajax import local_steps
 from sajax.executors import common
 from sajax.executors.faults import FaultPlan
 from sajax.executors.learners import SnapshotCache, make_tree_grad_step
@@ -73,6 +78,11 @@ class SimulatedEngine(common.Executor):
     self.deaths.restore(run.restored_meta.get("dead", {}), self.ps)
     self.gate = common.spread_gate(run.protocol, self.ps, self.deaths, run.restored_meta.get("ssp"))
     self.grad_step = make_tree_grad_step(run.loss_fn)
+    self.local = run.local                        # local_steps > 1: H inner steps and Δ per push
+    self.inner: dict[int, PyTree] = {}            # learner k -> its inner-optimizer state after its last round
+    if self.local is not None:
+      self.local_update = local_steps.make_local_update(run.loss_fn, self.local.inner)
+      self.inner = local_steps.restore_states(run.restored_arrays, self.local.inner.init(run.params))
     self._keys = [jax.device_put(jax.random.fold_in(run.key, k), self.devices[self._device_of(k)])
                   for k in range(learners)]
     self.cache = SnapshotCache()                  # the newest θ_j pulled on each device, moved there once
@@ -101,18 +111,40 @@ class SimulatedEngine(common.Executor):
     version, params = self.ps.pull(learner=learner)
     self.version[learner] = version
     self.result[learner] = self._dispatch(learner, version, params)
-    heapq.heappush(self.events, (now + self.speed.duration(self.rng, learner, self.learners), learner))
+    heapq.heappush(self.events, (now + self.speed.duration(self.rng, learner, self.learners, self.run.local_steps),
+                                 learner))
 
   def _dispatch(self, learner: int, version: int, params: PyTree) -> tuple:
     """Starts learner ``learner``'s gradient on θ_j (``version``) and its next mini-batch; returns without
     waiting (loss, g, finite are device arrays)."""
-    local = self.cache.get(self.devices[self._device_of(learner)], version, params)
+    device = self.devices[self._device_of(learner)]
+    local = self.cache.get(device, version, params)
+    if self.local is not None:
+      return self._dispatch_local(learner, version, local, device)
     images, labels, step = self.run.next_batch(learner)
     self.steps[learner] = step
     loss, grads, finite = self.grad_step(local, images, labels, self._keys[learner], step)
     if self.faults.nonfinite(learner, step):
       grads, finite = jax.tree.map(lambda g: g * np.float32(np.nan), grads), np.False_
     return loss, grads, finite
+
+  def _dispatch_local(self, learner: int, version: int, local: PyTree, device: Any) -> tuple:
+    """local_steps = H > 1: learner ``learner``'s H inner steps from θ_j on its next H mini-batches, dispatched;
+    returns (loss, Δ, finite) as :meth:`_dispatch` does for a gradient, and keeps its new inner state."""
+    images, labels, steps = local_steps.stack_batches([self.run.next_batch(learner) for _ in range(self.local.steps)])
+    self.steps[learner] = int(steps[0])
+    state = self.inner.get(learner)
+    state = self.local.inner.init(local) if state is None else jax.device_put(state, device)
+    delta, self.inner[learner], loss, finite = self.local_update(local, state, images, labels, self._keys[learner],
+                                                                 steps, self.local.learning_rate(version))
+    if any(self.faults.nonfinite(learner, int(s)) for s in steps):
+      delta, finite = jax.tree.map(lambda g: g * np.float32(np.nan), delta), np.False_
+    return loss, delta, finite
+
+  def _raised(self, learner: int) -> Optional[int]:
+    """The step of learner ``learner``'s current push (H steps with local_steps) at which it raises, or None."""
+    first = self.steps[learner]
+    return next((s for s in range(first, first + self.run.local_steps) if self.faults.raises(learner, s)), None)
 
   # ---- the event loop -----------------------------------------------------------------------------------------
   def run_loop(self) -> tuple[PyTree, PyTree]:
@@ -124,9 +156,10 @@ class SimulatedEngine(common.Executor):
         version = self.version[k]
         self.result[k] = self.version[k] = None
         released = []                              # learners the SSP gate lets start now
-        if self.faults.raises(k, self.steps[k]):   # the learner raised instead of pushing: it is gone
+        raised = self._raised(k)
+        if raised is not None:   # the learner raised instead of pushing: it is gone
           self.ps.release(version)
-          error = self.faults.error(k, self.steps[k])
+          error = self.faults.error(k, raised)
           applied = self.deaths.died(k, f"{type(error).__name__}: {error}", self.ps)   # as a learner thread says it
           if self.gate is not None:
             released = self.gate.died(k)
@@ -173,6 +206,8 @@ class SimulatedEngine(common.Executor):
       if r is not None:
         loss[k], grads[k], finite[k] = r[0], _flat(r[1]), r[2]
     arrays = {"grads": grads, "loss": loss, "finite": finite, **common.pending_checkpoint(self.ps, self.losses)}
+    if self.local is not None:
+      arrays.update(local_steps.state_arrays(self.inner, self.learners))
     if self.ps.needs_stale_params:
       arrays["stale_params"] = np.stack([_flat(self.ps.snapshot(v)) if v is not None else np.zeros(d, np.float32)
                                          for v in self.version])

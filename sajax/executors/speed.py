@@ -95,8 +95,10 @@ class SpeedModel:
     """A normal learner's compute time per gradient: ``example_time`` × μ, or ``base_time``."""
     return self.example_time * self.batch if self.example_time else self.base_time
 
-  def duration(self, rng: np.random.Generator, learner: int, learners: int) -> float:
-    t = self.push_time + self.compute_time * self.factor(learner, learners)
+  def duration(self, rng: np.random.Generator, learner: int, learners: int, steps: int = 1) -> float:
+    """Seconds until learner k's push: ``steps`` gradients computed in a row (H inner steps of local SGD), then
+    one push."""
+    t = self.push_time + self.compute_time * self.factor(learner, learners) * steps
     if self.poisson:
       t *= rng.exponential(1.0)
     if self.jitter:

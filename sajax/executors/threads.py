@@ -29,6 +29,7 @@ from typing import Any, Optional
 import jax
 from jax.flatten_util import ravel_pytree
 
+from sajax import local_steps
 from sajax.executors import common
 from sajax.executors.learners import Death, Learners, Published, Push, join_learners
 from sajax.server import ParameterServer, flat_transform
@@ -68,7 +69,8 @@ class ThreadedEngine(common.Executor):
   """Drives one :class:`sajax.trainer.Run` with λ learner threads around a :class:`ParameterServer`.
 
   ``local_learners``: the learners this process runs (default all λ; MPI rank 0 runs its block and receives
-  the others' pushes into the same queue).
+  the others' pushes into the same queue). With ``local_steps`` > 1 its checkpoints hold the inner-optimizer
+  state of each of these learners after its last push (learners on other MPI ranks: none; they resume fresh).
   """
 
   def __init__(self, run: Any, devices: Optional[list] = None, local_learners: Optional[list] = None) -> None:
@@ -96,8 +98,14 @@ class ThreadedEngine(common.Executor):
     live = [k for k in local if k in self.deaths.alive]
     self.pool = Learners(run, dict(zip(live, [local_devices[local.index(k)] for k in live])), self.published,
                          self._put, self.stop, to_server=lambda g: jax.device_put(g, self.ps_device),
-                         keep_stale=self.ps.needs_stale_params)
+                         keep_stale=self.ps.needs_stale_params, inner_states=self._restored_inner_states(flat_params))
     run.attach(self)
+
+  def _restored_inner_states(self, flat_params: Any) -> dict:
+    """local_steps > 1: the inner states the checkpoint holds (each learner's after its last push before it)."""
+    if self.run.local is None:
+      return {}
+    return local_steps.restore_states(self.run.restored_arrays, self.run.local.inner.init(flat_params))
 
   def _put(self, item: Any) -> None:
     bounded_put(self.queue, item, self.stop)
@@ -194,7 +202,10 @@ class ThreadedEngine(common.Executor):
                             deaths=self.deaths.errors, gate=self.gate)
 
   def checkpoint_arrays(self) -> dict:
-    return common.pending_checkpoint(self.ps, self._pending_losses)
+    arrays = common.pending_checkpoint(self.ps, self._pending_losses)
+    if self.run.local is not None:
+      arrays.update(local_steps.state_arrays(dict(self.pool.inner_states), self.learners))
+    return arrays
 
   def checkpoint_meta(self) -> dict:
     meta = {"server": self.ps.state_meta(), "dead": self.deaths.to_json()}
