@@ -92,4 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.sim_slowdown = 4.0           # ... by this factor
   config.sim_poisson = False          # exponential times with the same mean (Poisson arrivals)
   config.sim_speeds = ()              # or one time factor per learner (heterogeneous: a pattern of any length)
+  # ... and its communication (sajax/executors/comm.py): each learner's own link, not scaled by the factors above
+  config.sim_bandwidth = 0.0          # bytes per simulated second: a pull or a push of the d parameters (4·d bytes)
+                                      # takes 4·d / sim_bandwidth (0: free) ...
+  config.sim_latency = 0.0            # ... plus this many seconds per message
   return config

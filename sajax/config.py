@@ -39,6 +39,7 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "sim_push_time": (float, int), "sim_example_time": (float, int), "sim_jitter": (float, int),
     "sim_stragglers": (float, int), "sim_slowdown": (float, int), "sim_poisson": (bool,),
     "sim_speeds": (tuple, list), "policy_args": (str, dict),
+    "sim_bandwidth": (float, int), "sim_latency": (float, int),
     "sim_profile": (str,), "ssp_spread": (int,), "momentum_rule": (str,), "momentum_rule_period": (int,),
     "momentum_rule_staleness_decay": (float, int), "local_steps": (int,), "inner_optimizer": (str,),
     "inner_learning_rate": (float, int, type(None)), "inner_momentum": (float, int),
@@ -51,6 +52,7 @@ OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", 
                            "fault_mpi_corrupt_weights", "fault_mpi_corrupt_permits", "fault_mpi_corrupt_pushes",
                            "fault_mpi_corrupt_version", "sim_base_time", "sim_push_time", "sim_example_time", "sim_jitter",
                            "sim_stragglers", "sim_slowdown", "sim_poisson", "sim_speeds", "policy_args",
+                           "sim_bandwidth", "sim_latency",
                            "sim_profile", "ssp_spread", "momentum_rule", "momentum_rule_period",
                            "momentum_rule_staleness_decay", "local_steps", "inner_optimizer", "inner_learning_rate",
                            "inner_momentum", "inner_weight_decay", "inner_schedule", "outer_optimizer",
@@ -66,6 +68,7 @@ DEFAULT_SSP_SPREAD = 3   # s of protocol ssp when a config does not set ssp_spre
 ABSENT_MEANS: Mapping[str, Any] = {
     "policy_args": "{}", "sim_profile": "", "lr_warmup_epochs": 0.0, "ssp_spread": DEFAULT_SSP_SPREAD,
     "sim_push_time": 0.0,
+    "sim_bandwidth": 0.0, "sim_latency": 0.0,
     "sim_example_time": 0.0, "nan_learners": (), "nan_at_step": 0, "nan_steps": 1, "divergence_after": 100,
     "mpi_timeout_s": 600.0, "fault_mpi_corrupt_weights": 0,
     "fault_mpi_corrupt_permits": 0, "fault_mpi_corrupt_pushes": 0, "fault_mpi_corrupt_version": 0,
@@ -145,6 +148,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   for key in ("sim_push_time", "sim_example_time"):
     if values.get(key, 0) < 0:
       raise ConfigError(f"config.{key}={values[key]!r} is invalid; allowed: seconds >= 0 (0: not used)")
+  if not (math.isfinite(values.get("sim_bandwidth", 0)) and values.get("sim_bandwidth", 0) >= 0):
+    raise ConfigError(f"config.sim_bandwidth={values['sim_bandwidth']!r} is invalid; allowed: bytes per simulated "
+                      "second, a finite number >= 0 (0: free communication)")
+  if not (math.isfinite(values.get("sim_latency", 0)) and values.get("sim_latency", 0) >= 0):
+    raise ConfigError(f"config.sim_latency={values['sim_latency']!r} is invalid; allowed: seconds per message, a "
+                      "finite number >= 0")
   if values.get("sim_jitter", 0) < 0:
     raise ConfigError(f"config.sim_jitter={values['sim_jitter']!r} is invalid; allowed: a number >= 0")
   if not 0 <= values.get("sim_stragglers", 0) <= 1:

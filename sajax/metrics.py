@@ -189,6 +189,9 @@ def summary(config: Mapping[str, Any], final: Mapping[str, Any], workdir: str) -
       *([f" learners        {final['learners_alive']} of {c['learners']} alive"
          + "".join(f"; learner {k} died: {v}" for k, v in final.get("learners_dead", {}).items())]
         if "learners_alive" in final else []),
+      *([f" simulated       time {final['sim_time']:g} s   moved {_bytes(final.get('bytes_moved', 0))} (pushed "
+         f"{_bytes(final.get('bytes_pushed', 0))}, pulled {_bytes(final.get('bytes_pulled', 0))})"]
+        if "sim_time" in final else []),
       f" throughput      {final['samples_per_s']:.0f} samples/s   wall {final['wall_s']:.1f} s",
       "-" * 64,
       f" outputs in {workdir}: config.json metrics.jsonl curves.png"
@@ -196,3 +199,14 @@ def summary(config: Mapping[str, Any], final: Mapping[str, Any], workdir: str) -
       "=" * 64,
   ]
   return "\n".join(lines)
+
+
+def _bytes(n: float) -> str:
+  """A byte count for people: 812 B, 3.2 MB, 1.07 GB (powers of 1000)."""
+  if abs(n) < 1000:
+    return f"{n:.0f} B"
+  for unit in ("kB", "MB", "GB", "TB"):
+    n /= 1000
+    if abs(n) < 999.5:
+      return f"{n:.3g} {unit}"
+  return f"{n:,.0f} TB"

@@ -43,6 +43,7 @@ from jax.flatten_util import ravel_pytree
 
 from sajax import local_steps
 from sajax.executors import common
+from sajax.executors.comm import CommModel
 from sajax.executors.faults import FaultPlan
 from sajax.executors.learners import SnapshotCache, make_tree_grad_step
 from sajax.executors.speed import SpeedModel
@@ -64,6 +65,7 @@ class SimulatedEngine(common.Executor):
     config = run.config
     self.learners = learners = config.learners
     self.speed = SpeedModel.from_config(config)
+    self.comm = CommModel.from_config(config, run.params)   # each pull and push: sim_latency + M / sim_bandwidth
     if self.speed.speeds and len(self.speed.speeds) != learners:
       raise ValueError(f"config.sim_speeds has {len(self.speed.speeds)} entries; allowed: one per learner "
                        f"({learners})")
@@ -107,12 +109,12 @@ class SimulatedEngine(common.Executor):
 
   def _start(self, learner: int, now: float) -> None:
     """Learner ``learner`` pulls (j, θ_j) at simulated time ``now``, its gradient is dispatched, and it will
-    push at now + its duration."""
+    push at now + its duration + the pull's and the push's transfer times (:mod:`sajax.executors.comm`)."""
     version, params = self.ps.pull(learner=learner)
     self.version[learner] = version
     self.result[learner] = self._dispatch(learner, version, params)
-    heapq.heappush(self.events, (now + self.speed.duration(self.rng, learner, self.learners, self.run.local_steps),
-                                 learner))
+    duration = self.speed.duration(self.rng, learner, self.learners, self.run.local_steps)
+    heapq.heappush(self.events, (now + duration + self.comm.cycle_time, learner))
 
   def _dispatch(self, learner: int, version: int, params: PyTree) -> tuple:
     """Starts learner ``learner``'s gradient on θ_j (``version``) and its next mini-batch; returns without
@@ -192,7 +194,8 @@ class SimulatedEngine(common.Executor):
   def telemetry(self) -> dict:
     out = common.telemetry(self.ps, learners_alive=len(self.deaths.alive), queue_depth=0,
                            deaths=self.deaths.errors, gate=self.gate)
-    out.update(sim_time=round(self.sim_time, 6))
+    out.update(sim_time=round(self.sim_time, 6), **self.comm.telemetry(
+        self.ps.stats, died=len(self.deaths.errors), in_flight=sum(v is not None for v in self.version)))
     return out
 
   def checkpoint_arrays(self) -> dict:
