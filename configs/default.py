@@ -55,6 +55,8 @@ def get_config() -> ml_collections.ConfigDict:
                                       # nesterov (DiLoCo) | delayed_nesterov (Liu et al. 2024)
   config.outer_learning_rate = placeholder(float)  # None: α0 for sgd, 0.7 for nesterov and delayed_nesterov
   config.outer_momentum = placeholder(float)       # None: momentum for sgd, 0.9 for nesterov and delayed_nesterov
+  config.dynamic_local_steps = False  # DyLU: learner k runs H_k = max(1, ⌊H·v_k/v_fastest⌋) steps per push (threads:
+                                      # measured speeds; simulated: the speed model's)
   config.lr_boundaries_epochs = (13.33, 17.5)  # α ← α · lr_decay at each of these epochs (⅔ and ⅞ of them)
   config.lr_decay = 0.1
   config.lr_warmup_epochs = 0.0       # > 0: α ramps linearly from α0/W to α0 over the first W updates (these epochs)

@@ -45,6 +45,7 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "inner_learning_rate": (float, int, type(None)), "inner_momentum": (float, int),
     "inner_weight_decay": (float, int), "inner_schedule": (str,), "outer_optimizer": (str,),
     "outer_learning_rate": (float, int, type(None)), "outer_momentum": (float, int, type(None)),
+    "dynamic_local_steps": (bool,),
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
                            "lr_warmup_epochs", "fail_fast", "fault_learner", "fault_at_step", "nan_learners",
@@ -56,7 +57,7 @@ OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", 
                            "sim_profile", "ssp_spread", "momentum_rule", "momentum_rule_period",
                            "momentum_rule_staleness_decay", "local_steps", "inner_optimizer", "inner_learning_rate",
                            "inner_momentum", "inner_weight_decay", "inner_schedule", "outer_optimizer",
-                           "outer_learning_rate", "outer_momentum"})
+                           "outer_learning_rate", "outer_momentum", "dynamic_local_steps"})
 
 # Keys of earlier versions that no longer mean anything (the simulated executor's version ring and slot
 # batching, gone since it dispatches each gradient at its pull): a saved run that has them still resumes.
@@ -75,7 +76,7 @@ ABSENT_MEANS: Mapping[str, Any] = {
     "momentum_rule": "plain", "momentum_rule_period": 0, "momentum_rule_staleness_decay": 0.99,
     "local_steps": 1, "inner_optimizer": "sgd", "inner_learning_rate": None, "inner_momentum": 0.0,
     "inner_weight_decay": 0.0, "inner_schedule": "constant", "outer_optimizer": "sgd", "outer_learning_rate": None,
-    "outer_momentum": None}
+    "outer_momentum": None, "dynamic_local_steps": False}
 
 # Executors whose learners send θ_j's version to a parameter server, so a policy that reads θ_j can run there.
 STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi")
@@ -270,6 +271,10 @@ def _check_local_steps(values: Mapping[str, Any]) -> None:
     raise ConfigError(f"config.local_steps={steps!r} needs learners that push to a parameter server, which "
                       "executor 'pmap' (SSGD) has none of; allowed: local_steps 1 with pmap, or executors "
                       "threads, simulated, mpi")
+  if values.get("dynamic_local_steps", False) and values["executor"] not in ("threads", "simulated"):
+    raise ConfigError(f"config.dynamic_local_steps=True needs the learners' speeds (the simulated speed model, or "
+                      f"step times measured in one process), which executor {values['executor']!r} does not have; "
+                      "allowed executors: threads, simulated")
 
 
 def _check_speed_profile(values: Mapping[str, Any]) -> None:

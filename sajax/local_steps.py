@@ -27,6 +27,18 @@ not on the learner's own step count, so fast and slow learners (heterogeneous sp
 ``constant`` (α_inner) or ``cosine``, α_inner·½(1 + cos(π·min(1, j/T))) with T the run's last PS update. It is
 constant within a round.
 
+With ``dynamic_local_steps`` (DyLU, "dynamic local updates", Liu et al. 2024) learner k runs
+
+    H_k = max(1, ⌊H · v_k / v_fastest⌋)
+
+inner steps per round instead of H, v_k its speed (steps per second): a slow learner's round takes about as long
+as the fastest learner's H steps, so every learner pushes about as often and a slow learner's Δ is no staler than
+a fast one's. :class:`RoundLengths` holds the rule for a run: under the simulated executor v_k comes from the speed
+model (fixed for the run, so a resumed run is bit-identical); under threads it is measured, each learner's
+seconds per inner step averaged over its rounds (an exponential moving average, :data:`MEASURED_WEIGHT` on the
+newest round), and a learner runs H until it has been measured. The parameter server needs nothing new: a short
+round's Δ is a pseudo-gradient like any other, and the sample clock counts the H_k·μ examples each push carries.
+
 One round lives in one place, :func:`make_local_update`, which every executor calls: H calls of one compiled
 inner step, then one compiled Δ. Not a ``lax.scan`` over the H stacked batches: measured on XLA CPU for the
 small CNN (μ = 16, H = 4, inner SGD; launch/bench_local_steps.py, two sessions), a round took 44–51 ms as H
@@ -37,7 +49,8 @@ each other), the same Δ to float32 rounding.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, NamedTuple, Optional
+import threading
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,17 +80,94 @@ ADAMW_LEARNING_RATE = 1e-3
 """α_inner of ``adamw`` when ``inner_learning_rate`` is unset (Adam's usual rate; ``sgd``'s is α0)."""
 
 
+MEASURED_WEIGHT = 0.3
+"""DyLU under threads: the weight of a learner's newest round in its measured seconds per inner step."""
+
+
 class LocalSteps(NamedTuple):
-  """A run's local-SGD settings: H, the inner optimizer's direction (without its rate) and α_inner(j)."""
+  """A run's local-SGD settings: H, the inner optimizer's direction (without its rate), α_inner(j), and whether
+  rounds are DyLU's H_k (``dynamic_local_steps``)."""
 
   steps: int
   inner: optax.GradientTransformation
   learning_rate: Callable[[int], float]
+  dynamic: bool = False
+
+
+def dynamic_steps(steps: int, step_times: Sequence[float]) -> tuple[int, ...]:
+  """DyLU's round lengths (Liu et al. 2024): H_k = max(1, ⌊H · v_k / v_fastest⌋) for the learners whose seconds
+  per inner step are ``step_times`` (v_k = 1 / t_k), H = ``steps``. The fastest learner runs H."""
+  fastest = min(step_times)
+  # ⌊·⌋ with a relative tolerance: H · t / t must give H, not H − 1 after rounding.
+  return tuple(max(1, math.floor(steps * fastest / t * (1 + 1e-9))) for t in step_times)
+
+
+class RoundLengths:
+  """How many inner steps learner k runs per push: H, or with DyLU H_k (:func:`dynamic_steps`).
+
+  Args:
+    steps: H.
+    dynamic: DyLU (``dynamic_local_steps``); False: every learner runs H.
+    step_times: each learner's seconds per inner step, known in advance (the simulated speed model's mean
+      times): H_k is fixed for the run. None: measured as the learners run (:meth:`record`, threads).
+
+  Thread-safe: learner threads record and read it concurrently.
+  """
+
+  def __init__(self, steps: int, dynamic: bool = False, step_times: Optional[Sequence[float]] = None) -> None:
+    self.steps, self.dynamic = int(steps), bool(dynamic)
+    self.fixed = dynamic_steps(self.steps, step_times) if dynamic and step_times is not None else None
+    self.measured: dict[int, float] = {}     # learner -> seconds per inner step (threads)
+    self._lock = threading.Lock()
+
+  def steps_for(self, learner: int) -> int:
+    """The inner steps of learner ``learner``'s next round."""
+    if not self.dynamic:
+      return self.steps
+    if self.fixed is not None:
+      return self.fixed[learner]
+    with self._lock:
+      if learner not in self.measured:
+        return self.steps
+      return dynamic_steps(self.steps, [min(self.measured.values()), self.measured[learner]])[1]
+
+  def record(self, learner: int, seconds: float, steps: int) -> None:
+    """Learner ``learner`` ran a round of ``steps`` inner steps in ``seconds`` (measured rounds only)."""
+    if not self.dynamic or self.fixed is not None or steps < 1 or not seconds > 0:
+      return
+    with self._lock:
+      per_step = seconds / steps
+      old = self.measured.get(learner)
+      self.measured[learner] = per_step if old is None else (1 - MEASURED_WEIGHT) * old + MEASURED_WEIGHT * per_step
+
+  def table(self, learners: Sequence[int]) -> list[int]:
+    """H_k of ``learners`` now (for the run's log and telemetry)."""
+    return [self.steps_for(k) for k in learners]
 
 
 def local_steps_of(config: Any) -> int:
   """H, ``config.local_steps`` (1 when absent: a plain gradient per push)."""
   return int(config.get("local_steps", 1))
+
+
+def step_times(config: Any) -> Optional[tuple[float, ...]]:
+  """Each learner's seconds per inner step when known in advance: the simulated speed model's mean times
+  (:meth:`sajax.executors.speed.SpeedModel.step_times`); None under the other executors (measured there)."""
+  if config.get("executor") != "simulated":
+    return None
+  from sajax.executors.speed import SpeedModel
+  return SpeedModel.from_config(config).step_times(config.learners)
+
+
+def mean_round(config: Any) -> float:
+  """The inner steps per push the run's schedule counts on: H, or with DyLU under the simulated executor the mean
+  of its H_k (DyLU makes the learners push about equally often, so a push carries the mean H_k·μ examples).
+  Under threads the H_k are measured as the run goes and the schedule counts H: a step schedule's boundaries (in
+  PS updates) then come after fewer examples than their epochs say, since a short round's push carries fewer; the
+  sample clock counts what each push carried, so evaluations and the end of the run stay at their epochs."""
+  steps = local_steps_of(config)
+  times = step_times(config) if config.get("dynamic_local_steps", False) else None
+  return steps if times is None else float(np.mean(dynamic_steps(steps, times)))
 
 
 def inner_learning_rate(config: Any) -> float:
@@ -142,7 +232,8 @@ def from_config(config: Any, last_update: int) -> Optional[LocalSteps]:
   inner = inner_direction(config.get("inner_optimizer", "sgd"), momentum=config.get("inner_momentum", 0.0),
                           weight_decay=config.get("inner_weight_decay", 0.0))
   return LocalSteps(steps, inner, inner_schedule(config.get("inner_schedule", "constant"),
-                                                 inner_learning_rate(config), last_update))
+                                                 inner_learning_rate(config), last_update),
+                    bool(config.get("dynamic_local_steps", False)))
 
 
 def make_local_update(loss_fn: Callable, inner: optax.GradientTransformation) -> Callable:

@@ -119,11 +119,12 @@ class Run:
     self.num_train = len(dataset.train)
     if config.get("train_examples", 0):
       self.num_train = min(self.num_train, config.train_examples)
-    # A push carries H·μ examples (H = local_steps: H mini-batches of μ behind one pseudo-gradient; 1 otherwise).
+    # A push carries H·μ examples (H = local_steps: H mini-batches of μ behind one pseudo-gradient; 1 otherwise;
+    # with DyLU its learner's H_k, and the schedule counts their mean, local_steps.mean_round).
     self.local_steps = local_steps.local_steps_of(config)
-    self.examples_per_push = config.batch_per_learner * self.local_steps
+    self.examples_per_push = round(config.batch_per_learner * local_steps.mean_round(config))
     self.per_epoch = config_lib.updates_per_epoch(self.num_train, self.protocol, config.batch_per_learner,
-                                                  self.local_steps)
+                                                  local_steps.mean_round(config))
     # The clock is samples applied (c·H·μ per update; c may shrink when learners die). Eval, checkpoint and
     # stop points are the sample counts of whole updates at those epochs with the protocol's c.
     self.samples_per_update = self.protocol.gradients_per_update * self.examples_per_push
@@ -220,12 +221,13 @@ class Run:
     return self.samples >= self.total_samples
 
   def after_update(self, loss: jax.Array | list, *, gradients: int,
-                   current_state: Callable[[], tuple[PyTree, PyTree]]) -> None:
+                   current_state: Callable[[], tuple[PyTree, PyTree]], batches: Optional[int] = None) -> None:
     """Called by the executor after each PS update of ``gradients`` (c) pushes of H·μ examples each (H mini-batches
     of μ; H = 1 but with ``local_steps``); evaluates, checkpoints and reports on schedule. ``loss``: the update's
-    training loss, or the losses of its c pushes (device scalars, fetched lazily)."""
+    training loss, or the losses of its c pushes (device scalars, fetched lazily). ``batches``: the mini-batches of
+    μ the c pushes carried when rounds differ in length (DyLU's H_k); None: c·H."""
     self.updates += 1
-    added = gradients * self.examples_per_push
+    added = gradients * self.examples_per_push if batches is None else batches * self.config.batch_per_learner
     before, self.samples = self.samples, self.samples + added
     losses = list(loss) if isinstance(loss, (list, tuple)) else [loss]
     self._pending_losses.extend(losses)

@@ -428,7 +428,7 @@ def test_the_learner_loop_reports_each_draw_before_computing_on_it():
   run = types.SimpleNamespace(
       protocol=types.SimpleNamespace(max_spread=None, learners_wait=False), config={}, params={"w": jnp.zeros(3)},
       loss_fn=lambda params, images, labels, key: jnp.sum(params["w"] * images), key=jax.random.PRNGKey(0),
-      next_batch=next_batch)
+      next_batch=next_batch, local=None)
   pool = Learners(run, {0: jax.devices()[0]}, Published(0, np.zeros(3, np.float32)),
                   lambda item: events.append(("push", item.learner)) if isinstance(item, Push) else None, stop,
                   to_server=np.asarray, on_draw=lambda k, s: events.append(("draw", k, s)))

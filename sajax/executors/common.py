@@ -47,6 +47,12 @@ def restore_server(ps: ParameterServer, run: Any, arrays: dict) -> list:
   return list(run.restored_arrays.get("pending_losses", []))
 
 
+def restored_batches(run: Any, losses: list) -> int:
+  """The mini-batches of μ behind the pushes a resumed run's PS held toward its next update (saved in the meta
+  as ``pending_batches``; a checkpoint without it: H per push)."""
+  return int(run.restored_meta.get("pending_batches", len(losses) * run.local_steps))
+
+
 def pending_checkpoint(ps: ParameterServer, losses: list) -> dict:
   """The executor's checkpoint arrays for the gradients the PS holds toward the next update: the PS's
   :meth:`~sajax.server.ParameterServer.pending_arrays` and their training losses (float32, in order). Saved so

@@ -50,6 +50,7 @@ class Push:
   finite: bool
   loss: Any
   stale_params: Any = None
+  batches: Optional[int] = None    # mini-batches of μ behind it (DyLU's H_k); None: the run's H
 
 
 @dataclasses.dataclass
@@ -182,7 +183,8 @@ class Learners:
 
   With ``local_steps`` = H > 1 (``run.local``) a learner draws H mini-batches per push, runs the H inner steps
   of :func:`sajax.local_steps.make_local_update` from θ_j and pushes Δ = θ_j − θ_local in place of g; its inner
-  state stays in :attr:`inner_states` (learner k -> the state after its last round, on its device).
+  state stays in :attr:`inner_states` (learner k -> the state after its last round, on its device). With DyLU
+  (``dynamic_local_steps``) a round is H_k steps, from the learners' measured seconds per step (:attr:`rounds`).
   """
 
   def __init__(self, run: Any, devices: dict, published: Published, put: Callable[[Any], None],
@@ -201,6 +203,8 @@ class Learners:
       self.local_update = local_steps.make_local_update(lambda flat, *batch: run.loss_fn(self.unravel(flat), *batch),
                                                         self.local.inner)
     self.inner_states: dict[int, Any] = dict(inner_states or {})
+    # H per round, or DyLU's H_k from the learners' measured seconds per inner step.
+    self.rounds = local_steps.RoundLengths(self.local.steps, self.local.dynamic) if self.local is not None else None
     self.cache = SnapshotCache()
     self.threads: list[threading.Thread] = []
 
@@ -250,16 +254,19 @@ class Learners:
           loss, grads, finite = self.grad_step(local, images, np.asarray(labels, np.int32), key, np.uint32(step))
           nonfinite = self.faults.nonfinite(k, step)
         else:
-          images, labels, steps = local_steps.stack_batches([self._draw(k) for _ in range(self.local.steps)])
+          images, labels, steps = local_steps.stack_batches([self._draw(k) for _ in range(self.rounds.steps_for(k))])
           state = self.inner_states.get(k)
           state = self.local.inner.init(local) if state is None else jax.device_put(state, device)
+          started = time.perf_counter()
           grads, self.inner_states[k], loss, finite = self.local_update(
               local, state, images, labels, key, steps, self.local.learning_rate(version))
+          self.rounds.record(k, time.perf_counter() - started if bool(finite) else 0.0, len(steps))
           nonfinite = any(self.faults.nonfinite(k, int(s)) for s in steps)
         if nonfinite:
           grads, finite = jnp.full_like(grads, jnp.nan), False
         finite = bool(finite)
-        self.put(Push(k, version, self.to_server(grads), finite, loss, params if self.keep_stale else None))
+        self.put(Push(k, version, self.to_server(grads), finite, loss, params if self.keep_stale else None,
+                      None if self.local is None else len(steps)))
         if self.protocol.learners_wait and finite:
           self.published.wait_newer(version, self.stop)
     except Exception as e:  # noqa: BLE001 - a learner's failure is reported, the run goes on

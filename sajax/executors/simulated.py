@@ -23,10 +23,9 @@ dispatched, so the simulation is exact.
 Checkpoints hold the whole simulation: the event queue, the speed model's RNG state, each learner's version,
 step and dispatched-but-not-pushed gradient, and the PS with the gradients it holds toward its next update.
 With ``local_steps`` = H > 1 a learner's round (H mini-batches, H inner steps, Δ; :mod:`sajax.local_steps`) is
-dispatched at its pull like a gradient and takes H gradients' time; its Δ is the gradient in flight, and its
-inner-optimizer state (after that round) is saved too (λ·d more floats for SGD with momentum, 2λ·d for
-AdamW). A
-Ctrl-C stops the run between two events (not only between two updates), and a run stopped and resumed ends
+dispatched at its pull like a gradient and takes H gradients' time (DyLU, ``dynamic_local_steps``: learner k's
+H_k, from the speed model's mean times); its Δ is the gradient in flight, and its inner-optimizer state (after
+that round) is saved too (λ·d more floats for SGD with momentum, 2λ·d for AdamW). A Ctrl-C stops the run between two events (not only between two updates), and a run stopped and resumed ends
 bit-identical to an uninterrupted one. The price is checkpoint size: up to
 λ flat gradients (λ·d floats; 2λ·d for a policy that reads θ_j) beside θ and the optimizer state, e.g. 13 MB
 for the small CNN with λ = 8, but 7 GB for AlexNet with λ = 30.
@@ -77,14 +76,21 @@ class SimulatedEngine(common.Executor):
                                 say=run.log)
     self.faults = FaultPlan.from_config(config)
     self.losses = common.restore_server(self.ps, run, {"params": run.params, "opt_state": run.opt_state})
+    self.batches = common.restored_batches(run, self.losses)   # mini-batches of μ behind self.losses' pushes
     self.deaths.restore(run.restored_meta.get("dead", {}), self.ps)
     self.gate = common.spread_gate(run.protocol, self.ps, self.deaths, run.restored_meta.get("ssp"))
     self.grad_step = make_tree_grad_step(run.loss_fn)
     self.local = run.local                        # local_steps > 1: H inner steps and Δ per push
     self.inner: dict[int, PyTree] = {}            # learner k -> its inner-optimizer state after its last round
+    # H per round, or DyLU's H_k from the speed model's mean times (fixed for the run)
+    self.rounds = local_steps.RoundLengths(1)
     if self.local is not None:
       self.local_update = local_steps.make_local_update(run.loss_fn, self.local.inner)
       self.inner = local_steps.restore_states(run.restored_arrays, self.local.inner.init(run.params))
+      self.rounds = local_steps.RoundLengths(self.local.steps, self.local.dynamic,
+                                             self.speed.step_times(learners))
+      if self.local.dynamic:
+        run.log(f"DyLU: inner steps per push H_k = {self.rounds.table(range(learners))} (H = {self.local.steps})")
     self._keys = [jax.device_put(jax.random.fold_in(run.key, k), self.devices[self._device_of(k)])
                   for k in range(learners)]
     self.cache = SnapshotCache()                  # the newest θ_j pulled on each device, moved there once
@@ -113,7 +119,7 @@ class SimulatedEngine(common.Executor):
     version, params = self.ps.pull(learner=learner)
     self.version[learner] = version
     self.result[learner] = self._dispatch(learner, version, params)
-    duration = self.speed.duration(self.rng, learner, self.learners, self.run.local_steps)
+    duration = self.speed.duration(self.rng, learner, self.learners, self.rounds.steps_for(learner))
     heapq.heappush(self.events, (now + duration + self.comm.cycle_time, learner))
 
   def _dispatch(self, learner: int, version: int, params: PyTree) -> tuple:
@@ -133,7 +139,8 @@ class SimulatedEngine(common.Executor):
   def _dispatch_local(self, learner: int, version: int, local: PyTree, device: Any) -> tuple:
     """local_steps = H > 1: learner ``learner``'s H inner steps from θ_j on its next H mini-batches, dispatched;
     returns (loss, Δ, finite) as :meth:`_dispatch` does for a gradient, and keeps its new inner state."""
-    images, labels, steps = local_steps.stack_batches([self.run.next_batch(learner) for _ in range(self.local.steps)])
+    images, labels, steps = local_steps.stack_batches([self.run.next_batch(learner)
+                                                         for _ in range(self.rounds.steps_for(learner))])
     self.steps[learner] = int(steps[0])
     state = self.inner.get(learner)
     state = self.local.inner.init(local) if state is None else jax.device_put(state, device)
@@ -146,7 +153,8 @@ class SimulatedEngine(common.Executor):
   def _raised(self, learner: int) -> Optional[int]:
     """The step of learner ``learner``'s current push (H steps with local_steps) at which it raises, or None."""
     first = self.steps[learner]
-    return next((s for s in range(first, first + self.run.local_steps) if self.faults.raises(learner, s)), None)
+    return next((s for s in range(first, first + self.rounds.steps_for(learner)) if self.faults.raises(learner, s)),
+                None)
 
   # ---- the event loop -----------------------------------------------------------------------------------------
   def run_loop(self) -> tuple[PyTree, PyTree]:
@@ -170,6 +178,7 @@ class SimulatedEngine(common.Executor):
           applied = result.applied_update
           if not result.dropped:
             self.losses.append(loss)
+            self.batches += self.rounds.steps_for(k)
           if self.gate is not None:
             released = self.gate.pushed(k, accepted=not result.dropped)
           elif self.run.protocol.learners_wait and not result.dropped:
@@ -183,7 +192,8 @@ class SimulatedEngine(common.Executor):
             self._start(w, self.sim_time)
           self.waiting = []
           done, self.losses = self.losses, []
-          self.run.after_update(done, gradients=len(done), current_state=current)
+          batches, self.batches = self.batches, 0
+          self.run.after_update(done, gradients=len(done), current_state=current, batches=batches)
         self.run.stop_if_requested()   # a Ctrl-C stops between two events, even with gradients buffered
     except KeyboardInterrupt:
       self.run.interrupted(current)
@@ -194,6 +204,8 @@ class SimulatedEngine(common.Executor):
   def telemetry(self) -> dict:
     out = common.telemetry(self.ps, learners_alive=len(self.deaths.alive), queue_depth=0,
                            deaths=self.deaths.errors, gate=self.gate)
+    if self.rounds.dynamic:   # DyLU: each learner's H_k (fixed by the speed model)
+      out["inner_steps"] = self.rounds.table(range(self.learners))
     out.update(sim_time=round(self.sim_time, 6), **self.comm.telemetry(
         self.ps.stats, died=len(self.deaths.errors), in_flight=sum(v is not None for v in self.version)))
     return out
@@ -220,7 +232,7 @@ class SimulatedEngine(common.Executor):
     meta = {"server": self.ps.state_meta(), "dead": self.deaths.to_json(), "sim_time": self.sim_time,
             "events": [list(e) for e in self.events],
             "version": self.version, "computed": [r is not None for r in self.result], "steps": self.steps,
-            "waiting": self.waiting, "rng": self.rng.bit_generator.state}
+            "waiting": self.waiting, "rng": self.rng.bit_generator.state, "pending_batches": self.batches}
     if self.gate is not None:
       meta["ssp"] = {**self.gate.to_json(), "waiting": sorted(self.gate.waiting)}
     return meta

@@ -95,6 +95,11 @@ class SpeedModel:
     """A normal learner's compute time per gradient: ``example_time`` × μ, or ``base_time``."""
     return self.example_time * self.batch if self.example_time else self.base_time
 
+  def step_times(self, learners: int) -> tuple[float, ...]:
+    """Each of the λ learners' mean seconds per gradient, without the push: compute time × its factor (a named
+    profile's jitter has mean 1; in the custom profile ``""`` it has median 1, and the times are medians)."""
+    return tuple(self.compute_time * self.factor(k, learners) for k in range(learners))
+
   def duration(self, rng: np.random.Generator, learner: int, learners: int, steps: int = 1) -> float:
     """Seconds until learner k's push: ``steps`` gradients computed in a row (H inner steps of local SGD), then
     one push."""

@@ -89,6 +89,8 @@ class ThreadedEngine(common.Executor):
                                 say=run.log)
     self._pending_losses: list = common.restore_server(self.ps, run, {"params": flat_params,
                                                                       "opt_state": run.opt_state})
+    # mini-batches of μ behind the buffered pushes (c·H, or the sum of DyLU's H_k)
+    self._pending_batches = common.restored_batches(run, self._pending_losses)
     self.deaths.restore(run.restored_meta.get("dead", {}), self.ps)
     self.gate = common.spread_gate(self.protocol, self.ps, self.deaths, run.restored_meta.get("ssp"))
     self.queue: queue.Queue = queue.Queue(maxsize=max(2, self.learners))
@@ -175,6 +177,7 @@ class ThreadedEngine(common.Executor):
                           stale_params=item.stale_params)
     if not result.dropped:
       self._pending_losses.append(item.loss)
+      self._pending_batches += self.run.local_steps if item.batches is None else item.batches
     released = self.gate.pushed(item.learner, accepted=not result.dropped) if self.gate is not None else []
     if result.applied_update:
       self._after_update(current, released)
@@ -186,9 +189,10 @@ class ThreadedEngine(common.Executor):
     # learners start sooner (P1 0.88 -> 0.94) but serialised the PS on its own updates, so the queue
     # backed up and ⟨σ⟩ drifted far above n (7.4 for n = 4, 12.9 for n = 8). See docs/benchmarks.md.
     losses, self._pending_losses = self._pending_losses, []
+    batches, self._pending_batches = self._pending_batches, 0
     self._publish()
     self._permit(released)   # after publishing: a learner the update released pulls it (s = 0, c = λ: σ = 0)
-    self.run.after_update(losses, gradients=len(losses), current_state=current)
+    self.run.after_update(losses, gradients=len(losses), current_state=current, batches=batches)
 
   def _shutdown(self, threads: list) -> None:
     self.stop.set()
@@ -198,8 +202,11 @@ class ThreadedEngine(common.Executor):
 
   # ---- the executor interface -------------------------------------------------------------------------
   def telemetry(self) -> dict:
-    return common.telemetry(self.ps, learners_alive=len(self.deaths.alive), queue_depth=self.queue.qsize(),
-                            deaths=self.deaths.errors, gate=self.gate)
+    out = common.telemetry(self.ps, learners_alive=len(self.deaths.alive), queue_depth=self.queue.qsize(),
+                           deaths=self.deaths.errors, gate=self.gate)
+    if self.pool.rounds is not None and self.pool.rounds.dynamic:   # DyLU: each learner's H_k now (measured)
+      out["inner_steps"] = self.pool.rounds.table(sorted(self.pool.devices))
+    return out
 
   def checkpoint_arrays(self) -> dict:
     arrays = common.pending_checkpoint(self.ps, self._pending_losses)
@@ -208,7 +215,7 @@ class ThreadedEngine(common.Executor):
     return arrays
 
   def checkpoint_meta(self) -> dict:
-    meta = {"server": self.ps.state_meta(), "dead": self.deaths.to_json()}
+    meta = {"server": self.ps.state_meta(), "dead": self.deaths.to_json(), "pending_batches": self._pending_batches}
     if self.gate is not None:
       meta["ssp"] = self.gate.to_json()
     return meta
