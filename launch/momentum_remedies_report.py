@@ -1,11 +1,10 @@
 """The report of launch/momentum_remedies.py: what was declared, the tables, the time to target, the goal.
 
 Pure functions of the runs, each ``(cell, final record or None when not done, metrics history)``, plus the figure.
-The statistics are launch/seed_stats.py's, through launch/reproduce_report.py's :func:`aggregate` (mean and 95 %
-Student-t interval over the trained seeds, a collapsed or diverged seed counted apart) and :func:`p4_verdicts`
-(the paired difference cell − SSGD over the seeds both trained, its verdict against +0.5 point, the power
-statement). The page makes one such test per cell; :func:`verdicts` adds each one's Holm-adjusted decision over
-that family: the two-sided paired t test of the difference against +0.5 (the test the 95 % interval inverts).
+The statistics are launch/row_summary.py's, each (row, n) against SSGD: mean and 95 % Student-t interval over the
+trained seeds (a collapsed or diverged seed counted apart), the paired difference cell − SSGD over the seeds both
+trained, its verdict against +0.5 point, the power statement, and each verdict's Holm-adjusted decision over the
+page's family: the two-sided paired t test of the difference against +0.5 (the test the 95 % interval inverts).
 """
 
 from __future__ import annotations
@@ -14,12 +13,12 @@ import math
 import statistics
 from typing import Optional, Sequence
 
-from launch import grid_runner, reproduce
+from launch import grid_runner, reproduce, row_summary
 from launch.momentum_remedies import (DATASET, GOAL_POINTS, PHASE2_SEEDS, PLAIN, PROFILE, REMEDIES, ROWS, SSGD,
                                       WARMUP, WARMUP_EPOCHS, RemedyCell, ns_of)
-from launch.reproduce_report import (NOTE_END, NOTE_START, aggregate, error_text, outcome_rule, outcomes_text,
-                                     p4_verdicts, run_error_text, save_figure)
-from launch.seed_stats import (ALPHA, MAX_SEEDS, POWER, censored_median, holm, t_test_p, time_to_target)
+from launch.reproduce_report import (NOTE_END, NOTE_START, error_text, outcome_rule, outcomes_text, run_error_text,
+                                     save_figure)
+from launch.seed_stats import ALPHA, POWER
 
 WAITING = "waiting"
 
@@ -49,95 +48,21 @@ def row_text(row: str, learners: int) -> str:
                   "probe of docs/momentum_staleness.md)"}[row]
 
 
-# ---- the numbers (pure) -------------------------------------------------------------------------------------
+# ---- the numbers (pure: launch/row_summary.py's, grouped by (row, n) against SSGD) -------------------------
 def summarize(runs: Sequence[tuple[RemedyCell, Optional[dict], list]], classes: int) -> dict:
-  """Per (row, n), in run order: ``cells`` (runs declared), ``done`` (final.json written), ``agg`` (launch/reproduce_report.py's
-  :func:`aggregate` of the done runs; None when none is), ``histories`` (done runs) and ``trained_histories``;
-  then the time to target: ``target`` (SSGD's mean final error over its trained seeds + 0.5 point; None
-  without one) and per group ``times`` (None: never reached it), their censored ``median`` and ``reached``."""
-  out: dict = {}
-  for cell, final, history in runs:
-    g = out.setdefault((cell.row, cell.n), {"cells": 0, "finals": [], "histories": [], "trained_histories": []})
-    g["cells"] += 1
-    if final is not None:
-      g["finals"].append({**final, "cell": {"learners": cell.learners, "n": cell.n, "policy": cell.policy,
-                                            "seed": cell.seed}})
-      g["histories"].append(history)
-  for g in out.values():
-    g["done"] = sum(not f.get("timed_out") for f in g["finals"])     # a timed-out run is to be resumed
-    g["agg"] = next(iter(aggregate(g["finals"], classes).values())) if g["finals"] else None
-    if g["agg"]:
-      trained = set(g["agg"]["by_seed"])
-      g["trained_histories"] = [h for f, h in zip(g["finals"], g["histories"]) if f["cell"]["seed"] in trained]
-  ssgd = out.get((SSGD, 0), {}).get("agg")
-  target = ssgd["error"][0] + GOAL_POINTS if ssgd and ssgd["by_seed"] else None
-  for g in out.values():
-    g["times"] = [time_to_target(h, target) for h in g["histories"]] if target is not None else []
-    g["median"], g["reached"] = censored_median(g["times"]), sum(t is not None for t in g["times"])
-  return {"groups": out, "target": target}
+  """:func:`launch.row_summary.summarize` per (row, n) against SSGD's error + 0.5 point, in simulated seconds."""
+  return row_summary.summarize(runs, classes, key=lambda c: (c.row, c.n), reference=(SSGD, 0), points=GOAL_POINTS)
 
 
 def verdicts(summaries: Sequence[dict]) -> dict:
-  """Per (phase index, row, n) of every non-SSGD group with a done run and a done SSGD run: the verdict of
-  :func:`launch.reproduce_report.p4_verdicts` (cell − SSGD, paired, against +0.5 point), plus ``p`` (the two-sided
-  paired t test of the difference against +0.5; None where no test: one pair, or a collapsed/diverged seed),
-  ``p_holm`` (Holm over every tested group of ``summaries``, the page's family) and ``holm`` (within or worse where
-  p_holm ≤ 0.05, else undecided; a group not tested keeps its verdict)."""
-  out = {}
-  for phase, s in enumerate(summaries):
-    ssgd = s["groups"].get((SSGD, 0), {}).get("agg")
-    for (row, n), g in s["groups"].items():
-      if row == SSGD or g["agg"] is None or ssgd is None:
-        continue
-      v = p4_verdicts({(1, n, "inverse"): g["agg"], (1, 0, "ssgd"): ssgd}, GOAL_POINTS)[0]   # keys: any one λ
-      tested = v["delta"] is not None and v["pairs"] > 1 and not v["failed"]
-      v["p"] = t_test_p(v["delta"], v["sd"], v["pairs"], null=GOAL_POINTS) if tested else None
-      out[(phase, row, n)] = v
-  family = [v for v in out.values() if v["p"] is not None]
-  for v, p in zip(family, holm([v["p"] for v in family])):
-    v["p_holm"] = p
-    v["holm"] = ("within" if v["delta"] < GOAL_POINTS else "worse") if p <= ALPHA else "undecided"
-  for v in out.values():
-    v.setdefault("p_holm", None)
-    v.setdefault("holm", v["verdict"])
-  return out
+  """:func:`launch.row_summary.verdicts` against +0.5 point, keyed (phase index, row, n)."""
+  return row_summary.verdicts(summaries, GOAL_POINTS)
 
 
-def is_done(run: tuple) -> bool:
-  """Whether a run (cell, final, history) is done: its final.json is written (a timed-out run's record is not)."""
-  return run[1] is not None and not run[1].get("timed_out")
+is_done = row_summary.is_done
 
 
 # ---- the page ---------------------------------------------------------------------------------------------
-def _verdict_text(v: dict) -> str:
-  if v["verdict"] != "undecided" or v["pairs"] < 2 or v["failed"]:
-    return v["verdict"]
-  return f"undecided ({100 * POWER:.0f} % power at " + (f"{v['seeds_needed']} seeds)" if v["seeds_needed"] else
-                                                        f"> {MAX_SEEDS} seeds)")
-
-
-def _holm_text(v: dict) -> str:
-  if v["p_holm"] is not None:
-    return f"{v['holm']} (p = {v['p_holm']:.2g})"
-  return f"{v['verdict']} (no test: a seed collapsed or diverged)" if v["failed"] else "– (no test: one pair)"
-
-
-def _diff_text(v: dict) -> str:
-  if v["delta"] is None:
-    return "–"
-  return f"{v['delta']:+.2f}" + ("" if v["half"] is None else f" ± {v['half']:.2f} [{v['lo']:+.2f}, {v['hi']:+.2f}]")
-
-
-def _time_text(g: dict, ssgd: Optional[dict]) -> tuple[str, str]:
-  if not g["times"]:
-    return "–", "–"
-  counts = f"{g['reached']} of {len(g['times'])} reached"
-  if g["median"] is None:
-    return ("not reached" if not g["reached"] else "–") + f" ({counts})", "–"
-  ratio = f"{ssgd['median'] / g['median']:.2f}×" if ssgd and ssgd.get("median") and g is not ssgd else "–"
-  return f"{g['median']:.0f} ({counts})", ratio
-
-
 def table(summary: dict, rows: Sequence[tuple[str, int]], verdict_of: dict, phase: int, learners: int) -> list[str]:
   """One table: a line per (row, n) of ``rows``, SSGD first when it is among them."""
   lines = ["| row | seeds done | test error % | not trained | − SSGD (paired) | verdict | after Holm | "
@@ -155,13 +80,13 @@ def table(summary: dict, rows: Sequence[tuple[str, int]], verdict_of: dict, phas
       continue
     error = error_text({**a, "outcomes": {}}) if a["error"] else "–"
     apart = outcomes_text(a) if a["outcomes"] else "–"
-    time_text, ratio = _time_text(g, ssgd)
+    time_text, ratio = row_summary.to_target_text(g, ssgd)
     sigma = "–" if a["staleness"] is None else f"{a['staleness']:.1f}"
     if row == SSGD:
       lines.append(f"| {label} | {g['done']} of {g['cells']} | {error} | {apart} | | | | {time_text} | | {sigma} |")
       continue
-    verdict = (_verdict_text(v), _holm_text(v)) if v else ("waiting for SSGD", "–")
-    lines.append(f"| {label} | {g['done']} of {g['cells']} | {error} | {apart} | {_diff_text(v) if v else '–'} | "
+    verdict = (row_summary.verdict_text(v), row_summary.holm_text(v)) if v else ("waiting for SSGD", "–")
+    lines.append(f"| {label} | {g['done']} of {g['cells']} | {error} | {apart} | {row_summary.diff_text(v) if v else '–'} | "
                  f"{verdict[0]} | {verdict[1]} | {time_text} | {ratio} | {sigma} |")
     if v and v["why"]:
       notes.append(f"- {label}: {v['why']}")
