@@ -7,8 +7,8 @@ pseudo-gradients?
 [--root runs/local_sgd] [--out docs/local_sgd.md] [--data-dir DIR] [--cell-timeout-s S] [--report-only]``
 
 Every cell is launch/reproduce.py's Fashion-MNIST cell (configs/fashion_mnist.py unchanged: α0, momentum 0.9 and
-the step schedule chosen on SSGD, nothing tuned per row; μ = ⌈128/λ⌉ so λμ ≈ 128; :data:`launch.reproduce.EVALS`
-evaluations per run) on the first ``--train-examples`` training images, on the simulated executor under the
+the step schedule chosen on SSGD, nothing tuned per row; μ = ⌈128/λ⌉ so λμ ≈ 128;
+:data:`launch.reproduce.EVALS` evaluations per run) on the first ``--train-examples`` training images, on the simulated executor under the
 ``heterogeneous`` speed profile and one communication model (:data:`SIM_BANDWIDTH`, :data:`SIM_LATENCY`: a pull
 plus a push of the small CNN costs about one mean gradient step), SSGD included, so simulated times and bytes
 compare. Rows (:data:`ROWS`), for each λ of ``--learners``:
@@ -67,9 +67,11 @@ DYLU_POLICY = "async_local_sgd"         # the preset: polynomial, a = 0.5
 MESSAGE_BYTES = 1_686_568               # M: the small CNN's 421,642 float32 parameters (Fashion-MNIST, 10 classes)
 SIM_BANDWIDTH = 2.2e6                   # B, bytes per simulated second on each learner's link
 SIM_LATENCY = 0.01                      # L, seconds per message
-# Measured on this machine (2 cores shared with a background grid at nice 19, load ≈ 8): seconds one full-size
-# run of each λ trained (12 epochs, 20,000 images; launch/local_sgd_report.py estimates the grid from these).
-MEASURED_RUN_S = {4: 0.0, 16: 0.0}
+# Measured on this machine (2 cores shared with a background grid at nice 19; 1-minute load 12.5 and 14.7 when they
+# ended): seconds one full-size run of each λ trained, MEASURED_EPOCHS epochs on TRAIN_EXAMPLES images (the report
+# estimates the grid's CPU time from these, per gradient).
+MEASURED_EPOCHS = 12.0
+MEASURED_RUN_S = {4: 441.0, 16: 343.0}   # λ = 4: local-h8-polynomial; λ = 16: async (collapsed)
 
 
 @dataclasses.dataclass(frozen=True)

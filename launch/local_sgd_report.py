@@ -14,11 +14,11 @@ import statistics
 from typing import Optional, Sequence
 
 from launch import grid_runner, reproduce, row_summary
-from launch.local_sgd import (ASYNC_OUTER, DATASET, DILOCO_OUTER, DYLU_STEPS, GOAL_POINTS, MEASURED_RUN_S,
-                              MESSAGE_BYTES, POLYNOMIAL_A, PROFILE, ROW_OF, ROWS, SIM_BANDWIDTH, SIM_LATENCY, SSGD,
-                              STEPS, WEIGHTINGS, LocalCell)
-from launch.reproduce_report import NOTE_END, NOTE_START, error_text, outcome_rule, outcomes_text, run_error_text
-from launch.reproduce_report import save_figure
+from launch.local_sgd import (ASYNC_OUTER, DATASET, DILOCO_OUTER, DYLU_STEPS, GOAL_POINTS, MEASURED_EPOCHS,
+                              MEASURED_RUN_S, MESSAGE_BYTES, POLYNOMIAL_A, PROFILE, ROW_OF, ROWS, SIM_BANDWIDTH,
+                              SIM_LATENCY, SSGD, STEPS, TRAIN_EXAMPLES, WEIGHTINGS, LocalCell)
+from launch.reproduce_report import (NOTE_END, NOTE_START, error_text, outcome_rule, outcomes_text, run_error_text,
+                                     save_figure)
 from launch.seed_stats import ALPHA, FAILED, paired_difference
 
 WAITING = "waiting"
@@ -56,7 +56,7 @@ def estimate_s(runs: Sequence[LocalCell], epochs: float) -> Optional[float]:
   measured = {lam: s for lam, s in MEASURED_RUN_S.items() if s > 0}
   if not measured:
     return None
-  per = {lam: s / gradients(lam, 12.0, 20000) for lam, s in measured.items()}   # measured at 12 epochs, 20,000
+  per = {lam: s / gradients(lam, MEASURED_EPOCHS, TRAIN_EXAMPLES) for lam, s in measured.items()}
   return sum(per[min(per, key=lambda m: abs(m - c.learners))] * gradients(c.learners, epochs, c.train_examples)
              for c in runs)
 
@@ -211,9 +211,10 @@ def declaration(*, learners: Sequence[int], seeds: Sequence[int], epochs: float,
       "N = λ pushes) at lr 0.7, momentum 0.9, the rate following the step schedule; DyLU at H = "
       f"{DYLU_STEPS}. {len(ROWS)} rows × {len(learners)} λ × {len(seeds)} seeds ({', '.join(map(str, seeds))}) = "
       f"{len(runs)} runs, seed-major (every run of a seed before the next seed).",
-      "- **Cost.** " + (f"One full-size run (12 epochs, 20,000 images) trained in {measured} on this machine (2 "
-                        "cores shared with a background grid); at that rate, per gradient, the "
-                        f"{len(runs)} runs take ≈ **{estimate / 3600:.1f} h** of CPU time." if estimate else
+      "- **Cost.** " + (f"One full-size run ({MEASURED_EPOCHS:g} epochs, {TRAIN_EXAMPLES:,} images) trained in "
+                        f"{measured} on this machine (2 cores shared with a background grid); at that rate, per "
+                        f"gradient, the {len(runs)} runs take ≈ **{estimate / 3600:.1f} h** of CPU time."
+                        if estimate else
                         "No run measured yet: no estimate."),
       f"- **Target.** Per λ, SSGD's mean final test error over its trained seeds + {GOAL_POINTS:g} point. A run's "
       "simulated time and bytes moved to the target: when its test error first reaches it, linear between the "

@@ -86,7 +86,8 @@ def table(summary: dict, rows: Sequence[tuple[str, int]], verdict_of: dict, phas
       lines.append(f"| {label} | {g['done']} of {g['cells']} | {error} | {apart} | | | | {time_text} | | {sigma} |")
       continue
     verdict = (row_summary.verdict_text(v), row_summary.holm_text(v)) if v else ("waiting for SSGD", "–")
-    lines.append(f"| {label} | {g['done']} of {g['cells']} | {error} | {apart} | {row_summary.diff_text(v) if v else '–'} | "
+    diff = row_summary.diff_text(v) if v else "–"
+    lines.append(f"| {label} | {g['done']} of {g['cells']} | {error} | {apart} | {diff} | "
                  f"{verdict[0]} | {verdict[1]} | {time_text} | {ratio} | {sigma} |")
     if v and v["why"]:
       notes.append(f"- {label}: {v['why']}")
