@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import threading
 from typing import Any
 
@@ -47,6 +49,7 @@ from sajax.executors.threads import SHUTDOWN_WAIT_S, ThreadedEngine
 log = logging.getLogger("sajax")
 PyTree = Any
 START_WAIT_S = 600.0   # how long the PS waits for every learner actor to build its run and compile
+PROBE_S = 10.0         # how long a cluster's head has to accept a connection before ray.init is called
 
 
 def connect(config: Any) -> bool:
@@ -64,16 +67,30 @@ def connect(config: Any) -> bool:
                                  "executor") from None
   if ray.is_initialized():
     return False
-  address = config.get("ray_address", "") or None
+  given = config.get("ray_address", "")
+  address = given or os.environ.get("RAY_ADDRESS") or None
   try:
+    if address and address != "auto":
+      probe(address)    # ray.init retries an address where nothing listens for minutes
     ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
   except Exception as e:  # noqa: BLE001 - ray raises ConnectionError, ValueError or RuntimeError here
     reason = " ".join(str(e).split())[:300]
-    raise config_lib.ConfigError(f"config.ray_address={config.get('ray_address', '')!r}: no Ray cluster could be "
-                                 f"joined ({type(e).__name__}: {reason}); allowed: '' (a local Ray, or "
-                                 "RAY_ADDRESS), 'auto' (the cluster of `ray start`), or host:port of its head"
-                                 ) from None
+    named = f"config.ray_address={given!r}" if given else f"RAY_ADDRESS={address!r}"
+    raise config_lib.ConfigError(f"{named}: no Ray cluster could be joined ({type(e).__name__}: {reason}); "
+                                 "allowed: '' (a local Ray, or RAY_ADDRESS), 'auto' (the cluster of `ray start` "
+                                 "on this node), or host:port of a cluster's head") from None
   return True
+
+
+def probe(address: str, timeout_s: float = PROBE_S) -> None:
+  """Raises ConnectionError unless something accepts a TCP connection at ``address`` (host:port, optionally
+  ray://) within ``timeout_s``."""
+  host, _, port = address.removeprefix("ray://").rpartition(":")
+  try:
+    with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+      pass
+  except (OSError, ValueError) as e:
+    raise ConnectionError(f"nothing answers at {address} ({e})") from None
 
 
 def disconnect() -> None:
