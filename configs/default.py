@@ -84,8 +84,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.fault_mpi_corrupt_pushes = 0   # fault injection: each rank > 0 corrupts its first k gradients pushed
   config.fault_mpi_corrupt_version = 0  # fault injection: the first k weights messages to each rank carry a bad version
   # executor=ray (pip install 'sajax[ray]'): learners in Ray actors, the parameter server in this process
-  config.ray_address = ""             # "" starts a local Ray (or joins RAY_ADDRESS) | "auto": the cluster of `ray start`
-                                      # on this node | host:port of a cluster's head
+  config.ray_address = ""             # "" starts a local Ray (or joins RAY_ADDRESS) | "auto": the cluster that
+                                      # `ray start` joined this node to | host:port of a cluster's head
   config.ray_learners_per_actor = 1   # learners per Ray actor (one process each; a GPU each where there are enough)
   # simulated executor: each learner's simulated time per gradient (sajax/executors/speed.py)
   config.sim_profile = ""             # "" (the keys below as they are) | one_slow (learner 0 sim_slowdown× slower)

@@ -250,8 +250,8 @@ def _check_momentum_rule(values: Mapping[str, Any]) -> None:
                       "invalid; allowed: 0 <= ρ <= 1 (the per-gradient decay of the smoothed ⟨σ⟩; 1: running mean)")
   if rule == "delayed_nesterov" and values["executor"] == "pmap":
     raise ConfigError("momentum_rule 'delayed_nesterov' counts the gradients arriving at a parameter server, which "
-                      "executor 'pmap' (SSGD) has none of; allowed executors: threads, simulated, mpi, ray (under SSGD it "
-                      "is Nesterov momentum: momentum_rule 'lookahead' gives it)")
+                      "executor 'pmap' (SSGD) has none of; allowed executors: threads, simulated, mpi, ray (under SSGD "
+                      "it is Nesterov momentum: momentum_rule 'lookahead' gives it)")
 
 
 def _check_local_steps(values: Mapping[str, Any]) -> None:

@@ -1,9 +1,9 @@
 """``executor="ray"``: λ learners in Ray actors, the one ParameterServer core in the process that runs the job.
 
-    learner actors (ray_actors.LearnerActor)                 this process (the driver): the threads PS loop
-      learner k: pull (j, θ_j) from the actor's Published ◀── weights(i, ref): ray.put(θ_i) once per version,
-      → grad on the actor's device → actor queue               the ObjectRef shared by every actor that needs it
-      take() → (draws, [(k, j, loss, finite, flat g)]) ──────▶ receiver thread → queue → ParameterServer.push
+    learner actors (ray_actors.LearnerActor)             this process (the driver): the threads PS loop
+      learner k: pull (j, θ_j) from its actor ◀────────── weights(i, ref): ray.put(θ_i) once per version,
+      → grad on the actor's device → actor queue           the ObjectRef shared by every live actor
+      take() → (draws, [(k, j, loss, finite, flat g)]) ──▶ receiver thread → queue → ParameterServer.push
 
 The PS side is exactly the threads executor (:class:`~sajax.executors.threads.ThreadedEngine`) without local
 learners, as MPI's rank 0 is: c, σ, the update, SSP's gate, deaths, checkpoints, evaluation and Ctrl-C are the
@@ -195,7 +195,10 @@ class RayEngine(ThreadedEngine):
         for record in deaths:
           self.deaths.record(record[1], record[2])
       for actor in self.actors.values():
-        self.ray.kill(actor)
+        try:
+          self.ray.kill(actor)
+        except Exception as e:  # noqa: BLE001 - Ray itself may be gone (a Ctrl-C reaches its processes too)
+          log.debug("ray.kill: %s", e)
     self.actors = {}
 
   # ---- the PS loop --------------------------------------------------------------------------------------
@@ -217,7 +220,16 @@ class RayEngine(ThreadedEngine):
     return f"ray: the PS loop started, {len(self.deaths.alive)} learners alive"
 
   def _receiver(self) -> None:
-    """Keeps one ``take`` outstanding per live actor and hands what comes back to the PS queue."""
+    """Keeps one ``take`` outstanding per live actor and hands what comes back to the PS queue. Should it fail
+    itself, no gradient would come again: every live learner is reported dead, so the run ends in one line."""
+    try:
+      self._receive()
+    except Exception as e:  # noqa: BLE001 - reported as the learners' deaths, never a silent hang
+      log.debug("ray receiver failed", exc_info=True)
+      for k in sorted(self.deaths.alive):
+        self._put(Death(k, f"the PS process stopped receiving from Ray ({one_line(e)})"))
+
+  def _receive(self) -> None:
     ray = self.ray
     pending = {actor.take.remote(): a for a, actor in self.actors.items()}
     while pending and not self.stop.is_set():
