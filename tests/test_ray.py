@@ -158,13 +158,16 @@ def test_dc_asgd_gets_the_weights_each_gradient_was_computed_on(local_ray, tmp_p
 
 @pytest.mark.slow
 def test_an_interrupted_run_checkpoints_and_resumes_from_the_ps_state(local_ray, tmp_path):
-  """2-softsync with λ = 2 (c = 1): stopped at update 20 (a checkpoint, as Ctrl-C makes), rerun in the same
-  workdir: the update count, the statistics and the learners' streams go on from there."""
+  """2-softsync with λ = 2 (c = 1) and local steps (H = 2, inner SGD with momentum, whose state lives in the
+  actors): stopped at update 20 (a checkpoint, as Ctrl-C makes), rerun in the same workdir: the update count, the
+  statistics, the learners' streams and their inner states go on from there."""
   workdir = str(tmp_path / "run")
-  config = _config("softsync", 2, n=2)
+  config = _config("softsync", 2, n=2, local_steps=2, inner_momentum=0.9)
+  saved = {}
 
   def stop(run):
     if run.updates == 20:
+      saved.update(run.executor.checkpoint_arrays())   # what the checkpoint of the interruption holds
       raise KeyboardInterrupt
 
   with pytest.raises(KeyboardInterrupt):
@@ -172,6 +175,7 @@ def test_an_interrupted_run_checkpoints_and_resumes_from_the_ps_state(local_ray,
   resumed_at = []
   result = sajax.train(config, workdir=workdir, callbacks=[lambda run: resumed_at.append(run.updates)])
   final = result.metrics
+  assert list(saved["inner_state_saved"]) == [True, True] and np.isfinite(saved["inner_state"]).all()
   assert resumed_at[0] == 21 and final["samples"] >= 512
   assert sum(final["staleness_histogram"].values()) == final["updates"]   # both sessions counted once
   assert [r["epoch"] for r in result.history] == [1.0]
