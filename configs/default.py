@@ -21,6 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = "small_cnn"          # small_cnn | cifar10_full | alexnet
   # the paper's system
   config.executor = "threads"         # threads: λ learner threads + one parameter server | pmap: SSGD baseline
+                                      # | simulated | mpi (under mpiexec) | ray (learners in Ray actors)
   config.protocol = "softsync"        # hardsync | softsync | async | ssp  (pmap is always hardsync, σ = 0)
   config.n = 2                        # n of n-softsync and ssp: c = ⌊λ/n⌋ gradients per update
   config.ssp_spread = 3               # s of ssp (bounded staleness, Ho et al. 2013): a learner more than s
@@ -82,6 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.fault_mpi_corrupt_permits = 0  # ... and (ssp) the first k permissions to start a gradient
   config.fault_mpi_corrupt_pushes = 0   # fault injection: each rank > 0 corrupts its first k gradients pushed
   config.fault_mpi_corrupt_version = 0  # fault injection: the first k weights messages to each rank carry a bad version
+  # executor=ray (pip install 'sajax[ray]'): learners in Ray actors, the parameter server in this process
+  config.ray_address = ""             # "" starts a local Ray (or joins RAY_ADDRESS) | "auto": the cluster that
+                                      # `ray start` joined this node to | host:port of a cluster's head
+  config.ray_learners_per_actor = 1   # learners per Ray actor (one process each; a GPU each where there are enough)
   # simulated executor: each learner's simulated time per gradient (sajax/executors/speed.py)
   config.sim_profile = ""             # "" (the keys below as they are) | one_slow (learner 0 sim_slowdown× slower)
                                       # | heterogeneous (sim_speeds, default 0.58, 0.75, 1.51, 3.33 s as in async

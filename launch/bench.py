@@ -27,6 +27,12 @@ and the pmap SSGD baseline, all with the default config's α0, momentum and epoc
 push; the median push round trip (a push-sized message to rank 0 and a weights-sized reply, 200 times, with
 the executor's polling send/receive).
 
+``python launch/bench.py ray [--learners 8 --per-actor 1 8 --repeats 3]``: steady samples/s of ``executor=ray`` (a
+local Ray; learners in actors of ``--per-actor`` learners each) ÷ that of the threads executor, same λ, μ, protocol
+and default config for 4 epochs, evaluating every epoch: samples between the first and the last evaluation ÷ the
+wall time between them, so the actors' start-up (one process each, importing JAX and compiling) is left out, and
+so is the threads run's first compilation. Alternating repeats; medians and ranges.
+
 ``python launch/bench.py psmem [--learners 30 --model cifar10_full]``: live device bytes the parameter server
 holds for one update of c = λ gradients, stacked (no known policy) vs the running sum of a scale policy
 (launch/bench_psmem.py).
@@ -144,6 +150,46 @@ def bench_mpi(args: argparse.Namespace, extra: list[str]) -> dict:
           "learners": args.learners, **trip, "cpu_count": os.cpu_count()}
 
 
+def steady_samples_per_s(records: list[dict]) -> float:
+  """Samples per second between the first and the last evaluation record (start-up left out)."""
+  first, last = records[0], records[-1]
+  return (last["samples"] - first["samples"]) / (last["wall_s"] - first["wall_s"])
+
+
+def train_records(overrides: list[str]) -> list[dict]:
+  """Every metrics record of ``python launch/train.py`` in a fresh workdir."""
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = os.path.join(tmp, "run")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--workdir", workdir,
+                           *overrides, "--config.progress=False"], env=_without_xla_flags(), capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+      raise SystemExit(f"train.py {' '.join(overrides)} failed (exit {proc.returncode}): {proc.stderr[-500:]}")
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+      return [json.loads(line) for line in f]
+
+
+def bench_ray(args: argparse.Namespace, extra: list[str]) -> dict:
+  """executor=ray (actors of each ``args.per_actor`` learners) vs threads: steady samples/s, same λ and μ."""
+  common = [f"--config.learners={args.learners}", f"--config.protocol={args.protocol}", f"--config.n={args.n}",
+            "--config.epochs=4", "--config.eval_every_epochs=1", "--config.checkpoint_every_epochs=4", *extra]
+  cells = {"threads": ["--config.executor=threads"]}
+  cells.update({f"ray_{p}_per_actor": ["--config.executor=ray", f"--config.ray_learners_per_actor={p}"]
+                for p in args.per_actor})
+  rows: dict[str, list[float]] = {name: [] for name in cells}
+  for r in range(args.repeats):
+    for name, overrides in cells.items():
+      records = train_records([*overrides, *common])
+      rows[name].append(steady_samples_per_s(records))
+      print(f"repeat {r + 1}: {name}: {rows[name][-1]:.0f} samples/s, ⟨σ⟩ {records[-1]['staleness_mean']:.2f}, "
+            f"test error {100 * records[-1]['test_error']:.2f} %", flush=True)
+  threads = statistics.median(rows["threads"])
+  return {"figure": "ray_over_threads_samples_per_s",
+          "value": {name: round(statistics.median(v) / threads, 3) for name, v in rows.items() if name != "threads"},
+          "samples_per_s": {name: [round(x, 1) for x in v] for name, v in rows.items()},
+          "learners": args.learners, "cpu_count": os.cpu_count()}
+
+
 def mpi_pingpong(round_trips: int = 200) -> dict:
   """Under ``mpiexec -n 2``: rank 1 sends push-sized messages, rank 0 answers each with a weights-sized one."""
   sys.path.insert(0, ROOT)
@@ -183,8 +229,9 @@ def mpi_pingpong_rank() -> int:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("figure", choices=["default", "p1", "p2", "p3", "accuracy", "mpi", "mpi-pingpong",
-                                                   "psmem", "simloop", "tax"])
+                                                   "psmem", "simloop", "tax", "ray"])
   parser.add_argument("--ranks", type=int, default=3)
+  parser.add_argument("--per-actor", type=int, nargs="+", default=[1], help="ray: learners per Ray actor")
   parser.add_argument("--max-epochs-factor", type=float, default=3.0,
                       help="p3: asynchronous sides run at most this many times SSGD's epochs")
   parser.add_argument("--repeats", type=int, default=3)
@@ -207,6 +254,8 @@ def main() -> None:
     result = bench_accuracy(extra)
   elif args.figure == "mpi":
     result = bench_mpi(args, extra)
+  elif args.figure == "ray":
+    result = bench_ray(args, extra)
   elif args.figure == "mpi-pingpong":
     result = mpi_pingpong()
     if mpi_pingpong_rank() != 0:

@@ -69,13 +69,13 @@ def mpi_rank_size() -> tuple[int, int]:
 
 def cpu_device_flags(learners: int, executor: str, flags_now: str = "") -> str:
   """``flags_now`` (XLA_FLAGS) plus a request for λ CPU-emulated devices (one per learner; for the threads
-  executor min(λ, cores) and one more for the PS; at most 8 for the simulated executor) unless it already names
-  a count, plus a long
-  collective timeout. It only affects the CPU platform. Under mpiexec each process asks for its share:
+  executor min(λ, cores) and one more for the PS; at most 8 for the simulated executor; one, the PS's, for the
+  ray executor, whose learner actors each see one) unless it already names a count, plus a long collective
+  timeout. It only affects the CPU platform. Under mpiexec each process asks for its share:
   executor=mpi its block of learners (+1 for the PS on rank 0, blocks as in ``mpi_wire.learner_blocks``),
   executor=pmap λ/P."""
   count = {"threads": threads_learner_devices(learners) + 1,
-           "simulated": min(learners, SIMULATED_DEVICES)}.get(executor, learners)
+           "simulated": min(learners, SIMULATED_DEVICES), "ray": 1}.get(executor, learners)
   rank, size = mpi_rank_size()
   if executor == "mpi":
     count = max(1, (rank + 1) * learners // size - rank * learners // size) + (rank == 0)
@@ -193,6 +193,8 @@ def main(argv: list[str]) -> int:
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return EXIT_BAD_INPUT
   set_cpu_device_count(int(config.learners) if isinstance(config.learners, int) else 1, str(config.executor))
+  if config.executor == "ray":   # the PS here and learner actors may share a GPU: JAX allocates on demand
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   rank = mpi_rank_size()[0] if config.executor in ("mpi", "pmap") else 0
   say = (lambda text: print(text, file=sys.stderr)) if rank == 0 else (lambda text: None)  # noqa: E731
 

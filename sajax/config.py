@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import TYPE_CHECKING, Any, Mapping
 
 import ml_collections
@@ -17,10 +18,11 @@ from sajax.protocol import PROTOCOLS, Protocol
 if TYPE_CHECKING:
   from sajax.optim import StalenessPolicy
 
-EXECUTORS: tuple[str, ...] = ("pmap", "threads", "simulated", "mpi")
+EXECUTORS: tuple[str, ...] = ("pmap", "threads", "simulated", "mpi", "ray")
 """pmap: SSGD data parallel (no PS); threads: λ learner threads around one parameter server; simulated:
 deterministic discrete-event asynchrony around the same parameter server; mpi: learner threads on every
-``mpiexec`` rank, the same parameter server on rank 0."""
+``mpiexec`` rank, the same parameter server on rank 0; ray: learners in Ray actors (a local Ray, or a cluster's),
+the same parameter server in the process that runs the job."""
 
 # Every key a config may have, with the Python types it accepts.
 SCHEMA: Mapping[str, tuple[type, ...]] = {
@@ -45,7 +47,7 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "inner_learning_rate": (float, int, type(None)), "inner_momentum": (float, int),
     "inner_weight_decay": (float, int), "inner_schedule": (str,), "outer_optimizer": (str,),
     "outer_learning_rate": (float, int, type(None)), "outer_momentum": (float, int, type(None)),
-    "dynamic_local_steps": (bool,),
+    "dynamic_local_steps": (bool,), "ray_address": (str,), "ray_learners_per_actor": (int,),
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
                            "lr_warmup_epochs", "fail_fast", "fault_learner", "fault_at_step", "nan_learners",
@@ -57,7 +59,8 @@ OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", 
                            "sim_profile", "ssp_spread", "momentum_rule", "momentum_rule_period",
                            "momentum_rule_staleness_decay", "local_steps", "inner_optimizer", "inner_learning_rate",
                            "inner_momentum", "inner_weight_decay", "inner_schedule", "outer_optimizer",
-                           "outer_learning_rate", "outer_momentum", "dynamic_local_steps"})
+                           "outer_learning_rate", "outer_momentum", "dynamic_local_steps", "ray_address",
+                           "ray_learners_per_actor"})
 
 # Keys of earlier versions that no longer mean anything (the simulated executor's version ring and slot
 # batching, gone since it dispatches each gradient at its pull): a saved run that has them still resumes.
@@ -76,14 +79,14 @@ ABSENT_MEANS: Mapping[str, Any] = {
     "momentum_rule": "plain", "momentum_rule_period": 0, "momentum_rule_staleness_decay": 0.99,
     "local_steps": 1, "inner_optimizer": "sgd", "inner_learning_rate": None, "inner_momentum": 0.0,
     "inner_weight_decay": 0.0, "inner_schedule": "constant", "outer_optimizer": "sgd", "outer_learning_rate": None,
-    "outer_momentum": None, "dynamic_local_steps": False}
+    "outer_momentum": None, "dynamic_local_steps": False, "ray_address": "", "ray_learners_per_actor": 1}
 
 # Executors whose learners send θ_j's version to a parameter server, so a policy that reads θ_j can run there.
-STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi")
+STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi", "ray")
 
 # Keys that may change between a run and its resumption in the same workdir.
 RESUMABLE_CHANGES = frozenset({"epochs", "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints",
-                               "progress", "workdir", "eval_batch_size"})
+                               "progress", "workdir", "eval_batch_size", "ray_address", "ray_learners_per_actor"})
 
 
 class ConfigError(ValueError):
@@ -190,6 +193,22 @@ def _check_faults(values: Mapping[str, Any]) -> None:
                       ">= 1 (consecutive non-finite gradients that end the run)")
   if not values.get("mpi_timeout_s", 1) > 0:
     raise ConfigError(f"config.mpi_timeout_s={values['mpi_timeout_s']!r} is invalid; allowed: seconds > 0")
+  _check_ray(values)
+
+
+RAY_ADDRESS = re.compile(r"^(auto|(ray://)?[A-Za-z0-9_.\-\[\]:]+:[0-9]{1,5})$")
+
+
+def _check_ray(values: Mapping[str, Any]) -> None:
+  """``ray_address`` and ``ray_learners_per_actor`` (read by executor ray only)."""
+  address = values.get("ray_address", "")
+  if address and not RAY_ADDRESS.match(address):
+    raise ConfigError(f"config.ray_address={address!r} is invalid; allowed: '' (a local Ray, or RAY_ADDRESS), "
+                      "'auto' (the cluster of `ray start`), or host:port / ray://host:port of a cluster's head")
+  per_actor = values.get("ray_learners_per_actor", 1)
+  if not 1 <= per_actor <= values["learners"]:
+    raise ConfigError(f"config.ray_learners_per_actor={per_actor!r} is invalid; allowed: 1..{values['learners']} "
+                      "(learners in one Ray actor, at most λ)")
 
 
 def _is_tfds_name(name: str) -> bool:
@@ -231,8 +250,8 @@ def _check_momentum_rule(values: Mapping[str, Any]) -> None:
                       "invalid; allowed: 0 <= ρ <= 1 (the per-gradient decay of the smoothed ⟨σ⟩; 1: running mean)")
   if rule == "delayed_nesterov" and values["executor"] == "pmap":
     raise ConfigError("momentum_rule 'delayed_nesterov' counts the gradients arriving at a parameter server, which "
-                      "executor 'pmap' (SSGD) has none of; allowed executors: threads, simulated, mpi (under SSGD it "
-                      "is Nesterov momentum: momentum_rule 'lookahead' gives it)")
+                      "executor 'pmap' (SSGD) has none of; allowed executors: threads, simulated, mpi, ray (under SSGD "
+                      "it is Nesterov momentum: momentum_rule 'lookahead' gives it)")
 
 
 def _check_local_steps(values: Mapping[str, Any]) -> None:
@@ -266,11 +285,11 @@ def _check_local_steps(values: Mapping[str, Any]) -> None:
                       "allowed: momentum_rule 'plain' with it, or outer_optimizer 'sgd' with any momentum_rule")
   if outer == "delayed_nesterov" and values["executor"] == "pmap":
     raise ConfigError("outer_optimizer 'delayed_nesterov' counts the pushes arriving at a parameter server, which "
-                      "executor 'pmap' (SSGD) has none of; allowed executors: threads, simulated, mpi")
+                      "executor 'pmap' (SSGD) has none of; allowed executors: threads, simulated, mpi, ray")
   if steps > 1 and values["executor"] == "pmap":
     raise ConfigError(f"config.local_steps={steps!r} needs learners that push to a parameter server, which "
                       "executor 'pmap' (SSGD) has none of; allowed: local_steps 1 with pmap, or executors "
-                      "threads, simulated, mpi")
+                      "threads, simulated, mpi, ray")
   if values.get("dynamic_local_steps", False) and values["executor"] not in ("threads", "simulated"):
     raise ConfigError(f"config.dynamic_local_steps=True needs the learners' speeds (the simulated speed model, or "
                       f"step times measured in one process), which executor {values['executor']!r} does not have; "

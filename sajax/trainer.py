@@ -443,6 +443,19 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
   config_lib.validate(config)
   workdir = workdir or config.get("workdir") or default_workdir()
   check_workdir_writable(workdir)
+  if config.executor != "ray":
+    return _train(config, workdir, callbacks)
+  from sajax.executors import ray_engine
+  started = ray_engine.connect(config)   # before anything is written: a bad ray_address leaves no workdir behind
+  try:
+    return _train(config, workdir, callbacks)
+  finally:
+    if started:
+      ray_engine.disconnect()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, callbacks: Sequence[Callback]) -> TrainResult:
+  """:func:`train` once the config is valid, the workdir writable and (executor ray) Ray joined."""
   from sajax.executors import mpi, mpi_comm
   primary = mpi_comm.prepare_processes(config)   # under mpiexec: False on ranks > 0, which write nothing
   dataset = data.load_dataset(config.dataset, data_dir=config.get("data_dir") or None,
@@ -469,9 +482,9 @@ def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,
       run.close()
     raise refused
   from sajax import sync
-  from sajax.executors import simulated, threads
+  from sajax.executors import ray_engine, simulated, threads   # ray_engine imports ray only once it runs
   executors = {"pmap": sync.run_ssgd, "threads": threads.run_threads, "simulated": simulated.run_simulated,
-               "mpi": mpi.run_mpi}
+               "mpi": mpi.run_mpi, "ray": ray_engine.run_ray}
   try:
     try:
       params, opt_state = executors[config.executor](run)

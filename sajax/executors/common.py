@@ -147,3 +147,25 @@ def spread_gate(protocol: Protocol, ps: ParameterServer, deaths: Deaths,
                     counts=[per[k].count if k in per else 0 for k in range(protocol.learners)], alive=deaths.alive)
   gate.restore(saved or {})
   return gate
+
+
+class SentVersions:
+  """θ_j of the versions sent to learners in other processes (MPI ranks, Ray actors), for a policy that reads
+  θ_j: a remote learner holds a version no older than the one it last pushed on (or the first it was sent), so
+  versions older than every live remote learner's are released. References, never copies (the PS's arrays)."""
+
+  def __init__(self, learners: list[int], version: int) -> None:
+    self._versions: dict[int, Any] = {}
+    self._holds = {k: version for k in learners}
+
+  def sent(self, version: int, params: Any) -> None:
+    """``params`` (θ of ``version``) went to some learners."""
+    self._versions[version] = params
+
+  def stale_params(self, learner: int, version: int, alive: set[int]) -> Any:
+    """θ_j of learner k's push on version j, releasing the versions no live remote learner can hold now."""
+    self._holds[learner] = version
+    oldest = min((v for k, v in self._holds.items() if k in alive), default=version)
+    for v in [v for v in self._versions if v < oldest]:
+      del self._versions[v]
+    return self._versions[version]

@@ -74,7 +74,7 @@ from sajax.executors.learners import Death, Push
 from sajax.executors.mpi_comm import receive, send, world
 from sajax.executors.mpi_learner_rank import LearnerRank
 from sajax.executors.threads import ThreadedEngine
-from sajax.executors.common import LearnersFailed
+from sajax.executors.common import LearnersFailed, SentVersions
 from sajax.executors.faults import corrupted_message
 from sajax.server import DivergenceError
 
@@ -111,10 +111,8 @@ class ServerRank(ThreadedEngine):
     self._ready: set[int] = set()
     self._closing = self._abandoned = self._started = False
     self._encoded: tuple[int, Optional[np.ndarray]] = (-1, None)
-    # θ_j of the versions sent, for a policy that reads it: a remote learner holds a version no older than the
-    # one it last pushed (or the first it was sent), so older ones are released.
-    self._versions: dict[int, Any] = {}
-    self._holds = {k: self.published.version for r in range(1, self.ranks) for k in self.blocks[r]}
+    # θ_j of the versions sent, for a policy that reads it (older ones released as remote learners move on).
+    self._held = SentVersions([k for r in range(1, self.ranks) for k in self.blocks[r]], self.published.version)
     # The watch for a rank that stopped answering mid-run (_stalled): when each rank was last heard from, when
     # the PS last updated, the version each remote learner last pushed on.
     self._heard = {r: time.monotonic() for r in range(1, self.ranks)}
@@ -267,12 +265,7 @@ class ServerRank(ThreadedEngine):
     """θ_j of a remote push (policies that read it), releasing versions no remote learner can hold now."""
     if not self.ps.needs_stale_params:
       return None
-    self._holds[learner] = version
-    alive = self.deaths.alive
-    oldest = min((v for k, v in self._holds.items() if k in alive), default=version)
-    for v in [v for v in self._versions if v < oldest]:
-      del self._versions[v]
-    return self._versions[version]
+    return self._held.stale_params(learner, version, self.deaths.alive)
 
   def _sender(self) -> None:
     while True:
@@ -296,7 +289,7 @@ class ServerRank(ThreadedEngine):
           self._want.discard(dest)
           self._sent[dest] = version
           if self.ps.needs_stale_params:
-            self._versions[version] = params
+            self._held.sent(version, params)
           buf = self._weights_message(version, params)
           if self._corrupt[dest] > 0:
             self._corrupt[dest] -= 1

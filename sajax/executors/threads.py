@@ -124,9 +124,7 @@ class ThreadedEngine(common.Executor):
   # ---- the PS loop -----------------------------------------------------------------------------------
   def run_loop(self) -> tuple[PyTree, PyTree]:
     threads = self.pool.start()
-    devices = set(self.pool.devices.values())
-    self.run.log(f"threads: {len(threads)} learners on {len(devices)} device(s), PS on {self.ps_device}, "
-                 f"protocol {self.protocol.name} (c = {self.ps.gradients_per_update})")
+    self.run.log(self._started_line(threads))
     current = lambda: (self.unravel(self.ps.params), self.ps.opt_state)  # noqa: E731
     if self.gate is not None:
       self._permit(self.gate.start())
@@ -151,6 +149,11 @@ class ThreadedEngine(common.Executor):
       raise
     self._shutdown(threads)
     return current()
+
+  def _started_line(self, threads: list) -> str:
+    devices = set(self.pool.devices.values())
+    return (f"threads: {len(threads)} learners on {len(devices)} device(s), PS on {self.ps_device}, "
+            f"protocol {self.protocol.name} (c = {self.ps.gradients_per_update})")
 
   def _next_item(self) -> Any:
     """The next Push or Death from the queue. The wait blocks (a timed wait in 0.2 s steps made the whole run

@@ -1,0 +1,181 @@
+"""The ray executor: learners in Ray actors around the PS core in this process, on a local Ray of 2 CPUs started
+once for the module (and shut down after it). Every run starts 2–3 actor processes (each builds the run and
+compiles: most of a run's time), so the runs are marked slow; the checks of the pieces are not."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import ray
+
+import sajax
+from sajax import config as config_lib
+from sajax.executors import ray_engine
+from sajax.server import ParameterServer
+from tests.helpers import child_env, smoke_config
+
+pytestmark = pytest.mark.xdist_group("ray")   # one worker runs them all: one local Ray, not one per worker
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+  ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+  yield
+  ray.shutdown()
+  assert not ray.is_initialized()   # the next module starts without a Ray of ours
+
+
+def _config(protocol, learners, **overrides):
+  """configs/smoke.py on the executor tests' 512 examples, μ = 8, one epoch, no learning-rate decay."""
+  overrides.setdefault("epochs", 1)
+  return smoke_config("ray", protocol, learners=learners, batch_per_learner=8, lr_boundaries_epochs=(),
+                      eval_every_epochs=1, checkpoint_every_epochs=1, **overrides)
+
+
+# ---- the pieces ----------------------------------------------------------------------------------------------
+def test_actor_blocks_cover_every_learner_once():
+  assert ray_engine.actor_blocks(5, 1) == [[0], [1], [2], [3], [4]]
+  assert ray_engine.actor_blocks(5, 2) == [[0, 1], [2, 3], [4]]
+  assert ray_engine.actor_blocks(3, 3) == [[0, 1, 2]]
+
+
+def test_an_actor_gets_a_gpu_of_its_own_a_share_or_none():
+  assert ray_engine.actor_options(0, 4) == {}
+  own = ray_engine.actor_options(8, 4)
+  assert own["num_gpus"] == 1.0 and own["runtime_env"]["env_vars"]["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+  assert ray_engine.actor_options(1, 3)["num_gpus"] == 0.3333   # 3 actors on one GPU: Ray's 4 decimals
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("ray_address", "not an address", "config.ray_address='not an address' is invalid; allowed: ''"),
+    ("ray_address", "head:port", "config.ray_address='head:port' is invalid"),
+    ("ray_learners_per_actor", 0, r"config.ray_learners_per_actor=0 is invalid; allowed: 1..3"),
+    ("ray_learners_per_actor", 4, r"config.ray_learners_per_actor=4 is invalid; allowed: 1..3"),
+])
+def test_bad_ray_keys_are_refused_in_one_line(key, value, match):
+  with pytest.raises(config_lib.ConfigError, match=match):
+    config_lib.validate(_config("async", 3, **{key: value}))
+
+
+@pytest.mark.parametrize("address", ["", "auto", "10.0.0.1:6379", "ray://head.example:10001", "[::1]:6379"])
+def test_good_ray_addresses_pass(address):
+  config_lib.validate(_config("async", 3, ray_address=address))
+
+
+def test_dylu_is_refused_under_ray_in_one_line():
+  with pytest.raises(config_lib.ConfigError, match="allowed executors: threads, simulated"):
+    config_lib.validate(_config("async", 2, local_steps=2, dynamic_local_steps=True))
+
+
+def test_a_remote_error_reads_as_one_line():
+  try:
+    ray_engine.probe("127.0.0.1:1", timeout_s=2)
+  except ConnectionError as e:
+    line = ray_engine.one_line(e)
+  assert line.startswith("ConnectionError: nothing answers at 127.0.0.1:1") and "\n" not in line
+
+
+@pytest.mark.slow
+def test_an_address_where_no_cluster_answers_exits_2_with_one_line_and_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "launch", "train.py"), "--config",
+                         os.path.join(ROOT, "configs", "smoke.py"), "--config.executor=ray",
+                         "--config.ray_address=127.0.0.1:1", "--workdir", str(workdir)],
+                        env=child_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "config.ray_address='127.0.0.1:1': no Ray cluster could be joined" in errors[0]
+  assert "allowed:" in errors[0] and not workdir.exists()
+
+
+# ---- whole runs on a local Ray -----------------------------------------------------------------------------
+@pytest.mark.slow
+def test_hardsync_with_two_actors_has_sigma_0_and_one_push_per_learner_per_update(local_ray, tmp_path):
+  final = sajax.train(_config("hardsync", 2), workdir=str(tmp_path)).metrics
+  assert final["gradients_per_update"] == 2 and final["staleness_max"] == 0
+  assert final["staleness_histogram"] == {"0": 2 * final["updates"]}
+  assert {v["count"] for v in final["staleness_per_learner"].values()} == {final["updates"]}
+  assert final["samples"] == final["updates"] * 2 * 8 >= 512
+  assert min(final["pushes_per_actor"]) >= final["updates"]   # each actor's pushes came through Ray
+  assert final["test_error"] < 0.8
+  assert os.path.getsize(tmp_path / "staleness.png") > 0
+
+
+@pytest.mark.slow
+def test_async_with_three_actors_is_stale_and_goes_on_when_an_actor_is_killed(local_ray, tmp_path):
+  """c = 1: one update per accepted gradient, ⟨σ⟩ > 0 with three learners in flight; actor 2, killed at
+  update 10, is reported as learner 2's death and the other two finish the run."""
+  def kill(run):
+    if run.updates == 10:
+      ray.kill(run.executor.actors[2])
+
+  final = sajax.train(_config("async", 3), workdir=str(tmp_path), callbacks=[kill]).metrics
+  assert final["gradients_per_update"] == 1 and final["staleness_mean"] > 0
+  assert sum(final["staleness_histogram"].values()) == final["updates"]
+  assert final["samples"] == final["updates"] * 8 >= 512
+  assert final["learners_alive"] == 2 and "its Ray actor 2 ended" in final["learners_dead"]["2"]
+  per = final["staleness_per_learner"]
+  assert per["0"]["count"] + per["1"]["count"] > final["updates"] - 12   # the survivors pushed the rest
+
+
+@pytest.mark.slow
+def test_ssp_s_0_with_c_lambda_is_lockstep_even_with_a_dropped_gradient(local_ray, tmp_path):
+  """n = 1 (c = λ), s = 0: the gate alone (learners do not wait under ssp) gives σ = 0 and one gradient per
+  learner per update; learner 1's NaN gradient at its step 3 (injected in its actor) is dropped, not counted."""
+  final = sajax.train(_config("ssp", 2, n=1, ssp_spread=0, nan_learners=(1,), nan_at_step=3),
+                      workdir=str(tmp_path)).metrics
+  assert final["gradients_per_update"] == 2 and final["staleness_max"] == 0
+  assert final["staleness_histogram"] == {"0": 2 * final["updates"]}
+  assert {v["count"] for v in final["staleness_per_learner"].values()} == {final["updates"]}
+  assert final["gradients_dropped"] == 1 and final["ssp_max_spread"] == 0
+
+
+@pytest.mark.slow
+def test_dc_asgd_gets_the_weights_each_gradient_was_computed_on(local_ray, tmp_path, monkeypatch):
+  """A policy that reads θ_j: each push reaches the PS with θ_j equal to the PS's weights of version j (three
+  learners in two actors, two in one)."""
+  versions, mismatched, checked = {}, [], [0]
+  push = ParameterServer.push
+
+  def checking(self, learner, version, grads, **kwargs):
+    versions.setdefault(self.version, np.asarray(self.params))
+    stale = kwargs.get("stale_params")
+    if kwargs.get("finite", True):
+      checked[0] += 1
+      if stale is None or not np.array_equal(np.asarray(stale), versions[version]):
+        mismatched.append((learner, version))
+    return push(self, learner, version, grads, **kwargs)
+
+  monkeypatch.setattr(ParameterServer, "push", checking)
+  final = sajax.train(_config("async", 3, policy="dc_asgd", ray_learners_per_actor=2),
+                      workdir=str(tmp_path)).metrics
+  assert len(final["pushes_per_actor"]) == 2 and checked[0] >= final["updates"] and not mismatched
+  assert final["staleness_mean"] > 0 and np.isfinite(final["train_loss"])
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_checkpoints_and_resumes_from_the_ps_state(local_ray, tmp_path):
+  """2-softsync with λ = 2 (c = 1) and local steps (H = 2, inner SGD with momentum, whose state lives in the
+  actors): stopped at update 20 (a checkpoint, as Ctrl-C makes), rerun in the same workdir: the update count, the
+  statistics, the learners' streams and their inner states go on from there."""
+  workdir = str(tmp_path / "run")
+  config = _config("softsync", 2, n=2, local_steps=2, inner_momentum=0.9)
+  saved = {}
+
+  def stop(run):
+    if run.updates == 20:
+      saved.update(run.executor.checkpoint_arrays())   # what the checkpoint of the interruption holds
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    sajax.train(config, workdir=workdir, callbacks=[stop])
+  resumed_at = []
+  result = sajax.train(config, workdir=workdir, callbacks=[lambda run: resumed_at.append(run.updates)])
+  final = result.metrics
+  assert list(saved["inner_state_saved"]) == [True, True] and np.isfinite(saved["inner_state"]).all()
+  assert resumed_at[0] == 21 and final["samples"] >= 512
+  assert sum(final["staleness_histogram"].values()) == final["updates"]   # both sessions counted once
+  assert [r["epoch"] for r in result.history] == [1.0]
