@@ -13,13 +13,14 @@ a child's outcome onto those codes. The cells' processes share compiled XLA code
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
 CACHE_DIR = ".jax_cache"                # under --root: compiled executables shared by the cells' processes
@@ -93,6 +94,15 @@ def _kill_group(child: subprocess.Popen, signum: int) -> None:
     os.killpg(child.pid, signum)
   except ProcessLookupError:
     pass
+
+
+def run_script_cell(script: str, cell: Any, epochs: float, root: str, data_dir: str, final: str, head: dict,
+                    timeout_s: Optional[float] = None) -> tuple[dict, bool]:
+  """Trains ``cell`` in a child process of a grid ``script`` (``script --cell <json> --epochs E --root R
+  --data-dir D``) unless its ``final`` exists; (final record, trained). One command line for every grid."""
+  command = [sys.executable, os.path.abspath(script), "--cell", json.dumps(dataclasses.asdict(cell)),
+             "--epochs", repr(float(epochs)), "--root", root, "--data-dir", data_dir]
+  return run_in_child(final, command, cell_environment(cell, root), cell.name(epochs), head=head, timeout_s=timeout_s)
 
 
 def cell_environment(cell, root: str, environ: Optional[dict] = None) -> dict:

@@ -163,10 +163,8 @@ def cell_head(cell: LocalCell, epochs: float) -> dict:
 def run_cell(cell: LocalCell, epochs: float, root: str, data_dir: str = "",
              timeout_s: Optional[float] = None) -> tuple[dict, bool]:
   """Trains one cell in a child process (``local_sgd.py --cell``) unless it is done; (final, trained)."""
-  command = [sys.executable, os.path.abspath(__file__), "--cell", json.dumps(dataclasses.asdict(cell)),
-             "--epochs", repr(float(epochs)), "--root", root, "--data-dir", data_dir]
-  return grid_runner.run_in_child(final_path(cell, epochs, root), command, grid_runner.cell_environment(cell, root),
-                                  cell.name(epochs), head=cell_head(cell, epochs), timeout_s=timeout_s)
+  return grid_runner.run_script_cell(__file__, cell, epochs, root, data_dir, final_path(cell, epochs, root),
+                                     cell_head(cell, epochs), timeout_s)
 
 
 def train_cell(cell: LocalCell, epochs: float, root: str, data_dir: str = "") -> dict:
