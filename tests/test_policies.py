@@ -255,8 +255,8 @@ def test_config_policy_args_build_the_policy_and_fill_learners_and_learning_rate
     ({"policy": "hinge", "policy_args": '{"c": 1}'}, r"'c' for policy 'hinge'; allowed: a, b"),
     ({"policy": "drop", "policy_args": '{"bound": 0}'}, r"bound=0 is invalid; allowed: an integer >= 1"),
     ({"policy": "polynomial", "policy_args": "a=0.5"}, r"not a JSON object; allowed"),
-    ({"policy": "dc_asgd", "executor": "pmap"}, r"needs θ_j .*allowed executors: threads, simulated, mpi$"),
-    ({"policy": "gap_aware", "executor": "pmap"}, r"allowed executors: threads, simulated, mpi$"),
+    ({"policy": "dc_asgd", "executor": "pmap"}, r"needs θ_j .*allowed executors: threads, simulated, mpi, ray$"),
+    ({"policy": "gap_aware", "executor": "pmap"}, r"allowed executors: threads, simulated, mpi, ray$"),
 ])
 def test_config_rejects_bad_policy_args_in_one_line(overrides, message):
   with pytest.raises(config_lib.ConfigError, match=message) as info:
