@@ -166,6 +166,9 @@ def test_learner_devices_one_per_core_and_one_for_the_parameter_server(monkeypat
   assert learner_devices(2, devs[:3]) == ([devs[0], devs[1]], devs[2])
   assert learner_devices(4, devs[:4]) == (devs[:4], devs[0])         # as many devices as learners
   monkeypatch.setattr(os, "cpu_count", lambda: 2)
+  # Without devices given, the tests' 8 emulated devices on 2 cores are used as launch/train.py would set them:
+  # 2 for the learners (each compiles the learner step once), the third for the PS.
+  assert learner_devices(8) == ([devs[k % 2] for k in range(8)], devs[2])
   assert "device_count=3 " in launcher.cpu_device_flags(8, "threads") + " "
   assert "device_count=3 " in launcher.cpu_device_flags(2, "threads") + " "
   assert "device_count=2 " in launcher.cpu_device_flags(1, "threads") + " "

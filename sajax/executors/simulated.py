@@ -68,7 +68,7 @@ class SimulatedEngine(common.Executor):
     if self.speed.speeds and len(self.speed.speeds) != learners:
       raise ValueError(f"config.sim_speeds has {len(self.speed.speeds)} entries; allowed: one per learner "
                        f"({learners})")
-    self.devices = list(devices or jax.local_devices())[:learners]
+    self.devices = common.compute_devices(devices)[:learners]   # on CPU by default ≤ 1 per core
     self.unravel = ravel_pytree(run.params)[1]     # checkpoints hold in-flight gradients as flat vectors
     self.ps = ParameterServer(run.params, run.tx, run.protocol, device=self.devices[0], policy=run.policy,
                               divergence_after=config.get("divergence_after", 100))

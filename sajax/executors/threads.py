@@ -45,9 +45,9 @@ def learner_devices(learners: int, devices: Optional[list] = None) -> tuple[list
 
   The PS gets a device of its own when there are more devices than learners, or, with CPU-emulated devices
   fewer than the learners (the launcher asks for min(λ, cores) + 1 of them), the last one; otherwise it
-  shares device 0.
+  shares device 0. Without ``devices``, on CPU at most cores + 1 of them (:func:`sajax.executors.common.compute_devices`).
   """
-  devices = devices or jax.local_devices()
+  devices = common.compute_devices(devices, spare=1)
   if len(devices) > learners:
     return [devices[k] for k in range(learners)], devices[learners]
   if devices[0].platform == "cpu" and 1 < len(devices) < learners:
