@@ -105,23 +105,6 @@ def test_hardsync_with_two_actors_has_sigma_0_and_one_push_per_learner_per_updat
 
 
 @pytest.mark.slow
-def test_async_with_three_actors_is_stale_and_goes_on_when_an_actor_is_killed(local_ray, tmp_path):
-  """c = 1: one update per accepted gradient, ⟨σ⟩ > 0 with three learners in flight; actor 2, killed at
-  update 10, is reported as learner 2's death and the other two finish the run."""
-  def kill(run):
-    if run.updates == 10:
-      ray.kill(run.executor.actors[2])
-
-  final = sajax.train(_config("async", 3), workdir=str(tmp_path), callbacks=[kill]).metrics
-  assert final["gradients_per_update"] == 1 and final["staleness_mean"] > 0
-  assert sum(final["staleness_histogram"].values()) == final["updates"]
-  assert final["samples"] == final["updates"] * 8 >= 512
-  assert final["learners_alive"] == 2 and "its Ray actor 2 ended" in final["learners_dead"]["2"]
-  per = final["staleness_per_learner"]
-  assert per["0"]["count"] + per["1"]["count"] > final["updates"] - 12   # the survivors pushed the rest
-
-
-@pytest.mark.slow
 def test_ssp_s_0_with_c_lambda_is_lockstep_even_with_a_dropped_gradient(local_ray, tmp_path):
   """n = 1 (c = λ), s = 0: the gate alone (learners do not wait under ssp) gives σ = 0 and one gradient per
   learner per update; learner 1's NaN gradient at its step 3 (injected in its actor) is dropped, not counted."""
@@ -134,9 +117,12 @@ def test_ssp_s_0_with_c_lambda_is_lockstep_even_with_a_dropped_gradient(local_ra
 
 
 @pytest.mark.slow
-def test_dc_asgd_gets_the_weights_each_gradient_was_computed_on(local_ray, tmp_path, monkeypatch):
-  """A policy that reads θ_j: each push reaches the PS with θ_j equal to the PS's weights of version j (three
-  learners in two actors, two in one)."""
+def test_async_dc_asgd_gets_each_gradients_weights_and_goes_on_when_an_actor_is_killed(local_ray, tmp_path,
+                                                                                       monkeypatch):
+  """Async (c = 1) with three learners in two actors ([0, 1] and [2]) under a policy that reads θ_j: each push
+  reaches the PS with θ_j equal to the PS's weights of version j; ⟨σ⟩ > 0 with three learners in flight; actor 1,
+  killed at update 10, is reported as learner 2's death and the other two finish the run. (One run for the
+  three properties: each run starts Ray actors that build the run and compile.)"""
   versions, mismatched, checked = {}, [], [0]
   push = ParameterServer.push
 
@@ -149,11 +135,20 @@ def test_dc_asgd_gets_the_weights_each_gradient_was_computed_on(local_ray, tmp_p
         mismatched.append((learner, version))
     return push(self, learner, version, grads, **kwargs)
 
+  def kill(run):
+    if run.updates == 10:
+      ray.kill(run.executor.actors[1])
+
   monkeypatch.setattr(ParameterServer, "push", checking)
   final = sajax.train(_config("async", 3, policy="dc_asgd", ray_learners_per_actor=2),
-                      workdir=str(tmp_path)).metrics
+                      workdir=str(tmp_path), callbacks=[kill]).metrics
   assert len(final["pushes_per_actor"]) == 2 and checked[0] >= final["updates"] and not mismatched
-  assert final["staleness_mean"] > 0 and np.isfinite(final["train_loss"])
+  assert final["gradients_per_update"] == 1 and final["staleness_mean"] > 0 and np.isfinite(final["train_loss"])
+  assert sum(final["staleness_histogram"].values()) == final["updates"]
+  assert final["samples"] == final["updates"] * 8 >= 512
+  assert final["learners_alive"] == 2 and "its Ray actor 1 ended" in final["learners_dead"]["2"]
+  per = final["staleness_per_learner"]
+  assert per["0"]["count"] + per["1"]["count"] > final["updates"] - 12   # the survivors pushed the rest
 
 
 @pytest.mark.slow
