@@ -2,6 +2,8 @@
 import os
 import sys
 
+import pytest
+
 # 8 emulated devices, and a long collective timeout (XLA CPU aborts a pmap all-reduce that waits > 40 s for a
 # participant, which a loaded 2-core CI machine can reach).
 # XLA CPU's multi-threaded Eigen (convolutions) spins threads that a 2-core machine running two pytest-xdist
@@ -41,3 +43,17 @@ def pytest_xdist_auto_num_workers(config):
   contention (XLA runs each computation on every core)."""
   del config
   return max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+
+
+def pytest_configure(config):
+  """Under ``--dist loadgroup`` pytest-xdist sends the tests marked ``xdist_group`` to one worker, which then runs
+  the group's session fixture (an mpiexec job, a local Ray, built models) once. pytest-xdist ≤ 3.8 does it by
+  renaming ``item._nodeid``, which pytest 9 no longer reads: the grouping silently stopped and each of those jobs
+  ran in both workers. Refuse that pair in one line instead of paying for it again (pyproject.toml pins pytest < 9)."""
+  from packaging.version import Version
+  if getattr(config.option, "dist", "no") != "loadgroup":
+    return
+  import xdist
+  if Version(pytest.__version__).major >= 9 and Version(xdist.__version__) <= Version("3.8.0"):
+    raise pytest.UsageError(f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__} does not group "
+                            f"xdist_group tests under --dist loadgroup; allowed: pytest < 9 (pip install -e '.[test]')")

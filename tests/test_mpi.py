@@ -674,48 +674,30 @@ def test_three_ranks_train_hardsync_with_sigma_0_and_one_push_each_per_update(ha
   assert {v["count"] for v in final["staleness_per_learner"].values()} == {final["updates"]}
 
 
-def _check_nan_gradient_dropped(result, workdir):
+@pytest.mark.slow
+@pytest.mark.parametrize("job", [pytest.param("async_job", marks=on_async_job),
+                                 pytest.param("hardsync_job", marks=on_hardsync_job)])
+def test_a_remote_nan_gradient_is_dropped_and_the_run_goes_on(job, request):
   """Learner 3 (rank 2) at its step 2: dropped and counted; under hardsync the round still completes (σ = 0)."""
+  result, workdir = request.getfixturevalue(job)
   assert result.returncode == 0, _said(result)
   final = _records(workdir)[-1]
   assert final["gradients_dropped"] == 1 and final["staleness_per_learner"]["3"]["dropped"] == 1
 
 
-def _check_bad_weights_asked_again(result, workdir, rejected):
+@pytest.mark.slow
+@pytest.mark.parametrize("job", [pytest.param("async_job", marks=on_async_job),
+                                 pytest.param("hardsync_job", marks=on_hardsync_job)])
+def test_corrupt_weights_and_a_corrupt_version_are_rejected_and_asked_for_again(job, request):
   """Each rank > 0 rejects the bad magic and the bad version and asks again (RESEND). Taking the bad version
   used to make the rank refuse every real one and rank 0 reject all its pushes as newer than the PS."""
+  result, workdir = request.getfixturevalue(job)
   assert result.returncode == 0, _said(result)
   for rank in (1, 2):
     said = [line for line in result.stderr.splitlines()
             if f"rank {rank}: rejected a malformed message from rank 0" in line and "asking again" in line]
     assert len(said) == 2 and "bad magic" in said[0] and "past the run's last update" in said[1], said
-  assert _records(workdir)[-1]["messages_rejected"] == rejected
-
-
-# One test per job and check, not parametrized over the jobs: pytest-xdist's loadgroup ignores an xdist_group
-# given as a pytest.param mark, which sent those tests to the other worker, to run the whole job again (measured).
-@pytest.mark.slow
-@on_async_job
-def test_a_remote_nan_gradient_is_dropped_and_async_goes_on(async_job):
-  _check_nan_gradient_dropped(*async_job)
-
-
-@pytest.mark.slow
-@on_hardsync_job
-def test_a_remote_nan_gradient_is_dropped_and_hardsync_goes_on(hardsync_job):
-  _check_nan_gradient_dropped(*hardsync_job)
-
-
-@pytest.mark.slow
-@on_async_job
-def test_corrupt_weights_and_a_corrupt_version_are_rejected_and_asked_for_again_async(async_job):
-  _check_bad_weights_asked_again(*async_job, rejected=2)      # and the 2 corrupt pushes
-
-
-@pytest.mark.slow
-@on_hardsync_job
-def test_corrupt_weights_and_a_corrupt_version_are_rejected_and_asked_for_again_hardsync(hardsync_job):
-  _check_bad_weights_asked_again(*hardsync_job, rejected=0)
+  assert _records(workdir)[-1]["messages_rejected"] == (2 if job == "async_job" else 0)
 
 
 @pytest.mark.slow
