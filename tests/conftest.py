@@ -57,3 +57,10 @@ def pytest_configure(config):
   if Version(pytest.__version__).major >= 9 and Version(xdist.__version__) <= Version("3.8.0"):
     raise pytest.UsageError(f"pytest {pytest.__version__} with pytest-xdist {xdist.__version__} does not group "
                             f"xdist_group tests under --dist loadgroup; allowed: pytest < 9 (pip install -e '.[test]')")
+
+
+def pytest_collection_modifyitems(config, items):
+  """The ``slow`` tests (end-to-end runs in child processes, mpiexec jobs, Ray runs) first, each group in its
+  order: pytest-xdist hands work out in collection order, and a long test that starts last keeps one worker busy
+  while the other has nothing left (longest first is the usual remedy for that tail)."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)

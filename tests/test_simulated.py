@@ -12,9 +12,9 @@ def _config(protocol, n=1, learners=4, **overrides):
   return smoke_config("simulated", protocol, n=n, learners=learners, batch_per_learner=16, **overrides)
 
 
-def test_same_config_and_seed_give_identical_metrics_on_one_device_or_one_per_learner(tmp_path, monkeypatch):
+def test_same_config_and_seed_give_identical_metrics_on_one_device_or_two(tmp_path, monkeypatch):
   """On CPU the learners spread over at most one device per core (os.cpu_count()): run a on 1 device, run b on
-  λ = 4; where the gradients are computed changes no number."""
+  2 (learners 0, 2 and 1, 3 share one); where the gradients are computed changes no number."""
   import os
   from sajax.executors import common
   spread, original = [], common.compute_devices
@@ -22,9 +22,9 @@ def test_same_config_and_seed_give_identical_metrics_on_one_device_or_one_per_le
   config = _config("softsync", n=2, sim_jitter=0.5, sim_stragglers=0.25)
   monkeypatch.setattr(os, "cpu_count", lambda: 1)
   a = sajax.train(config, workdir=str(tmp_path / "a"))
-  monkeypatch.setattr(os, "cpu_count", lambda: 8)
+  monkeypatch.setattr(os, "cpu_count", lambda: 2)
   b = sajax.train(config, workdir=str(tmp_path / "b"))
-  assert [len(d) for d in spread] == [1, 8]          # 8 of the 8 emulated devices; the first λ = 4 used
+  assert [len(d) for d in spread] == [1, 2]
   assert _reproducible(metrics_lib.read_metrics(a.workdir)) == _reproducible(metrics_lib.read_metrics(b.workdir))
   assert a.metrics["sim_time"] > 0 and len(a.history) == 2
   other = _config("softsync", n=2, sim_jitter=0.5, sim_stragglers=0.25, seed=1)
