@@ -107,8 +107,8 @@ def run_script_cell(script: str, cell: Any, epochs: float, root: str, data_dir: 
 
 def cell_environment(cell, root: str, environ: Optional[dict] = None) -> dict:
   """The environment of a cell's child process (``cell.learners``: its λ): ``environ`` (default os.environ) with
-  XLA_FLAGS asking for min(λ, 8) CPU-emulated devices unless it names a count (with one device a λ = 16 cell ran
-  9× slower, with the same numbers), and a persistent compilation cache in ``<root>/.jax_cache`` unless
+  XLA_FLAGS asking for min(λ, cores, 8) CPU-emulated devices unless it names a count (the numbers do not depend on
+  it: tests/test_simulated.py), and a persistent compilation cache in ``<root>/.jax_cache`` unless
   JAX_COMPILATION_CACHE_DIR is set: every cell compiles the same few functions, which a fresh process would
   compile again (a 1-epoch cell took 16.4 s with an empty cache, 3.6 s with a warm one). Deleting the folder is
   always safe."""

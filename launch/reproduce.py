@@ -13,7 +13,7 @@ tuned on SSGD alone, for Fashion-MNIST) with its α0 (for a λμ mini-batch), mo
 (boundaries scaled with ``--epochs``), run with ``executor="simulated"``: equal learner speeds with a lognormal
 jitter, so the same cell and seed give the same numbers on any machine.
 
-Each cell trains into ``<root>/<cell>`` through ``sajax.train``, in a child process of its own on min(λ, 8)
+Each cell trains into ``<root>/<cell>`` through ``sajax.train``, in a child process of its own on min(λ, cores, 8)
 CPU-emulated devices (one process for a whole grid runs out of memory maps, see ``run_cell``). A cell is done
 once its ``final.json`` exists (written atomically after training), so rerunning skips done cells and resumes
 a half-done one from its last checkpoint. The report (``--out``, default docs/reproduction.md) has the final

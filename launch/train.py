@@ -46,7 +46,8 @@ COLLECTIVE_TIMEOUT_FLAG = "--xla_cpu_collective_call_terminate_timeout_seconds=1
 
 
 # The simulated executor spreads its learners' gradients over at most this many devices (learner k on device
-# k mod D); more would only add compilations (one per device).
+# k mod D), and on CPU over at most one per core: more only add compilations (one per device) and contention (a
+# simulated λ = 16 run on 2 loaded cores: 7–13 s with 2 devices, 11–31 s with 1, 45–56 s with 8).
 SIMULATED_DEVICES = 8
 
 
@@ -69,13 +70,13 @@ def mpi_rank_size() -> tuple[int, int]:
 
 def cpu_device_flags(learners: int, executor: str, flags_now: str = "") -> str:
   """``flags_now`` (XLA_FLAGS) plus a request for λ CPU-emulated devices (one per learner; for the threads
-  executor min(λ, cores) and one more for the PS; at most 8 for the simulated executor; one, the PS's, for the
+  executor min(λ, cores) and one more for the PS; min(λ, cores, 8) for the simulated executor; one, the PS's, for the
   ray executor, whose learner actors each see one) unless it already names a count, plus a long collective
   timeout. It only affects the CPU platform. Under mpiexec each process asks for its share:
   executor=mpi its block of learners (+1 for the PS on rank 0, blocks as in ``mpi_wire.learner_blocks``),
   executor=pmap λ/P."""
   count = {"threads": threads_learner_devices(learners) + 1,
-           "simulated": min(learners, SIMULATED_DEVICES), "ray": 1}.get(executor, learners)
+           "simulated": min(threads_learner_devices(learners), SIMULATED_DEVICES), "ray": 1}.get(executor, learners)
   rank, size = mpi_rank_size()
   if executor == "mpi":
     count = max(1, (rank + 1) * learners // size - rank * learners // size) + (rank == 0)

@@ -343,8 +343,11 @@ def test_a_cell_refused_in_its_child_process_gives_one_line_and_exit_2(tmp_path,
   assert not (tmp_path / "r.md").exists()
 
 
-def test_cell_environment_asks_for_min_lambda_8_devices_and_a_shared_compilation_cache(tmp_path):
+def test_cell_environment_asks_for_min_lambda_cores_8_devices_and_a_shared_compilation_cache(tmp_path, monkeypatch):
   flag = "--xla_force_host_platform_device_count"
+  monkeypatch.setattr(os, "cpu_count", lambda: 2)
+  assert f"{flag}=2" in grid_runner.cell_environment(Cell(30, 2, "inverse", 0), "r", environ={})["XLA_FLAGS"]
+  monkeypatch.setattr(os, "cpu_count", lambda: 16)
   env = grid_runner.cell_environment(Cell(30, 2, "inverse", 0), str(tmp_path), environ={"PATH": "/bin"})
   assert f"{flag}=8" in env["XLA_FLAGS"].split() and env["PATH"] == "/bin"
   assert env["JAX_COMPILATION_CACHE_DIR"] == str(tmp_path / grid_runner.CACHE_DIR)
