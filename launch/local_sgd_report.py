@@ -253,9 +253,7 @@ def render(runs: Sequence[tuple], *, learners: Sequence[int], seeds: Sequence[in
   lines += ["## Progress", "", f"**{done} of {len(runs)} runs done**" + (
       f" (seeds complete: {', '.join(complete)})" if complete else "") + f"; a row shows the seeds it has, "
       f"*{WAITING}* when it has none."
-      + (f" The finished runs trained for {statistics.fmean(walls):.0f} s each on average; at that rate the "
-         f"{len(runs) - done} to go take ≈ {(len(runs) - done) * statistics.fmean(walls) / 3600:.1f} h."
-         if walls and done < len(runs) else "")
+      + (row_summary.time_to_go(walls, len(runs) - done) + "." if walls and done < len(runs) else "")
       + (f" The invocation that wrote this page trained {trained} run(s) in {wall_s:.0f} s." if trained else
          " The invocation that wrote this page trained none."), ""]
   for index, (lam, s) in enumerate(zip(learners, per_lam)):

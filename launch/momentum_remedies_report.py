@@ -203,9 +203,8 @@ def render(phase1: Sequence[tuple], phase2: Sequence[tuple], ranking: Optional[l
       f"*{WAITING}* when it has none. Phase 2: " + (
           f"{ranking[0]['row']} (chosen by the rule below), **{done2} of {len(phase2)} runs done**." if ranking else
           f"waits for phase 1 ({len(phase1) - done1} runs to go).")
-      + (f" The finished phase-1 runs trained for {statistics.fmean(walls):.0f} s each on average on this machine; "
-         f"at that rate the {len(phase1) - done1} to go take ≈ {(len(phase1) - done1) * statistics.fmean(walls) / 3600:.1f} h"
-         " (a phase-2 run sees all the images)." if walls and done1 < len(phase1) else "")
+      + (row_summary.time_to_go(walls, len(phase1) - done1, "phase-1 runs") + " on this machine (a phase-2 run sees all the "
+         "images)." if walls and done1 < len(phase1) else "")
       + (f" The invocation that wrote this page trained {trained} run(s) in {wall_s:.0f} s." if trained else
          " The invocation that wrote this page trained none (it wrote the report from the runs done)."))
   lines += ["", "## Phase 1", "", "SSGD's target: " + (f"{s1['target']:.2f} % (its mean final error + "

@@ -14,6 +14,7 @@ over seeds with those that never reached it censored (:func:`launch.seed_stats.c
 
 from __future__ import annotations
 
+import statistics
 from typing import Callable, Optional, Sequence
 
 from launch.reproduce_report import aggregate, p4_verdicts
@@ -77,6 +78,17 @@ def verdicts(summaries: Sequence[dict], points: float) -> dict:
     v.setdefault("p_holm", None)
     v.setdefault("holm", v["verdict"])
   return out
+
+
+def time_to_go(walls: Sequence[float], to_go: int, finished: str = "runs") -> str:
+  """The sentence of a grid report's progress that estimates the time left: the median training time of the
+  finished runs (a run paused or slowed by a loaded machine moves it less than it moves the mean) times the runs
+  to go. Empty when nothing finished or nothing is left."""
+  if not walls or to_go <= 0:
+    return ""
+  median = statistics.median(walls)
+  return (f" The finished {finished} trained for a median of {median:.0f} s each ({min(walls):.0f}–{max(walls):.0f} s); "
+          f"at that rate the {to_go} to go take ≈ {to_go * median / 3600:.1f} h")
 
 
 def is_done(run: tuple) -> bool:

@@ -201,3 +201,11 @@ def test_end_to_end_two_cells_on_small_idx_files_then_a_rerun_trains_nothing(tmp
   assert ls.main(argv) == 0
   assert stamps == [os.path.getmtime(ls.final_path(c, 1.0, root)) for c in cells]
   assert "0 trained" in capsys.readouterr().out.splitlines()[-1]
+
+
+def test_the_time_left_is_the_median_run_times_the_runs_to_go():
+  """A run paused for half an hour (1,764 s beside ~170 s) moves the estimate little: the median, not the mean."""
+  from launch.row_summary import time_to_go
+  said = time_to_go([154.0, 169.0, 184.0, 199.0, 1764.0], 74)
+  assert "a median of 184 s each (154–1764 s)" in said and "the 74 to go take ≈ 3.8 h" in said
+  assert time_to_go([], 3) == "" and time_to_go([100.0], 0) == ""
