@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import ml_collections
 
+from sajax import elastic
 from sajax.protocol import PROTOCOLS, Protocol
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "inner_weight_decay": (float, int), "inner_schedule": (str,), "outer_optimizer": (str,),
     "outer_learning_rate": (float, int, type(None)), "outer_momentum": (float, int, type(None)),
     "dynamic_local_steps": (bool,), "ray_address": (str,), "ray_learners_per_actor": (int,),
+    **elastic.KEYS,
 }
 OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
                            "lr_warmup_epochs", "fail_fast", "fault_learner", "fault_at_step", "nan_learners",
@@ -60,7 +62,7 @@ OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", 
                            "momentum_rule_staleness_decay", "local_steps", "inner_optimizer", "inner_learning_rate",
                            "inner_momentum", "inner_weight_decay", "inner_schedule", "outer_optimizer",
                            "outer_learning_rate", "outer_momentum", "dynamic_local_steps", "ray_address",
-                           "ray_learners_per_actor"})
+                           "ray_learners_per_actor", *elastic.KEYS})
 
 # Keys of earlier versions that no longer mean anything (the simulated executor's version ring and slot
 # batching, gone since it dispatches each gradient at its pull): a saved run that has them still resumes.
@@ -79,14 +81,17 @@ ABSENT_MEANS: Mapping[str, Any] = {
     "momentum_rule": "plain", "momentum_rule_period": 0, "momentum_rule_staleness_decay": 0.99,
     "local_steps": 1, "inner_optimizer": "sgd", "inner_learning_rate": None, "inner_momentum": 0.0,
     "inner_weight_decay": 0.0, "inner_schedule": "constant", "outer_optimizer": "sgd", "outer_learning_rate": None,
-    "outer_momentum": None, "dynamic_local_steps": False, "ray_address": "", "ray_learners_per_actor": 1}
+    "outer_momentum": None, "dynamic_local_steps": False, "ray_address": "", "ray_learners_per_actor": 1,
+    **elastic.ABSENT_MEANS}
 
 # Executors whose learners send θ_j's version to a parameter server, so a policy that reads θ_j can run there.
 STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi", "ray")
 
-# Keys that may change between a run and its resumption in the same workdir.
+# Keys that may change between a run and its resumption in the same workdir (λ and the elastic keys: a run resumes
+# with another set of learners, see sajax.elastic and the README's "Elastic learners").
 RESUMABLE_CHANGES = frozenset({"epochs", "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints",
-                               "progress", "workdir", "eval_batch_size", "ray_address", "ray_learners_per_actor"})
+                               "progress", "workdir", "eval_batch_size", "ray_address", "ray_learners_per_actor",
+                               "learners", *elastic.KEYS})
 
 
 class ConfigError(ValueError):
@@ -173,6 +178,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   try:
     Protocol.from_name(values["protocol"], values["learners"], values["n"],
                        values.get("ssp_spread", DEFAULT_SSP_SPREAD))
+    elastic.check(values)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 

@@ -39,6 +39,21 @@ class Protocol:
     """Whether a learner waits for the next version before computing again (hardsync only)."""
     return self.name == "hardsync"
 
+  def gradients_for(self, live: int) -> int:
+    """c for ``live`` learners: the one rule by which every executor re-derives c when learners die, leave or
+    join (elastic membership). hardsync: c = live (σ stays 0); n-softsync and ssp: c = ⌊live / min(n, live)⌋
+    (n capped at the live count), at least 1; async: c = 1 whatever the count. ``live`` = λ gives
+    :attr:`gradients_per_update`.
+
+    Raises ValueError for ``live`` < 1 (a run with no live learner has no c)."""
+    if isinstance(live, bool) or not isinstance(live, int) or live < 1:
+      raise ValueError(f"live={live!r} is invalid; allowed: an integer >= 1 (live learners)")
+    if self.name == "hardsync":
+      return live
+    if self.name == "async":
+      return 1
+    return max(1, live // min(self.n, live))
+
   def with_learners(self, learners: int) -> "Protocol":
     """The same protocol for ``learners`` live learners (n capped at their number), e.g. after a death."""
     return dataclasses.replace(self, learners=learners, n=min(self.n, learners))
@@ -135,10 +150,21 @@ class SpreadGate:
     return self._admit(sorted(self.waiting | {learner}))
 
   def died(self, learner: int) -> list[int]:
-    """Learner k died: it leaves the minimum; returns the waiting learners that start now."""
+    """Learner k died or left: it leaves the minimum; returns the waiting learners that start now."""
     self.alive.discard(learner)
     self.waiting.discard(learner)
     return self._admit(sorted(self.waiting)) if self.alive else []
+
+  def joined(self, learner: int) -> list[int]:
+    """Learner k joined (a new learner, or a replacement in a dead learner's slot): its count starts at the
+    current minimum over the live learners (0 when none is live), so it neither holds the others back (it is
+    not below the minimum) nor waits for them (its lead is 0 ≤ s). Returns the learners that start now (k)."""
+    while len(self.counts) <= learner:
+      self.counts.append(0)
+    self.counts[learner] = min((self.counts[k] for k in self.alive), default=0)
+    self.alive.add(learner)
+    self.waiting.discard(learner)
+    return self._admit([learner])
 
   def _admit(self, candidates: list[int]) -> list[int]:
     started = []

@@ -248,6 +248,13 @@ class ParameterServer:
       return True
     return False
 
+  def set_live_learners(self, live: int) -> bool:
+    """Re-derives c for ``live`` live learners (a death, a leave or a join) by the protocol's one rule,
+    :meth:`~sajax.Protocol.gradients_for`; applies at once if ≥ c are buffered (under hardsync a learner that
+    left mid-round: the round completes with the live learners' gradients, all with σ = 0). Returns whether
+    that applied an update."""
+    return self.set_gradients_per_update(self.protocol.gradients_for(live))
+
   @property
   def buffered(self) -> int:
     """Gradients waiting for the next update."""

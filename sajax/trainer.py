@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from sajax import checkpoint, config as config_lib, data, local_steps, metrics, models, steps, streams
+from sajax import checkpoint, config as config_lib, data, elastic, local_steps, metrics, models, steps, streams
 from sajax.workdir import check_workdir_writable, default_workdir, prepare_workdir  # noqa: F401 - public here too
 from sajax.executors.common import Executor
 from sajax.momentum import DEFAULT_STALENESS_DECAY, momentum_rule
@@ -147,8 +147,9 @@ class Run:
     self.local = local_steps.from_config(config, self.total_updates)   # None for H = 1: plain gradients
     self.params = models.init_params(self.model, jax.random.fold_in(self.key, 0), dataset.input_shape)
     self.opt_state = self.tx.init(self.params)
+    # One stream per learner id a run may have (λ, or elastic_max_learners): learner k's depends on (seed, k) only.
     self.streams = streams.learner_streams(
-        data.learner_samplers(self.num_train, config.batch_per_learner, config.learners, config.seed))
+        data.learner_samplers(self.num_train, config.batch_per_learner, elastic.max_learners(config), config.seed))
     self.key = jax.random.fold_in(self.key, 1)  # the key executors fold the update count into
 
     self.updates = 0

@@ -85,9 +85,11 @@ def pending_checkpoint(ps: ParameterServer, losses: list) -> dict:
 
 
 def telemetry(ps: ParameterServer, *, learners_alive: int, queue_depth: int,
-              deaths: Mapping[int, str] | None = None, gate: Optional[SpreadGate] = None) -> dict:
+              deaths: Mapping[int, str] | None = None, gate: Optional[SpreadGate] = None,
+              members: Optional["Membership"] = None) -> dict:
   """Staleness statistics of the accepted pushes so far, per learner, and the executor's health (and, under
-  ssp, s and the largest spread at which a learner started, ``ssp_max_spread`` ≤ s)."""
+  ssp, s and the largest spread at which a learner started, ``ssp_max_spread`` ≤ s); with ``members``, the
+  membership (:meth:`Membership.telemetry`) and c in force (``gradients_per_update``)."""
   stats = ps.stats
   per = {str(k): {"count": s.count, "min": s.min, "mean": round(s.mean, 4), "max": s.max, "dropped": s.dropped,
                   "stale_dropped": s.stale_dropped}
@@ -100,6 +102,8 @@ def telemetry(ps: ParameterServer, *, learners_alive: int, queue_depth: int,
       "learners_alive": learners_alive, "queue_depth": queue_depth,
       "gradients_per_update": ps.gradients_per_update,
   }
+  if members is not None:
+    out.update(members.telemetry())
   if gate is not None:
     out.update(gate.telemetry())
   if deaths:
@@ -107,18 +111,43 @@ def telemetry(ps: ParameterServer, *, learners_alive: int, queue_depth: int,
   return out
 
 
-class Deaths:
-  """The live learners of a run and why the others died; re-derives c when one dies.
+class Membership:
+  """The live learners of a run and its membership record: who died (and why), who left, who joined, the fewest
+  and most live at once. Every change re-derives c through the PS core
+  (:meth:`~sajax.server.ParameterServer.set_live_learners`, the protocol's one rule); executors only report the
+  changes, through :meth:`died`, :meth:`leave` and :meth:`join`.
 
   The rule, the same in every executor: a learner that raises is reported and the run goes on with the live
-  ones, c re-derived from them (so hardsync never waits for a dead learner), unless ``fail_fast``.
+  ones, c re-derived from them (so hardsync never waits for a dead learner), unless ``fail_fast``; with
+  ``replace`` (``elastic_replace``) a fresh learner takes its slot at once (the executor starts it). A leave or
+  death that leaves fewer than ``min_live`` (``elastic_min_learners``) live ends the run with one line
+  (:class:`LearnersFailed`).
+
+  Args:
+    learners: λ, the learners the run starts with (ids 0..λ−1).
+    protocol: gives c for a live count.
+    slots: learner ids 0..slots−1 may be live (``elastic_max_learners``; default λ).
   """
 
   def __init__(self, learners: int, protocol: Protocol, *, fail_fast: bool = False,
-               say: Callable[[str], None] = log.info) -> None:
+               say: Callable[[str], None] = log.info, min_live: int = 1, slots: Optional[int] = None,
+               replace: bool = False) -> None:
     self.protocol, self.fail_fast, self.say = protocol, fail_fast, say
+    self.learners, self.slots = learners, max(learners, slots or learners)
+    self.min_live, self.replace = min_live, replace
     self.alive: set[int] = set(range(learners))
-    self.errors: dict[int, str] = {}
+    self.errors: dict[int, str] = {}        # learner k -> why it died (while it stays dead)
+    self.replaced: dict[int, str] = {}      # learner k -> why the learner it replaced died
+    self.joins = self.leaves = 0
+    self.fewest = self.most = learners
+
+  @classmethod
+  def from_config(cls, config: Any, protocol: Protocol, say: Callable[[str], None]) -> "Membership":
+    """The membership of a run of ``config`` (``fail_fast`` and the ``elastic_*`` keys)."""
+    from sajax import elastic
+    return cls(config.learners, protocol, fail_fast=bool(config.get("fail_fast", False)), say=say,
+               min_live=int(config.get("elastic_min_learners", 1)), slots=elastic.max_learners(config),
+               replace=bool(config.get("elastic_replace", False)))
 
   def record(self, learner: int, error: str) -> None:
     """Notes a death without acting on it (deaths seen while a run shuts down)."""
@@ -126,33 +155,117 @@ class Deaths:
     self.errors[learner] = error
 
   def died(self, learner: int, error: str, ps: ParameterServer, traceback_file: Optional[str] = None) -> bool:
-    """Records a death and sets the PS's c for the live learners; returns whether that applied an update.
+    """Records a death and sets the PS's c for the live learners; returns whether that applied an update. With
+    ``replace`` the learner stays live (its slot): the caller starts a fresh one there (:attr:`replace`).
 
     Says it in one line (or raises :class:`LearnersFailed` with one line), naming ``traceback_file`` when the
     learner's traceback was kept there."""
-    self.record(learner, error)
     where = f"; traceback in {traceback_file}" if traceback_file else ""
     if self.fail_fast:
+      self.record(learner, error)
       raise LearnersFailed(f"learner {learner} failed ({error}) and fail_fast is set{where}")
+    if self.replace:
+      self.replaced[learner] = error
+      self.leaves, self.joins = self.leaves + 1, self.joins + 1
+      self.say(f"learner {learner} died ({error}); a fresh learner takes its place{where}")
+      return False
+    self.record(learner, error)
+    self.leaves += 1
     if not self.alive:
       raise LearnersFailed(f"every learner died; the last: learner {learner}: {error}{where}")
-    c = self.gradients_per_update()
-    self.say(f"learner {learner} died ({error}); going on with {len(self.alive)} learners, c = {c}{where}")
-    return ps.set_gradients_per_update(c)
+    self._check_enough(f"learner {learner} died ({error}){where}")
+    self._changed()
+    self.say(f"learner {learner} died ({error}); going on with {len(self.alive)} learners, "
+             f"c = {self.gradients_per_update()}{where}")
+    return ps.set_live_learners(len(self.alive))
+
+  def leave(self, learner: int, reason: str, ps: ParameterServer) -> bool:
+    """Learner k left (removed, or a scheduled leave): c re-derived; returns whether that applied an update."""
+    if learner not in self.alive:
+      return False
+    self.alive.discard(learner)
+    self.leaves += 1
+    self._check_enough(f"learner {learner} left ({reason})")
+    self._changed()
+    self.say(f"learner {learner} left ({reason}); going on with {len(self.alive)} learners, "
+             f"c = {self.gradients_per_update()}")
+    return ps.set_live_learners(len(self.alive))
+
+  def join(self, learner: int, ps: ParameterServer, reason: str = "joined") -> bool:
+    """Learner k joins (a new learner, or one back in a slot it left): c re-derived; returns whether that
+    applied an update (never: c only grows with the live count). Raises ValueError for a live or unknown id."""
+    if learner in self.alive or not 0 <= learner < self.slots:
+      raise ValueError(f"learner={learner!r} cannot join; allowed: a learner id 0..{self.slots - 1} that is not "
+                       f"live (live: {sorted(self.alive)})")
+    self.alive.add(learner)
+    self.errors.pop(learner, None)
+    self.joins += 1
+    self._changed()
+    self.say(f"learner {learner} {reason}; going on with {len(self.alive)} learners, c = {self.gradients_per_update()}")
+    return ps.set_live_learners(len(self.alive))
+
+  def free_slot(self) -> Optional[int]:
+    """The lowest learner id that is not live (None: all ``slots`` are)."""
+    return next((k for k in range(self.slots) if k not in self.alive), None)
+
+  def _check_enough(self, what: str) -> None:
+    if len(self.alive) < self.min_live:
+      raise LearnersFailed(f"{what}: {len(self.alive)} learner(s) live, fewer than elastic_min_learners = "
+                           f"{self.min_live}")
+
+  def _changed(self) -> None:
+    self.fewest, self.most = min(self.fewest, len(self.alive)), max(self.most, len(self.alive))
 
   def gradients_per_update(self) -> int:
-    """c for the live learners (n capped at their number)."""
-    return self.protocol.with_learners(len(self.alive)).gradients_per_update
+    """c for the live learners (:meth:`~sajax.Protocol.gradients_for`)."""
+    return self.protocol.gradients_for(max(1, len(self.alive)))
+
+  def telemetry(self) -> dict:
+    """The membership fields of a metrics record."""
+    out = {"learners_live": sorted(self.alive), "learners_joined": self.joins, "learners_left": self.leaves,
+           "learners_live_min": self.fewest, "learners_live_max": self.most}
+    if self.replaced:
+      out["learners_replaced"] = {str(k): v for k, v in sorted(self.replaced.items())}
+    return out
 
   def to_json(self) -> dict:
+    """The deaths (saved as the checkpoint's ``dead``, as before elastic membership)."""
     return {str(k): v for k, v in sorted(self.errors.items())}
 
-  def restore(self, saved: Mapping[str, str], ps: ParameterServer) -> None:
-    """The deaths of a checkpointed run: its dead learners stay dead, c as it was for the live ones."""
-    for k, error in saved.items():
-      self.record(int(k), error)
-    if self.errors:
-      ps.set_gradients_per_update(self.gradients_per_update())
+  def state(self) -> dict:
+    """The rest of the record, for a checkpoint's ``members``."""
+    return {"learners": self.learners, "alive": sorted(self.alive), "joins": self.joins, "leaves": self.leaves,
+            "fewest": self.fewest, "most": self.most, "replaced": {str(k): v for k, v in self.replaced.items()}}
+
+  def restore(self, saved: Mapping[str, str], ps: ParameterServer, members: Optional[Mapping] = None) -> None:
+    """The membership of a checkpointed run, and c for its live learners (set without applying: a buffered set
+    of ≥ c gradients is applied with the next push).
+
+    Resumed with the λ it was saved with, it goes on exactly: the dead stay dead, joined learners stay live.
+    Resumed with another λ, the live set is 0..λ−1: learners the new run does not have left, new ones joined
+    (counted so), every death record of a learner that is now live dropped."""
+    members = dict(members or {})
+    self.joins, self.leaves = int(members.get("joins", 0)), int(members.get("leaves", 0))
+    self.fewest, self.most = int(members.get("fewest", self.learners)), int(members.get("most", self.learners))
+    self.replaced = {int(k): v for k, v in members.get("replaced", {}).items()}
+    if int(members.get("learners", self.learners)) == self.learners:
+      if "alive" in members:
+        self.alive = {int(k) for k in members["alive"] if int(k) < self.slots}
+      for k, error in saved.items():
+        if int(k) < self.slots:
+          self.record(int(k), error)
+    else:
+      before = {int(k) for k in members.get("alive", ())}
+      self.leaves += len(before - self.alive)
+      self.joins += len(self.alive - before)
+      self.say(f"resumed with λ = {self.learners} learners (saved with {members['learners']}): learners "
+               f"{sorted(self.alive)} live")
+    self._changed()
+    if self.errors or members:
+      ps.gradients_per_update = self.gradients_per_update()
+
+
+Deaths = Membership   # its name before elastic membership
 
 
 def spread_gate(protocol: Protocol, ps: ParameterServer, deaths: Deaths,

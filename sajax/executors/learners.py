@@ -62,6 +62,33 @@ class Death:
   traceback_file: Optional[str] = None
 
 
+@dataclasses.dataclass
+class Left:
+  """Learner k left the run (removed, or a scheduled leave) after finishing its in-flight gradient."""
+
+  learner: int
+  reason: str
+
+
+@dataclasses.dataclass
+class Join:
+  """A learner joins: start learner k (a free id) on the current weights."""
+
+  learner: int
+  reason: str = "joined"
+
+
+class _Quit:
+  """``is_set()``: the run stops, or learner k was asked to leave (what a learner's waits for a permission
+  watch)."""
+
+  def __init__(self, stop: threading.Event, leaving: dict, learner: int) -> None:
+    self.stop, self.leaving, self.learner = stop, leaving, learner
+
+  def is_set(self) -> bool:
+    return self.stop.is_set() or self.learner in self.leaving
+
+
 class Published:
   """What the PS side hands learners: the weights they pull, ``(version, flat θ)``, replaced as one value, and
   under ssp the permissions to start a gradient, with one condition to wait on.
@@ -207,13 +234,39 @@ class Learners:
     self.rounds = local_steps.RoundLengths(self.local.steps, self.local.dynamic) if self.local is not None else None
     self.cache = SnapshotCache()
     self.threads: list[threading.Thread] = []
+    self.leaving: dict[int, str] = {}       # learner k -> why it was asked to leave (elastic membership)
+    self._running: dict[int, threading.Thread] = {}
 
   def start(self) -> list[threading.Thread]:
-    self.threads = [threading.Thread(target=self._loop, args=(k,), name=f"learner-{k}", daemon=True)
-                    for k in self.devices]
-    for t in self.threads:
-      t.start()
+    for k in list(self.devices):
+      self._spawn(k)
     return self.threads
+
+  def _spawn(self, k: int) -> None:
+    t = threading.Thread(target=self._loop, args=(k,), name=f"learner-{k}", daemon=True)
+    self.threads.append(t)
+    self._running[k] = t
+    t.start()
+
+  def add(self, k: int, device: Any, fresh: bool = False) -> None:
+    """Starts learner k on ``device`` (a join, or a fresh learner replacing a dead one: ``fresh`` drops its
+    inner-optimizer state). Its data stream is learner k's, going on from where it is."""
+    self.devices[k] = device
+    self.leaving.pop(k, None)
+    if fresh:
+      self.inner_states.pop(k, None)
+    self._spawn(k)
+
+  def leave(self, k: int, reason: str) -> None:
+    """Asks learner k to leave: it finishes the gradient it computes (pushes it), under hardsync waits for that
+    round's update, and puts :class:`Left` at its next loop start (or while it waits for an ssp permission)."""
+    self.leaving[k] = reason
+    self.published.wake()
+
+  def running(self, k: int) -> bool:
+    """Whether learner k's thread is still running."""
+    t = self._running.get(k)
+    return t is not None and t.is_alive()
 
   def warm_up(self) -> None:
     """Compiles the gradient step on each learner device (on real data; no stream advanced)."""
@@ -242,9 +295,10 @@ class Learners:
   def _loop(self, k: int) -> None:
     device = self.devices[k]
     key = jax.device_put(jax.random.fold_in(self.run.key, k), device)
+    quit = _Quit(self.stop, self.leaving, k)
     try:
-      while not self.stop.is_set():
-        if self.gated and not self.published.take(k, self.stop):
+      while not quit.is_set():
+        if self.gated and not self.published.take(k, quit):
           break
         version, params = self.published.value
         local = self.cache.get(device, version, params)
@@ -268,7 +322,9 @@ class Learners:
         self.put(Push(k, version, self.to_server(grads), finite, loss, params if self.keep_stale else None,
                       None if self.local is None else len(steps)))
         if self.protocol.learners_wait and finite:
-          self.published.wait_newer(version, self.stop)
+          self.published.wait_newer(version, self.stop)   # a leaving learner too: its round completes first
+      if k in self.leaving and not self.stop.is_set():
+        self.put(Left(k, self.leaving[k]))
     except Exception as e:  # noqa: BLE001 - a learner's failure is reported, the run goes on
       # The PS side reports it in one line (common.Deaths); the traceback goes to the workdir's errors.log
       # (on MPI ranks > 0, which write nothing, only to the debug log).

@@ -40,7 +40,7 @@ import jax
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from sajax import local_steps
+from sajax import elastic, local_steps
 from sajax.executors import common
 from sajax.executors.comm import CommModel
 from sajax.executors.faults import FaultPlan
@@ -72,12 +72,12 @@ class SimulatedEngine(common.Executor):
     self.unravel = ravel_pytree(run.params)[1]     # checkpoints hold in-flight gradients as flat vectors
     self.ps = ParameterServer(run.params, run.tx, run.protocol, device=self.devices[0], policy=run.policy,
                               divergence_after=config.get("divergence_after", 100))
-    self.deaths = common.Deaths(learners, run.protocol, fail_fast=bool(config.get("fail_fast", False)),
-                                say=run.log)
+    self.deaths = common.Membership.from_config(config, run.protocol, run.log)
+    self.slots = slots = self.deaths.slots      # learner ids 0..slots−1 (elastic_max_learners; default λ)
     self.faults = FaultPlan.from_config(config)
     self.losses = common.restore_server(self.ps, run, {"params": run.params, "opt_state": run.opt_state})
     self.batches = common.restored_batches(run, self.losses)   # mini-batches of μ behind self.losses' pushes
-    self.deaths.restore(run.restored_meta.get("dead", {}), self.ps)
+    self.deaths.restore(run.restored_meta.get("dead", {}), self.ps, run.restored_meta.get("members"))
     self.gate = common.spread_gate(run.protocol, self.ps, self.deaths, run.restored_meta.get("ssp"))
     self.grad_step = make_tree_grad_step(run.loss_fn)
     self.local = run.local                        # local_steps > 1: H inner steps and Δ per push
@@ -88,17 +88,19 @@ class SimulatedEngine(common.Executor):
       self.local_update = local_steps.make_local_update(run.loss_fn, self.local.inner)
       self.inner = local_steps.restore_states(run.restored_arrays, self.local.inner.init(run.params))
       self.rounds = local_steps.RoundLengths(self.local.steps, self.local.dynamic,
-                                             self.speed.step_times(learners))
+                                             self.speed.step_times(slots))
       if self.local.dynamic:
         run.log(f"DyLU: inner steps per push H_k = {self.rounds.table(range(learners))} (H = {self.local.steps})")
     self._keys = [jax.device_put(jax.random.fold_in(run.key, k), self.devices[self._device_of(k)])
-                  for k in range(learners)]
+                  for k in range(slots)]
     self.cache = SnapshotCache()                  # the newest θ_j pulled on each device, moved there once
-    self.version: list[Optional[int]] = [None] * learners
-    self.result: list[Optional[tuple]] = [None] * learners   # (loss, g on the learner's device, finite)
-    self.steps = [0] * learners                               # the step of each learner's current gradient
+    self.version: list[Optional[int]] = [None] * slots
+    self.result: list[Optional[tuple]] = [None] * slots      # (loss, g on the learner's device, finite)
+    self.steps = [0] * slots                                  # the step of each learner's current gradient
     self.events: list[tuple[float, int]] = []     # (finish time, learner): a heap, ties broken by learner id
     self.waiting: list[int] = []
+    self.leave_after_round: dict[int, str] = {}   # hardsync: learners that pushed this round and then leave
+    self.schedule = elastic.run_schedule(config, run.total_updates, run.updates)   # elastic_events to come
     self.rng = np.random.default_rng([config.seed, 7919])
     self.sim_time = 0.0
     if "events" in run.restored_meta:
@@ -160,6 +162,9 @@ class SimulatedEngine(common.Executor):
   def run_loop(self) -> tuple[PyTree, PyTree]:
     current = lambda: (self.ps.params, self.ps.opt_state)  # noqa: E731
     try:
+      # Resumed with fewer learners: the gradients buffered may already be c (those of learners now gone).
+      if self.ps.buffered and self.ps.set_gradients_per_update(self.ps.gradients_per_update):
+        self._updated(current)
       while not self.run.done:
         self.sim_time, k = heapq.heappop(self.events)
         loss, grads, finite = self.result[k]
@@ -173,6 +178,8 @@ class SimulatedEngine(common.Executor):
           applied = self.deaths.died(k, f"{type(error).__name__}: {error}", self.ps)   # as a learner thread says it
           if self.gate is not None:
             released = self.gate.died(k)
+          if self.deaths.replace:        # a fresh learner in its slot, now
+            released = released + self.gate.joined(k) if self.gate is not None else [k]
         else:
           result = self.ps.push(k, version, grads, finite=bool(finite))
           applied = result.applied_update
@@ -188,24 +195,69 @@ class SimulatedEngine(common.Executor):
         for w in released:
           self._start(w, self.sim_time)
         if applied:
-          for w in sorted(self.waiting):
-            self._start(w, self.sim_time)
-          self.waiting = []
-          done, self.losses = self.losses, []
-          batches, self.batches = self.batches, 0
-          self.run.after_update(done, gradients=len(done), current_state=current, batches=batches)
+          self._updated(current)
         self.run.stop_if_requested()   # a Ctrl-C stops between two events, even with gradients buffered
     except KeyboardInterrupt:
       self.run.interrupted(current)
       raise
     return current()
 
+  def _updated(self, current: Any) -> None:
+    """After an update: the hardsync round's learners start on the new weights (those leaving after the round
+    leave), the run reports the update, then the ``elastic_events`` due after it take effect."""
+    waiting, self.waiting = sorted(self.waiting), []
+    for w in waiting:
+      if w in self.leave_after_round:
+        self.deaths.leave(w, self.leave_after_round.pop(w), self.ps)   # buffer empty: this applies nothing
+      else:
+        self._start(w, self.sim_time)
+    done, self.losses = self.losses, []
+    batches, self.batches = self.batches, 0
+    self.run.after_update(done, gradients=len(done), current_state=current, batches=batches)
+    for kind, learners in elastic.due(self.schedule, self.run.updates):
+      for k in learners:
+        if self.run.done:
+          return
+        if self._join(k) if kind == "join" else self._leave(k, "elastic_events"):
+          self._updated(current)
+
+  def _join(self, k: int) -> bool:
+    """Learner k joins at the current simulated time (a no-op for a live one): it pulls the current weights
+    (under ssp when the gate lets it, at once: its count starts at the minimum). Returns False (a join never
+    applies an update)."""
+    if k in self.deaths.alive:
+      return False
+    self.deaths.join(k, self.ps, "joined (elastic_events)")
+    for w in self.gate.joined(k) if self.gate is not None else [k]:
+      self._start(w, self.sim_time)
+    return False
+
+  def _leave(self, k: int, reason: str) -> bool:
+    """Learner k leaves at the current simulated time (a no-op for one not live). A gradient it is computing
+    is abandoned (never pushed); under hardsync a learner that already pushed this round leaves after the
+    round's update, so the round completes with its gradient and σ stays 0. Returns whether c re-derived for
+    the live learners applied an update (the others of a hardsync round had all pushed)."""
+    if k not in self.deaths.alive or k in self.leave_after_round:
+      return False
+    if k in self.waiting:
+      self.leave_after_round[k] = reason
+      return False
+    if self.version[k] is not None:          # computing: abandon its gradient
+      self.events = [e for e in self.events if e[1] != k]
+      heapq.heapify(self.events)
+      self.ps.release(self.version[k])
+      self.version[k] = self.result[k] = None
+    applied = self.deaths.leave(k, reason, self.ps)
+    for w in self.gate.died(k) if self.gate is not None else []:
+      self._start(w, self.sim_time)
+    return applied
+
   # ---- the executor interface: telemetry and checkpoints ---------------------------------------------------
   def telemetry(self) -> dict:
     out = common.telemetry(self.ps, learners_alive=len(self.deaths.alive), queue_depth=0,
-                           deaths=self.deaths.errors, gate=self.gate)
+                           deaths=self.deaths.errors, gate=self.gate, members=self.deaths)
     if self.rounds.dynamic:   # DyLU: each learner's H_k (fixed by the speed model)
-      out["inner_steps"] = self.rounds.table(range(self.learners))
+      out["inner_steps"] = self.rounds.table(range(self.slots))
     out.update(sim_time=round(self.sim_time, 6), **self.comm.telemetry(
         self.ps.stats, died=len(self.deaths.errors), in_flight=sum(v is not None for v in self.version)))
     return out
@@ -214,22 +266,23 @@ class SimulatedEngine(common.Executor):
     """Every learner's unpushed gradient (and θ_j when the policy reads it) as flat numpy vectors (waits for
     the dispatched gradients); called before :meth:`checkpoint_meta` when a checkpoint is saved."""
     d = sum(int(np.size(x)) for x in jax.tree.leaves(self.ps.params))
-    grads = np.zeros((self.learners, d), np.float32)
-    loss = np.zeros(self.learners, np.float32)
-    finite = np.zeros(self.learners, bool)
+    grads = np.zeros((self.slots, d), np.float32)
+    loss = np.zeros(self.slots, np.float32)
+    finite = np.zeros(self.slots, bool)
     for k, r in enumerate(self.result):
       if r is not None:
         loss[k], grads[k], finite[k] = r[0], _flat(r[1]), r[2]
     arrays = {"grads": grads, "loss": loss, "finite": finite, **common.pending_checkpoint(self.ps, self.losses)}
     if self.local is not None:
-      arrays.update(local_steps.state_arrays(self.inner, self.learners))
+      arrays.update(local_steps.state_arrays(self.inner, self.slots))
     if self.ps.needs_stale_params:
       arrays["stale_params"] = np.stack([_flat(self.ps.snapshot(v)) if v is not None else np.zeros(d, np.float32)
                                          for v in self.version])
     return arrays
 
   def checkpoint_meta(self) -> dict:
-    meta = {"server": self.ps.state_meta(), "dead": self.deaths.to_json(), "sim_time": self.sim_time,
+    meta = {"server": self.ps.state_meta(), "dead": self.deaths.to_json(), "members": self.deaths.state(),
+            "leave_after_round": {str(k): v for k, v in self.leave_after_round.items()}, "sim_time": self.sim_time,
             "events": [list(e) for e in self.events],
             "version": self.version, "computed": [r is not None for r in self.result], "steps": self.steps,
             "waiting": self.waiting, "rng": self.rng.bit_generator.state, "pending_batches": self.batches}
@@ -238,14 +291,24 @@ class SimulatedEngine(common.Executor):
     return meta
 
   def _restore(self, meta: dict, arrays: dict) -> None:
+    """The saved simulation. Learners the run no longer has (resumed with a smaller λ) are dropped with their
+    gradient in flight; learners it has and the checkpoint does not (a larger λ) start fresh now."""
+    alive = self.deaths.alive
     self.sim_time = float(meta["sim_time"])
-    self.events = [(float(t), int(k)) for t, k in meta["events"]]    # saved in heap order
-    self.version, self.steps, self.waiting = list(meta["version"]), list(meta["steps"]), list(meta["waiting"])
+    self.events = [(float(t), int(k)) for t, k in meta["events"] if int(k) in alive]
+    heapq.heapify(self.events)     # saved in heap order; a filtered heap is heapified again
+    kept = min(len(meta["version"]), self.slots)
+    self.version[:kept], self.steps[:kept] = list(meta["version"])[:kept], list(meta["steps"])[:kept]
+    self.waiting = [int(k) for k in meta["waiting"] if int(k) in alive]
+    self.leave_after_round = {int(k): v for k, v in meta.get("leave_after_round", {}).items() if int(k) in alive}
     if self.gate is not None:
-      self.gate.waiting = set(meta["ssp"]["waiting"])
+      self.gate.waiting = {int(k) for k in meta["ssp"]["waiting"] if int(k) in alive}
     self.rng.bit_generator.state = meta["rng"]
-    for k, computed in enumerate(meta["computed"]):
+    for k, computed in enumerate(meta["computed"][:kept]):
       if self.version[k] is None:
+        continue
+      if k not in alive:
+        self.version[k] = None
         continue
       if not computed:
         raise ValueError(f"checkpoint of the simulation holds learner {k} with an uncomputed gradient; "
@@ -256,6 +319,11 @@ class SimulatedEngine(common.Executor):
       if self.ps.needs_stale_params:
         self.ps.hold_snapshot(self.version[k], jax.device_put(self.unravel(arrays["stale_params"][k]),
                                                               self.ps.device))
+    idle = [k for k in sorted(alive) if self.version[k] is None and k not in self.waiting
+            and (self.gate is None or k not in self.gate.waiting)]
+    for k in idle:                 # new in this run: a fresh learner on the current weights
+      for w in self.gate.joined(k) if self.gate is not None else [k]:
+        self._start(w, self.sim_time)
 
 
 def _flat(tree: PyTree) -> np.ndarray:

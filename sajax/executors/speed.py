@@ -87,7 +87,7 @@ class SpeedModel:
   def factor(self, learner: int, learners: int) -> float:
     """Learner k's fixed time factor (1 for a normal learner)."""
     if self.speeds:
-      return float(self.speeds[learner])
+      return float(self.speeds[learner % len(self.speeds)])   # a learner beyond λ (a join) cycles the factors
     return self.slowdown if learner < round(self.stragglers * learners) else 1.0
 
   @property

@@ -29,9 +29,9 @@ from typing import Any, Optional
 import jax
 from jax.flatten_util import ravel_pytree
 
-from sajax import local_steps
+from sajax import elastic, local_steps
 from sajax.executors import common
-from sajax.executors.learners import Death, Learners, Published, Push, join_learners
+from sajax.executors.learners import Death, Join, Learners, Left, Published, Push, join_learners
 from sajax.server import ParameterServer, flat_transform
 
 log = logging.getLogger("sajax")
@@ -79,20 +79,25 @@ class ThreadedEngine(common.Executor):
     self.learners = config.learners
     self.protocol = run.protocol
     local = list(range(self.learners)) if local_learners is None else list(local_learners)
+    self.local = set(local) if local_learners is not None else None   # None: every learner id is ours
     local_devices, self.ps_device = learner_devices(len(local), devices)
+    self._spare_devices = local_devices or [self.ps_device]     # where joining learners go: k mod their number
     # Weights and gradients travel as one flat vector: one transfer per (device, version) and per push.
     flat_params, self.unravel = ravel_pytree(run.params)
     self.ps = ParameterServer(flat_params, flat_transform(run.tx, self.unravel), self.protocol,
                               device=self.ps_device, policy=run.policy,
                               divergence_after=config.get("divergence_after", 100))
-    self.deaths = common.Deaths(self.learners, self.protocol, fail_fast=bool(config.get("fail_fast", False)),
-                                say=run.log)
+    self.deaths = common.Membership.from_config(config, self.protocol, run.log)
     self._pending_losses: list = common.restore_server(self.ps, run, {"params": flat_params,
                                                                       "opt_state": run.opt_state})
     # mini-batches of μ behind the buffered pushes (c·H, or the sum of DyLU's H_k)
     self._pending_batches = common.restored_batches(run, self._pending_losses)
-    self.deaths.restore(run.restored_meta.get("dead", {}), self.ps)
+    self.deaths.restore(run.restored_meta.get("dead", {}), self.ps, run.restored_meta.get("members"))
     self.gate = common.spread_gate(self.protocol, self.ps, self.deaths, run.restored_meta.get("ssp"))
+    self.events = elastic.run_schedule(config, run.total_updates, run.updates)
+    self._joining: set[int] = set()          # ids add_learner reserved, not yet joined by the PS loop
+    self._api = threading.Lock()
+    self._loop_thread: Optional[threading.Thread] = None
     self.queue: queue.Queue = queue.Queue(maxsize=max(2, self.learners))
     self.stop = threading.Event()
     run.on_stop_request(self._wake)
@@ -123,6 +128,7 @@ class ThreadedEngine(common.Executor):
 
   # ---- the PS loop -----------------------------------------------------------------------------------
   def run_loop(self) -> tuple[PyTree, PyTree]:
+    self._loop_thread = threading.current_thread()
     threads = self.pool.start()
     self.run.log(self._started_line(threads))
     current = lambda: (self.unravel(self.ps.params), self.ps.opt_state)  # noqa: E731
@@ -131,15 +137,10 @@ class ThreadedEngine(common.Executor):
     try:
       while not self.run.done:
         item = self._next_item()
-        if isinstance(item, Death):
-          applied = self.deaths.died(item.learner, item.error, self.ps, item.traceback_file)
-          released = self.gate.died(item.learner) if self.gate is not None else []
-          if applied:
-            self._after_update(current, released)
-          else:
-            self._permit(released)
-          continue
-        self._push(item, current)
+        if isinstance(item, Push):
+          self._push(item, current)
+        else:
+          self._membership(item, current)
     except KeyboardInterrupt:
       self.run.interrupted(current)   # the checkpoint first: a second Ctrl-C may cut the shutdown's wait short
       self._shutdown(threads)
@@ -175,6 +176,78 @@ class ThreadedEngine(common.Executor):
         pass   # items are waiting: the loop reaches its next update, where the stop is taken
     threading.Thread(target=put, name="wake-ps", daemon=True).start()
 
+  # ---- elastic membership: the PS loop applies every change -------------------------------------------------
+  def _membership(self, item: Any, current: Any) -> None:
+    """A Death, Left or Join from the queue: the membership and c change (the PS core), the SSP gate learns it,
+    and a replacement or a joining learner starts."""
+    released: list[int] = []
+    if isinstance(item, Join):
+      with self._api:
+        self._joining.discard(item.learner)
+      applied = self.deaths.join(item.learner, self.ps, item.reason)
+      self._start_learner(item.learner, fresh=False)
+      released = self.gate.joined(item.learner) if self.gate is not None else []
+    else:
+      if isinstance(item, Death):
+        applied = self.deaths.died(item.learner, item.error, self.ps, item.traceback_file)
+      else:
+        applied = self.deaths.leave(item.learner, item.reason, self.ps)
+      released = self.gate.died(item.learner) if self.gate is not None else []
+      if isinstance(item, Death) and self.deaths.replace:
+        self._start_learner(item.learner, fresh=True)
+        released += self.gate.joined(item.learner) if self.gate is not None else []
+    if applied:
+      self._after_update(current, released)
+    else:
+      self._permit(released)
+
+  def _start_learner(self, k: int, fresh: bool) -> None:
+    """Starts a thread for learner k (joined, or a fresh one replacing a dead k) on the current weights."""
+    self.pool.add(k, self.pool.devices.get(k, self._spare_devices[k % len(self._spare_devices)]), fresh)
+
+  def _apply_events(self) -> None:
+    """The ``elastic_events`` due after the update just applied: a join starts learners now; a leave asks them
+    to leave (each finishes its gradient, then its Left comes through the queue)."""
+    for kind, learners in elastic.due(self.events, self.run.updates):
+      for k in learners:
+        if kind == "join" and k not in self.deaths.alive and not self.pool.running(k):
+          self._membership(Join(k, "joined (elastic_events)"), lambda: (self.unravel(self.ps.params),
+                                                                         self.ps.opt_state))
+        elif kind == "leave" and k in self.deaths.alive and k not in self.pool.leaving:
+          self.pool.leave(k, "elastic_events")
+
+  def add_learner(self, learner: Optional[int] = None) -> int:
+    """Adds a learner to the running job (thread-safe: call it from any thread); returns its id. It takes
+    ``learner`` or the lowest free id below ``elastic_max_learners``, and starts, on the current weights, once the
+    PS loop takes the request (c is re-derived then). Raises ValueError when no id is free or ``learner`` is live."""
+    with self._api:
+      taken = self.deaths.alive | self._joining | {k for k in range(self.deaths.slots) if self.pool.running(k)}
+      free = [k for k in range(self.deaths.slots) if k not in taken]
+      if learner is None and not free:
+        raise ValueError(f"no learner id is free; allowed: at most elastic_max_learners = {self.deaths.slots} "
+                         "learners live")
+      k = free[0] if learner is None else learner
+      if k not in free or (self.local is not None and k not in self.local):
+        raise ValueError(f"learner={learner!r} cannot join; allowed: a free id of {free} (live or leaving: "
+                         f"{sorted(taken)})")
+      self._joining.add(k)
+    if threading.current_thread() is self._loop_thread:   # a callback of the run: the PS loop itself
+      self._membership(Join(k, "joined (add_learner)"), lambda: (self.unravel(self.ps.params), self.ps.opt_state))
+    else:
+      self._put(Join(k, "joined (add_learner)"))
+    return k
+
+  def remove_learner(self, learner: int, reason: str = "remove_learner") -> None:
+    """Asks learner ``learner`` to leave the running job (thread-safe). It finishes the gradient it is computing
+    and pushes it (under hardsync it waits for that round's update, so σ stays 0), then leaves; c is re-derived
+    when the PS loop takes its leave. Fewer than ``elastic_min_learners`` live then ends the run (one line,
+    :class:`~sajax.executors.common.LearnersFailed`). Raises ValueError for a learner that is not live here."""
+    with self._api:
+      if learner not in self.deaths.alive or learner in self.pool.leaving or learner not in self.pool.devices:
+        raise ValueError(f"learner={learner!r} cannot leave; allowed: a live learner of this process "
+                         f"({sorted(k for k in self.deaths.alive if k in self.pool.devices)})")
+      self.pool.leave(learner, reason)
+
   def _push(self, item: Push, current: Any) -> None:
     result = self.ps.push(item.learner, item.version, item.grads, finite=item.finite,
                           stale_params=item.stale_params)
@@ -196,17 +269,19 @@ class ThreadedEngine(common.Executor):
     self._publish()
     self._permit(released)   # after publishing: a learner the update released pulls it (s = 0, c = λ: σ = 0)
     self.run.after_update(losses, gradients=len(losses), current_state=current, batches=batches)
+    if self.events:
+      self._apply_events()
 
   def _shutdown(self, threads: list) -> None:
     self.stop.set()
     self.published.wake()
-    join_learners(threads, self.queue, lambda death: self.deaths.record(death.learner, death.error),
-                  SHUTDOWN_WAIT_S)
+    join_learners(self.pool.threads or threads, self.queue,
+                  lambda death: self.deaths.record(death.learner, death.error), SHUTDOWN_WAIT_S)
 
   # ---- the executor interface -------------------------------------------------------------------------
   def telemetry(self) -> dict:
     out = common.telemetry(self.ps, learners_alive=len(self.deaths.alive), queue_depth=self.queue.qsize(),
-                           deaths=self.deaths.errors, gate=self.gate)
+                           deaths=self.deaths.errors, gate=self.gate, members=self.deaths)
     if self.pool.rounds is not None and self.pool.rounds.dynamic:   # DyLU: each learner's H_k now (measured)
       out["inner_steps"] = self.pool.rounds.table(sorted(self.pool.devices))
     return out
@@ -218,7 +293,8 @@ class ThreadedEngine(common.Executor):
     return arrays
 
   def checkpoint_meta(self) -> dict:
-    meta = {"server": self.ps.state_meta(), "dead": self.deaths.to_json(), "pending_batches": self._pending_batches}
+    meta = {"server": self.ps.state_meta(), "dead": self.deaths.to_json(), "members": self.deaths.state(),
+            "pending_batches": self._pending_batches}
     if self.gate is not None:
       meta["ssp"] = self.gate.to_json()
     return meta
