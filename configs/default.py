@@ -76,6 +76,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.nan_learners = ()            # fault injection: these learners' gradients are NaN ...
   config.nan_at_step = 0              # ... from this step of their own ...
   config.nan_steps = 1                # ... for this many steps (0: every step from then on)
+  # elastic learners (threads, simulated, ray; README "Elastic learners"): c re-derived from the live set
+  config.elastic_min_learners = 1     # the run goes on while at least this many learners are live (else exit 4)
+  config.elastic_max_learners = 0     # learner ids a join may take: 0..max-1 (0: λ)
+  config.elastic_replace = False      # a learner that dies is replaced at once by a fresh one in its slot
+  config.elastic_events = ""          # e.g. "leave 4-7 at run 1/3; join 4-7 at run 2/3" (or "at update U")
   # every run ends: divergence and bounded waits (docs/reliability.md)
   config.divergence_after = 100       # consecutive non-finite gradients that end the run as diverged (exit 3)
   config.mpi_timeout_s = 600.0        # executor=mpi: start-up/shutdown waits for another rank, then fail naming it
