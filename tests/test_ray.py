@@ -174,3 +174,33 @@ def test_an_interrupted_run_checkpoints_and_resumes_from_the_ps_state(local_ray,
   assert resumed_at[0] == 21 and final["samples"] >= 512
   assert sum(final["staleness_histogram"].values()) == final["updates"]   # both sessions counted once
   assert [r["epoch"] for r in result.history] == [1.0]
+
+
+@pytest.mark.slow
+def test_a_new_actor_joins_a_running_job_and_a_killed_one_is_a_leave(local_ray, tmp_path):
+  """Elastic learners under Ray, in one run: async λ = 2 (one actor each, elastic_max_learners 3); at update 5
+  add_learner starts a third actor (the callback waits until it is ready, so the join comes early), and once the
+  new learner has pushed, actor 0 is killed: learner 0 leaves, the other two finish the run (c = 1 throughout)."""
+  import time
+  joined, killed = [], []
+
+  def elastic_calls(run):
+    executor = run.executor
+    if run.updates == 5 and not joined:
+      joined.append(executor.add_learner())
+      deadline = time.monotonic() + 300
+      while joined[0] not in executor._ready and time.monotonic() < deadline:
+        time.sleep(0.2)
+    per = executor.ps.stats.per_learner
+    if joined and not killed and joined[0] in per and per[joined[0]].count >= 3:
+      killed.append(run.updates)
+      ray.kill(executor.actors[0])
+
+  final = sajax.train(_config("async", 2, elastic_max_learners=3, epochs=2), workdir=str(tmp_path),
+                      callbacks=[elastic_calls]).metrics
+  assert joined == [2] and killed and final["samples"] >= 1024
+  assert final["learners_live"] == [1, 2] and final["learners_alive"] == 2 and final["gradients_per_update"] == 1
+  assert (final["learners_joined"], final["learners_left"], final["learners_live_max"]) == (1, 1, 3)
+  assert "its Ray actor 0 ended" in final["learners_dead"]["0"] and len(final["pushes_per_actor"]) == 3
+  per = final["staleness_per_learner"]
+  assert per["2"]["count"] >= 3 and per["1"]["count"] + per["2"]["count"] > final["updates"] - killed[0]

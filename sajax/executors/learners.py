@@ -76,6 +76,7 @@ class Join:
 
   learner: int
   reason: str = "joined"
+  replacement: bool = False   # a fresh learner in a dead learner's slot (already live in the membership)
 
 
 class _Quit:

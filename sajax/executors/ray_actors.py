@@ -99,7 +99,11 @@ class LearnerActor:
     devices = sorted({str(d) for d in live.values()})
     return f"learners {sorted(live)} on {', '.join(devices) or 'no device'}"
 
-  def start(self) -> None:
+  def start(self, version: Optional[int] = None, params: Optional[np.ndarray] = None) -> None:
+    """Starts the learners, on (i, θ_i) when given and newer than the weights held (an actor that joins a running
+    job starts on the current weights)."""
+    if version is not None and version > self.published.version:
+      self.published.set(version, params)
     self.threads = self.pool.start()
 
   def weights(self, version: int, params: np.ndarray) -> None:

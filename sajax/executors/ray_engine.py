@@ -36,14 +36,14 @@ import math
 import os
 import socket
 import threading
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from sajax import config as config_lib
 from sajax.executors import ray_actors
 from sajax.executors.common import LearnersFailed, SentVersions
-from sajax.executors.learners import Death, Push
+from sajax.executors.learners import Death, Join, Push
 from sajax.executors.threads import SHUTDOWN_WAIT_S, ThreadedEngine
 
 log = logging.getLogger("sajax")
@@ -130,12 +130,19 @@ class RayEngine(ThreadedEngine):
     self.ray = ray
     super().__init__(run, local_learners=[])
     self.blocks = actor_blocks(self.learners, int(run.config.get("ray_learners_per_actor", 1)))
+    self.blocks += [[k] for k in sorted(self.deaths.alive) if k >= self.learners]   # joined before a checkpoint
+    self.local = None                                    # any free id may join, in an actor of its own
+    # elastic_replace: a dead learner's actor is gone, so its replacement is a new actor, prepared in the
+    # background (seconds): the death is a leave now (c re-derived), the fresh learner a join once it is ready.
+    self._replace, self.deaths.replace = self.deaths.replace, False
     self.owner = {k: a for a, block in enumerate(self.blocks) for k in block}
     self.actors: dict[int, Any] = {}                     # actor index -> handle, while it lives
     self._lock = threading.Condition()
     self._sent = -1                                      # the last version sent to every live actor
     self._lost: set[int] = set()                         # actors that ended (their learners are dead)
-    self._held = SentVersions(list(range(self.learners)), self.published.version)
+    self._held = SentVersions(list(range(self.deaths.slots)), self.published.version)
+    self._ready: dict[int, Any] = {}                     # learner k -> the prepared actor that joins with it
+    self._added: list[int] = []                          # actor indices the receiver has not taken from yet
     self._closing = False
     self.pushes = [0] * len(self.blocks)
 
@@ -169,6 +176,59 @@ class RayEngine(ThreadedEngine):
     ray.get([actor.start.remote() for actor in self.actors.values()])
     run.log(f"ray: {len(self.actors)} learner actor(s) ({'; '.join(where)}), PS on {self.ps_device}, "
             f"protocol {self.protocol.name} (c = {self.ps.gradients_per_update})")
+
+  # ---- elastic membership: a new actor per joining learner -------------------------------------------------
+  def add_learner(self, learner: Optional[int] = None) -> int:
+    """Adds a learner in a new Ray actor (thread-safe); returns its id. The actor builds its run and compiles
+    in the background; the learner joins (c re-derived) once it is ready, on the then current weights."""
+    k = self._reserve(learner)
+    threading.Thread(target=self._prepare_joiner, args=(k, False), name=f"ray-join-{k}", daemon=True).start()
+    return k
+
+  def _prepare_joiner(self, k: int, replacement: bool) -> None:
+    ray = self.ray
+    try:
+      options = actor_options(ray.cluster_resources().get("GPU", 0), len(self.actors) + 1)
+      actor = ray_actors.remote_class(ray, options).remote(self.run.config.to_dict(), self.run.workdir, [k])
+      version, params = self.published.value
+      ray.get(actor.prepare.remote({str(k): self.run.streams[k].get_state()}, [], version,
+                                   ray.put(np.asarray(params)), {}), timeout=START_WAIT_S)
+    except Exception as e:  # noqa: BLE001 - a learner that cannot join is said in one line; the run goes on
+      with self._api:
+        self._joining.discard(k)
+      self.run.log(f"learner {k} could not join: its Ray actor failed to start ({one_line(e)})")
+      return
+    with self._lock:
+      self._ready[k] = actor
+    self._put(Join(k, "replaced by a new Ray actor" if replacement else "joined (a new Ray actor)"))
+
+  def _membership(self, item: Any, current: Any) -> None:
+    super()._membership(item, current)
+    if isinstance(item, Death) and self._replace and not self.stop.is_set():
+      with self._api:
+        self._joining.add(item.learner)
+      threading.Thread(target=self._prepare_joiner, args=(item.learner, True), name=f"ray-join-{item.learner}",
+                       daemon=True).start()
+
+  def _start_learner(self, k: int, fresh: bool) -> None:
+    """A joining learner's actor, ready: it takes part from now on (weights, permits, takes)."""
+    with self._lock:
+      actor = self._ready.pop(k)
+    version, params = self.published.value
+    with self._lock:
+      a = len(self.blocks)
+      self.blocks.append([k])
+      self.owner[k] = a
+      self.pushes.append(0)
+      self.actors[a] = actor
+      self._added.append(a)
+    actor.start.remote(version, self.ray.put(np.asarray(params)))
+
+  def remove_learner(self, learner: int, reason: str = "remove_learner") -> None:
+    """Under Ray a learner leaves with its actor: ``ray.kill`` the actor (``executor.actors``); its learners are
+    reported dead (a leave), and c is re-derived."""
+    raise ValueError(f"learner={learner!r} cannot be removed one by one under Ray; allowed: ray.kill(its actor "
+                     f"executor.actors[{self.owner.get(learner, '?')}]), which is its learners' leave")
 
   def _restored_rows(self, block: list[int]) -> dict:
     """local_steps > 1: the inner states a resumed run's checkpoint holds for ``block`` (flat float32 rows)."""
@@ -232,7 +292,13 @@ class RayEngine(ThreadedEngine):
   def _receive(self) -> None:
     ray = self.ray
     pending = {actor.take.remote(): a for a, actor in self.actors.items()}
-    while pending and not self.stop.is_set():
+    while (pending or self._joining or self._ready) and not self.stop.is_set():
+      with self._lock:
+        added, self._added = self._added, []
+      pending.update({self.actors[a].take.remote(): a for a in added})
+      if not pending:
+        self.stop.wait(0.1)
+        continue
       ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
       for ref in ready:
         a = pending.pop(ref)

@@ -99,7 +99,6 @@ class SimulatedEngine(common.Executor):
     self.steps = [0] * slots                                  # the step of each learner's current gradient
     self.events: list[tuple[float, int]] = []     # (finish time, learner): a heap, ties broken by learner id
     self.waiting: list[int] = []
-    self.leave_after_round: dict[int, str] = {}   # hardsync: learners that pushed this round and then leave
     self.schedule = elastic.run_schedule(config, run.total_updates, run.updates)   # elastic_events to come
     self.rng = np.random.default_rng([config.seed, 7919])
     self.sim_time = 0.0
@@ -203,14 +202,12 @@ class SimulatedEngine(common.Executor):
     return current()
 
   def _updated(self, current: Any) -> None:
-    """After an update: the hardsync round's learners start on the new weights (those leaving after the round
-    leave), the run reports the update, then the ``elastic_events`` due after it take effect."""
-    waiting, self.waiting = sorted(self.waiting), []
-    for w in waiting:
-      if w in self.leave_after_round:
-        self.deaths.leave(w, self.leave_after_round.pop(w), self.ps)   # buffer empty: this applies nothing
-      else:
-        self._start(w, self.sim_time)
+    """After an update: the hardsync round's learners start on the new weights, the run reports the update, then
+    the ``elastic_events`` due after it take effect (so no learner has pushed toward the next update yet: under
+    hardsync a leave never completes a round early, σ stays 0)."""
+    for w in sorted(self.waiting):
+      self._start(w, self.sim_time)
+    self.waiting = []
     done, self.losses = self.losses, []
     batches, self.batches = self.batches, 0
     self.run.after_update(done, gradients=len(done), current_state=current, batches=batches)
@@ -234,13 +231,8 @@ class SimulatedEngine(common.Executor):
 
   def _leave(self, k: int, reason: str) -> bool:
     """Learner k leaves at the current simulated time (a no-op for one not live). A gradient it is computing
-    is abandoned (never pushed); under hardsync a learner that already pushed this round leaves after the
-    round's update, so the round completes with its gradient and σ stays 0. Returns whether c re-derived for
-    the live learners applied an update (the others of a hardsync round had all pushed)."""
-    if k not in self.deaths.alive or k in self.leave_after_round:
-      return False
-    if k in self.waiting:
-      self.leave_after_round[k] = reason
+    is abandoned (never pushed). Returns whether c re-derived for the live learners applied an update."""
+    if k not in self.deaths.alive:
       return False
     if self.version[k] is not None:          # computing: abandon its gradient
       self.events = [e for e in self.events if e[1] != k]
@@ -282,7 +274,7 @@ class SimulatedEngine(common.Executor):
 
   def checkpoint_meta(self) -> dict:
     meta = {"server": self.ps.state_meta(), "dead": self.deaths.to_json(), "members": self.deaths.state(),
-            "leave_after_round": {str(k): v for k, v in self.leave_after_round.items()}, "sim_time": self.sim_time,
+            "sim_time": self.sim_time,
             "events": [list(e) for e in self.events],
             "version": self.version, "computed": [r is not None for r in self.result], "steps": self.steps,
             "waiting": self.waiting, "rng": self.rng.bit_generator.state, "pending_batches": self.batches}
@@ -300,7 +292,6 @@ class SimulatedEngine(common.Executor):
     kept = min(len(meta["version"]), self.slots)
     self.version[:kept], self.steps[:kept] = list(meta["version"])[:kept], list(meta["steps"])[:kept]
     self.waiting = [int(k) for k in meta["waiting"] if int(k) in alive]
-    self.leave_after_round = {int(k): v for k, v in meta.get("leave_after_round", {}).items() if int(k) in alive}
     if self.gate is not None:
       self.gate.waiting = {int(k) for k in meta["ssp"]["waiting"] if int(k) in alive}
     self.rng.bit_generator.state = meta["rng"]

@@ -102,8 +102,11 @@ class ThreadedEngine(common.Executor):
     self.stop = threading.Event()
     run.on_stop_request(self._wake)
     self.published = Published(self.ps.version, self.ps.params)
-    live = [k for k in local if k in self.deaths.alive]
-    self.pool = Learners(run, dict(zip(live, [local_devices[local.index(k)] for k in live])), self.published,
+    live = {k: local_devices[local.index(k)] for k in local if k in self.deaths.alive}
+    if self.local is None:   # learners that joined beyond λ before a checkpoint: live again on resume
+      live.update({k: self._spare_devices[k % len(self._spare_devices)] for k in sorted(self.deaths.alive)
+                   if k not in live})
+    self.pool = Learners(run, live, self.published,
                          self._put, self.stop, to_server=lambda g: jax.device_put(g, self.ps_device),
                          keep_stale=self.ps.needs_stale_params, inner_states=self._restored_inner_states(flat_params))
     run.attach(self)
@@ -184,8 +187,8 @@ class ThreadedEngine(common.Executor):
     if isinstance(item, Join):
       with self._api:
         self._joining.discard(item.learner)
-      applied = self.deaths.join(item.learner, self.ps, item.reason)
-      self._start_learner(item.learner, fresh=False)
+      applied = False if item.replacement else self.deaths.join(item.learner, self.ps, item.reason)
+      self._start_learner(item.learner, fresh=item.replacement)
       released = self.gate.joined(item.learner) if self.gate is not None else []
     else:
       if isinstance(item, Death):
@@ -220,6 +223,15 @@ class ThreadedEngine(common.Executor):
     """Adds a learner to the running job (thread-safe: call it from any thread); returns its id. It takes
     ``learner`` or the lowest free id below ``elastic_max_learners``, and starts, on the current weights, once the
     PS loop takes the request (c is re-derived then). Raises ValueError when no id is free or ``learner`` is live."""
+    k = self._reserve(learner)
+    if threading.current_thread() is self._loop_thread:   # a callback of the run: the PS loop itself
+      self._membership(Join(k, "joined (add_learner)"), lambda: (self.unravel(self.ps.params), self.ps.opt_state))
+    else:
+      self._put(Join(k, "joined (add_learner)"))
+    return k
+
+  def _reserve(self, learner: Optional[int]) -> int:
+    """A free learner id (``learner``, or the lowest), reserved for a join until the PS loop takes it."""
     with self._api:
       taken = self.deaths.alive | self._joining | {k for k in range(self.deaths.slots) if self.pool.running(k)}
       free = [k for k in range(self.deaths.slots) if k not in taken]
@@ -231,10 +243,6 @@ class ThreadedEngine(common.Executor):
         raise ValueError(f"learner={learner!r} cannot join; allowed: a free id of {free} (live or leaving: "
                          f"{sorted(taken)})")
       self._joining.add(k)
-    if threading.current_thread() is self._loop_thread:   # a callback of the run: the PS loop itself
-      self._membership(Join(k, "joined (add_learner)"), lambda: (self.unravel(self.ps.params), self.ps.opt_state))
-    else:
-      self._put(Join(k, "joined (add_learner)"))
     return k
 
   def remove_learner(self, learner: int, reason: str = "remove_learner") -> None:
