@@ -76,9 +76,10 @@ def test_bad_speed_model_is_refused(tmp_path):
 
 
 def test_a_run_saved_with_retired_keys_still_resumes():
-  saved = {"sim_ring": 0, "sim_batching": "auto", "learners": 4}
-  assert config_lib.config_differences(saved, {"learners": 4}) == []
-  assert config_lib.config_differences(saved, {"learners": 8}) == ["learners: 4 -> 8"]
+  saved = {"sim_ring": 0, "sim_batching": "auto", "n": 2}
+  assert config_lib.config_differences(saved, {"n": 2}) == []
+  assert config_lib.config_differences(saved, {"n": 4}) == ["n: 2 -> 4"]
+  assert config_lib.config_differences({"learners": 4}, {"learners": 8}) == []   # λ may change (elastic resume)
 
 
 def _stop_at(update):
