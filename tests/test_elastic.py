@@ -231,3 +231,13 @@ def test_a_run_resumes_from_its_checkpoint_with_another_lambda(tmp_path, executo
   per = final["staleness_per_learner"]
   assert per["2"]["count"] == first["staleness_per_learner"]["2"]["count"]   # no push after the resume
   assert per["0"]["count"] > first["staleness_per_learner"]["0"]["count"]
+
+
+def test_threads_apply_the_event_schedule_too(tmp_path):
+  """Threads async λ = 2 (max 3): learner 2 joins after update 3, learner 0 leaves after half the run."""
+  config = _config("threads", "async", 2, elastic_max_learners=3, eval_every_epochs=1,
+                   elastic_events="join 2 at update 3; leave 0 at run 1/2")
+  final = sajax.train(config, workdir=str(tmp_path)).metrics
+  assert final["learners_live"] == [1, 2] and (final["learners_joined"], final["learners_left"]) == (1, 1)
+  per = final["staleness_per_learner"]
+  assert per["2"]["count"] > 0 and per["0"]["count"] < per["1"]["count"] and final["gradients_per_update"] == 1

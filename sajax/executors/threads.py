@@ -218,6 +218,9 @@ class ThreadedEngine(common.Executor):
                                                                          self.ps.opt_state))
         elif kind == "leave" and k in self.deaths.alive and k not in self.pool.leaving:
           self.pool.leave(k, "elastic_events")
+        else:
+          self.run.log(f"elastic_events: {kind} {k} after update {self.run.updates} skipped (learner {k} is "
+                       f"{'live' if k in self.deaths.alive else 'not live'} or still leaving)")
 
   def add_learner(self, learner: Optional[int] = None) -> int:
     """Adds a learner to the running job (thread-safe: call it from any thread); returns its id. It takes
