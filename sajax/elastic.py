@@ -15,7 +15,7 @@ the executors only report the changes (:class:`sajax.executors.common.Membership
   ``"leave 4-7 at run 1/3; join 4-7 at run 2/3"``: ``leave`` or ``join``, learner ids (``3``, ``4-7``, ``1,5``),
   ``at run F`` (F a fraction of the run's updates, ``1/3`` or ``0.5``) or ``at update U``. An event takes effect
   right after the update it names (fractions are rounded to the nearest update, at least 1). Read by the
-  simulated, threads and ray executors.
+  simulated, threads and ray executors; mpi reads its leaves (each rank applies those of its learners).
 
 This module parses and checks them (``ValueError`` naming the bad value and what is allowed; the CLI turns it
 into one line and exit 2 before anything is written). Pure: no JAX, no threads.
@@ -108,12 +108,16 @@ def check(values: Mapping[str, Any]) -> None:
     raise ValueError(f"config.elastic_min_learners={least!r} is invalid; allowed: 1..{learners} (the run goes on "
                      "while at least this many learners are live)")
   slots = max_learners(values)
-  elastic = bool(values.get("elastic_replace", False) or values.get("elastic_events", "") or top)
+  elastic = bool(values.get("elastic_replace", False) or top
+                 or (values.get("elastic_events", "") and values["executor"] != "mpi"))
   if elastic and values["executor"] not in EVENT_EXECUTORS:
     raise ValueError(f"elastic_max_learners, elastic_replace and elastic_events are read by executors "
-                     f"{', '.join(EVENT_EXECUTORS)}; allowed with executor {values['executor']!r}: their defaults "
-                     "(0, False, '')")
+                     f"{', '.join(EVENT_EXECUTORS)} (mpi: elastic_events leaves only); allowed with executor "
+                     f"{values['executor']!r}: their defaults (0, False, '')")
   events = parse_events(values.get("elastic_events", ""))
+  if values["executor"] == "mpi" and any(e.kind == "join" for e in events):
+    raise ValueError(f"config.elastic_events={values['elastic_events']!r} has a join, which executor 'mpi' does not "
+                     "have (its learners are spread over the ranks at the start); allowed with mpi: leaves only")
   for event in events:
     bad = [k for k in event.learners if k >= slots]
     if bad:

@@ -864,3 +864,20 @@ def test_a_checkpoint_that_does_not_fit_found_by_rank_0_alone_stops_every_rank_w
   with pytest.raises(config_lib.ConfigError, match=r"^checkpoint x does not fit this run's state; allowed"):
     sajax.train(smoke_config("mpi", "async", learners=2, batch_per_learner=8), workdir=str(tmp_path / "run"))
   assert told[0] is None and isinstance(told[1], checkpoint.CheckpointMismatch)   # the workdir, then the restore
+
+
+@pytest.mark.slow
+@needs_mpiexec
+@pytest.mark.xdist_group("mpi-elastic")
+def test_learner_threads_on_rank_0_and_on_another_rank_leave_and_hardsync_keeps_sigma_0(tmp_path):
+  """3 ranks, hardsync, λ = 4 on 512 examples, one epoch: learner 0 (rank 0) and learner 2 (rank 2) leave after
+  update 5 (elastic_events); each finishes its round, its leave reaches rank 0's PS, c becomes 2, σ stays 0."""
+  workdir = tmp_path / "run"
+  result = _mpiexec(3, *ARGS, "--config.executor=mpi", "--config.protocol=hardsync", "--config.train_examples=512",
+                    "--config.epochs=1", "--config.elastic_events=leave 0,2 at update 5", "--workdir", str(workdir))
+  assert result.returncode == 0, _said(result)
+  final = _records(workdir)[-1]
+  assert final["learners_live"] == [1, 3] and final["learners_left"] == 2 and final["gradients_per_update"] == 2
+  assert final["staleness_max"] == 0 and final["samples"] >= 512
+  per = {k: v["count"] for k, v in final["staleness_per_learner"].items()}
+  assert per["0"] == per["2"] == 5 and per["1"] == per["3"] == final["updates"]

@@ -70,7 +70,7 @@ from typing import Any, Optional
 import numpy as np
 
 from sajax.executors import mpi_comm, mpi_wire as wire
-from sajax.executors.learners import Death, Push
+from sajax.executors.learners import Death, Left, Push
 from sajax.executors.mpi_comm import receive, send, world
 from sajax.executors.mpi_learner_rank import LearnerRank
 from sajax.executors.threads import ThreadedEngine
@@ -84,7 +84,8 @@ DEFAULT_WAIT_S = mpi_comm.DEFAULT_WAIT_S   # waits for another rank (a first com
 
 
 # ---- rank 0 ----------------------------------------------------------------------------------------------
-SERVER_EXPECTS = frozenset({wire.PUSH, wire.DEATH, wire.FAIL, wire.DONE, wire.READY, wire.RESEND, wire.DRAW})
+SERVER_EXPECTS = frozenset({wire.PUSH, wire.DEATH, wire.FAIL, wire.DONE, wire.READY, wire.RESEND, wire.DRAW,
+                            wire.LEAVE})
 
 
 class ServerRank(ThreadedEngine):
@@ -217,10 +218,10 @@ class ServerRank(ThreadedEngine):
         self._lock.notify_all()
     elif self.stop.is_set():
       return                                    # in flight when the run ended: discarded
-    elif msg.kind == wire.DEATH:
+    elif msg.kind in (wire.DEATH, wire.LEAVE):
       with self._lock:
         self._outstanding.pop(msg.learner, None)
-      self._put(Death(msg.learner, msg.text))
+      self._put(Death(msg.learner, msg.text) if msg.kind == wire.DEATH else Left(msg.learner, msg.text))
     else:
       finite = bool(np.isfinite(msg.payload).all())
       with self._lock:   # the pushing learner pulls next: send its rank θ as soon as there is a newer one

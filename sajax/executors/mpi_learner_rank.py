@@ -24,9 +24,10 @@ from typing import Any, Optional
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from sajax import elastic
 from sajax.executors import mpi_comm, mpi_wire as wire
 from sajax.executors.faults import corrupted_message
-from sajax.executors.learners import Death, Learners, Published, join_learners
+from sajax.executors.learners import Death, Learners, Left, Published, join_learners
 from sajax.executors.mpi_comm import receive, send
 from sajax.executors.threads import SHUTDOWN_WAIT_S, bounded_put, learner_devices
 
@@ -63,6 +64,8 @@ class LearnerRank:
     self.last_version = run.total_samples // run.config.batch_per_learner + run.protocol.gradients_per_update
     self.hardsync = run.protocol.learners_wait
     self.live: set[int] = set(self.local)
+    self.pool: Optional[Learners] = None
+    self.leaves = elastic.run_schedule(run.config, run.total_updates, 0)   # elastic_events (leaves only)
     self.heard = time.monotonic()   # when rank 0 last sent anything (it sends ALIVE every mpi_timeout_s / 4)
     mpi_comm.set_error_log(run.workdir)
 
@@ -96,6 +99,14 @@ class LearnerRank:
     held = self.published.version if self.published.value is not None else self.setup_version
     wire.check_weights_version(msg.version, held, last, hardsync=self.hardsync and bool(self.live))
 
+  def _leave_due(self, version: int) -> None:
+    """``elastic_events`` leaves of this rank's learners due once version i = update i is here: each finishes its
+    gradient (under hardsync that round), then its LEAVE goes to rank 0, which re-derives c."""
+    for _, learners in elastic.due(self.leaves, version):
+      for k in learners:
+        if self.pool is not None and k in self.pool.devices and k in self.live:
+          self.pool.leave(k, "elastic_events")
+
   def _drawn(self, learner: int, step: int) -> None:
     """Learner k drew its step s: rank 0's copy of k's stream moves past it (checkpoints never replay it)."""
     self._send(wire.encode(wire.DRAW, learner=learner, value=float(step)))
@@ -111,8 +122,9 @@ class LearnerRank:
       self.run.streams[int(k)].set_state(state)
     live = {k: d for k, d in self.devices.items() if k not in set(info["dead"])}
     self.live = set(live)
-    pool = Learners(self.run, live, self.published, lambda item: bounded_put(self.queue, item, self.stop),
-                    self.stop, to_server=np.asarray, on_draw=self._drawn)
+    pool = self.pool = Learners(self.run, live, self.published,
+                                lambda item: bounded_put(self.queue, item, self.stop), self.stop,
+                                to_server=np.asarray, on_draw=self._drawn)
     while self.published.value is None and not self.stop.is_set():
       self._handle(self._next(frozenset({wire.WEIGHTS, wire.STOP}), "its first weights", deadline))
     if not self.stop.is_set():
@@ -137,6 +149,9 @@ class LearnerRank:
       if isinstance(item, Death):
         self.live.discard(item.learner)
         buf = wire.encode(wire.DEATH, learner=item.learner, text=item.error)
+      elif isinstance(item, Left):
+        self.live.discard(item.learner)
+        buf = wire.encode(wire.LEAVE, learner=item.learner, text=item.reason)
       else:
         buf = wire.encode(wire.PUSH, learner=item.learner, version=item.version, value=float(item.loss),
                           payload=item.grads)
@@ -197,3 +212,4 @@ class LearnerRank:
       self.published.wake()
     elif msg.kind == wire.WEIGHTS and msg.version > self.published.version:
       self.published.set(msg.version, msg.payload)
+      self._leave_due(msg.version)

@@ -35,6 +35,7 @@ DONE = 4      # the rank has stopped; nothing more will come from it
 READY = 5     # the rank has its weights and has compiled its gradient step
 RESEND = 6    # the rank rejected the weights it was sent (malformed): send them again
 DRAW = 7      # learner k drew its step s (value = s): rank 0's copy of k's stream is past s from now on
+LEAVE = 8     # learner k left (elastic_events), after its last push; payload = UTF-8 reason
 # kinds: PS -> learners
 WEIGHTS = 11  # θ_i with version i
 STOP = 12     # stop learning; value = 1.0 when the run was interrupted (Ctrl-C), 0.0 when finished
@@ -43,10 +44,11 @@ START = 14    # every rank is READY: start the learners
 PERMIT = 15   # ssp: learner k may start one gradient, on weights of this version or newer; value = k's serial
 ALIVE = 16    # rank 0 is alive: sent to a rank that was sent nothing for mpi_timeout_s / 4 (it stops waiting after)
 KINDS = {PUSH: "push", DEATH: "death", FAIL: "fail", DONE: "done", READY: "ready", RESEND: "resend", DRAW: "draw",
+         LEAVE: "leave",
          WEIGHTS: "weights", STOP: "stop", SETUP: "setup", START: "start", PERMIT: "permit", ALIVE: "alive"}
 FLOAT_KINDS = frozenset({PUSH, WEIGHTS})
-TEXT_KINDS = frozenset({DEATH, FAIL, SETUP})
-LEARNER_KINDS = frozenset({PUSH, DEATH, PERMIT, DRAW})
+TEXT_KINDS = frozenset({DEATH, FAIL, SETUP, LEAVE})
+LEARNER_KINDS = frozenset({PUSH, DEATH, PERMIT, DRAW, LEAVE})
 COUNT_KINDS = {PERMIT: 1, DRAW: 0}   # kinds whose value is a count (a serial, a step): the smallest allowed
 MAX_COUNT = 2 ** 53                   # the largest whole number a float64 holds exactly
 

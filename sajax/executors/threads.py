@@ -216,6 +216,8 @@ class ThreadedEngine(common.Executor):
         if kind == "join" and k not in self.deaths.alive and not self.pool.running(k):
           self._membership(Join(k, "joined (elastic_events)"), lambda: (self.unravel(self.ps.params),
                                                                          self.ps.opt_state))
+        elif kind == "leave" and k not in self.pool.devices and self.local is not None:
+          continue        # a learner on another MPI rank: that rank applies the leave
         elif kind == "leave" and k in self.deaths.alive and k not in self.pool.leaving:
           self.pool.leave(k, "elastic_events")
         else:
