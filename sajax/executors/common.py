@@ -268,7 +268,7 @@ class Membership:
 Deaths = Membership   # its name before elastic membership
 
 
-def spread_gate(protocol: Protocol, ps: ParameterServer, deaths: Deaths,
+def spread_gate(protocol: Protocol, ps: ParameterServer, deaths: Membership,
                 saved: Optional[Mapping] = None) -> Optional[SpreadGate]:
   """The run's :class:`~sajax.protocol.SpreadGate` under ssp (None otherwise): its counts of accepted pushes
   are the PS's per-learner statistics (so a resumed run goes on from them), its live learners ``deaths``'s;

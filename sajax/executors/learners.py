@@ -327,7 +327,7 @@ class Learners:
       if k in self.leaving and not self.stop.is_set():
         self.put(Left(k, self.leaving[k]))
     except Exception as e:  # noqa: BLE001 - a learner's failure is reported, the run goes on
-      # The PS side reports it in one line (common.Deaths); the traceback goes to the workdir's errors.log
+      # The PS side reports it in one line (common.Membership); the traceback goes to the workdir's errors.log
       # (on MPI ranks > 0, which write nothing, only to the debug log).
       detail = " ".join(f"{type(e).__name__}: {e}".split())
       try:

@@ -65,7 +65,8 @@ class LearnerRank:
     self.hardsync = run.protocol.learners_wait
     self.live: set[int] = set(self.local)
     self.pool: Optional[Learners] = None
-    self.leaves = elastic.run_schedule(run.config, run.total_updates, 0)   # elastic_events (leaves only)
+    self.leaves = (elastic.run_schedule(run.config, run.total_updates, 0)    # elastic_events (leaves only)
+                   if run.config.get("elastic_events", "") else [])
     self.heard = time.monotonic()   # when rank 0 last sent anything (it sends ALIVE every mpi_timeout_s / 4)
     mpi_comm.set_error_log(run.workdir)
 

@@ -31,7 +31,7 @@ from jax.flatten_util import ravel_pytree
 
 from sajax import elastic, local_steps
 from sajax.executors import common
-from sajax.executors.learners import Death, Join, Learners, Left, Published, Push, join_learners
+from sajax.executors.learners import Death, Join, Learners, Published, Push, join_learners
 from sajax.server import ParameterServer, flat_transform
 
 log = logging.getLogger("sajax")
