@@ -1,7 +1,9 @@
 """Shared by the executor tests: the smoke config switched to an executor, the reproducible metric fields, and the
-environment of a child process."""
+environment of a child process, a CLI run that must be refused."""
 
 import os
+import subprocess
+import sys
 
 from configs import smoke
 from sajax import metrics as metrics_lib
@@ -59,3 +61,15 @@ def child_env():
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
   env["XLA_FLAGS"] = " ".join(flags)
   return env
+
+
+def refused_smoke_run(workdir, *flags):
+  """Runs ``launch/train.py --config configs/smoke.py FLAGS --workdir WORKDIR`` as a user would and returns the
+  ``error:`` lines of a run that must be refused: it checks that it exited 2 and wrote nothing to the workdir."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run([sys.executable, os.path.join(root, "launch", "train.py"), "--config",
+                         os.path.join(root, "configs", "smoke.py"), *flags, "--workdir", str(workdir)],
+                        env=child_env(), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert not os.path.exists(workdir)
+  return [line for line in proc.stderr.splitlines() if line.startswith("error:")]
