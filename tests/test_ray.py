@@ -2,7 +2,13 @@
 once for the module (and shut down after it). Every run starts 2–3 actor processes (each builds the run and
 compiles: most of a run's time), so the runs are marked slow; the checks of the pieces are not."""
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
@@ -10,9 +16,9 @@ import ray
 
 import sajax
 from sajax import config as config_lib
-from sajax.executors import ray_engine
+from sajax.executors import ray_engine, ray_local
 from sajax.server import ParameterServer
-from tests.helpers import refused_smoke_run, smoke_config
+from tests.helpers import child_env, refused_smoke_run, smoke_config
 
 pytestmark = pytest.mark.xdist_group("ray")   # one worker runs them all: one local Ray, not one per worker
 
@@ -73,6 +79,61 @@ def test_a_remote_error_reads_as_one_line():
   except ConnectionError as e:
     line = ray_engine.one_line(e)
   assert line.startswith("ConnectionError: nothing answers at 127.0.0.1:1") and "\n" not in line
+
+
+def _alive(pid):
+  fields = ray_local._stat(pid)
+  return fields is not None and fields[0] != "Z"
+
+
+def _gone_within(pids, seconds):
+  """Waits until none of ``pids`` is alive (a zombie is not), at most ``seconds``; those still alive."""
+  deadline = time.monotonic() + seconds
+  while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    time.sleep(0.1)
+  return [p for p in pids if _alive(p)]
+
+
+FAKE_DRIVER = textwrap.dedent("""
+    import importlib.util, subprocess, sys, time
+    spec = importlib.util.spec_from_file_location("ray_local", sys.argv[1])
+    ray_local = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ray_local)
+    other = subprocess.Popen(["sleep", "60"])               # not Ray's: started before ray.init
+    before = ray_local.own_children()
+    # "ray.init": a raylet that starts an agent of its own (its grandchild), as Ray's does
+    raylet = subprocess.Popen([sys.executable, "-c", "import subprocess, time; "
+                               "print(subprocess.Popen(['sleep', '60']).pid, flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    agent = int(raylet.stdout.readline())
+    ray_local.start(before)
+    if sys.argv[2] == "stop":
+      ray_local.stop()
+    print(other.pid, raylet.pid, agent, flush=True)
+    time.sleep(60)
+""")
+
+
+@pytest.mark.parametrize("end", ["killed", "stop"])
+def test_a_killed_driver_takes_its_local_ray_with_it_and_a_normal_end_kills_nothing(end):
+  """The watchdog of ray_local: the driver SIGKILLed, the processes started by "ray.init" (a raylet and the agent
+  it started, reparented once the raylet is gone) are killed within seconds, not the driver's other child; after
+  stop() (a normal end, after ray.shutdown), nothing is killed."""
+  driver = subprocess.Popen([sys.executable, "-c", FAKE_DRIVER, ray_local.__file__, end], stdout=subprocess.PIPE,
+                            text=True)
+  other, raylet, agent = (int(p) for p in driver.stdout.readline().split())
+  try:
+    time.sleep(2 * ray_local.SCAN_S)        # the watchdog has scanned the tree
+    driver.kill()
+    driver.wait()
+    if end == "killed":
+      assert _gone_within([raylet, agent], 10) == [] and _alive(other)
+    else:
+      assert _gone_within([raylet, agent, other], 1) == [raylet, agent, other]
+  finally:
+    for pid in (other, raylet, agent):
+      if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.slow
@@ -168,30 +229,75 @@ def test_an_interrupted_run_checkpoints_and_resumes_from_the_ps_state(local_ray,
 
 
 @pytest.mark.slow
-def test_a_new_actor_joins_a_running_job_and_a_killed_one_is_a_leave(local_ray, tmp_path):
-  """Elastic learners under Ray, in one run: async λ = 2 (one actor each, elastic_max_learners 3); at update 5
-  add_learner starts a third actor (the callback waits until it is ready, so the join comes early), and once the
-  new learner has pushed, actor 0 is killed: learner 0 leaves, the other two finish the run (c = 1 throughout)."""
+def test_half_the_actors_killed_and_added_back_is_a_leave_then_a_join_of_a_new_actor(local_ray, tmp_path):
+  """Kill half of them and add them back, under Ray, in one run: async λ = 2, one actor each; at update 5 actor 0
+  is killed (ray.kill; half the learners): learner 0's leave, learner 1 goes on alone (c = 1 throughout); once the PS
+  has taken that leave, add_learner() brings learner 0 back in a new actor (the callback waits until it is ready,
+  so it rejoins early, on the then current weights), and both finish the run."""
   import time
-  joined, killed = [], []
+  killed, added, counts = [], [], {}
 
-  def elastic_calls(run):
+  def kill_half_then_add_back(run):
     executor = run.executor
-    if run.updates == 5 and not joined:
-      joined.append(executor.add_learner())
-      deadline = time.monotonic() + 300
-      while joined[0] not in executor._ready and time.monotonic() < deadline:
-        time.sleep(0.2)
     per = executor.ps.stats.per_learner
-    if joined and not killed and joined[0] in per and per[joined[0]].count >= 3:
+    if run.updates == 5 and not killed:
       killed.append(run.updates)
       ray.kill(executor.actors[0])
+    elif killed and not added and 0 not in executor.deaths.alive:    # the leave is taken: its id is free
+      counts["at_leave"] = per[0].count
+      added.append(executor.add_learner())
+      deadline = time.monotonic() + 300
+      while added[0] not in executor._ready and time.monotonic() < deadline:
+        time.sleep(0.2)
 
-  final = sajax.train(_config("async", 2, elastic_max_learners=3, epochs=2), workdir=str(tmp_path),
-                      callbacks=[elastic_calls]).metrics
-  assert joined == [2] and killed and final["samples"] >= 1024
-  assert final["learners_live"] == [1, 2] and final["learners_alive"] == 2 and final["gradients_per_update"] == 1
-  assert (final["learners_joined"], final["learners_left"], final["learners_live_max"]) == (1, 1, 3)
-  assert "its Ray actor 0 ended" in final["learners_dead"]["0"] and len(final["pushes_per_actor"]) == 3
+  final = sajax.train(_config("async", 2, epochs=2), workdir=str(tmp_path),
+                      callbacks=[kill_half_then_add_back]).metrics
+  assert killed == [5] and added == [0] and final["samples"] >= 1024
+  assert final["learners_live"] == [0, 1] and final["learners_alive"] == 2 and final["gradients_per_update"] == 1
+  assert (final["learners_joined"], final["learners_left"], final["learners_live_max"]) == (1, 1, 2)
+  assert len(final["pushes_per_actor"]) == 3 and final["pushes_per_actor"][2] >= 3   # the new actor pushed
   per = final["staleness_per_learner"]
-  assert per["2"]["count"] >= 3 and per["1"]["count"] + per["2"]["count"] > final["updates"] - killed[0]
+  assert per["0"]["count"] >= counts["at_leave"] + 3 and per["0"]["count"] + per["1"]["count"] == final["updates"]
+
+
+@pytest.mark.slow
+def test_the_ps_killed_then_the_same_command_resumes_from_its_checkpoint_and_leaves_no_ray_behind(tmp_path):
+  """Killing the PS is killing the driver: launch/train.py with executor ray is SIGKILLed after its first
+  checkpoint (as kill -9 does). No process of the local Ray it started outlives it by more than seconds
+  (ray_local's watchdog); the same command again starts a fresh local Ray (neither hangs nor joins the dead one),
+  says it resumes from that checkpoint, goes on counting updates from there, keeps every checkpoint and
+  metrics.jsonl record saved before the kill, and exits 0. (λ = 2 in one actor: one actor process per run.)"""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  workdir = tmp_path / "run"
+  command = [sys.executable, os.path.join(root, "launch", "train.py"), "--config", os.path.join(root, "configs",
+             "smoke.py"), "--config.executor=ray", "--config.protocol=async", "--config.learners=2",
+             "--config.ray_learners_per_actor=2", "--config.batch_per_learner=16", "--config.train_examples=512",
+             "--config.lr_boundaries_epochs=()", "--workdir", str(workdir)]
+  env = child_env()
+  env.pop("RAY_ADDRESS", None)
+  with open(tmp_path / "killed.log", "w") as log:
+    driver = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while not _checkpoint_steps(workdir) and driver.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.1)
+    ray_processes = ray_local.descendants([driver.pid], ray_local.children_of())[1:]
+    steps, records = _checkpoint_steps(workdir), _records(workdir)
+    driver.kill()
+    assert driver.wait() == -signal.SIGKILL and steps, (tmp_path / "killed.log").read_text()[-3000:]
+  assert len(ray_processes) >= 4 and _gone_within(ray_processes, 10) == []   # GCS, raylet, agents, actor
+  rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"resuming from the checkpoint at update {steps[-1]} " in rerun.stderr
+  after = _records(workdir)
+  assert set(steps) <= set(_checkpoint_steps(workdir)) and after[:len(records)] == records
+  assert [r["epoch"] for r in after] == [1.0, 2.0] and after[-1]["updates"] > steps[-1]
+
+
+def _checkpoint_steps(workdir):
+  folder = workdir / "checkpoints"
+  return sorted(int(n) for n in os.listdir(folder) if n.isdigit()) if folder.is_dir() else []
+
+
+def _records(workdir):
+  path = workdir / "metrics.jsonl"
+  return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -25,8 +25,9 @@ reported with the next ``take`` (and at every checkpoint, :meth:`RayEngine.check
 run never draws a step again. An actor that dies (its process killed, its node lost) is reported as the death
 of each of its learners, and the run goes on with the others (c re-derived), as for a learner that raises.
 
-On one machine the run starts a local Ray itself (and shuts it down at the end); ``config.ray_address="auto"``,
-an address, or ``RAY_ADDRESS`` joins a running cluster (:func:`connect`).
+On one machine the run starts a local Ray itself (and shuts it down at the end; killed, it takes that Ray with it:
+:mod:`~sajax.executors.ray_local`); ``config.ray_address="auto"``, an address, or ``RAY_ADDRESS`` joins a
+running cluster (:func:`connect`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from typing import Any, Optional
 import numpy as np
 
 from sajax import config as config_lib
-from sajax.executors import ray_actors
+from sajax.executors import ray_actors, ray_local
 from sajax.executors.common import LearnersFailed, SentVersions
 from sajax.executors.learners import Death, Join, Push
 from sajax.executors.threads import SHUTDOWN_WAIT_S, ThreadedEngine
@@ -69,6 +70,7 @@ def connect(config: Any) -> bool:
     return False
   given = config.get("ray_address", "")
   address = given or os.environ.get("RAY_ADDRESS") or None
+  before = ray_local.own_children()
   try:
     if address and address != "auto":
       probe(address)    # ray.init retries an address where nothing listens for minutes
@@ -79,6 +81,7 @@ def connect(config: Any) -> bool:
     raise config_lib.ConfigError(f"{named}: no Ray cluster could be joined ({type(e).__name__}: {reason}); "
                                  "allowed: '' (a local Ray, or RAY_ADDRESS), 'auto' (the cluster of `ray start` "
                                  "on this node), or host:port of a cluster's head") from None
+  ray_local.start(before)   # a local Ray (processes ray.init started): it ends with this process, even killed
   return True
 
 
@@ -96,6 +99,7 @@ def probe(address: str, timeout_s: float = PROBE_S) -> None:
 def disconnect() -> None:
   import ray
   ray.shutdown()
+  ray_local.stop()
 
 
 def actor_blocks(learners: int, per_actor: int) -> list[list[int]]:
