@@ -2,13 +2,14 @@
 """The fault matrix of docs/reliability.md in one command: every fault, run through the CLI as a user would.
 
 ``python launch/fault_matrix.py [--out docs/reliability.md] [--rows 1,2,...] [--executors threads,...]
-[--protocols hardsync,...] [--timeout 300] [--scratch DIR] [--rerun]``
+[--protocols hardsync,...] [--timeout 300] [--scratch DIR] [--rerun] [--seed-from docs/reliability.md]``
 
 Rows (README "When things go wrong"): a non-finite gradient; every gradient non-finite (divergence); a learner
 that raises (and the same with ``fail_fast``); kill -9 mid-run then the same command again; a corrupt newest
 checkpoint; a bad config; a damaged config.json in the workdir being resumed; MPI only: corrupt messages from
 rank 0 (weights, a version) and from rank 1 (a push), and a rank that stops answering (kill -STOP). Columns:
-executor {threads, simulated, mpi (``mpiexec -n 2``, λ = 4 over 2 ranks)}
+executor {threads, simulated, mpi (``mpiexec -n 2``, λ = 4 over 2 ranks), ray (a local Ray per run, λ = 4 in 2
+learner actors; row 4 kills the PS, which is the driver, and counts the Ray processes that outlive it)}
 × protocol {hardsync, softsync n = 2, async}. Every cell is ``python launch/train.py --config
 configs/smoke.py`` with λ = 4, μ = 8, momentum 0.5, in a workdir of its own under ``--scratch``; every
 subprocess has a timeout (a timeout is a ✘ cell), so the matrix always ends, and a cell whose output holds a
@@ -17,7 +18,8 @@ whether the outcome is the documented one (✔/✘), the seconds from launch to 
 was kept (checkpoint steps, metrics.jsonl records, corrupt-* folders). The report is rewritten after every
 cell, cells not yet run marked "not run", so an interrupted matrix still leaves its numbers; the cells are
 saved in ``<scratch>/results.json``, so the same ``--scratch`` resumes a stopped matrix (``--rerun`` runs the
-chosen cells again) and the report always covers the whole matrix. Whether a cell's outcome is its row's is
+chosen cells again) and the report always covers the whole matrix; ``--seed-from`` starts a scratch without
+results.json from the cells a report shows (to run one column again and keep the others). Whether a cell's outcome is its row's is
 decided by the pure judges of launch/fault_judges.py; the report is launch/fault_report.py's.
 """
 
@@ -53,7 +55,9 @@ TRAIN = os.path.join("launch", "train.py")
 BASE = ("--config", "configs/smoke.py", "--config.learners=4", "--config.batch_per_learner=8",
         "--config.momentum=0.5")
 MPI_RANKS = 2
-EXECUTORS = ("threads", "simulated", "mpi")
+EXECUTORS = ("threads", "simulated", "mpi", "ray")
+RAY_ACTORS = ("--config.ray_learners_per_actor=2",)   # λ = 4 in 2 actor processes, as mpi's 2 ranks
+RAY_LEFT_WAIT_S = 10   # row 4 under ray: how long the killed PS's Ray processes may outlive it
 PROTOCOLS = (("hardsync", 1), ("softsync", 2), ("async", 1))
 TIMEOUT_S = 300
 NAN_ALL = ("--config.nan_learners=(0,1,2,3)", "--config.nan_steps=0")
@@ -83,8 +87,9 @@ COLUMNS = tuple(Column(e, p, n) for e in EXECUTORS for p, n in PROTOCOLS)
 def train_command(column: Column, workdir: str, *extra: str) -> list[str]:
   """``[mpiexec -n 2] python launch/train.py`` with the base config, the column and ``extra`` overrides."""
   prefix = ["mpiexec", "-n", str(MPI_RANKS)] if column.executor == "mpi" else []
+  actors = RAY_ACTORS if column.executor == "ray" else ()
   return [*prefix, "python", TRAIN, *BASE, f"--config.executor={column.executor}",
-          f"--config.protocol={column.protocol}", f"--config.n={column.n}", *extra, "--workdir", workdir]
+          f"--config.protocol={column.protocol}", f"--config.n={column.n}", *actors, *extra, "--workdir", workdir]
 
 
 def _executable(argv: list[str]) -> list[str]:
@@ -98,6 +103,7 @@ def _executable(argv: list[str]) -> list[str]:
 def _env() -> dict:
   env = dict(os.environ, PYTHONUNBUFFERED="1")
   env.pop("XLA_FLAGS", None)   # the launcher sets the device count itself
+  env.pop("RAY_ADDRESS", None)  # ray cells start a local Ray of their own
   return env
 
 
@@ -186,10 +192,12 @@ def row_fail_fast(matrix: Matrix, column: Column) -> Cell:
 
 
 def row_kill(matrix: Matrix, column: Column) -> Cell:
-  """kill -9 once the first checkpoint exists (MPI: rank 1), then the same command again."""
+  """kill -9 once the first checkpoint exists (MPI: rank 1; ray: the driver, which is the PS), then the same
+  command again. Under ray, no process of the killed run's local Ray may outlive it by RAY_LEFT_WAIT_S."""
   workdir = matrix.workdir("4", column)
   argv = train_command(column, workdir)
   killed_at: list[float] = []
+  below: list[int] = []             # the killed process's descendants (its local Ray's processes)
   start = time.monotonic()
 
   def kill_after_first_checkpoint(process: subprocess.Popen) -> None:
@@ -197,18 +205,22 @@ def row_kill(matrix: Matrix, column: Column) -> Cell:
       return
     pid = timed_launch.rank_pid(process.pid, 1, TRAIN) if column.executor == "mpi" else process.pid
     if pid is not None:
+      below.extend(timed_launch.descendants(pid))
       os.kill(pid, signal.SIGKILL)
       killed_at.append(time.monotonic() - start)
 
   killed = matrix.launch(argv, f"4-{column.slug}-killed", during=kill_after_first_checkpoint)
+  left = timed_launch.still_running(below, RAY_LEFT_WAIT_S) if column.executor == "ray" else []
   before = describe_kept(read_kept(workdir))
   rerun = matrix.launch(argv, f"4-{column.slug}-rerun")
   kept = read_kept(workdir)
-  ok = bool(killed_at) and judge_resumed(killed, rerun, kept, epochs=(1.0, 2.0))
+  ok = bool(killed_at) and judge_resumed(killed, rerun, kept, epochs=(1.0, 2.0)) and not left
   when = f"killed at {killed_at[0]:.0f} s" if killed_at else "never killed"
-  who = "rank 1" if column.executor == "mpi" else "the process"
+  who = {"mpi": "rank 1", "ray": "the PS (driver)"}.get(column.executor, "the process")
+  orphans = (f"; {len(left)} of its {len(below)} Ray processes alive {RAY_LEFT_WAIT_S} s later"
+             if column.executor == "ray" else "")
   return cell_result(ok, [killed, rerun], kept, seconds=f"{killed.seconds:.0f} + {rerun.seconds:.0f}",
-               note=f"{who} {when}, kept {before}; rerun: "
+               note=f"{who} {when}{orphans}, kept {before}; rerun: "
                     + ("resumed" if RESUMED in rerun.output else "did not say it resumed"))
 
 
@@ -404,6 +416,15 @@ def _pick(text: Optional[str], allowed: Sequence[str], what: str) -> list[str]:
   return picked
 
 
+def _read(path: str) -> str:
+  try:
+    with open(path) as f:
+      return f.read()
+  except OSError as e:
+    raise ValueError(f"--seed-from {path!r} cannot be read ({e.strerror}); allowed: a report this command "
+                     "wrote") from None
+
+
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", default=os.path.join(ROOT, "docs", "reliability.md"))
@@ -415,6 +436,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
   parser.add_argument("--scratch", help="folder for the runs' workdirs, logs and results.json (default: a fresh "
                                         "temp folder); an existing one resumes, its finished cells kept")
   parser.add_argument("--rerun", action="store_true", help="run the chosen cells again even if finished")
+  parser.add_argument("--seed-from", help="a report (docs/reliability.md) whose cells a scratch without "
+                                          "results.json starts from, ✘ cells left to run again")
   return parser.parse_args(argv)
 
 
@@ -426,11 +449,14 @@ def main(argv: Sequence[str]) -> int:
     protocols = _pick(args.protocols, [p for p, _ in PROTOCOLS], "protocols")
     if not args.timeout > 0:
       raise ValueError(f"--timeout {args.timeout} is invalid; allowed: seconds > 0")
+    seed = _read(args.seed_from) if args.seed_from else ""
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   scratch = args.scratch or tempfile.mkdtemp(prefix="sajax-fault-matrix-")
   results, sessions = load_results(scratch)
+  if not results and seed:
+    results, sessions = fault_report.results_from_report(seed, ROWS, COLUMNS)
   todo = [(row, column) for row in ROWS if row.key in keys for column in COLUMNS
           if column.executor in executors and column.protocol in protocols
           and (args.rerun or results.get(row.key, {}).get(column.slug) is None)]

@@ -13,6 +13,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 from typing import Optional, Sequence
 
 RESULTS = "results.json"
@@ -71,6 +72,35 @@ def save_results(scratch: str, results: dict, sessions: list) -> None:
   os.replace(path + ".tmp", path)
 
 
+def results_from_report(text: str, rows: Sequence, columns: Sequence) -> tuple[dict, list]:
+  """The cells and sessions a report (:func:`render`'s page) shows, for a matrix whose results.json is gone: each
+  row section's table gives its ✔ and – cells in full. ✘ cells are left out (their output tails are not in the
+  table), so they run again; sessions keep their lines as they are."""
+  slugs = {(c.executor, c.name.split(" ", 1)[1]): c.slug for c in columns}
+  keys = {row.key for row in rows}
+  results: dict = {}
+  row = None
+  for line in text.splitlines():
+    heading = re.match(r"## Row (\S+): ", line)
+    if heading:
+      row = heading.group(1) if heading.group(1) in keys else None
+      continue
+    fields = [f.strip().replace("\\|", "|") for f in re.split(r"(?<!\\)\|", line)[1:-1]]
+    if row is None or len(fields) != 8 or (fields[0], fields[1]) not in slugs or fields[3] not in ("✔", "–"):
+      continue
+    executor, protocol, code, ok, seconds, why, kept, note = fields
+    cell = Cell(ok=True, code=code, seconds=seconds, reason=why, kept=kept, note=note) if ok == "✔" else \
+        Cell(ok=None, note=note)
+    results.setdefault(row, {})[slugs[(executor, protocol)]] = cell
+  listed = text.split("Sessions:", 1)[1].split("\n\n", 2)[1] if "Sessions:" in text else ""
+  sessions = []
+  for line in listed.splitlines():
+    if line.startswith("* "):
+      minutes = re.search(r", ([\d.]+) min, ", line)
+      sessions.append({"text": line[2:], "minutes": float(minutes.group(1)) if minutes else 0.0})
+  return results, sessions
+
+
 # ---- the report ----------------------------------------------------------------------------------------------
 def load_average() -> str:
   return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -83,7 +113,10 @@ def machine() -> dict:
 
 
 def describe_session(session: dict) -> str:
-  """'2026-11-28 22:17 UTC, nproc 2, load average 9.73 11.49 10.83 → 13.10 ..., 48.2 min, 72 cells (cmd)'."""
+  """'2026-11-28 22:17 UTC, nproc 2, load average 9.73 11.49 10.83 → 13.10 ..., 48.2 min, 72 cells (cmd)'; a
+  session read back from a report (:func:`results_from_report`) is its line as it was."""
+  if "text" in session:
+    return session["text"]
   load = session["load"] + (f" → {session['load_end']}" if session.get("load_end") else "")
   took = f"{session['minutes']:.1f} min" if "minutes" in session else "not finished"
   return (f"{session['date']}, `nproc` = {session['nproc']}, load average {load}, {took}, {session['cells']} cells "
@@ -103,8 +136,12 @@ def render(results: dict, rows: Sequence, columns: Sequence, sessions: Sequence[
       "user would, in every executor and protocol (rows 7 and 8: MPI only). Not in the matrix: a checkpoint that",
       "reads but does not fit the run (exit 2, tests/test_checkpoint.py), any other exception",
       "(tests/test_reliability.py; on an MPI rank, tests/test_mpi.py). A cell whose output holds a Python traceback",
-      "is ✘ whatever else it did: every known failure ends with one line. Base command of every cell (λ = 4",
-      "learners, μ = 8; MPI: `mpiexec -n 2`, 2 learners per rank):",
+      "is ✘ whatever else it did: every known failure ends with one line. Ray: every cell starts a local Ray, λ = 4",
+      "in 2 learner actors (`--config.ray_learners_per_actor=2`); the PS lives in the driver, so row 4 kills the PS",
+      "and also checks that no process of that Ray outlives it by 10 s. Killing half the learner actors and adding",
+      "them back needs the Python API (`ray.kill(executor.actors[a])`, `executor.add_learner()`), so it is a test,",
+      "not a row: tests/test_ray.py::test_half_the_actors_killed_and_added_back_is_a_leave_then_a_join_of_a_new_actor.",
+      "Base command of every cell (λ = 4 learners, μ = 8; MPI: `mpiexec -n 2`, 2 learners per rank):",
       "",
       "```bash",
       f"[mpiexec -n 2] python launch/train.py {' '.join(base)} \\",
@@ -113,7 +150,8 @@ def render(results: dict, rows: Sequence, columns: Sequence, sessions: Sequence[
       "",
       "Regenerate this page (every subprocess has a timeout, so it always ends; a timeout is a ✘). With",
       "`--scratch DIR` a stopped matrix resumes, finished cells kept; `--rows`, `--executors`, `--protocols`",
-      "and `--rerun` run some cells again:",
+      "and `--rerun` run some cells again; `--seed-from docs/reliability.md` starts a fresh scratch from this",
+      "page's cells (one column run again, the others kept as shown):",
       "",
       "```bash",
       "python launch/fault_matrix.py",

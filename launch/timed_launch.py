@@ -2,7 +2,8 @@
 
 Each command runs in a session of its own (mpiexec and its ranks form one process group), its output in a log
 file; past its timeout the whole group is killed, so every launch ends. :func:`rank_pid` finds an MPI rank's
-process under mpiexec (from /proc), for faults aimed at one rank.
+process under mpiexec (from /proc), for faults aimed at one rank; :func:`descendants` and :func:`still_running`
+tell whether a killed run left processes behind.
 """
 
 from __future__ import annotations
@@ -76,6 +77,32 @@ def _children() -> dict[int, list[int]]:
         continue
       table.setdefault(parent, []).append(int(entry))
   return table
+
+
+def descendants(root: int) -> list[int]:
+  """Every process below ``root`` now (children first)."""
+  table, found, todo = _children(), [], [root]
+  while todo:
+    for child in table.get(todo.pop(0), []):
+      found.append(child)
+      todo.append(child)
+  return found
+
+
+def _alive(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+  except (OSError, IndexError):
+    return False
+
+
+def still_running(pids: list[int], wait_s: float) -> list[int]:
+  """Those of ``pids`` still running (a zombie is not) after waiting up to ``wait_s`` for all of them to end."""
+  deadline = time.monotonic() + wait_s
+  while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  return [p for p in pids if _alive(p)]
 
 
 def rank_pid(root: int, rank: int, script: str) -> Optional[int]:

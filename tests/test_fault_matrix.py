@@ -164,8 +164,12 @@ def test_corrupt_overwrites_every_file_with_garbage_of_its_length(tmp_path):
   assert len((tmp_path / "b").read_bytes()) == 64
 
 
-def test_mpi_commands_wrap_the_train_command_in_mpiexec():
-  threads, mpi = fm.COLUMNS[0], fm.COLUMNS[-1]
+def test_mpi_commands_wrap_the_train_command_in_mpiexec_and_ray_ones_put_2_learners_per_actor():
+  threads = fm.COLUMNS[0]
+  mpi, ray = (next(c for c in fm.COLUMNS if c.executor == e) for e in ("mpi", "ray"))
+  assert fm.train_command(ray, "w")[:2] == ["python", fm.TRAIN]
+  assert "--config.executor=ray" in fm.train_command(ray, "w") and "--config.ray_learners_per_actor=2" in \
+      fm.train_command(ray, "w") and "--config.ray_learners_per_actor=2" not in fm.train_command(threads, "w")
   assert fm.train_command(threads, "w")[:2] == ["python", fm.TRAIN]
   assert fm.train_command(mpi, "w", "--config.epochs=1")[:5] == ["mpiexec", "-n", "2", "python", fm.TRAIN]
   assert fm.train_command(mpi, "w", "--config.epochs=1")[-3:] == ["--config.epochs=1", "--workdir", "w"]
@@ -184,7 +188,26 @@ def test_report_counts_cells_and_marks_the_missing_ones_not_run():
   assert "$ cmd\nlast line" in text
 
 
-@pytest.mark.parametrize("argv", [["--rows", "9"], ["--executors", "pmap"], ["--timeout", "0"]])
+def test_a_report_gives_back_its_passed_and_not_applicable_cells_and_its_sessions():
+  """--seed-from: the cells a rendered page shows come back as they were (a reason with a | in it too); a ✘ cell
+  is left out (its output tail is not in the tables), so it runs again."""
+  rows, columns = fm.ROWS[:5], fm.COLUMNS
+  mpi = next(c for c in columns if c.executor == "mpi")
+  results = {"1": {columns[0].slug: fm.Cell(ok=True, code="0", seconds="41", kept="ckpt 32 · 1 records (epochs 1)",
+                                            note="gradients_dropped = 1")},
+             "2": {columns[1].slug: fm.Cell(ok=True, code="3", seconds="12", reason="error: a | b", note="x")},
+             "3ff": {columns[1].slug: fm.Cell(ok=None, note="once per executor (hardsync)"),
+                     mpi.slug: fm.Cell(ok=False, code="1", seconds="9", failure="$ cmd\nlast")}}
+  sessions = [{"nproc": 2, "load": "1.00 1.00 1.00", "date": "today", "cells": 3, "minutes": 1.5, "args": " --rows 1"}]
+  text = fm.render(results, rows, columns, sessions, "300")
+  back, read_sessions = fm.fault_report.results_from_report(text, rows, columns)
+  assert back == {"1": results["1"], "2": results["2"], "3ff": {columns[1].slug: results["3ff"][columns[1].slug]}}
+  assert read_sessions == [{"text": fm.fault_report.describe_session(sessions[0]), "minutes": 1.5}]
+  assert fm.render(back, rows, columns, read_sessions, "300").count("today, `nproc` = 2") == 1
+
+
+@pytest.mark.parametrize("argv", [["--rows", "9"], ["--executors", "pmap"], ["--timeout", "0"],
+                                  ["--seed-from", "/nonexistent/report.md"]])
 def test_bad_arguments_exit_2_with_one_line(argv, capsys, tmp_path):
   assert fm.main([*argv, "--out", str(tmp_path / "r.md")]) == 2
   assert capsys.readouterr().err.startswith("error: ")
