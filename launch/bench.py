@@ -33,6 +33,16 @@ and default config for 4 epochs, evaluating every epoch: samples between the fir
 wall time between them, so the actors' start-up (one process each, importing JAX and compiling) is left out, and
 so is the threads run's first compilation. Alternating repeats; medians and ranges.
 
+``python launch/bench.py ray-trip [--batch 16 --steps 20 --repeats 3]``: the ray executor's per-gradient overhead,
+one round trip through Ray's object store (``ray.put`` of θ, an actor returning a gradient-sized array) against
+one jit gradient of μ examples, for the default config's small CNN, cifar10_full and MLPs of d ≈ 10⁵, 10⁶, 10⁷
+(launch/bench_raytrip.py).
+
+``python launch/bench.py elastic [--repeats 3 --epochs 10]``: the simulated executor (default config, λ = 8, the
+``heterogeneous`` speed profile) with learners 4–7 leaving at ⅓ of the run and rejoining at ⅔, beside the same run
+with a fixed λ, one per seed (``--repeats`` seeds); test error against simulated time in
+docs/benchmarks/elastic.png and a markdown table (launch/elastic_report.py).
+
 ``python launch/bench.py psmem [--learners 30 --model cifar10_full]``: live device bytes the parameter server
 holds for one update of c = λ gradients, stacked (no known policy) vs the running sum of a scale policy
 (launch/bench_psmem.py).
@@ -190,6 +200,33 @@ def bench_ray(args: argparse.Namespace, extra: list[str]) -> dict:
           "learners": args.learners, "cpu_count": os.cpu_count()}
 
 
+ELASTIC_EVENTS = "leave 4-7 at run 1/3; join 4-7 at run 2/3"
+ELASTIC_AWAY = (1 / 3, 2 / 3)
+
+
+def bench_elastic(args: argparse.Namespace, extra: list[str]) -> dict:
+  """Fixed λ vs half the learners away for the middle third, simulated, ``args.repeats`` seeds each."""
+  from launch import elastic_report
+  epochs = args.epochs
+  common = ["--config.executor=simulated", "--config.sim_profile=heterogeneous", f"--config.learners={args.learners}",
+            f"--config.epochs={epochs:g}", f"--config.lr_boundaries_epochs=({epochs * 2 / 3:g},{epochs * 7 / 8:g})",
+            f"--config.checkpoint_every_epochs={epochs:g}", *extra]
+  cells = {"fixed λ = 8": [], f"elastic: {ELASTIC_EVENTS}": [f"--config.elastic_events={ELASTIC_EVENTS}"]}
+  runs: dict[str, list[list[dict]]] = {name: [] for name in cells}
+  for seed in range(args.repeats):
+    for name, overrides in cells.items():
+      records = train_records([*common, f"--config.seed={seed}", *overrides])
+      runs[name].append(records)
+      print(f"seed {seed}: {name}: test error {100 * records[-1]['test_error']:.2f} %, simulated time "
+            f"{records[-1]['sim_time']:.0f} s, ⟨σ⟩ {records[-1]['staleness_mean']:.2f}", flush=True)
+  pairs = list(runs.items())
+  rows = elastic_report.summary(pairs)
+  figure = elastic_report.plot(pairs, ELASTIC_AWAY, os.path.join(ROOT, "docs", "benchmarks", "elastic.png"))
+  print(elastic_report.table(rows), end="")
+  return {"figure": "elastic_sim_time_ratio", "value": round(rows[1]["sim_time"] / rows[0]["sim_time"], 3),
+          "rows": rows, "png": os.path.relpath(figure, ROOT), "events": ELASTIC_EVENTS}
+
+
 def mpi_pingpong(round_trips: int = 200) -> dict:
   """Under ``mpiexec -n 2``: rank 1 sends push-sized messages, rank 0 answers each with a weights-sized one."""
   sys.path.insert(0, ROOT)
@@ -229,7 +266,7 @@ def mpi_pingpong_rank() -> int:
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("figure", choices=["default", "p1", "p2", "p3", "accuracy", "mpi", "mpi-pingpong",
-                                                   "psmem", "simloop", "tax", "ray"])
+                                                   "psmem", "simloop", "tax", "ray", "ray-trip", "elastic"])
   parser.add_argument("--ranks", type=int, default=3)
   parser.add_argument("--per-actor", type=int, nargs="+", default=[1], help="ray: learners per Ray actor")
   parser.add_argument("--max-epochs-factor", type=float, default=3.0,
@@ -244,6 +281,7 @@ def main() -> None:
   parser.add_argument("--model", default="cifar10_full")
   parser.add_argument("--models", nargs="+", default=None, help="tax: models to time (small_cnn cifar10_full)")
   parser.add_argument("--steps", type=int, default=40, help="gradient steps per learner per repeat")
+  parser.add_argument("--epochs", type=float, default=10.0, help="elastic: epochs of each run")
   args, extra = parser.parse_known_args()
   args.devices = args.devices or (None if args.figure == "tax" else 8)
   args.learners = args.learners or {"p2": 32, "psmem": 30, "simloop": 32}.get(args.figure, 8)
@@ -256,6 +294,10 @@ def main() -> None:
     result = bench_mpi(args, extra)
   elif args.figure == "ray":
     result = bench_ray(args, extra)
+  elif args.figure in ("ray-trip", "elastic"):
+    sys.path.insert(0, ROOT)
+    from launch import bench_raytrip
+    result = bench_raytrip.run(args, extra) if args.figure == "ray-trip" else bench_elastic(args, extra)
   elif args.figure == "mpi-pingpong":
     result = mpi_pingpong()
     if mpi_pingpong_rank() != 0:
