@@ -370,8 +370,10 @@ ROWS = (
         "exit 0, learners_alive = λ − 1 = 3", row_raises),
     Row("3ff", "the same with fail_fast", "row 3 + `--config.fail_fast=True`",
         "exit 4, one `error:` line naming fail_fast", row_fail_fast),
-    Row("4", "kill -9 after the first checkpoint, rerun the same command", "base command (2 epochs), twice",
-        "rerun exits 0, says it resumed, metrics.jsonl epochs 1, 2 in order", row_kill),
+    Row("4", "kill -9 after the first checkpoint (MPI: rank 1; ray: the PS, which is the driver), rerun the same "
+             "command", "base command (2 epochs), twice",
+        "rerun exits 0, says it resumed, metrics.jsonl epochs 1, 2 in order; ray: none of the killed run's Ray "
+        f"processes left {RAY_LEFT_WAIT_S} s later", row_kill),
     Row("5", "newest checkpoint corrupt",
         "`--config.checkpoint_every_epochs=0.5 --config.epochs=1`; garble `checkpoints/<newest>/state/*`; "
         "rerun with `--config.epochs=2`",
