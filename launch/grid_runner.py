@@ -23,6 +23,7 @@ import time
 from typing import Any, Callable, Optional, Sequence
 
 EXIT_BAD_INPUT, EXIT_INTERRUPTED = 2, 130
+WAIT_SLICE_S = 0.2                      # how often a waiting grid looks at a Ctrl-C (:func:`_wait`)
 CACHE_DIR = ".jax_cache"                # under --root: compiled executables shared by the cells' processes
 # A run that did not train to its end is still a result: its record holds one of these keys (the one-line
 # reason), ``test_error`` None, and the reports show the word, never averaging it in.
@@ -60,7 +61,7 @@ def run_in_child(path: str, command: Sequence[str], env: dict, name: str, *, hea
   child = subprocess.Popen(list(command), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
                            start_new_session=True)
   try:
-    _, err = child.communicate(timeout=timeout_s)
+    err = _wait(child, None if timeout_s is None else start + timeout_s)
   except subprocess.TimeoutExpired:
     _kill_group(child, signal.SIGKILL)
     child.communicate()
@@ -86,6 +87,22 @@ def run_in_child(path: str, command: Sequence[str], env: dict, name: str, *, hea
                        f"to resume it from its last checkpoint. Its stderr ends:\n{err[-3000:]}")
   with open(path) as f:
     return json.load(f), True
+
+
+def _wait(child: subprocess.Popen, deadline: Optional[float]) -> str:
+  """``child.communicate()`` until ``deadline`` (monotonic; TimeoutExpired past it), in slices of WAIT_SLICE_S.
+
+  A Ctrl-C that the kernel hands to another thread of this process (JAX's and the libraries' threads take
+  process signals too) only sets Python's flag; the main thread acts on it when it next runs bytecode. One long
+  ``communicate`` would leave a grid deaf to it until the cell ended; each slice returns to the interpreter, so a
+  Ctrl-C is seen within one slice."""
+  while True:
+    slice_s = WAIT_SLICE_S if deadline is None else min(WAIT_SLICE_S, max(0.0, deadline - time.monotonic()))
+    try:
+      return child.communicate(timeout=slice_s)[1]
+    except subprocess.TimeoutExpired:
+      if deadline is not None and time.monotonic() >= deadline:
+        raise
 
 
 def _kill_group(child: subprocess.Popen, signum: int) -> None:
