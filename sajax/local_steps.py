@@ -36,7 +36,8 @@ as the fastest learner's H steps, so every learner pushes about as often and a s
 a fast one's. :class:`RoundLengths` holds the rule for a run: under the simulated executor v_k comes from the speed
 model (fixed for the run, so a resumed run is bit-identical); under threads it is measured, each learner's
 seconds per inner step averaged over its rounds (an exponential moving average, :data:`MEASURED_WEIGHT` on the
-newest round), and a learner runs H until it has been measured. The parameter server needs nothing new: a short
+newest round; a learner's first round of each length compiles, and is not counted), and a learner runs H until
+it has been measured. The parameter server needs nothing new: a short
 round's Δ is a pseudo-gradient like any other, and the sample clock counts the H_k·μ examples each push carries.
 
 One round lives in one place, :func:`make_local_update`, which every executor calls: H calls of one compiled
@@ -118,6 +119,7 @@ class RoundLengths:
     self.steps, self.dynamic = int(steps), bool(dynamic)
     self.fixed = dynamic_steps(self.steps, step_times) if dynamic and step_times is not None else None
     self.measured: dict[int, float] = {}     # learner -> seconds per inner step (threads)
+    self._compiled: set[tuple[int, int]] = set()   # (learner, inner steps) whose first round has been seen
     self._lock = threading.Lock()
 
   def steps_for(self, learner: int) -> int:
@@ -132,10 +134,15 @@ class RoundLengths:
       return dynamic_steps(self.steps, [min(self.measured.values()), self.measured[learner]])[1]
 
   def record(self, learner: int, seconds: float, steps: int) -> None:
-    """Learner ``learner`` ran a round of ``steps`` inner steps in ``seconds`` (measured rounds only)."""
+    """Learner ``learner`` ran a round of ``steps`` inner steps in ``seconds`` (measured rounds only). A learner's
+    first round of a length is not a measurement: it compiled that round's programs (seconds, against
+    milliseconds per step), which would make the learner look slow for many rounds of the moving average."""
     if not self.dynamic or self.fixed is not None or steps < 1 or not seconds > 0:
       return
     with self._lock:
+      if (learner, steps) not in self._compiled:
+        self._compiled.add((learner, steps))
+        return
       per_step = seconds / steps
       old = self.measured.get(learner)
       self.measured[learner] = per_step if old is None else (1 - MEASURED_WEIGHT) * old + MEASURED_WEIGHT * per_step

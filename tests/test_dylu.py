@@ -8,6 +8,7 @@ how many steps each round runs, how they are counted, and what that does to the 
 import threading
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -47,12 +48,18 @@ def test_the_round_lengths_follow_the_formula():
 
 def test_measured_round_lengths_start_at_h_and_follow_each_learners_average():
   """Threads: a learner runs H until it has been measured; its seconds per step are an exponential moving average
-  (weight 0.3 on the newest round); the fastest measured learner sets v_fastest. Without DyLU every round is H."""
+  (weight 0.3 on the newest round) of its rounds but the first of each length (which compiles); the fastest
+  measured learner sets v_fastest. Without DyLU every round is H."""
   rounds = local_steps.RoundLengths(8, dynamic=True)
   assert rounds.table([0, 1, 2]) == [8, 8, 8]
+  rounds.record(0, 30.0, 8)                    # a first round of 8 steps: it compiled, not a measurement
+  rounds.record(1, 30.0, 8)
+  assert rounds.measured == {} and rounds.table([0, 1, 2]) == [8, 8, 8]
   rounds.record(0, 0.8, 8)                     # 0.1 s per step
   rounds.record(1, 1.6, 8)                     # 0.2 s per step
   assert rounds.table([0, 1, 2]) == [8, 4, 8]
+  rounds.record(1, 30.0, 4)                    # learner 1's first round of 4 steps compiled: skipped too
+  assert rounds.measured[1] == pytest.approx(0.2)
   rounds.record(1, 1.6, 4)                     # 0.4 s per step: 0.7·0.2 + 0.3·0.4 = 0.26
   assert rounds.measured[1] == pytest.approx(0.26)
   assert rounds.steps_for(1) == 3              # ⌊8·0.1/0.26⌋ = ⌊3.08⌋
@@ -128,18 +135,28 @@ def test_simulated_dylu_stopped_between_two_updates_resumes_bit_identical(tmp_pa
 
 # ---- threads: measured speeds ------------------------------------------------------------------------------------
 def test_threads_dylu_measures_a_slow_learner_and_shortens_its_rounds(tmp_path, monkeypatch, tiny):
-  """Learner 0's rounds are made 15 ms per inner step slower than the others' (a sleep inside its local update, the
-  part of a round DyLU times): its measured H_k drops below H while the others stay near H, each push's mini-batches
-  are counted (samples equal the streams' draws minus the rounds in flight, which are discarded)."""
+  """Learner 0's rounds are made slower than learner 1's (sleeps inside the local update, the part of a round DyLU
+  times: 10 ms per inner step for both, and for learner 0 another 15 ms per step plus 3× the time the update took,
+  so a loaded machine that slows every step does not hide the difference): its measured H_k drops below H while
+  the other stays near H. Both learners wait for each other after their first round, which compiles (and is not a
+  measurement), so the fast one cannot finish the run while the slow one compiles. Each push's mini-batches are
+  counted (samples equal the streams' draws minus the rounds in flight, which are discarded)."""
   original = local_steps.make_local_update
+  seen = set()                 # (learner thread, inner steps) of the rounds done: empty until both first rounds meet
+  compiled = threading.Barrier(2, timeout=300)
 
   def slow_for_learner_0(loss_fn, inner):
     update = original(loss_fn, inner)
 
     def local_update(params, state, images, labels, key, steps, learning_rate):
-      out = update(params, state, images, labels, key, steps, learning_rate)
-      if threading.current_thread().name == "learner-0":
-        time.sleep(0.015 * len(steps))
+      start = time.perf_counter()
+      out = jax.block_until_ready(update(params, state, images, labels, key, steps, learning_rate))
+      name, took = threading.current_thread().name, time.perf_counter() - start
+      took *= (name, len(steps)) in seen                          # a first round of a length compiled: not a step
+      if not seen:
+        compiled.wait()                                           # both learners' first rounds done
+      seen.add((name, len(steps)))
+      time.sleep(0.010 * len(steps) + (0.015 * len(steps) + 3 * took if name == "learner-0" else 0))
       return out
     return local_update
 

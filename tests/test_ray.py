@@ -229,6 +229,24 @@ def test_an_interrupted_run_checkpoints_and_resumes_from_the_ps_state(local_ray,
 
 
 @pytest.mark.slow
+def test_a_run_resumes_from_its_checkpoint_with_another_lambda(local_ray, tmp_path):
+  """2-softsync λ = 4 (c = 2) for half an epoch, then the same workdir with λ = 2 (c = 1) to one epoch, as
+  tests/test_elastic.py runs it under threads and simulated (all learners in one actor: one actor process per
+  run): the update count goes on, learners 2 and 3 are gone (counted as leaves), c comes from the new live set."""
+  workdir = str(tmp_path / "run")
+  small = {"train_examples": 256}                  # 16 gradients of μ = 8 per epoch: the resume is what is checked
+  first = sajax.train(_config("softsync", 4, n=2, epochs=0.5, ray_learners_per_actor=4, **small),
+                      workdir=workdir).metrics
+  assert first["gradients_per_update"] == 2 and first["learners_live"] == [0, 1, 2, 3]
+  final = sajax.train(_config("softsync", 2, n=2, ray_learners_per_actor=2, **small), workdir=workdir).metrics
+  assert final["updates"] > first["updates"] and final["samples"] >= 256
+  assert final["learners_live"] == [0, 1] and final["gradients_per_update"] == 1 and final["learners_left"] == 2
+  per = final["staleness_per_learner"]
+  assert per["2"]["count"] == first["staleness_per_learner"]["2"]["count"]   # no push after the resume
+  assert per["0"]["count"] > first["staleness_per_learner"]["0"]["count"]
+
+
+@pytest.mark.slow
 def test_half_the_actors_killed_and_added_back_is_a_leave_then_a_join_of_a_new_actor(local_ray, tmp_path):
   """Kill half of them and add them back, under Ray, in one run: async λ = 2, one actor each; at update 5 actor 0
   is killed (ray.kill; half the learners): learner 0's leave, learner 1 goes on alone (c = 1 throughout); once the PS
