@@ -20,7 +20,8 @@ cell, cells not yet run marked "not run", so an interrupted matrix still leaves 
 saved in ``<scratch>/results.json``, so the same ``--scratch`` resumes a stopped matrix (``--rerun`` runs the
 chosen cells again) and the report always covers the whole matrix; ``--seed-from`` starts a scratch without
 results.json from the cells a report shows (to run one column again and keep the others). Whether a cell's outcome is its row's is
-decided by the pure judges of launch/fault_judges.py; the report is launch/fault_report.py's.
+decided by the pure judges of launch/fault_judges.py; the report is launch/fault_report.py's; the columns, a cell's
+command and its runner are launch/fault_cells.py's.
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ import argparse
 import dataclasses
 import glob
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -43,106 +43,13 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 from launch import fault_report, timed_launch  # noqa: E402
-from launch.timed_launch import Launch  # noqa: E402
-from launch.fault_report import (Cell, count, load_average, load_results, machine, mark,  # noqa: E402
-                                 save_results)
-from launch.fault_judges import (REJECTED_BY_RANK_1, RESUMED, Kept, code_text, describe_kept,  # noqa: E402
-                                 has_traceback, judge_bad_config, judge_corrupt, judge_corrupt_push,
-                                 judge_damaged_config, judge_diverged, judge_dropped, judge_fail_fast, judge_resent,
-                                 judge_resumed, judge_silent_rank, judge_survived, read_kept, reason, tail)
-
-TRAIN = os.path.join("launch", "train.py")
-BASE = ("--config", "configs/smoke.py", "--config.learners=4", "--config.batch_per_learner=8",
-        "--config.momentum=0.5")
-MPI_RANKS = 2
-EXECUTORS = ("threads", "simulated", "mpi", "ray")
-RAY_ACTORS = ("--config.ray_learners_per_actor=2",)   # λ = 4 in 2 actor processes, as mpi's 2 ranks
-RAY_LEFT_WAIT_S = 10   # row 4 under ray: how long the killed PS's Ray processes may outlive it
-PROTOCOLS = (("hardsync", 1), ("softsync", 2), ("async", 1))
-TIMEOUT_S = 300
-NAN_ALL = ("--config.nan_learners=(0,1,2,3)", "--config.nan_steps=0")
-
-
-@dataclasses.dataclass(frozen=True)
-class Column:
-  """One column of the matrix: an executor and a protocol (n of n-softsync)."""
-
-  executor: str
-  protocol: str
-  n: int
-
-  @property
-  def name(self) -> str:
-    return f"{self.executor} {self.protocol}" + (f" n={self.n}" if self.protocol == "softsync" else "")
-
-  @property
-  def slug(self) -> str:
-    return f"{self.executor}-{self.protocol}{self.n if self.protocol == 'softsync' else ''}"
-
-
-COLUMNS = tuple(Column(e, p, n) for e in EXECUTORS for p, n in PROTOCOLS)
-
-
-# ---- running ------------------------------------------------------------------------------------------------
-def train_command(column: Column, workdir: str, *extra: str) -> list[str]:
-  """``[mpiexec -n 2] python launch/train.py`` with the base config, the column and ``extra`` overrides."""
-  prefix = ["mpiexec", "-n", str(MPI_RANKS)] if column.executor == "mpi" else []
-  actors = RAY_ACTORS if column.executor == "ray" else ()
-  return [*prefix, "python", TRAIN, *BASE, f"--config.executor={column.executor}",
-          f"--config.protocol={column.protocol}", f"--config.n={column.n}", *actors, *extra, "--workdir", workdir]
-
-
-def _executable(argv: list[str]) -> list[str]:
-  """The command with this interpreter (and its mpiexec) in place of the names a user types."""
-  bindir = os.path.dirname(sys.executable)
-  names = {"python": sys.executable, "mpiexec": shutil.which("mpiexec", path=bindir) or shutil.which("mpiexec")}
-  head = argv.index(TRAIN)
-  return [names.get(a, a) for a in argv[:head]] + argv[head:]
-
-
-def _env() -> dict:
-  env = dict(os.environ, PYTHONUNBUFFERED="1")
-  env.pop("XLA_FLAGS", None)   # the launcher sets the device count itself
-  env.pop("RAY_ADDRESS", None)  # ray cells start a local Ray of their own
-  return env
-
-
-class Matrix:
-  """Runs the cells into ``scratch`` and keeps their results, rewriting the report after every cell."""
-
-  def __init__(self, scratch: str, timeout: float, report: Callable[["Matrix"], None], results: dict) -> None:
-    self.scratch, self.timeout, self.report, self.results = scratch, timeout, report, results
-    os.makedirs(os.path.join(scratch, "logs"), exist_ok=True)
-
-  def workdir(self, row: str, column: Column, suffix: str = "") -> str:
-    return os.path.join(self.scratch, f"{row}-{column.slug}{suffix}")
-
-  def launch(self, argv: list[str], name: str, during: Optional[Callable] = None) -> Launch:
-    print(f"  $ {shlex.join(argv)}", file=sys.stderr, flush=True)
-    return timed_launch.launch(argv, _executable(argv), os.path.join(self.scratch, "logs", f"{name}.log"),
-                               self.timeout, cwd=ROOT, env=_env(), during=during)
-
-  def record(self, row: str, column: Column, cell: Cell) -> None:
-    self.results.setdefault(row, {})[column.slug] = cell
-    said = cell.note if cell.ok is None else f"exit {cell.code} in {cell.seconds} s {cell.reason}"
-    print(f"  {row} {column.name}: {mark(cell.ok)} {said}", file=sys.stderr, flush=True)
-    self.report(self)
-
-
-def _failure(*launches: Launch) -> str:
-  return "\n".join(f"$ {run.command}\n# exit {code_text(run)} after {run.seconds:.0f} s\n{tail(run.output)}"
-                   for run in launches)
-
-
-def cell_result(ok: bool, runs: Sequence[Launch], kept: Kept, *, seconds: str = "", note: str = "") -> Cell:
-  """The cell of ``runs`` that its row judged ``ok``: a ✘ all the same when any run's output holds a traceback
-  (every known failure ends with one line), with a note saying so."""
-  last = runs[-1]
-  if any(has_traceback(run.output) for run in runs):
-    ok, note = False, "; ".join(filter(None, [note, "a traceback in the output"]))
-  return Cell(ok=ok, code=" → ".join(code_text(r) for r in runs), seconds=seconds or f"{last.seconds:.0f}",
-              reason=reason(last.output) if last.code != 0 else "", kept=describe_kept(kept), note=note,
-              failure="" if ok else _failure(*runs))
+from launch.fault_report import Cell, count, load_average, load_results, machine, save_results  # noqa: E402
+from launch.fault_judges import (REJECTED_BY_RANK_1, RESUMED, code_text, describe_kept, judge_bad_config,  # noqa: E402
+                                 judge_corrupt, judge_corrupt_push, judge_damaged_config, judge_diverged,
+                                 judge_dropped, judge_fail_fast, judge_resent, judge_resumed, judge_silent_rank,
+                                 judge_survived, read_kept, reason)
+from launch.fault_cells import (BASE, COLUMNS, EXECUTORS, NAN_ALL, PROTOCOLS, RAY_LEFT_WAIT_S,  # noqa: E402
+                                TIMEOUT_S, TRAIN, Column, Matrix, cell_result, failure, train_command)
 
 
 # ---- the rows -----------------------------------------------------------------------------------------------
@@ -167,7 +74,7 @@ def row_diverged(matrix: Matrix, column: Column) -> Cell:
   fallback = matrix.launch(train_command(column, workdir, *NAN_ALL), f"2-{column.slug}-nan")
   cell = cell_result(judge_diverged(fallback), [fallback], read_kept(workdir),
                note=f"{first}; used {' '.join(NAN_ALL)}")
-  cell.failure = _failure(run, fallback) if not cell.ok else _failure(run)
+  cell.failure = failure(run, fallback) if not cell.ok else failure(run)
   return cell
 
 

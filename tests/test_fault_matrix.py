@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "launch"))
 
 import fault_matrix as fm  # noqa: E402
-from launch import fault_judges as fj  # noqa: E402
+from launch import fault_cells, fault_judges as fj  # noqa: E402
 
 DIVERGED = ("sajax: training into runs/x\ndiverged: 100 consecutive non-finite gradients at update 3; no checkpoint "
             "was saved\nerror: diverged: 100 consecutive non-finite gradients at update 3; no checkpoint was saved\n")
@@ -173,7 +173,7 @@ def test_mpi_commands_wrap_the_train_command_in_mpiexec_and_ray_ones_put_2_learn
   assert fm.train_command(threads, "w")[:2] == ["python", fm.TRAIN]
   assert fm.train_command(mpi, "w", "--config.epochs=1")[:5] == ["mpiexec", "-n", "2", "python", fm.TRAIN]
   assert fm.train_command(mpi, "w", "--config.epochs=1")[-3:] == ["--config.epochs=1", "--workdir", "w"]
-  assert fm._executable(fm.train_command(mpi, "w"))[3] == sys.executable
+  assert fault_cells.executable(fm.train_command(mpi, "w"))[3] == sys.executable
 
 
 def test_report_counts_cells_and_marks_the_missing_ones_not_run():
