@@ -279,6 +279,32 @@ def test_half_the_actors_killed_and_added_back_is_a_leave_then_a_join_of_a_new_a
 
 
 @pytest.mark.slow
+def test_with_elastic_replace_a_killed_actor_is_replaced_by_a_new_one(local_ray, tmp_path):
+  """elastic_replace under Ray: async λ = 2, one actor each; at update 5 actor 0 is killed (ray.kill), and the
+  executor starts a new actor for learner 0 by itself, with no add_learner call (the callback only waits until it
+  is ready, so it rejoins early). Under Ray a replacement is a leave, then the new actor's join (README)."""
+  import time
+  killed, waited = [], []
+
+  def kill_then_wait_for_the_replacement(run):
+    executor = run.executor
+    if run.updates == 5 and not killed:
+      killed.append(run.updates)
+      ray.kill(executor.actors[0])
+    elif killed and not waited and 0 in executor._joining:   # the PS took the death and started a new actor
+      waited.append(run.updates)
+      deadline = time.monotonic() + 300
+      while 0 not in executor._ready and time.monotonic() < deadline:   # until it is ready
+        time.sleep(0.2)
+
+  final = sajax.train(_config("async", 2, epochs=2, elastic_replace=True), workdir=str(tmp_path),
+                      callbacks=[kill_then_wait_for_the_replacement]).metrics
+  assert killed == [5] and waited and final["samples"] >= 1024 and final["learners_live"] == [0, 1]
+  assert (final["learners_left"], final["learners_joined"], final["learners_alive"]) == (1, 1, 2)
+  assert len(final["pushes_per_actor"]) == 3 and final["pushes_per_actor"][2] >= 1   # the new actor pushed
+
+
+@pytest.mark.slow
 def test_the_ps_killed_then_the_same_command_resumes_from_its_checkpoint_and_leaves_no_ray_behind(tmp_path):
   """Killing the PS is killing the driver: launch/train.py with executor ray is SIGKILLed after its first
   checkpoint (as kill -9 does). No process of the local Ray it started outlives it by more than seconds
