@@ -18,7 +18,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ""                # TFDS data_dir ("" = TFDS's default, ~/tensorflow_datasets)
   config.download = False             # let TFDS download and prepare a missing dataset
   config.train_examples = 0           # use only the first N training examples (0 = all)
-  config.model = "small_cnn"          # small_cnn | cifar10_full | alexnet
+  config.model = "small_cnn"          # mlp | small_cnn | cifar10_full | alexnet
   # the paper's system
   config.executor = "threads"         # threads: λ learner threads + one parameter server | pmap: SSGD baseline
                                       # | simulated | mpi (under mpiexec) | ray (learners in Ray actors)

@@ -22,10 +22,11 @@ def _config(protocol="async", learners=2, **overrides):
 
 @functools.lru_cache(maxsize=None)
 def _parameters():
-  """d, the parameters of the smoke runs' model (small_cnn on mnist5k), counted from its shapes."""
+  """d, the parameters of the smoke runs' model (configs/smoke.py's, on its dataset), counted from its shapes."""
   from sajax import data, models
-  dataset = data.load_dataset("mnist5k")
-  model = models.create_model("small_cnn", dataset.num_classes)
+  config = _config()
+  dataset = data.load_dataset(config.dataset)
+  model = models.create_model(config.model, dataset.num_classes)
   shapes = jax.eval_shape(lambda key: models.init_params(model, key, dataset.input_shape), jax.random.PRNGKey(0))
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
 

@@ -55,7 +55,7 @@ def _naive_caffe_pool(x, window, stride, mode):
   return out
 
 
-_SHAPES = {"small_cnn": (28, 28, 1), "cifar10_full": (32, 32, 3), "alexnet": (64, 64, 3)}
+_SHAPES = {"mlp": (28, 28, 1), "small_cnn": (28, 28, 1), "cifar10_full": (32, 32, 3), "alexnet": (64, 64, 3)}
 
 
 # The tests using ``built`` go to one pytest-xdist worker, which builds the models once (session scope: a
@@ -113,7 +113,7 @@ def test_caffe_pool_uses_ceil_mode_sizes():
     models.caffe_pool(x, 3, 2, "min")
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "cifar10_full"])
+@pytest.mark.parametrize("name", ["mlp", "small_cnn", "cifar10_full"])
 def test_output_shapes_and_plain_params(built, name):
   model, params = built[name]
   x = jax.random.normal(jax.random.key(1), (3, *_SHAPES[name]), jnp.float32)
@@ -181,17 +181,27 @@ def test_alexnet_dropout_only_in_training(built):
 
 
 def test_unknown_model_and_bad_num_classes():
-  with pytest.raises(ValueError, match=r"'nope'.*small_cnn, cifar10_full, alexnet"):
+  with pytest.raises(ValueError, match=r"'nope'.*mlp, small_cnn, cifar10_full, alexnet"):
     models.create_model("nope", 10)
   with pytest.raises(ValueError, match="0"):
     models.create_model("small_cnn", 0)
-  assert models.MODELS == ("small_cnn", "cifar10_full", "alexnet")
+  assert models.MODELS == ("mlp", "small_cnn", "cifar10_full", "alexnet")
   for name in models.MODELS:
     assert isinstance(models.create_model(name, 3), models.nn.Module)
 
 
-def test_small_cnn_sgd_steps_reduce_loss(built):
-  model, params = built["small_cnn"]
+def test_mlp_is_784_64_classes_on_any_input_size():
+  """fc1 sees the flattened image (28·28·1 = 784 or 32·32·3 = 3,072 inputs), 64 hidden units, fc2 the classes."""
+  for shape, inputs in [((28, 28, 1), 784), ((32, 32, 3), 3072)]:
+    params = models.init_params(models.create_model("mlp", 10), jax.random.key(0), shape)
+    assert jax.tree.map(jnp.shape, params) == {"fc1": {"kernel": (inputs, 64), "bias": (64,)},
+                                                "fc2": {"kernel": (64, 10), "bias": (10,)}}
+    assert models.count_params(params) == inputs * 64 + 64 + 64 * 10 + 10
+
+
+@pytest.mark.parametrize("name", ["mlp", "small_cnn"])
+def test_sgd_steps_reduce_loss(built, name):
+  model, params = built[name]
   x = jax.random.uniform(jax.random.key(1), (32, 28, 28, 1))
   y = jax.random.randint(jax.random.key(2), (32,), 0, 5)
 
