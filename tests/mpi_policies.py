@@ -15,14 +15,14 @@ set_cpu_device_count(4, "mpi")                 # this rank's learners (+ the PS 
 
 import sajax  # noqa: E402
 from tests.helpers import smoke_config  # noqa: E402
-from tests.test_policies_e2e import ARGS, MPI_POLICIES  # noqa: E402
+from tests.test_policies_e2e import ARGS, MPI_POLICIES, TRAIN_EXAMPLES  # noqa: E402
 
 
 RULES = {"constant": "delayed_nesterov", "polynomial": "compensation", "exponential": "lookahead"}
 # One run is asynchronous local-SGD (sajax/local_steps.py): learners on both ranks push Δ after H = 2 AdamW steps,
-# the PS steps outer Nesterov on it. 1,024 examples keep its pushes at 64 (each carries 2μ examples), as the others'.
+# the PS steps outer Nesterov on it. Twice the examples keep its pushes as many as the others' (each carries 2μ).
 LOCAL = {"inverse": {"local_steps": 2, "inner_optimizer": "adamw", "outer_optimizer": "nesterov",
-                     "train_examples": 1024}}
+                     "train_examples": 2 * TRAIN_EXAMPLES}}
 
 
 # dc_asgd_adaptive at α0 = 0.03 diverged in this job (exit 3 at update 52; under threads, 3 seeds: test error
@@ -30,13 +30,11 @@ LOCAL = {"inverse": {"local_steps": 2, "inner_optimizer": "adamw", "outer_optimi
 LEARNING_RATE = {"dc_asgd_adaptive": 0.01}
 
 
-# 512 examples: 64 gradients, so rank 1's learners (which load their compiled step after rank 0's have started)
-# push in every run; with 128 (16 gradients) rank 0's two learners once finished the epoch alone on a loaded machine.
 def main(root: str) -> None:
   from sajax.executors import mpi_comm
   rank = mpi_comm.world().Get_rank()
   for policy in MPI_POLICIES:
-    overrides = {"train_examples": 512, **LOCAL.get(policy, {})}
+    overrides = {"train_examples": TRAIN_EXAMPLES, **LOCAL.get(policy, {})}
     if policy in LEARNING_RATE:
       overrides["learning_rate"] = LEARNING_RATE[policy]
     config = smoke_config("mpi", "async", learners=4, batch_per_learner=8, policy=policy,

@@ -13,6 +13,7 @@ from launch import local_sgd as ls
 from launch import local_sgd_report as report
 from launch.local_sgd import LocalCell
 from sajax import config as config_lib
+from tests.helpers import every_model_is_the_mlp
 
 
 def test_the_grid_is_66_runs_seed_major_each_row_its_declared_config():
@@ -177,6 +178,7 @@ def test_end_to_end_two_cells_on_small_idx_files_then_a_rerun_trains_nothing(tmp
   """SSGD and asynchronous local-SGD (H = 8, polynomial, delayed Nesterov) at λ = 4, each in a child process as
   the command runs them, on 512 training images for one epoch; then a rerun trains nothing."""
   from tests.test_momentum_staleness import _fashion_idx
+  every_model_is_the_mlp(monkeypatch)
   every = ls.cells
   monkeypatch.setattr(ls, "cells", lambda seeds, learners, train: [
       c for c in every(seeds, learners, train) if c.row in ("ssgd", "local-h8-polynomial")])

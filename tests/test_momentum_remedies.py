@@ -12,6 +12,7 @@ from launch import momentum_remedies_report as report
 from launch.momentum_remedies import RemedyCell
 from sajax import config as config_lib
 from sajax import momentum
+from tests.helpers import every_model_is_the_mlp
 
 
 def test_phase1_is_80_runs_seed_major_each_the_declared_config():
@@ -185,6 +186,7 @@ def test_end_to_end_phase1_then_phase2_on_small_idx_files(tmp_path, capsys, monk
   """Two phase-1 cells (SSGD and look-ahead at n = λ) and phase 2's remedy, each in a child process as the command
   runs them, on 256 training images at λ = 2; then a rerun trains nothing."""
   from tests.test_momentum_staleness import _fashion_idx
+  every_model_is_the_mlp(monkeypatch)
   every1, every2 = mr.phase1_cells, mr.phase2_cells
   monkeypatch.setattr(mr, "phase1_cells", lambda seeds, learners, train: [
       c for c in every1(seeds, learners, train) if c.row == "ssgd" or (c.row, c.n) == ("lookahead", learners)])

@@ -20,6 +20,11 @@ ARGS = {"polynomial": {"a": 0.5}, "exponential": {}, "hinge": {}, "delay_adaptiv
 # (dc_asgd, dc_asgd_adaptive, gap_aware), drop (the PS refuses too-stale pushes), and the four σ-scalings that carry
 # the momentum rules and local-SGD there. hinge and delay_adaptive scale by σ alone on rank 0's PS, as polynomial
 # does: the wire adds nothing for them (both train under threads and simulated below).
+# Examples per run of the MPI job: 250 gradients of μ = 8, so rank 1's learners (which get their first weights after
+# rank 0's have started) push in every run. With the smoke config's MLP a gradient takes about a millisecond: at 512
+# examples a run lasted 0.35–0.6 s, rank 1 pushed 1 to 30 of the 64 gradients, and none once under load (dc_asgd,
+# in a clean-clone CI run).
+TRAIN_EXAMPLES = 2000     # twice that, the local-SGD run's, is all of mnist5k's 4,000 training digits
 MPI_POLICIES = ("constant", "dc_asgd", "dc_asgd_adaptive", "drop", "exponential", "gap_aware", "inverse",
                 "polynomial")
 
@@ -77,11 +82,11 @@ as asynchronous local-SGD: Δ after 2 inner steps, outer Nesterov). The policies
   finals = {r["policy"]: r for r in map(json.loads, [l for l in result.stdout.splitlines() if l.startswith("{")])}
   assert sorted(finals) == sorted(MPI_POLICIES) and set(ARGS) - set(finals) == {"hinge", "delay_adaptive"}
   for policy, final in finals.items():
-    assert np.isfinite(final["train_loss"]) and final["samples"] >= 512, policy
+    assert np.isfinite(final["train_loss"]) and final["samples"] >= TRAIN_EXAMPLES, policy
     assert final["gradients_dropped"] == 0, policy
     # rank 1 took part: a push applied, or (drop, when rank 1 started late) pushes dropped as too stale
     assert final["pushes_per_rank"][1] > 0 or (policy == "drop" and final["gradients_stale_dropped"] > 0), policy
   assert finals["drop"]["staleness_max"] < ARGS["drop"]["bound"]
-  assert finals["inverse"]["local_steps"] == 2 and finals["inverse"]["samples"] == 1024   # pushes of Δ over 2μ
+  assert finals["inverse"]["local_steps"] == 2 and finals["inverse"]["samples"] == 2 * TRAIN_EXAMPLES   # Δ over 2μ
   for policy in ("gap_aware", "dc_asgd"):       # stale pushes of rank 1 reached the rule with their θ_j
     assert finals[policy]["pushes_per_rank"][1] > 0 and finals[policy]["staleness_max"] >= 1, policy

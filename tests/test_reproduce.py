@@ -14,6 +14,7 @@ import sajax
 from launch import grid_runner, reproduce, reproduce_figures, reproduce_report, seed_stats, speedup_report
 from launch.reproduce import Cell
 from sajax import config as config_lib, metrics as metrics_lib
+from tests.helpers import every_model_is_the_mlp
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -200,6 +201,7 @@ def _is_png(path):
 def test_tiny_grid_end_to_end_resumes_a_half_done_cell_and_skips_done_ones(tmp_path, capsys, monkeypatch):
   """λ = 2, μ = 64 on 256 digits, 2 epochs: SSGD and 2-softsync (async) under both policies; the inverse cell
   is interrupted first, so the grid is half done when the script starts."""
+  every_model_is_the_mlp(monkeypatch)
   root, out = str(tmp_path / "runs"), str(tmp_path / "docs" / "reproduction.md")
   half = Cell(2, 2, "inverse", 0)
   workdir = os.path.join(root, half.name(2, 256))
