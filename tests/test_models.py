@@ -211,11 +211,13 @@ def test_sgd_steps_reduce_loss(built, name):
 
   grad_fn = jax.jit(jax.value_and_grad(loss_fn))
   first, grads = grad_fn(params)
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
-  assert any(float(jnp.max(jnp.abs(g))) > 0 for g in jax.tree.leaves(grads))
+  leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
+  assert all(np.isfinite(g).all() for g in leaves)
+  assert any(np.abs(g).max() > 0 for g in leaves)
+  step = jax.jit(lambda p, g: jax.tree.map(lambda p, g: p - 0.05 * g, p, g))
   loss = first
   for _ in range(5):
-    params = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
+    params = step(params, grads)
     loss, grads = grad_fn(params)
   assert float(loss) < 0.9 * float(first)
 
@@ -226,8 +228,10 @@ def test_paper_networks_are_differentiable(name, shape):
   model = models.create_model(name, 10)
   params = models.init_params(model, jax.random.PRNGKey(0), shape)
   x = jax.random.normal(jax.random.PRNGKey(1), (2,) + shape)
-  grads = jax.grad(lambda p: model.apply({"params": p}, x, train=True,
-                                         rngs={"dropout": jax.random.PRNGKey(2)}).sum())(params)
-  leaves = jax.tree.leaves(grads)
-  assert all(bool(jnp.all(jnp.isfinite(g))) for g in leaves)
-  assert any(float(jnp.abs(g).sum()) > 0 for g in leaves)
+  # One jitted program (eagerly, every primitive of the forward and backward pass compiled on its own: 142 of them
+  # for alexnet), and the checks on the host.
+  grads = jax.jit(jax.grad(lambda p: model.apply({"params": p}, x, train=True,
+                                                 rngs={"dropout": jax.random.PRNGKey(2)}).sum()))(params)
+  leaves = [np.asarray(g) for g in jax.tree.leaves(grads)]
+  assert all(np.isfinite(g).all() for g in leaves)
+  assert any(np.abs(g).sum() > 0 for g in leaves)
