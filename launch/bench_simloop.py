@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from launch.bench_p1 import run_rate
-from sajax import data, trainer
+from sajax import data, run_optimizer
 from sajax.executors import simulated
 
 
@@ -51,7 +51,7 @@ def plain_loop_rate(config, dataset: data.Dataset, count: int) -> tuple[int, flo
   model = models.create_model(config.model, dataset.num_classes)
   loss_fn = steps.make_loss_fn(model, data.make_preprocess(dataset))
   params = models.init_params(model, jax.random.PRNGKey(config.seed), dataset.input_shape)
-  tx = trainer.make_optimizer(config, optax.constant_schedule(config.learning_rate), config_lib.policy_of(config))
+  tx = run_optimizer.make_optimizer(config, optax.constant_schedule(config.learning_rate), config_lib.policy_of(config))
   opt_state = tx.init(params)
   grad = jax.jit(jax.value_and_grad(loss_fn))
 

@@ -141,9 +141,9 @@ def dead_units_of_run(config, workdir: str) -> Optional[dict[str, float]]:
   """:func:`dead_fractions` of the newest checkpoint in ``workdir`` (read-only) on the first DEAD_IMAGES test
   images, with ``update``: the checkpoint's; None when no checkpoint was saved."""
   import numpy as np
-  from sajax import data, models, trainer
+  from sajax import data, models, saved_state
   dataset = data.load_dataset(config.dataset, data_dir=config.get("data_dir"))
-  newest = trainer.newest_params(config, workdir, dataset)
+  newest = saved_state.newest_params(config, workdir, dataset)
   if newest is None:
     return None
   images = data.make_preprocess(dataset)(np.asarray(dataset.test.images[:DEAD_IMAGES]), None)

@@ -8,7 +8,7 @@ direction on the h-th batch, starting from θ_local = θ_j), and pushes
 
 in place of a gradient. The parameter server treats Δ exactly as a gradient of staleness σ = i − j: every
 staleness policy s(σ) scales it, the c pushes of an update are combined, (1/c) Σ_l s(σ_l)·Δ_l, and the *outer*
-optimizer (``outer_optimizer``: sgd, nesterov or delayed_nesterov; :func:`sajax.trainer.make_optimizer`) steps
+optimizer (``outer_optimizer``: sgd, nesterov or delayed_nesterov; :func:`sajax.run_optimizer.make_optimizer`) steps
 on the combination. With hardsync (c = λ), outer Nesterov (lr 0.7, momentum 0.9) and inner AdamW this is DiLoCo
 (Douillard et al., "DiLoCo: Distributed Low-Communication Training of Language Models", 2023); with async,
 the (1 + σ)^−0.5 weighting (``policy="async_local_sgd"``) and delayed Nesterov it is asynchronous local-SGD (Liu

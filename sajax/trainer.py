@@ -18,16 +18,14 @@ import time
 from typing import Any, Callable, Iterable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from sajax import checkpoint, config as config_lib, data, elastic, local_steps, metrics, models, steps, streams
 from sajax.workdir import check_workdir_writable, default_workdir, prepare_workdir  # noqa: F401 - public here too
 from sajax.executors.common import Executor
-from sajax.momentum import DEFAULT_STALENESS_DECAY, momentum_rule
-from sajax.optim import staleness_aware
+from sajax.run_optimizer import make_optimizer, make_schedule
+from sajax.saved_state import state_target
 from sajax.server import DivergenceError, all_finite_jit
 
 log = logging.getLogger("sajax")
@@ -42,46 +40,6 @@ class TrainResult:
   metrics: dict
   history: list
   workdir: str
-
-
-def make_schedule(config: ml_collections.ConfigDict, per_epoch: float) -> optax.Schedule:
-  """α as a function of the PS update count t: α0, times lr_decay at each boundary (given in epochs), and with
-  ``lr_warmup_epochs`` = w > 0 times min(1, (t + 1)/W) over the first W = w epochs' updates (the linear warm-up
-  of Goyal et al. 2017, which also tames the first λ asynchronous pushes, all computed on θ_0). The start is the
-  outer optimizer's rate (:func:`sajax.local_steps.outer_learning_rate`): α0 unless ``outer_optimizer`` or
-  ``outer_learning_rate`` says otherwise."""
-  start = local_steps.outer_learning_rate(config)
-  steps = optax.piecewise_constant_schedule(start, config_lib.schedule_boundaries(config, per_epoch))
-  warmup = config_lib.epoch_to_update(config.get("lr_warmup_epochs", 0.0), per_epoch)
-  if not warmup:
-    return steps
-  return lambda t: steps(t) * jnp.minimum(1.0, (t + 1) / warmup)
-
-
-def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule, policy: Optional[Any] = None
-                   ) -> optax.GradientTransformationExtraArgs:
-  """The paper's optimizer: SGD(α0 with step decays at epoch boundaries, momentum β) under
-  ``config.momentum_rule`` (``plain``, the default, is ``optax.sgd(α, momentum=β)``; the others are in
-  :mod:`sajax.momentum`), wrapped staleness-aware with ``config.policy`` built from ``config.policy_args``
-  (:func:`sajax.config.policy_of`).
-
-  ``config.outer_optimizer`` (the optimizer of the parameter server, whatever learners push: gradients, or the
-  pseudo-gradients Δ of ``local_steps`` > 1, :mod:`sajax.local_steps`) picks the base: ``sgd`` is the above;
-  ``nesterov`` is ``optax.sgd(α, β, nesterov=True)`` (DiLoCo's outer step); ``delayed_nesterov`` is the momentum
-  rule of that name. α follows ``schedule``; β is :func:`sajax.local_steps.outer_momentum` (``config.momentum``
-  for ``sgd``, 0.9 for the other two, unless ``outer_momentum`` is set)."""
-  outer = config.get("outer_optimizer", "sgd")
-  beta = local_steps.outer_momentum(config)
-  if outer == "nesterov":
-    base = optax.sgd(schedule, momentum=beta, nesterov=True)
-  else:
-    rule = "delayed_nesterov" if outer == "delayed_nesterov" else config.get("momentum_rule", "plain")
-    base = momentum_rule(rule, schedule, beta, learners=config.learners,
-                         period=config.get("momentum_rule_period", 0),
-                         staleness_decay=config.get("momentum_rule_staleness_decay", DEFAULT_STALENESS_DECAY))
-  if config.get("weight_decay", 0.0):
-    base = optax.chain(optax.add_decayed_weights(config.weight_decay), base)
-  return staleness_aware(base, policy=policy or config_lib.policy_of(config))
 
 
 class Run:
@@ -403,33 +361,6 @@ def _progress(config: ml_collections.ConfigDict, run: Run):
               dynamic_ncols=True, desc=f"{config.executor}", mininterval=0.5 if sys.stderr.isatty() else 10.0)
 
 
-def state_target(params: PyTree, opt_state: PyTree) -> Callable[[dict], dict]:
-  """The ``target`` of :meth:`Checkpointer.restore_latest` for a run's saved state: θ and the optimizer state
-  shaped like ``params``/``opt_state``, plus the executor's arrays whose shapes the checkpoint's meta records."""
-  def target(meta: dict) -> dict:
-    state = {"params": params, "opt_state": opt_state}
-    if meta.get("executor_arrays"):
-      state["executor"] = {k: np.zeros(shape, dtype) for k, (shape, dtype) in meta["executor_arrays"].items()}
-    return state
-  return target
-
-
-def newest_params(config: ml_collections.ConfigDict, workdir: str,
-                  dataset: data.Dataset) -> Optional[tuple[int, PyTree]]:
-  """(update, θ) of the newest readable checkpoint of the run ``config`` in ``workdir``, or None when it has none.
-  Read-only, unlike resuming: the run's metrics, TensorBoard files and checkpoints stay as they are."""
-  folder = os.path.join(workdir, "checkpoints")
-  if not os.path.isdir(folder) or not os.listdir(folder):
-    return None
-  model = models.create_model(config.model, dataset.num_classes)
-  params = models.init_params(model, jax.random.PRNGKey(0), dataset.input_shape)
-  opt_state = make_optimizer(config, make_schedule(config, 1.0), config_lib.policy_of(config)).init(params)
-  checkpointer = checkpoint.Checkpointer(folder, keep=config.keep_checkpoints)
-  try:
-    restored = checkpointer.restore_latest(state_target(params, opt_state))
-  finally:
-    checkpointer.close()
-  return None if restored is None else (restored[0], restored[1]["params"])
 
 
 def train(config: ml_collections.ConfigDict, workdir: Optional[str] = None,

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import sajax
-from sajax import config as config_lib, data, local_steps, metrics as metrics_lib, models, steps, trainer
+from sajax import config as config_lib, data, local_steps, metrics as metrics_lib, models, run_optimizer, steps
 from tests.helpers import reproducible, smoke_config
 from tests.test_delayed_reference import TinyNet, max_gap, train_recording
 
@@ -164,7 +164,7 @@ def test_the_outer_optimizers_are_the_documented_ones():
 
   def ours(**keys):
     config = _config(**keys)
-    return trajectory(trainer.make_optimizer(config, trainer.make_schedule(config, per_epoch=10.0)))
+    return trajectory(run_optimizer.make_optimizer(config, run_optimizer.make_schedule(config, per_epoch=10.0)))
 
   def same(a, b):
     return all(max_gap(x, y) < 1e-7 for x, y in zip(a, b))

@@ -65,7 +65,7 @@ def test_plain_rule_is_todays_sgd_momentum_bit_for_bit():
   """make_optimizer's default: the combination (1/c) Σ s(σ_l) g_l through optax.sgd(α(t), β), exactly as before the
   rules existed (σ now also reaches the base, which ignores it)."""
   from configs import smoke
-  from sajax.trainer import make_optimizer, make_schedule
+  from sajax.run_optimizer import make_optimizer, make_schedule
   config = smoke.get_config()
   assert config.get("momentum_rule", "plain") == "plain"
   schedule = make_schedule(config, per_epoch=2.0)          # α0 = 0.03, ÷10 after update 3
@@ -254,7 +254,7 @@ def test_a_bad_momentum_rule_is_one_line_naming_it_and_the_allowed_ones():
 
 
 def test_make_optimizer_puts_the_rule_under_weight_decay_and_the_policy_and_it_still_reads_staleness():
-  from sajax.trainer import make_optimizer
+  from sajax.run_optimizer import make_optimizer
   config = smoke_config("simulated", "async", learners=4, batch_per_learner=8, momentum_rule="compensation",
                         momentum_rule_staleness_decay=1.0, weight_decay=1e-4)
   config_lib.validate(config)

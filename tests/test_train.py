@@ -137,13 +137,13 @@ def test_tfds_dataset_trains_through_the_same_path(tmp_path):
 
 def test_the_schedule_steps_at_epoch_boundaries_and_warms_up_linearly():
   """α0 = 0.1 with 10 updates per epoch, ÷10 at epoch 2; a 0.5-epoch warm-up is W = 5 updates: α_t = α0 (t+1)/5."""
-  from sajax import trainer
+  from sajax import run_optimizer
   config = helpers.smoke_config("simulated", "async", learners=2, batch_per_learner=8, learning_rate=0.1,
                                lr_boundaries_epochs=(2,), lr_decay=0.1)
-  plain = trainer.make_schedule(config, per_epoch=10)
+  plain = run_optimizer.make_schedule(config, per_epoch=10)
   assert [float(plain(t)) for t in (0, 19, 20)] == pytest.approx([0.1, 0.1, 0.01])
   config.lr_warmup_epochs = 0.5
-  warm = trainer.make_schedule(config, per_epoch=10)
+  warm = run_optimizer.make_schedule(config, per_epoch=10)
   assert [float(warm(t)) for t in (0, 1, 4, 5, 19, 20)] == pytest.approx([0.02, 0.04, 0.1, 0.1, 0.1, 0.01])
   config.lr_warmup_epochs = -1
   with pytest.raises(config_lib.ConfigError, match=r"^config.lr_warmup_epochs=-1.0 is invalid; allowed: a number >= 0"):
@@ -153,11 +153,11 @@ def test_the_schedule_steps_at_epoch_boundaries_and_warms_up_linearly():
 def test_newest_params_reads_the_last_checkpoint_and_changes_nothing(reference_run, tmp_path):
   """θ of the final checkpoint gives the final record's test error; no file of the run changes (resuming would
   cut metrics back and open writers)."""
-  from sajax import data, models, steps, trainer
+  from sajax import data, models, saved_state, steps
   workdir, config = reference_run.workdir, smoke.get_config()
   before = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(workdir) for f in fs}
   dataset = data.load_dataset(config.dataset)
-  update, params = trainer.newest_params(config, workdir, dataset)
+  update, params = saved_state.newest_params(config, workdir, dataset)
   after = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns for d, _, fs in os.walk(workdir) for f in fs}
   assert after == before
   final = metrics_lib.read_metrics(workdir)[-1]
@@ -165,4 +165,4 @@ def test_newest_params_reads_the_last_checkpoint_and_changes_nothing(reference_r
   model = models.create_model(config.model, dataset.num_classes)
   evaluate = steps.Evaluator(model, data.make_preprocess(dataset), dataset.test, batch_size=config.eval_batch_size)
   assert evaluate(params)["test_error"] == pytest.approx(final["test_error"], abs=1e-6)
-  assert trainer.newest_params(config, str(tmp_path), dataset) is None
+  assert saved_state.newest_params(config, str(tmp_path), dataset) is None
