@@ -28,7 +28,7 @@ TRAIN = os.path.join(ROOT, "launch", "train.py")
 SMOKE = os.path.join(ROOT, "configs", "smoke.py")
 MPIEXEC = shutil.which("mpiexec") or os.path.join(os.path.dirname(sys.executable), "mpiexec")
 needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec not installed (pip install '.[mpi]')")
-# small_cnn on 1,024 examples, λ = 4 over the ranks, μ = 8, momentum 0.5 (as in tests/helpers.smoke_config)
+# configs/smoke.py (its MLP) on 1,024 examples, λ = 4 over the ranks, μ = 8, momentum 0.5 (as in tests/helpers.smoke_config)
 ARGS = ["--config", SMOKE, "--config.learners=4", "--config.batch_per_learner=8", "--config.momentum=0.5"]
 
 
@@ -881,3 +881,31 @@ def test_learner_threads_on_rank_0_and_on_another_rank_leave_and_hardsync_keeps_
   assert final["staleness_max"] == 0 and final["samples"] >= 512
   per = {k: v["count"] for k, v in final["staleness_per_learner"].items()}
   assert per["0"] == per["2"] == 5 and per["1"] == per["3"] == final["updates"]
+
+
+@needs_mpiexec
+@pytest.mark.xdist_group("mpi-elastic")
+def test_a_run_resumes_from_its_checkpoint_with_another_lambda(tmp_path):
+  """2 ranks, 2-softsync on 512 examples: one epoch at λ = 4 (c = 2, learners 0, 1 on rank 0 and 2, 3 on rank 1),
+  then the same workdir to two epochs at λ = 2 (c = 1, one learner per rank): the update count, the samples and
+  the PS's statistics go on from the checkpoint, learners 2 and 3 are counted as leaves, and the learner on each
+  rank pushes after the resume."""
+  workdir = tmp_path / "run"
+  common = [*ARGS[:2], "--config.batch_per_learner=8", "--config.momentum=0.5", "--config.executor=mpi",
+            "--config.protocol=softsync", "--config.n=2", "--config.train_examples=512",
+            "--config.lr_boundaries_epochs=()", "--workdir", str(workdir)]
+  first = _mpiexec(2, *common, "--config.learners=4", "--config.epochs=1")
+  assert first.returncode == 0, _said(first)
+  before = _records(workdir)[-1]
+  assert (before["updates"], before["samples"], before["gradients_per_update"]) == (32, 512, 2)
+  second = _mpiexec(2, *common, "--config.learners=2", "--config.epochs=2")
+  assert second.returncode == 0, _said(second)
+  records = _records(workdir)
+  assert records[0] == before                      # the first run's record is kept as it was
+  final = records[-1]
+  assert final["updates"] == 32 + 512 // 8 and final["samples"] == 1024 and final["gradients_per_update"] == 1
+  assert final["learners_live"] == [0, 1] and (final["learners_left"], final["learners_joined"]) == (2, 0)
+  counts = lambda record: {k: v["count"] for k, v in record["staleness_per_learner"].items()}  # noqa: E731
+  was, now = counts(before), counts(final)
+  assert now["0"] > was["0"] and now["1"] > was["1"]     # learner 0 on rank 0 and learner 1 on rank 1 pushed
+  assert (now["2"], now["3"]) == (was["2"], was["3"]) and sum(now.values()) == 32 * 2 + 64
