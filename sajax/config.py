@@ -92,6 +92,8 @@ STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi", "ray")
 RESUMABLE_CHANGES = frozenset({"epochs", "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints",
                                "progress", "workdir", "eval_batch_size", "ray_address", "ray_learners_per_actor",
                                "learners", *elastic.KEYS})
+# Keys with one entry per learner: they may change on a resume that changes λ (and then must), never otherwise.
+PER_LEARNER_KEYS = frozenset({"sim_speeds"})
 
 
 class ConfigError(ValueError):
@@ -395,6 +397,8 @@ def config_differences(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[s
   diffs = []
   for key in sorted(set(old) | set(new)):
     if key in RESUMABLE_CHANGES or key in RETIRED_KEYS:
+      continue
+    if key in PER_LEARNER_KEYS and old.get("learners") != new.get("learners"):
       continue
     a, b = old.get(key, ABSENT_MEANS.get(key)), new.get(key, ABSENT_MEANS.get(key))
     if key == "policy_args":

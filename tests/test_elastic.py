@@ -212,16 +212,27 @@ def test_threads_add_and_remove_learners_while_the_run_goes_with_sigma_0(tmp_pat
 @pytest.mark.parametrize("executor", ["simulated", pytest.param("threads", marks=pytest.mark.slow)])
 def test_a_run_resumes_from_its_checkpoint_with_another_lambda(tmp_path, executor):
   """2-softsync λ = 4 (c = 2) for half an epoch, then the same workdir with λ = 2 (c = 1) to one epoch: the
-  update count goes on, learners 2 and 3 are gone (counted as leaves), c comes from the new live set."""
+  update count goes on, learners 2 and 3 are gone (counted as leaves), c comes from the new live set. Simulated
+  runs give each learner its speed (sim_speeds), which changes with λ (with the same λ it may not)."""
   workdir = str(tmp_path / "run")
-  first = sajax.train(_config(executor, "softsync", 4, n=2, epochs=0.5), workdir=workdir).metrics
+  speeds = lambda learners: {"sim_speeds": (1.0, 2.0, 1.5, 3.0)[:learners]} if executor == "simulated" else {}  # noqa: E731
+  first = sajax.train(_config(executor, "softsync", 4, n=2, epochs=0.5, **speeds(4)), workdir=workdir).metrics
   assert first["gradients_per_update"] == 2
-  final = sajax.train(_config(executor, "softsync", 2, n=2, epochs=1), workdir=workdir).metrics
+  final = sajax.train(_config(executor, "softsync", 2, n=2, epochs=1, **speeds(2)), workdir=workdir).metrics
   assert final["updates"] > first["updates"] and final["samples"] >= 512
   assert final["learners_live"] == [0, 1] and final["gradients_per_update"] == 1 and final["learners_left"] == 2
   per = final["staleness_per_learner"]
   assert per["2"]["count"] == first["staleness_per_learner"]["2"]["count"]   # no push after the resume
   assert per["0"]["count"] > first["staleness_per_learner"]["0"]["count"]
+
+
+def test_per_learner_keys_may_change_on_a_resume_only_with_lambda():
+  """sim_speeds has one entry per learner: a resume with another λ must change it; with the same λ a change is
+  another run (refused, as before)."""
+  old = {"learners": 4, "sim_speeds": [1.0, 2.0, 1.5, 3.0]}
+  assert config_lib.config_differences(old, {"learners": 2, "sim_speeds": [1.0, 2.0]}) == []
+  assert config_lib.config_differences(old, {"learners": 4, "sim_speeds": [1.0, 2.0, 1.5, 9.0]}) == [
+      "sim_speeds: [1.0, 2.0, 1.5, 3.0] -> [1.0, 2.0, 1.5, 9.0]"]
 
 
 def test_threads_apply_the_event_schedule_too(tmp_path):
