@@ -95,11 +95,27 @@ class Evaluator:
 
 
 def replicate(tree: PyTree, devices: list) -> PyTree:
-  """One copy of ``tree`` per device, stacked on a leading axis, as ``jax.pmap`` expects."""
-  from flax import jax_utils
-  return jax_utils.replicate(tree, devices)
+  """One copy of ``tree`` per device, stacked on a leading axis, as ``jax.pmap`` expects.
+
+  In one process the copies are laid out as ``jax.pmap`` lays out its own outputs (an identity pmap of the tree
+  stacked on the host, one compilation for the whole tree): a pmapped step fed them compiles once. With flax's
+  ``replicate`` its first call saw another layout than its later calls and compiled twice, and building the
+  stack compiled two programs per leaf shape. Several processes (each feeds its own devices) keep flax's.
+  """
+  if jax.process_count() > 1:
+    from flax import jax_utils
+    return jax_utils.replicate(tree, devices)
+  stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), tree)
+  return jax.pmap(lambda t: t, devices=devices)(stacked)
 
 
 def unreplicate(tree: PyTree) -> PyTree:
-  """The first device's copy of a replicated tree."""
-  return jax.tree.map(lambda x: x[0], tree)
+  """The first device's copy of a replicated tree, as arrays on that one device.
+
+  Read through the host: indexing the replicated arrays (``x[0]``) compiled a gather per leaf shape and gave
+  arrays laid out over the pmap's devices, which orbax then saved by slicing, compiling one program per leaf
+  shape and device at the first checkpoint."""
+  def first(x: jax.Array) -> jax.Array:
+    shard = x.addressable_shards[0]
+    return jax.device_put(np.asarray(shard.data)[0], shard.device)
+  return jax.tree.map(first, tree)
