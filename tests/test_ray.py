@@ -146,7 +146,7 @@ def test_an_address_where_no_cluster_answers_exits_2_with_one_line_and_writes_no
 # ---- whole runs on a local Ray -----------------------------------------------------------------------------
 @pytest.mark.slow
 def test_hardsync_with_two_actors_has_sigma_0_and_one_push_per_learner_per_update(local_ray, tmp_path):
-  final = sajax.train(_config("hardsync", 2), workdir=str(tmp_path)).metrics
+  final = sajax.train(_config("hardsync", 2, plots=True), workdir=str(tmp_path)).metrics
   assert final["gradients_per_update"] == 2 and final["staleness_max"] == 0
   assert final["staleness_histogram"] == {"0": 2 * final["updates"]}
   assert {v["count"] for v in final["staleness_per_learner"].values()} == {final["updates"]}
@@ -263,7 +263,7 @@ def test_half_the_actors_killed_and_added_back_is_a_leave_then_a_join_of_a_new_a
       killed.append(run.updates)
       ray.kill(executor.actors[0])
     elif killed and not added and 0 not in executor.deaths.alive:    # the leave is taken: its id is free
-      counts["at_leave"] = per[0].count
+      counts["at_leave"] = per[0].count if 0 in per else 0   # on a loaded machine actor 0 may die before its first push
       added.extend([executor.add_learner(), executor.add_learner()])
       deadline = time.monotonic() + 300
       while not set(added) <= set(executor._ready) and time.monotonic() < deadline:
