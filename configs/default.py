@@ -69,6 +69,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.seed = 0
   config.progress = True              # progress bar on stderr
+  config.plots = True                 # curves.png and staleness.png in the workdir when the run ends
   # faults (threads, simulated, mpi): a learner that raises is reported and the run goes on without it
   config.fail_fast = False            # stop the run instead when a learner raises
   config.fault_learner = -1           # fault injection for experiments: this learner raises (-1: none) ...

@@ -34,7 +34,7 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "lr_warmup_epochs": (float, int),
     "epochs": (float, int), "eval_every_epochs": (float, int), "eval_batch_size": (int,),
     "checkpoint_every_epochs": (float, int), "keep_checkpoints": (int,), "seed": (int,),
-    "progress": (bool,), "workdir": (str,), "fail_fast": (bool,), "fault_learner": (int,),
+    "progress": (bool,), "plots": (bool,), "workdir": (str,), "fail_fast": (bool,), "fault_learner": (int,),
     "fault_at_step": (int,), "nan_learners": (tuple, list), "nan_at_step": (int,), "nan_steps": (int,),
     "divergence_after": (int,), "mpi_timeout_s": (float, int), "fault_mpi_corrupt_weights": (int,),
     "fault_mpi_corrupt_permits": (int,), "fault_mpi_corrupt_pushes": (int,),
@@ -51,7 +51,7 @@ SCHEMA: Mapping[str, tuple[type, ...]] = {
     "dynamic_local_steps": (bool,), "ray_address": (str,), "ray_learners_per_actor": (int,),
     **elastic.KEYS,
 }
-OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "weight_decay",
+OPTIONAL_KEYS = frozenset({"workdir", "train_examples", "data_dir", "download", "progress", "plots", "weight_decay",
                            "lr_warmup_epochs", "fail_fast", "fault_learner", "fault_at_step", "nan_learners",
                            "nan_at_step", "nan_steps", "divergence_after", "mpi_timeout_s",
                            "fault_mpi_corrupt_weights", "fault_mpi_corrupt_permits", "fault_mpi_corrupt_pushes",
@@ -90,7 +90,7 @@ STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi", "ray")
 # Keys that may change between a run and its resumption in the same workdir (λ and the elastic keys: a run resumes
 # with another set of learners, see sajax.elastic and the README's "Elastic learners").
 RESUMABLE_CHANGES = frozenset({"epochs", "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints",
-                               "progress", "workdir", "eval_batch_size", "ray_address", "ray_learners_per_actor",
+                               "progress", "plots", "workdir", "eval_batch_size", "ray_address", "ray_learners_per_actor",
                                "learners", *elastic.KEYS})
 # Keys with one entry per learner: they may change on a resume that changes λ (and then must), never otherwise.
 PER_LEARNER_KEYS = frozenset({"sim_speeds"})

@@ -301,19 +301,24 @@ class Run:
 
   # ---- end ---------------------------------------------------------------------------------------
   def finish(self, params: PyTree, opt_state: PyTree) -> dict:
-    """Final evaluation and checkpoint (unless just done), curves.png; returns the final metrics."""
+    """Final evaluation and checkpoint (unless just done), curves.png and staleness.png unless ``config.plots`` is
+    off; returns the final metrics."""
     if not self.history or self.history[-1]["updates"] != self.updates:
       self._evaluate(params)
     self.save(params, opt_state)
     self.close()
+    if self.config.get("plots", True):
+      self._plot()
+    return {"epochs": self.config.epochs, "protocol": self.protocol.name,
+            "gradients_per_update": self.protocol.gradients_per_update, **self.history[-1]}
+
+  def _plot(self) -> None:
     title = f"{self.config.dataset} / {self.config.model} / {self.config.executor}"
     metrics.plot_curves(self.history, os.path.join(self.workdir, "curves.png"), title=title)
     if "staleness_histogram" in self.history[-1]:
       metrics.plot_staleness(self.history[-1]["staleness_histogram"], os.path.join(self.workdir, "staleness.png"),
                              n=self.protocol.n if self.protocol.name != "hardsync" else 0,
                              learners=self.config.learners, title=f"{title} / {self.protocol.name}")
-    return {"epochs": self.config.epochs, "protocol": self.protocol.name,
-            "gradients_per_update": self.protocol.gradients_per_update, **self.history[-1]}
 
   def log(self, message: str) -> None:
     if self._bar is not None:

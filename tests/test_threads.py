@@ -15,7 +15,7 @@ def _config(protocol, n=1, learners=8, **overrides):
 
 
 def test_hardsync_has_zero_staleness_and_one_gradient_per_learner_per_update(tmp_path):
-  result = sajax.train(_config("hardsync"), workdir=str(tmp_path))
+  result = sajax.train(_config("hardsync", plots=True), workdir=str(tmp_path))
   final = result.metrics
   assert final["staleness_max"] == 0 and final["staleness_histogram"] == {"0": final["updates"] * 8}
   assert final["gradients_per_update"] == 8
@@ -48,6 +48,7 @@ def test_softsync_mean_staleness_is_near_n(n, tmp_path):
   result = sajax.train(_config("softsync", n=n, epochs=1.0, lr_boundaries_epochs=(), eval_every_epochs=1.0,
                                checkpoint_every_epochs=1.0, model="small_cnn"), workdir=str(tmp_path))
   mean = result.metrics["staleness_mean"]
+  assert not os.path.exists(tmp_path / "curves.png") and not os.path.exists(tmp_path / "staleness.png")  # plots off
   c = learners // n
   random_order = n * (learners - 1) / learners
   assert 0.4 * n <= mean <= random_order + learners / c, (n, mean)

@@ -27,7 +27,9 @@ pytestmark = pytest.mark.xdist_group("train-reference")
 def reference_run(tmp_path_factory):
   """One uninterrupted smoke run, shared by the tests that compare against it."""
   workdir = str(tmp_path_factory.mktemp("reference"))
-  return sajax.train(smoke.get_config(), workdir=workdir)
+  config = smoke.get_config()
+  config.plots = True
+  return sajax.train(config, workdir=workdir)
 
 
 def test_smoke_run_writes_every_output(reference_run):
