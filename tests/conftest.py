@@ -9,9 +9,15 @@ import pytest
 # XLA CPU's multi-threaded Eigen (convolutions) spins threads that a 2-core machine running two pytest-xdist
 # workers and their child processes cannot spare: single-threaded Eigen made a test subset 28 % faster (72.8 ->
 # 52.5 s, CPU 134 -> 97 s). Child processes that keep XLA_FLAGS inherit it.
+# The tests' programs are small and run a few hundred steps at most, so compiling them is much of their cost: LLVM
+# at optimisation level 0 compiles XLA's generated code faster (the full suite 305/307 s -> 278/255 s, CPU 520 ->
+# 467/424 s; tests/test_models.py alone 45.8 -> 20.9 s of CPU). The same programs and operations; some float sums
+# round differently (a 1-epoch small_cnn run's train loss 2.652828125 -> 2.652828153), and every comparison a test
+# makes is between runs under the same flags. (The mpiexec jobs drop XLA_FLAGS: tests/test_mpi.py says why.)
 for _flag in ("--xla_force_host_platform_device_count=8",
               "--xla_cpu_collective_call_terminate_timeout_seconds=1800",
-              "--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1"):
+              "--xla_cpu_multi_thread_eigen=false", "intra_op_parallelism_threads=1",
+              "--xla_backend_optimization_level=0"):
     if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
