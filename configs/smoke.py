@@ -26,5 +26,5 @@ def get_config():
   config.eval_every_epochs = 1
   config.checkpoint_every_epochs = 1
   config.progress = False
-  config.plots = False                # matplotlib costs more than such a run's steps; the tests of the PNGs ask for them
+  config.plots = False                # matplotlib costs more than such a run's steps (tests of the PNGs ask for them)
   return config

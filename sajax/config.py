@@ -90,8 +90,8 @@ STALE_PARAMS_EXECUTORS: tuple[str, ...] = ("threads", "simulated", "mpi", "ray")
 # Keys that may change between a run and its resumption in the same workdir (λ and the elastic keys: a run resumes
 # with another set of learners, see sajax.elastic and the README's "Elastic learners").
 RESUMABLE_CHANGES = frozenset({"epochs", "eval_every_epochs", "checkpoint_every_epochs", "keep_checkpoints",
-                               "progress", "plots", "workdir", "eval_batch_size", "ray_address", "ray_learners_per_actor",
-                               "learners", *elastic.KEYS})
+                               "progress", "plots", "workdir", "eval_batch_size", "ray_address",
+                               "ray_learners_per_actor", "learners", *elastic.KEYS})
 # Keys with one entry per learner: they may change on a resume that changes λ (and then must), never otherwise.
 PER_LEARNER_KEYS = frozenset({"sim_speeds"})
 
