@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from sajax.executors import mpi_wire as wire
+from tests.helpers import child_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN = os.path.join(ROOT, "launch", "train.py")
@@ -33,18 +34,25 @@ ARGS = ["--config", SMOKE, "--config.learners=4", "--config.batch_per_learner=8"
 
 
 def _env():
-  """The ranks' environment: XLA_FLAGS with LLVM at optimisation level 0 alone (tests/conftest.py says why; the
-  tests/test_mpi.py -m slow jobs took 95/97 CPU-s against 104/116 with XLA's defaults). The launcher sets each
-  rank's device count itself. Not child_env's single-threaded Eigen: with it, pmap over two processes no longer
-  matched one process under the same flags (train loss 1.5908 vs 1.6381), and with multi-threaded Eigen it does."""
+  """The ranks' environment: tests/conftest.py's XLA flags (single-threaded Eigen, LLVM at level 0), so that they
+  share compiled programs with the test process and its other children, without its device count, which the
+  launcher sets for each rank."""
+  return child_env()
+
+
+def _pmap_env(devices=None):
+  """For pmap across processes against one process: XLA_FLAGS with LLVM at level 0 alone. With single-threaded
+  Eigen, pmap over two processes no longer matched one process under the same flags (train loss 1.5908 vs
+  1.6381); with multi-threaded Eigen it does."""
   env = dict(os.environ)
-  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+  env["XLA_FLAGS"] = "--xla_backend_optimization_level=0" + (f" --xla_force_host_platform_device_count={devices}"
+                                                               if devices else "")
   return env
 
 
-def _mpiexec(ranks, *args, timeout=600):   # a bound on a hang, sized for a loaded machine (load 17 took > 240 s)
+def _mpiexec(ranks, *args, timeout=600, env=None):   # timeout: a bound on a hang (load 17 once took > 240 s)
   return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, TRAIN, *args], capture_output=True,
-                        text=True, env=_env(), timeout=timeout)
+                        text=True, env=env or _env(), timeout=timeout)
 
 
 def _said(result):
@@ -801,12 +809,10 @@ def test_pmap_across_two_processes_matches_one_process(tmp_path):
   sums are grouped differently (measured within 1.5e-7).
   """
   one_epoch = [*ARGS, "--config.executor=pmap", "--config.epochs=1"]
-  two = _mpiexec(2, *one_epoch, "--workdir", str(tmp_path / "two"))
+  two = _mpiexec(2, *one_epoch, "--workdir", str(tmp_path / "two"), env=_pmap_env())
   assert two.returncode == 0, two.stderr[-3000:]
-  env = _env()                                                 # the ranks' XLA flags, and 4 devices
-  env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=4"
   one = subprocess.run([sys.executable, TRAIN, *one_epoch, "--workdir", str(tmp_path / "one")],
-                       capture_output=True, text=True, env=env, timeout=240)
+                       capture_output=True, text=True, env=_pmap_env(devices=4), timeout=240)
   assert one.returncode == 0, one.stderr[-3000:]
   a, b = _records(tmp_path / "two"), _records(tmp_path / "one")
   assert [r["updates"] for r in a] == [r["updates"] for r in b] == [32]
