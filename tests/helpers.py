@@ -65,13 +65,14 @@ def child_env():
 
 def every_model_is_the_mlp(monkeypatch):
   """From now on, in this process and in every Python child process the test starts (a grid's cells, through
-  tests/children/sitecustomize.py), sajax builds the MLP whatever model a config names: for tests of a grid's
+  tests/mlp_children/sitecustomize.py), sajax builds the MLP whatever model a config names: for tests of a grid's
   machinery (which cells run, resume, what the report says), not of a model. Compiling a convolutional model in
   each cell was most of such a test's time."""
   from sajax import models
   for name in models.MODELS:
     monkeypatch.setitem(models._REGISTRY, name, models.MLP)
-  monkeypatch.setenv("SAJAX_TESTS_EVERY_MODEL_IS_THE_MLP", "1")
+  here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlp_children")
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH", "")) if p))
 
 
 def refused_smoke_run(workdir, *flags):

@@ -119,10 +119,10 @@ def test_pyproject_declares_every_package_that_sajax_launch_and_tests_import():
 
 
 def _local_modules():
-  """Top-level names that are this checkout's own: its packages and folders, and the modules tests/, launch/ and
-  tests/children/ (the test session's child processes) put on sys.path."""
+  """Top-level names that are this checkout's own: its packages and folders, and the modules tests/ and launch/
+  put on sys.path."""
   names = {entry for entry in os.listdir(ROOT) if os.path.isdir(os.path.join(ROOT, entry))}
-  for folder in ("tests", "launch", os.path.join("tests", "children")):
+  for folder in ("tests", "launch"):
     names |= {f[:-3] for f in os.listdir(os.path.join(ROOT, folder)) if f.endswith(".py")}
   return names
 
