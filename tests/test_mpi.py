@@ -33,13 +33,6 @@ needs_mpiexec = pytest.mark.skipif(not os.path.exists(MPIEXEC), reason="mpiexec 
 ARGS = ["--config", SMOKE, "--config.learners=4", "--config.batch_per_learner=8", "--config.momentum=0.5"]
 
 
-def _env():
-  """The ranks' environment: tests/conftest.py's XLA flags (single-threaded Eigen, LLVM at level 0), so that they
-  share compiled programs with the test process and its other children, without its device count, which the
-  launcher sets for each rank."""
-  return child_env()
-
-
 def _pmap_env(devices=None):
   """For pmap across processes against one process: XLA_FLAGS with LLVM at level 0 alone. With single-threaded
   Eigen, pmap over two processes no longer matched one process under the same flags (train loss 1.5908 vs
@@ -51,8 +44,10 @@ def _pmap_env(devices=None):
 
 
 def _mpiexec(ranks, *args, timeout=600, env=None):   # timeout: a bound on a hang (load 17 once took > 240 s)
+  """``mpiexec -n ranks launch/train.py args``; by default the ranks get tests/conftest.py's XLA flags (single-threaded
+  Eigen, LLVM at level 0) without its device count, which the launcher sets for each rank (tests/helpers.child_env)."""
   return subprocess.run([MPIEXEC, "-n", str(ranks), sys.executable, TRAIN, *args], capture_output=True,
-                        text=True, env=env or _env(), timeout=timeout)
+                        text=True, env=env or child_env(), timeout=timeout)
 
 
 def _said(result):
@@ -760,7 +755,7 @@ def test_a_killed_rank_ends_the_job_and_rerunning_resumes_and_trains_softsync(tm
   workdir = tmp_path / "run"
   args = [*ARGS, "--config.executor=mpi", "--config.protocol=softsync", "--config.n=2", "--config.epochs=3",
           "--config.train_examples=512", "--workdir", str(workdir)]
-  proc = subprocess.Popen([MPIEXEC, "-n", "3", sys.executable, TRAIN, *args], env=_env(),
+  proc = subprocess.Popen([MPIEXEC, "-n", "3", sys.executable, TRAIN, *args], env=child_env(),
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
   try:
     deadline = time.time() + 400                  # c = 2, μ = 8: 32 updates per epoch of 512 examples
