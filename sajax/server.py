@@ -44,8 +44,15 @@ def all_finite(tree: PyTree) -> jax.Array:
 all_finite_jit = jax.jit(all_finite)
 
 
+@jax.jit
+def _copy(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
+
+
 def _private_copy(tree: PyTree, device: jax.Device) -> PyTree:
-  return jax.tree.map(lambda x: jnp.array(jax.device_put(x, device), copy=True), tree)
+  """A copy of ``tree`` on ``device`` that aliases no buffer of the caller's (one compiled program for the whole
+  tree, not one per leaf shape: every program costs a process tracing and lowering it, or loading it)."""
+  return _copy(jax.device_put(tree, device))
 
 
 def flat_transform(tx: optax.GradientTransformationExtraArgs, unravel: Any
@@ -160,8 +167,9 @@ class ParameterServer:
     self.protocol = protocol
     self.device = device or jax.local_devices()[0]
     self.params = jax.device_put(params, self.device)
-    # The optimizer state is donated to each update: hold a private copy, never an alias of the caller's.
-    self.opt_state = _private_copy(tx.init(self.params), self.device)
+    # The optimizer state is donated to each update: never an alias of the caller's arrays. A compiled init's
+    # outputs are new buffers (XLA aliases an input to an output only when it is donated), on θ's device.
+    self.opt_state = jax.jit(tx.init)(self.params)
     self.version = 0
     self.stats = StalenessStats()
     self.gradients_per_update = protocol.gradients_per_update

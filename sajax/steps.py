@@ -89,7 +89,7 @@ class Evaluator:
         labels = np.concatenate([labels, np.zeros(pad, labels.dtype)])
       shard = lambda a: a.reshape((d, -1) + a.shape[1:])  # noqa: E731
       counts = self._step(params, shard(images), shard(labels.astype(np.int32)), shard(mask))
-      totals += np.array([float(np.sum(c)) for c in counts])
+      totals += np.array([np.asarray(c).sum(dtype=np.float64) for c in counts])
     top1, top5, loss, count = totals
     return {"test_error": 1.0 - top1 / count, "test_error_top5": 1.0 - top5 / count, "test_loss": loss / count}
 

@@ -100,11 +100,12 @@ class Run:
     self.loss_fn = steps.make_loss_fn(self.model, preprocess)
     self.evaluator = steps.Evaluator(self.model, preprocess, dataset.test, batch_size=config.eval_batch_size)
     self.schedule = make_schedule(config, self.per_epoch)
+    self._learning_rate = jax.jit(self.schedule)   # α at an update, for the records: one program, not one per op
     self.policy = config_lib.policy_of(config)   # built once: the optimizer and the PS share it
     self.tx = make_optimizer(config, self.schedule, self.policy)
     self.local = local_steps.from_config(config, self.total_updates)   # None for H = 1: plain gradients
     self.params = models.init_params(self.model, jax.random.fold_in(self.key, 0), dataset.input_shape)
-    self.opt_state = self.tx.init(self.params)
+    self.opt_state = jax.jit(self.tx.init)(self.params)
     # One stream per learner id a run may have (λ, or elastic_max_learners): learner k's depends on (seed, k) only.
     self.streams = streams.learner_streams(
         data.learner_samplers(self.num_train, config.batch_per_learner, elastic.max_learners(config), config.seed))
@@ -237,7 +238,7 @@ class Run:
         "test_loss": result["test_loss"],
         **self.executor.telemetry(),
         "samples_per_s": session_samples / train_time,
-        "learning_rate": float(self.schedule(self.updates)),
+        "learning_rate": float(self._learning_rate(self.updates)),
     }
     if self.dataset.num_classes > 10:
       record["test_error_top5"] = result["test_error_top5"]

@@ -15,6 +15,7 @@ def _tiny(config, *, learners, batch, n, examples, epochs):
   config.lr_boundaries_epochs = (epochs / 2,)
   config.eval_batch_size = 8
   config.progress = False
+  config.plots = False     # the PNGs are tested elsewhere; drawing them is a second here
   return config
 
 

@@ -295,3 +295,49 @@ def test_a_policy_that_differs_from_the_transforms_is_refused_in_one_line():
     ParameterServer(_params(), tx, protocol=sajax.Protocol.asynchronous(4), policy=sajax.get_policy("drop", bound=3))
   ps = ParameterServer(_params(), tx, protocol=sajax.Protocol.asynchronous(4), policy=sajax.get_policy("drop", bound=2))
   assert ps.policy.name == "drop"
+
+
+def test_an_optimizer_state_that_holds_the_params_is_not_donated_away_from_the_caller():
+  """The PS donates its optimizer state to each update. A state that holds θ itself (as lookahead's slow weights
+  do) must not be the caller's arrays, or the first update deletes the caller's θ."""
+  def init(params):
+    return {"anchor": params}
+
+  def update(updates, state, params=None):
+    return updates, state
+
+  tx = sajax.staleness_aware(optax.chain(optax.GradientTransformation(init, update), optax.sgd(0.1)))
+  params = _params()
+  ps = ParameterServer(params, tx, protocol=sajax.Protocol.asynchronous(1))
+  assert ps.push(0, 0, _grad(1)).applied_update
+  np.testing.assert_array_equal(np.asarray(params["w"]), [1.0, -1.0, 0.5])
+  np.testing.assert_allclose(np.asarray(ps.params["w"]), [0.97, -0.995, 0.47], rtol=1e-6)
+
+def test_unravel_of_inverts_flatten_and_compiles_nothing():
+  """The executors' flat vectors: :func:`flatten` (one compiled program) and ``unravel_of`` (ravel_pytree's
+  inverse, found without running ravel_pytree's per-leaf concatenation)."""
+  import jax.monitoring
+  from jax.flatten_util import ravel_pytree
+  from sajax.executors.learners import flatten, unravel_of
+  tree = {"conv": jnp.arange(24.0).reshape(2, 3, 4), "bias": jnp.array([7.0, 8.0]), "scale": jnp.array(3.0)}
+  other = {"other": jnp.zeros((5, 7)), "shapes": jnp.zeros(13)}
+  lowered = []
+
+  def count(name, secs, **kwargs):
+    if name.endswith("jaxpr_to_mlir_module_duration"):
+      lowered.append(name)
+  jax.monitoring.register_event_duration_secs_listener(count)
+  try:
+    unravel = unravel_of(tree)
+    assert lowered == []
+    ravel_pytree(other)              # what it replaces: a reshape per leaf shape and a concatenation
+    assert lowered
+  finally:
+    jax.monitoring.unregister_event_duration_listener(count)
+  flat, reference = ravel_pytree(tree)
+  np.testing.assert_array_equal(np.asarray(flatten(tree)), np.asarray(flat))
+  back = unravel(flatten(tree))
+  assert jax.tree.structure(back) == jax.tree.structure(tree)
+  for a, b, c in zip(jax.tree.leaves(back), jax.tree.leaves(reference(flat)), jax.tree.leaves(tree)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))

@@ -193,6 +193,15 @@ def flatten(tree: PyTree) -> jax.Array:
   return jnp.concatenate([jnp.ravel(x) for x in jax.tree.leaves(tree)])
 
 
+def unravel_of(tree: PyTree) -> Callable[[jax.Array], PyTree]:
+  """``ravel_pytree(tree)[1]``, the inverse of :func:`flatten` for trees shaped like ``tree``, without computing
+  anything: ``ravel_pytree`` concatenates the leaves op by op, one small program per leaf shape that every
+  process compiles or loads at start-up. Its unravel closes over static shapes and dtypes only."""
+  unravels = []
+  jax.eval_shape(lambda t: unravels.append(ravel_pytree(t)[1]), tree)
+  return unravels[0]
+
+
 class Learners:
   """This process's learner threads around one run.
 
@@ -224,7 +233,7 @@ class Learners:
     self.protocol = run.protocol
     self.gated = run.protocol.max_spread is not None
     self.faults = FaultPlan.from_config(run.config)
-    self.unravel = ravel_pytree(run.params)[1]
+    self.unravel = unravel_of(run.params)
     self.grad_step = make_grad_step(run.loss_fn, self.unravel)
     self.local = run.local
     if self.local is not None:

@@ -21,8 +21,8 @@ import threading
 import time
 from typing import Any, Optional
 
+import jax
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from sajax import elastic
 from sajax.executors import mpi_comm, mpi_wire as wire
@@ -47,7 +47,7 @@ class LearnerRank:
     self.learners = run.config.learners
     self.local = list(wire.learner_blocks(self.learners, comm.Get_size())[self.rank])
     self.devices = dict(zip(self.local, learner_devices(len(self.local))[0]))
-    self.dim = int(ravel_pytree(run.params)[0].size)
+    self.dim = sum(int(np.size(x)) for x in jax.tree.leaves(run.params))
     self.wait_s = float(run.config.get("mpi_timeout_s", DEFAULT_WAIT_S))
     # One gradient waits here at most: a deeper local queue would only add staleness (the PS queue bounds it).
     self.queue: queue.Queue = queue.Queue(maxsize=1)

@@ -38,13 +38,12 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-from jax.flatten_util import ravel_pytree
 
 from sajax import elastic, local_steps
 from sajax.executors import common
 from sajax.executors.comm import CommModel
 from sajax.executors.faults import FaultPlan
-from sajax.executors.learners import SnapshotCache, make_tree_grad_step
+from sajax.executors.learners import SnapshotCache, make_tree_grad_step, unravel_of
 from sajax.executors.speed import SpeedModel
 from sajax.server import ParameterServer
 
@@ -69,7 +68,7 @@ class SimulatedEngine(common.Executor):
       raise ValueError(f"config.sim_speeds has {len(self.speed.speeds)} entries; allowed: one per learner "
                        f"({learners})")
     self.devices = common.compute_devices(devices)[:learners]   # on CPU by default ≤ 1 per core
-    self.unravel = ravel_pytree(run.params)[1]     # checkpoints hold in-flight gradients as flat vectors
+    self.unravel = unravel_of(run.params)          # checkpoints hold in-flight gradients as flat vectors
     self.ps = ParameterServer(run.params, run.tx, run.protocol, device=self.devices[0], policy=run.policy,
                               divergence_after=config.get("divergence_after", 100))
     self.deaths = common.Membership.from_config(config, run.protocol, run.log)

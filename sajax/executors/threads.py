@@ -27,11 +27,10 @@ import threading
 from typing import Any, Optional
 
 import jax
-from jax.flatten_util import ravel_pytree
 
 from sajax import elastic, local_steps
 from sajax.executors import common
-from sajax.executors.learners import Death, Join, Learners, Published, Push, join_learners
+from sajax.executors.learners import Death, Join, Learners, Published, Push, flatten, join_learners, unravel_of
 from sajax.server import ParameterServer, flat_transform
 
 log = logging.getLogger("sajax")
@@ -83,7 +82,7 @@ class ThreadedEngine(common.Executor):
     local_devices, self.ps_device = learner_devices(len(local), devices)
     self._spare_devices = local_devices or [self.ps_device]     # where joining learners go: k mod their number
     # Weights and gradients travel as one flat vector: one transfer per (device, version) and per push.
-    flat_params, self.unravel = ravel_pytree(run.params)
+    flat_params, self.unravel = flatten(run.params), unravel_of(run.params)
     self.ps = ParameterServer(flat_params, flat_transform(run.tx, self.unravel), self.protocol,
                               device=self.ps_device, policy=run.policy,
                               divergence_after=config.get("divergence_after", 100))
