@@ -126,14 +126,21 @@ def train_probe(probe: Probe, epochs: float, root: str, train_examples: int, dat
 # ---- dead units --------------------------------------------------------------------------------------------
 def dead_fractions(model, params, images) -> dict[str, float]:
   """Per ReLU layer of ``LAYERS``: the fraction of its units (channels of a convolution) whose pre-activation
-  is ≤ 0 at every position of every image: they pass no gradient, whatever the input (pure)."""
+  is ≤ 0 at every position of every image: they pass no gradient, whatever the input (pure; one compiled
+  program, not one per layer operation)."""
+  import jax
+  fractions = jax.jit(_dead_fractions, static_argnums=0)(model, params, images)
+  return {layer: float(f) for layer, f in fractions.items()}
+
+
+def _dead_fractions(model, params, images):
   import jax.numpy as jnp
   _, state = model.apply({"params": params}, images, capture_intermediates=True, mutable=["intermediates"])
   out = {}
   for layer in LAYERS:
     pre = state["intermediates"][layer]["__call__"][0]
     alive = jnp.any(pre > 0, axis=tuple(range(pre.ndim - 1)))
-    out[layer] = float(1.0 - jnp.mean(alive))
+    out[layer] = 1.0 - jnp.mean(alive)
   return out
 
 
