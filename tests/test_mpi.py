@@ -635,8 +635,11 @@ def _check_trained(result, workdir, c, rejected=0, maybe=(), examples=2 * 1024, 
 
 # λ = 4 over 3 ranks: rank 0 runs learner 0, rank 1 learner 1, rank 2 learners 2 and 3. Every run below also
 # corrupts, to each rank, the first weights message (bad magic) and the first one after the start (a version
-# 2⁴⁰ ahead), and makes learner 3's gradient at its step 2 NaN.
-FAULTS = ("--config.nan_learners=(3,)", "--config.nan_at_step=2", "--config.fault_mpi_corrupt_weights=1",
+# 2⁴⁰ ahead), and makes learner 3's gradient at its step 1 NaN: never rank 2's first push (the async job corrupts
+# that one), and early: under load learner 3 made as few as 9 of an async run's 256 pushes. With the NaN at step 2
+# a full suite once ended this job with gradients_dropped 0; a starved rank 2 is the likely cause (not confirmed:
+# 22 reruns under load passed).
+FAULTS = ("--config.nan_learners=(3,)", "--config.nan_at_step=1", "--config.fault_mpi_corrupt_weights=1",
           "--config.fault_mpi_corrupt_version=1")
 
 
@@ -684,7 +687,7 @@ def test_three_ranks_train_hardsync_with_sigma_0_and_one_push_each_per_update(ha
 @pytest.mark.parametrize("job", [pytest.param("async_job", marks=on_async_job),
                                  pytest.param("hardsync_job", marks=on_hardsync_job)])
 def test_a_remote_nan_gradient_is_dropped_and_the_run_goes_on(job, request):
-  """Learner 3 (rank 2) at its step 2: dropped and counted; under hardsync the round still completes (σ = 0)."""
+  """Learner 3 (rank 2) at its step 1: dropped and counted; under hardsync the round still completes (σ = 0)."""
   result, workdir = request.getfixturevalue(job)
   assert result.returncode == 0, _said(result)
   final = _records(workdir)[-1]
