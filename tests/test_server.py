@@ -313,6 +313,7 @@ def test_an_optimizer_state_that_holds_the_params_is_not_donated_away_from_the_c
   np.testing.assert_array_equal(np.asarray(params["w"]), [1.0, -1.0, 0.5])
   np.testing.assert_allclose(np.asarray(ps.params["w"]), [0.97, -0.995, 0.47], rtol=1e-6)
 
+
 def test_unravel_of_inverts_flatten_and_compiles_nothing():
   """The executors' flat vectors: :func:`flatten` (one compiled program) and ``unravel_of`` (ravel_pytree's
   inverse, found without running ravel_pytree's per-leaf concatenation)."""
