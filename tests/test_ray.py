@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+import types
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ import ray
 
 import sajax
 from sajax import config as config_lib
-from sajax.executors import ray_engine, ray_local
+from sajax.executors import ray_actors, ray_engine, ray_local
+from sajax.executors.learners import Published
 from sajax.server import ParameterServer
 from tests.helpers import child_env, refused_smoke_run, smoke_config
 
@@ -79,6 +82,31 @@ def test_a_remote_error_reads_as_one_line():
   except ConnectionError as e:
     line = ray_engine.one_line(e)
   assert line.startswith("ConnectionError: nothing answers at 127.0.0.1:1") and "\n" not in line
+
+
+
+class _SlowToRead(Published):
+  """Published whose version takes 50 ms to read: it widens the window between a check and a set."""
+
+  @property
+  def version(self):
+    held = super().version
+    time.sleep(0.05)
+    return held
+
+
+def test_weights_that_overtake_each_other_in_an_actor_never_take_its_learners_back_to_an_older_version():
+  """Two ``weights`` calls run at once on the actor's threads, θ_9 first, then θ_8: the actor keeps θ_9. (With
+  a check and a set as two steps, both calls passed the check and θ_8 replaced θ_9: a learner then pushed on 8
+  after pushing on 9, the PS had released θ_8, and a dc_asgd run under Ray ended with KeyError: 8.)"""
+  actor = types.SimpleNamespace(published=_SlowToRead(7, "θ7"))
+  calls = [threading.Thread(target=ray_actors.LearnerActor.weights, args=(actor, v, f"θ{v}")) for v in (9, 8)]
+  for call in calls:
+    call.start()
+    time.sleep(0.01)
+  for call in calls:
+    call.join()
+  assert actor.published.value == (9, "θ9")
 
 
 def _alive(pid):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any, Callable, Mapping, Optional
 
 import jax
@@ -285,20 +286,24 @@ def spread_gate(protocol: Protocol, ps: ParameterServer, deaths: Membership,
 class SentVersions:
   """θ_j of the versions sent to learners in other processes (MPI ranks, Ray actors), for a policy that reads
   θ_j: a remote learner holds a version no older than the one it last pushed on (or the first it was sent), so
-  versions older than every live remote learner's are released. References, never copies (the PS's arrays)."""
+  versions older than every live remote learner's are released. References, never copies (the PS's arrays).
+  Thread-safe: a sender thread records what it sends while a receiver thread looks pushes up (Ray)."""
 
   def __init__(self, learners: list[int], version: int) -> None:
     self._versions: dict[int, Any] = {}
     self._holds = {k: version for k in learners}
+    self._lock = threading.Lock()
 
   def sent(self, version: int, params: Any) -> None:
     """``params`` (θ of ``version``) went to some learners."""
-    self._versions[version] = params
+    with self._lock:
+      self._versions[version] = params
 
   def stale_params(self, learner: int, version: int, alive: set[int]) -> Any:
     """θ_j of learner k's push on version j, releasing the versions no live remote learner can hold now."""
-    self._holds[learner] = version
-    oldest = min((v for k, v in self._holds.items() if k in alive), default=version)
-    for v in [v for v in self._versions if v < oldest]:
-      del self._versions[v]
-    return self._versions[version]
+    with self._lock:
+      self._holds[learner] = version
+      oldest = min((v for k, v in self._holds.items() if k in alive), default=version)
+      for v in [v for v in self._versions if v < oldest]:
+        del self._versions[v]
+      return self._versions[version]

@@ -114,6 +114,17 @@ class Published:
       self.value = (version, params)
       self.changed.notify_all()
 
+  def set_newer(self, version: int, params: Any) -> bool:
+    """Publishes (version, params) only if newer than the version held, checked and set as one step (returns
+    whether it did): weights that arrive out of order, from concurrent calls, never take a learner back to an
+    older θ. A learner's pushes then name non-decreasing versions j, which :class:`~sajax.executors.common.SentVersions` relies on."""
+    with self.changed:
+      if version <= self.version:
+        return False
+      self.value = (version, params)
+      self.changed.notify_all()
+      return True
+
   def wait_newer(self, version: int, stop: threading.Event) -> None:
     """Blocks until a version newer than ``version`` is published, or ``stop`` is set."""
     with self.changed:

@@ -211,6 +211,5 @@ class LearnerRank:
       self.interrupted = msg.value != 0
       self.stop.set()
       self.published.wake()
-    elif msg.kind == wire.WEIGHTS and msg.version > self.published.version:
-      self.published.set(msg.version, msg.payload)
+    elif msg.kind == wire.WEIGHTS and self.published.set_newer(msg.version, msg.payload):
       self._leave_due(msg.version)

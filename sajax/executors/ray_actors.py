@@ -102,14 +102,14 @@ class LearnerActor:
   def start(self, version: Optional[int] = None, params: Optional[np.ndarray] = None) -> None:
     """Starts the learners, on (i, θ_i) when given and newer than the weights held (an actor that joins a running
     job starts on the current weights)."""
-    if version is not None and version > self.published.version:
-      self.published.set(version, params)
+    if version is not None:
+      self.published.set_newer(version, params)
     self.threads = self.pool.start()
 
   def weights(self, version: int, params: np.ndarray) -> None:
-    """θ_i from the PS; a version no newer than the one held (calls may overtake each other) is ignored."""
-    if version > self.published.version:
-      self.published.set(version, params)
+    """θ_i from the PS; a version no newer than the one held (calls may overtake each other, on up to 4 threads
+    of the actor) is ignored, in one step with the check (:meth:`~sajax.executors.learners.Published.set_newer`)."""
+    self.published.set_newer(version, params)
 
   def permit(self, learner: int, version: int) -> None:
     """SSP: learner k may start one gradient, on weights of version ``version`` or newer."""
