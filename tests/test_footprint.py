@@ -17,7 +17,7 @@ from packaging.requirements import Requirement
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Top-level modules that only the `train` extra brings (absl is not here: optax itself depends on absl-py).
-TRAINER_MODULES = ["flax", "orbax", "tensorflow_datasets", "grain", "matplotlib", "mlxtend", "tensorboardX",
+TRAINER_MODULES = ["flax", "orbax", "tensorflow_datasets", "grain", "matplotlib", "tensorboardX",
                    "ml_collections", "tqdm", "tensorflow"]
 
 _CORE_USE = """
