@@ -168,8 +168,10 @@ class ParameterServer:
     self.device = device or jax.local_devices()[0]
     self.params = jax.device_put(params, self.device)
     # The optimizer state is donated to each update: never an alias of the caller's arrays. A compiled init's
-    # outputs are new buffers (XLA aliases an input to an output only when it is donated), on θ's device.
-    self.opt_state = jax.jit(tx.init)(self.params)
+    # outputs are new buffers (XLA aliases an input to an output only when it is donated). They are committed to
+    # θ's device here, as every update's outputs are: jit leaves uncommitted the leaves that do not depend on
+    # θ's values, which made the first update a program of its own, compiled again at the second.
+    self.opt_state = jax.device_put(jax.jit(tx.init)(self.params), self.device)
     self.version = 0
     self.stats = StalenessStats()
     self.gradients_per_update = protocol.gradients_per_update
