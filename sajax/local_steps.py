@@ -238,6 +238,10 @@ def from_config(config: Any, last_update: int) -> Optional[LocalSteps]:
     return None
   inner = inner_direction(config.get("inner_optimizer", "sgd"), momentum=config.get("inner_momentum", 0.0),
                           weight_decay=config.get("inner_weight_decay", 0.0))
+  # A learner's first state as one program, not one op per leaf. keep_unused: θ (whose values the state does not
+  # read) stays an input, so the state is committed to θ's device as the rounds' states are; without it the first
+  # round was a program of its own, compiled again at the second.
+  inner = inner._replace(init=jax.jit(inner.init, keep_unused=True))
   return LocalSteps(steps, inner, inner_schedule(config.get("inner_schedule", "constant"),
                                                  inner_learning_rate(config), last_update),
                     bool(config.get("dynamic_local_steps", False)))
@@ -302,7 +306,7 @@ def state_arrays(states: Mapping[int, PyTree], learners: int) -> dict[str, np.nd
   (``ravel_pytree``'s order; an integer count is exact in float32 below 2²⁴), and ``inner_state_saved`` (λ,) bool,
   whether row k holds one (a learner not yet started, or one run by another MPI rank, has none). Empty when the
   inner optimizer keeps no arrays (SGD without momentum or weight decay)."""
-  rows = {k: np.asarray(ravel_pytree(s)[0], np.float32) for k, s in states.items() if s is not None}
+  rows = {k: np.asarray(_flat_float32(s)) for k, s in states.items() if s is not None}
   size = next(iter(rows.values())).size if rows else 0
   if not size:
     return {}
@@ -311,6 +315,13 @@ def state_arrays(states: Mapping[int, PyTree], learners: int) -> dict[str, np.nd
   for k, row in rows.items():
     table[k], saved[k] = row, True
   return {"inner_state": table, "inner_state_saved": saved}
+
+
+@jax.jit
+def _flat_float32(state: PyTree) -> jax.Array:
+  """``ravel_pytree(state)[0]`` as float32, as one compiled program (ravel_pytree runs one op per leaf shape)."""
+  leaves = [jnp.ravel(x).astype(jnp.float32) for x in jax.tree.leaves(state)]
+  return jnp.concatenate(leaves) if leaves else jnp.zeros(0, jnp.float32)   # plain SGD keeps no arrays
 
 
 def restore_states(arrays: Mapping[str, np.ndarray], like: PyTree) -> dict[int, PyTree]:

@@ -6,6 +6,7 @@ is the executors' and the PS's arithmetic, not a model.
 """
 
 import functools
+import logging
 
 import jax
 import jax.flatten_util
@@ -146,6 +147,42 @@ def test_each_inner_and_outer_optimizer_trains_end_to_end(executor, settings, tm
   assert final["updates"] == 8 and final["samples"] == 128 and final["epoch"] == 1.0
   assert moved[-1] > 0
 
+
+
+def _compiled(caplog):
+  """The names of the jitted functions compiled since ``caplog`` started (JAX logs each under jax_log_compiles)."""
+  return [r.getMessage()[len("Compiling jit("):].split(")")[0] for r in caplog.records
+          if r.getMessage().startswith("Compiling jit(")]
+
+
+@pytest.fixture
+def log_compiles(caplog):
+  """jax_log_compiles for every thread (the context manager's setting is the calling thread's only)."""
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level(logging.WARNING, logger="jax"):
+      yield caplog
+  finally:
+    jax.config.update("jax_log_compiles", False)
+
+
+def test_a_learners_first_inner_state_is_one_program_on_its_device(log_compiles):
+  """Inner momentum's state does not read θ's values: built op by op it was one program per leaf shape, and
+  compiled whole without θ as an input it was uncommitted, unlike the rounds' states."""
+  inner = local_steps.from_config(_config(local_steps=2, inner_momentum=0.9), 8).inner
+  device = jax.devices()[1]
+  params = jax.device_put({"w": np.ones((3, 2), np.float32), "b": np.zeros(2, np.float32)}, device)
+  state = inner.init(params)
+  assert _compiled(log_compiles) == ["init_fn"]
+  assert all(x.committed and x.devices() == {device} for x in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("executor", ["simulated", "threads"])
+def test_a_learners_rounds_are_one_compiled_program_from_the_first(executor, tmp_path, tiny, log_compiles):
+  """A learner's H inner steps and its Δ compile once in a run, not again at its second round."""
+  sajax.train(_config(executor, local_steps=2, inner_momentum=0.9, learners=1), workdir=str(tmp_path))
+  compiled = _compiled(log_compiles)
+  assert compiled.count("inner_step") == 1 and compiled.count("finish") == 1, compiled
 
 def test_the_outer_optimizers_are_the_documented_ones():
   """make_optimizer: sgd is today's optax.sgd(α0, β); nesterov and delayed_nesterov take DiLoCo's 0.7 and 0.9 unless

@@ -82,7 +82,7 @@ class ThreadedEngine(common.Executor):
     local_devices, self.ps_device = learner_devices(len(local), devices)
     self._spare_devices = local_devices or [self.ps_device]     # where joining learners go: k mod their number
     # Weights and gradients travel as one flat vector: one transfer per (device, version) and per push.
-    flat_params, self.unravel = flatten(run.params), unravel_of(run.params)
+    flat_params, self.unravel = flatten(run.params), jax.jit(unravel_of(run.params))   # one program
     self.ps = ParameterServer(flat_params, flat_transform(run.tx, self.unravel), self.protocol,
                               device=self.ps_device, policy=run.policy,
                               divergence_after=config.get("divergence_after", 100))
