@@ -186,7 +186,7 @@ def _idx_arrays(name: str, data_dir: str | None, preset: _Preset | None):
 
 def _mnist5k_pixels_and_labels() -> tuple[np.ndarray, np.ndarray]:
   """The embedded 5,000 digits as (uint8 pixels (5000, 784), labels (5000,)), 500 per class, sorted by class
-  (:data:`MNIST5K_FILES`; 0.02 s, where parsing the CSV they came from took 0.13 s in every process that trains
+  (:data:`MNIST5K_FILES`; 0.01 s, where parsing the CSV they came from took 0.13 s in every process that trains
   on the default set: each CLI run, MPI rank, Ray actor and grid cell)."""
   folder = os.path.join(os.path.dirname(os.path.abspath(__file__)), "datasets")
   images = idx.read(os.path.join(folder, MNIST5K_FILES["images"]), ndim=3)

@@ -117,7 +117,8 @@ class Published:
   def set_newer(self, version: int, params: Any) -> bool:
     """Publishes (version, params) only if newer than the version held, checked and set as one step (returns
     whether it did): weights that arrive out of order, from concurrent calls, never take a learner back to an
-    older θ. A learner's pushes then name non-decreasing versions j, which :class:`~sajax.executors.common.SentVersions` relies on."""
+    older θ. A learner's pushes then name non-decreasing versions j, which
+    :class:`~sajax.executors.common.SentVersions` relies on."""
     with self.changed:
       if version <= self.version:
         return False
