@@ -332,9 +332,16 @@ def make_preprocess(dataset: Dataset) -> Callable[[jax.Array, jax.Array | None],
   """
   if dataset.augmentation not in AUGMENTATIONS:
     raise ValueError(f"augmentation={dataset.augmentation!r} is invalid; allowed: {', '.join(AUGMENTATIONS)}")
-  height, width, _ = dataset.input_shape
-  augmentation = dataset.augmentation
-  mean, std = tuple(dataset.mean), tuple(dataset.std)
+  return _preprocess(tuple(dataset.input_shape), dataset.augmentation, tuple(map(float, dataset.mean)),
+                     tuple(map(float, dataset.std)))
+
+
+@functools.lru_cache(maxsize=32)
+def _preprocess(input_shape: tuple[int, int, int], augmentation: str, mean: tuple[float, ...],
+                std: tuple[float, ...]) -> Callable[[jax.Array, jax.Array | None], jax.Array]:
+  """:func:`make_preprocess`'s function, one object per set of static values: the programs traced from it (and
+  from the loss and evaluation built on it, :mod:`sajax.steps`) are then shared by every run in the process."""
+  height, width, _ = input_shape
 
   def preprocess(images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     x = jnp.asarray(images).astype(jnp.float32) / 255.0

@@ -2,10 +2,16 @@
 
 Images arrive as stored (uint8) and are preprocessed on the device inside the compiled function
 (augmentation when an rng is given), so the host only gathers indices and bytes.
+
+The loss and the evaluation are one object per (model, preprocess) in a process (a flax module compares by its
+fields; :func:`sajax.data.make_preprocess` by its static values), and so are the programs built on them here and
+in :mod:`sajax.executors.learners`: a second ``sajax.train`` of the same model in a process (a sweep, a notebook)
+reuses their jitted functions as they are, instead of tracing, lowering and compiling (or loading) them again.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -17,6 +23,24 @@ PyTree = Any
 LossFn = Callable[[PyTree, jax.Array, jax.Array, jax.Array], jax.Array]
 
 
+def one_per_process(build: Callable) -> Callable:
+  """``build`` memoized on its arguments (the 32 most recent), so that equal arguments give the same function
+  object and JAX reuses the jitted programs traced from it; arguments that cannot be hashed (a module with a
+  list field) build a new one each time, as without this."""
+  cached = functools.lru_cache(maxsize=32)(build)
+
+  @functools.wraps(build)
+  def reused(*args):
+    try:
+      hash(args)
+    except TypeError:
+      return build(*args)
+    return cached(*args)
+  reused.cache_clear = cached.cache_clear
+  return reused
+
+
+@one_per_process
 def make_loss_fn(model: Any, preprocess: Callable[[jax.Array, Any], jax.Array]) -> LossFn:
   """Mean softmax cross-entropy of ``model`` on a training mini-batch of μ examples, with augmentation.
 
@@ -41,6 +65,7 @@ class EvalCounts(NamedTuple):
   count: jax.Array
 
 
+@one_per_process
 def make_eval_fn(model: Any, preprocess: Callable[[jax.Array, Any], jax.Array]
                  ) -> Callable[[PyTree, jax.Array, jax.Array, jax.Array], EvalCounts]:
   """``eval(params, images, labels, mask) -> EvalCounts`` (masked examples, e.g. padding, do not count)."""
@@ -68,11 +93,7 @@ class Evaluator:
     d = len(self.devices)
     self.split = split
     self.batch_size = max(d, (batch_size // d) * d)
-    eval_fn = make_eval_fn(model, preprocess)
-    # No collective here: per-device counts are summed on the host. A second program with collectives could
-    # interleave with the training step's all-reduce on XLA CPU's shared thread pool and deadlock.
-    # The params are broadcast by pmap itself (in_axes=None): no per-evaluation stacking.
-    self._step = jax.pmap(eval_fn, in_axes=(None, 0, 0, 0), devices=self.devices)
+    self._step = _eval_step(model, preprocess, tuple(self.devices))
 
   def __call__(self, params: PyTree) -> dict[str, float]:
     """``{test_error, test_error_top5, test_loss}`` of ``params`` (one copy, on any device)."""
@@ -92,6 +113,16 @@ class Evaluator:
       totals += np.array([np.asarray(c).sum(dtype=np.float64) for c in counts])
     top1, top5, loss, count = totals
     return {"test_error": 1.0 - top1 / count, "test_error_top5": 1.0 - top5 / count, "test_loss": loss / count}
+
+
+@one_per_process
+def _eval_step(model: Any, preprocess: Callable, devices: tuple) -> Callable:
+  """:func:`make_eval_fn` pmapped over ``devices``, one per (model, preprocess, devices) in a process.
+
+  No collective here: per-device counts are summed on the host. A second program with collectives could
+  interleave with the training step's all-reduce on XLA CPU's shared thread pool and deadlock. The params are
+  broadcast by pmap itself (in_axes=None): no per-evaluation stacking."""
+  return jax.pmap(make_eval_fn(model, preprocess), in_axes=(None, 0, 0, 0), devices=list(devices))
 
 
 def replicate(tree: PyTree, devices: list) -> PyTree:

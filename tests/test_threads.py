@@ -27,6 +27,9 @@ def test_hardsync_has_zero_staleness_and_one_gradient_per_learner_per_update(tmp
     assert os.path.getsize(tmp_path / name) > 0
 
 
+# One pytest-xdist worker runs the four: the first compiles the small CNN's programs, the others reuse them (in
+# two workers, both compiled them at once: about 6 s of CPU more).
+@pytest.mark.xdist_group("threads-small-cnn")
 @pytest.mark.parametrize("n", [1, 2, 4, 8])
 def test_softsync_mean_staleness_is_near_n(n, tmp_path):
   """⟨σ⟩ ≈ n, the paper's property, with λ = 8.

@@ -32,6 +32,7 @@ from jax.flatten_util import ravel_pytree
 from sajax import local_steps
 from sajax.executors.faults import FaultPlan
 from sajax.server import all_finite
+from sajax.steps import one_per_process
 from sajax.workdir import keep_traceback
 
 
@@ -174,15 +175,24 @@ class SnapshotCache:
       return local
 
 
+@one_per_process
 def make_tree_grad_step(loss_fn: Callable) -> Callable:
   """``(θ_j, images, labels, key, step) -> (loss, g, finite)`` on pytrees, compiled, run where θ_j lives;
-  ``key`` is learner k's own, into which the step is folded, as in :func:`make_grad_step`."""
+  ``key`` is learner k's own, into which the step is folded, as in :func:`make_grad_step`. One per ``loss_fn``
+  in a process (:func:`sajax.steps.one_per_process`): runs of the same model share its programs."""
   def step(params, images, labels, key, step):
     loss, grads = jax.value_and_grad(loss_fn)(params, images, labels, jax.random.fold_in(key, step))
     return loss, grads, all_finite(grads)
   return jax.jit(step)
 
 
+@one_per_process
+def flat_loss(loss_fn: Callable, unravel: Callable) -> Callable:
+  """``loss_fn`` on a flat θ (the vector the threads, MPI and Ray learners pull), one per (loss_fn, unravel)."""
+  return lambda flat_params, *batch: loss_fn(unravel(flat_params), *batch)
+
+
+@one_per_process
 def make_grad_step(loss_fn: Callable, unravel: Callable) -> Callable:
   """``(flat θ_j, images, labels, key, step) -> (loss, flat g, finite)``, run on the device θ_j lives on, without
   waiting; ``key`` is learner k's own (``fold_in(run key, k)``), into which the step is folded.
@@ -191,7 +201,7 @@ def make_grad_step(loss_fn: Callable, unravel: Callable) -> Callable:
   flattening inside the gradient's program slowed it by about 1 ms per call for the small CNN (the concatenate
   fused into the backward pass), more than the separate call costs (launch/bench.py simloop).
   """
-  tree_step = make_tree_grad_step(lambda flat_params, *batch: loss_fn(unravel(flat_params), *batch))
+  tree_step = make_tree_grad_step(flat_loss(loss_fn, unravel))
 
   def grad_step(flat_params, images, labels, key, step):
     loss, grads, finite = tree_step(flat_params, images, labels, key, step)
@@ -208,9 +218,17 @@ def flatten(tree: PyTree) -> jax.Array:
 def unravel_of(tree: PyTree) -> Callable[[jax.Array], PyTree]:
   """``ravel_pytree(tree)[1]``, the inverse of :func:`flatten` for trees shaped like ``tree``, without computing
   anything: ``ravel_pytree`` concatenates the leaves op by op, one small program per leaf shape that every
-  process compiles or loads at start-up. Its unravel closes over static shapes and dtypes only."""
+  process compiles or loads at start-up. Its unravel closes over static shapes and dtypes only, so trees of the
+  same structure, shapes and dtypes share one (and the programs traced from it, :func:`make_grad_step`)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  return _unravel_of(treedef, tuple((tuple(np.shape(x)), jnp.result_type(x)) for x in leaves))
+
+
+@one_per_process
+def _unravel_of(treedef: Any, leaves: tuple) -> Callable[[jax.Array], PyTree]:
   unravels = []
-  jax.eval_shape(lambda t: unravels.append(ravel_pytree(t)[1]), tree)
+  like = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in leaves])
+  jax.eval_shape(lambda t: unravels.append(ravel_pytree(t)[1]), like)
   return unravels[0]
 
 
@@ -249,8 +267,7 @@ class Learners:
     self.grad_step = make_grad_step(run.loss_fn, self.unravel)
     self.local = run.local
     if self.local is not None:
-      self.local_update = local_steps.make_local_update(lambda flat, *batch: run.loss_fn(self.unravel(flat), *batch),
-                                                        self.local.inner)
+      self.local_update = local_steps.make_local_update(flat_loss(run.loss_fn, self.unravel), self.local.inner)
     self.inner_states: dict[int, Any] = dict(inner_states or {})
     # H per round, or DyLU's H_k from the learners' measured seconds per inner step.
     self.rounds = local_steps.RoundLengths(self.local.steps, self.local.dynamic) if self.local is not None else None

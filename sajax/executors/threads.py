@@ -32,11 +32,13 @@ from sajax import elastic, local_steps
 from sajax.executors import common
 from sajax.executors.learners import Death, Join, Learners, Published, Push, flatten, join_learners, unravel_of
 from sajax.server import ParameterServer, flat_transform
+from sajax.steps import one_per_process
 
 log = logging.getLogger("sajax")
 SHUTDOWN_WAIT_S = 600   # how long a stopping run waits for its learner threads
 _WAKE = object()        # put on the queue to wake a waiting PS loop when a stop is requested (Ctrl-C)
 PyTree = Any
+jit_once = one_per_process(jax.jit)   # unravel_of gives one function per tree structure: one jit of it per process
 
 
 def learner_devices(learners: int, devices: Optional[list] = None) -> tuple[list, jax.Device]:
@@ -82,7 +84,7 @@ class ThreadedEngine(common.Executor):
     local_devices, self.ps_device = learner_devices(len(local), devices)
     self._spare_devices = local_devices or [self.ps_device]     # where joining learners go: k mod their number
     # Weights and gradients travel as one flat vector: one transfer per (device, version) and per push.
-    flat_params, self.unravel = flatten(run.params), jax.jit(unravel_of(run.params))   # one program
+    flat_params, self.unravel = flatten(run.params), jit_once(unravel_of(run.params))   # one program
     self.ps = ParameterServer(flat_params, flat_transform(run.tx, self.unravel), self.protocol,
                               device=self.ps_device, policy=run.policy,
                               divergence_after=config.get("divergence_after", 100))

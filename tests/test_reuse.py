@@ -1,0 +1,71 @@
+"""Runs of the same model in one process share their compiled programs (sajax.steps.one_per_process): a sweep or
+a notebook's second ``sajax.train`` does not trace, lower and compile (or load) its gradient and evaluation
+programs again."""
+
+import logging
+
+import jax
+import numpy as np
+import pytest
+
+import sajax
+from sajax import data, models, steps
+from sajax.executors import learners
+from tests.helpers import smoke_config
+
+
+@pytest.fixture
+def compiled(caplog):
+  """The names of the programs JAX compiles (or loads from its cache) from now on, in every thread."""
+  jax.config.update("jax_log_compiles", True)
+  try:
+    with caplog.at_level(logging.WARNING, logger="jax"):
+      yield lambda: [r.getMessage().split("(")[1].split(")")[0] for r in caplog.records
+                     if r.getMessage().startswith("Compiling ")]
+  finally:
+    jax.config.update("jax_log_compiles", False)
+
+
+@pytest.mark.parametrize("executor", ["simulated", "threads"])
+def test_a_second_run_of_the_same_model_compiles_no_gradient_or_evaluation_program(executor, tmp_path, compiled):
+  """Another α0, seed and momentum: the optimizer's programs are new (their constants differ), the model's are
+  not. Without the reuse the second run compiled its gradient ``step`` and the evaluation's pmap (``_fun``) again
+  (loaded from the persistent cache where there is one, after tracing and lowering them)."""
+  def run(name, **overrides):
+    sajax.train(smoke_config(executor, "async", learners=2, batch_per_learner=8, epochs=1, plots=False,
+                             **overrides), workdir=str(tmp_path / name))
+  run("first")
+  before = len(compiled())
+  run("second", learning_rate=0.03, seed=1, momentum=0.9)
+  second = compiled()[before:]
+  assert "apply" in second, second                       # the PS's update: this run's optimizer, compiled
+  assert "step" not in second and "_fun" not in second, second
+
+
+def test_equal_models_and_datasets_give_the_same_loss_evaluation_and_unravel():
+  dataset = data.load_dataset("mnist5k")
+  model = models.create_model("mlp", dataset.num_classes)
+  preprocess = data.make_preprocess(dataset)
+  assert data.make_preprocess(data.load_dataset("mnist5k")) is preprocess
+  loss = steps.make_loss_fn(model, preprocess)
+  assert steps.make_loss_fn(models.create_model("mlp", dataset.num_classes), preprocess) is loss
+  assert steps.make_loss_fn(models.create_model("mlp", 3), preprocess) is not loss
+  params = models.init_params(model, jax.random.PRNGKey(0), dataset.input_shape)
+  unravel = learners.unravel_of(params)
+  assert learners.unravel_of(jax.tree.map(np.asarray, params)) is unravel
+  assert learners.make_grad_step(loss, unravel) is learners.make_grad_step(loss, unravel)
+  flat = learners.flatten(params)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((np.asarray(a) == np.asarray(b)).all()), unravel(flat), params))
+
+
+def test_arguments_that_cannot_be_hashed_build_anew_each_time():
+  calls = []
+
+  @steps.one_per_process
+  def build(spec):
+    calls.append(spec)
+    return lambda x: x
+
+  assert build(("a", 1)) is build(("a", 1)) and len(calls) == 1
+  unhashable = ["a", 1]
+  assert build(unhashable) is not build(unhashable) and len(calls) == 3
