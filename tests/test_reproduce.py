@@ -603,6 +603,9 @@ import os, signal, sys, threading, time
 sys.path.insert(0, sys.argv[1])
 from launch import grid_runner
 marker, receiver, cell = sys.argv[2], sys.argv[3], sys.argv[4]
+# Python's own Ctrl-C handler, as under a terminal: a pytest started in the background (`cmd &`, nohup) hands its
+# children SIGINT ignored, and Python then installs none
+signal.signal(signal.SIGINT, signal.default_int_handler)
 def press():
   while not os.path.exists(marker + ".ready"):
     time.sleep(0.05)
