@@ -59,6 +59,8 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+from sajax.steps import one_per_process
+
 PyTree = Any
 
 INNER_OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
@@ -203,6 +205,7 @@ def outer_momentum(config: Any) -> float:
   return config.momentum if config.get("outer_optimizer", "sgd") == "sgd" else DILOCO_OUTER_MOMENTUM
 
 
+@one_per_process
 def inner_direction(name: str, *, momentum: float = 0.0, weight_decay: float = 0.0
                     ) -> optax.GradientTransformation:
   """The inner optimizer without its learning rate: its update u is the step's direction, θ ← θ − α_inner·u.
@@ -241,12 +244,18 @@ def from_config(config: Any, last_update: int) -> Optional[LocalSteps]:
   # A learner's first state as one program, not one op per leaf. keep_unused: θ (whose values the state does not
   # read) stays an input, so the state is committed to θ's device as the rounds' states are; without it the first
   # round was a program of its own, compiled again at the second.
-  inner = inner._replace(init=jax.jit(inner.init, keep_unused=True))
+  inner = inner._replace(init=_committed_init(inner.init))
   return LocalSteps(steps, inner, inner_schedule(config.get("inner_schedule", "constant"),
                                                  inner_learning_rate(config), last_update),
                     bool(config.get("dynamic_local_steps", False)))
 
 
+@one_per_process
+def _committed_init(init: Callable) -> Callable:
+  return jax.jit(init, keep_unused=True)
+
+
+@one_per_process
 def make_local_update(loss_fn: Callable, inner: optax.GradientTransformation) -> Callable:
   """``local_update(θ_j, inner state, images, labels, key, steps, α_inner) -> (Δ, inner state, loss, finite)``:
   one round of H inner steps from θ_j, dispatched without waiting on the device θ_j lives on.
@@ -267,7 +276,9 @@ def make_local_update(loss_fn: Callable, inner: optax.GradientTransformation) ->
 
   ``loss_fn`` is ``loss(θ, images, labels, rng)`` (:func:`sajax.steps.make_loss_fn`); ``inner`` the inner
   optimizer's direction (:func:`inner_direction`). The H steps are H calls of one compiled step (and a compiled
-  Δ), not a ``lax.scan``: on XLA CPU the scan was 8× slower for the small CNN (module docstring).
+  Δ), not a ``lax.scan``: on XLA CPU the scan was 8× slower for the small CNN (module docstring). One object per
+  (loss, inner optimizer) in a process (:func:`sajax.steps.one_per_process`): runs that share them share its
+  programs.
   """
   @jax.jit
   def inner_step(local, state, images, labels, key, step, learning_rate):

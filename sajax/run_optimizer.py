@@ -13,6 +13,7 @@ import optax
 from sajax import config as config_lib, local_steps
 from sajax.momentum import DEFAULT_STALENESS_DECAY, momentum_rule
 from sajax.optim import staleness_aware
+from sajax.steps import one_per_process
 
 
 def make_schedule(config: ml_collections.ConfigDict, per_epoch: float) -> optax.Schedule:
@@ -21,9 +22,15 @@ def make_schedule(config: ml_collections.ConfigDict, per_epoch: float) -> optax.
   of Goyal et al. 2017, which also tames the first λ asynchronous pushes, all computed on θ_0). The start is the
   outer optimizer's rate (:func:`sajax.local_steps.outer_learning_rate`): α0 unless ``outer_optimizer`` or
   ``outer_learning_rate`` says otherwise."""
-  start = local_steps.outer_learning_rate(config)
-  steps = optax.piecewise_constant_schedule(start, config_lib.schedule_boundaries(config, per_epoch))
+  boundaries = tuple(sorted(config_lib.schedule_boundaries(config, per_epoch).items()))
   warmup = config_lib.epoch_to_update(config.get("lr_warmup_epochs", 0.0), per_epoch)
+  return _schedule(float(local_steps.outer_learning_rate(config)), boundaries, warmup)
+
+
+@one_per_process
+def _schedule(start: float, boundaries: tuple[tuple[int, float], ...], warmup: int) -> optax.Schedule:
+  """One schedule object per (α0, boundaries, warm-up) in a process: runs that share them share its programs."""
+  steps = optax.piecewise_constant_schedule(start, dict(boundaries))
   if not warmup:
     return steps
   return lambda t: steps(t) * jnp.minimum(1.0, (t + 1) / warmup)
@@ -42,14 +49,22 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule: optax.Schedule, 
   rule of that name. α follows ``schedule``; β is :func:`sajax.local_steps.outer_momentum` (``config.momentum``
   for ``sgd``, 0.9 for the other two, unless ``outer_momentum`` is set)."""
   outer = config.get("outer_optimizer", "sgd")
-  beta = local_steps.outer_momentum(config)
+  rule = "delayed_nesterov" if outer == "delayed_nesterov" else config.get("momentum_rule", "plain")
+  return _optimizer(outer, rule, schedule, local_steps.outer_momentum(config), config.learners,
+                    config.get("momentum_rule_period", 0),
+                    config.get("momentum_rule_staleness_decay", DEFAULT_STALENESS_DECAY),
+                    config.get("weight_decay", 0.0), policy or config_lib.policy_of(config))
+
+
+@one_per_process
+def _optimizer(outer: str, rule: str, schedule: optax.Schedule, beta: float, learners: int, period: int,
+               staleness_decay: float, weight_decay: float, policy: Any) -> optax.GradientTransformationExtraArgs:
+  """One optimizer object per distinct setting in a process (a seed sweep, a notebook's reruns): its update,
+  init and the parameter server's programs built on it are then traced and compiled once."""
   if outer == "nesterov":
     base = optax.sgd(schedule, momentum=beta, nesterov=True)
   else:
-    rule = "delayed_nesterov" if outer == "delayed_nesterov" else config.get("momentum_rule", "plain")
-    base = momentum_rule(rule, schedule, beta, learners=config.learners,
-                         period=config.get("momentum_rule_period", 0),
-                         staleness_decay=config.get("momentum_rule_staleness_decay", DEFAULT_STALENESS_DECAY))
-  if config.get("weight_decay", 0.0):
-    base = optax.chain(optax.add_decayed_weights(config.weight_decay), base)
-  return staleness_aware(base, policy=policy or config_lib.policy_of(config))
+    base = momentum_rule(rule, schedule, beta, learners=learners, period=period, staleness_decay=staleness_decay)
+  if weight_decay:
+    base = optax.chain(optax.add_decayed_weights(weight_decay), base)
+  return staleness_aware(base, policy=policy)

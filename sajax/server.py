@@ -22,6 +22,7 @@ from jax.flatten_util import ravel_pytree
 from sajax.optim import get_policy, remember_policy, same_policy, transform_policy
 from sajax.protocol import Protocol
 from sajax.stats import StalenessStats
+from sajax.steps import jit_once, one_per_process
 
 PyTree = Any
 
@@ -55,6 +56,7 @@ def _private_copy(tree: PyTree, device: jax.Device) -> PyTree:
   return _copy(jax.device_put(tree, device))
 
 
+@one_per_process
 def flat_transform(tx: optax.GradientTransformationExtraArgs, unravel: Any
                    ) -> optax.GradientTransformationExtraArgs:
   """``tx`` acting on flat parameter vectors (from ``jax.flatten_util.ravel_pytree``).
@@ -79,6 +81,7 @@ def flat_transform(tx: optax.GradientTransformationExtraArgs, unravel: Any
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+@one_per_process
 def _make_apply(tx: optax.GradientTransformationExtraArgs):
   """``apply(params, opt_state, grads_list, staleness, stale_list) -> (params, opt_state)``: one PS update of
   c gradients kept one by one (policies that adjust each gradient, or a tx whose policy the PS does not know)."""
@@ -92,6 +95,7 @@ def _make_apply(tx: optax.GradientTransformationExtraArgs):
   return jax.jit(apply, donate_argnums=(1,))
 
 
+@one_per_process
 def _make_apply_combined(tx: optax.GradientTransformationExtraArgs):
   """``apply(params, opt_state, total, count, staleness)``: one PS update from the running sum
   Σ_l s(σ_l)·g_l of ``count`` (= c) gradients, handed to ``tx`` as (1/c)·Σ with ``combined=True``."""
@@ -104,6 +108,7 @@ def _make_apply_combined(tx: optax.GradientTransformationExtraArgs):
   return jax.jit(apply, donate_argnums=(1, 2))
 
 
+@one_per_process
 def _make_accumulate(scale: Any):
   """``(total, g, σ) -> total + s(σ)·g`` (``total`` None for the first gradient of an update), compiled."""
   first = jax.jit(lambda g, sigma: jax.tree.map(lambda x: x * scale(sigma).astype(x.dtype), g))
@@ -171,7 +176,7 @@ class ParameterServer:
     # outputs are new buffers (XLA aliases an input to an output only when it is donated). They are committed to
     # θ's device here, as every update's outputs are: jit leaves uncommitted the leaves that do not depend on
     # θ's values, which made the first update a program of its own, compiled again at the second.
-    self.opt_state = jax.device_put(jax.jit(tx.init)(self.params), self.device)
+    self.opt_state = jax.device_put(jit_once(tx.init)(self.params), self.device)
     self.version = 0
     self.stats = StalenessStats()
     self.gradients_per_update = protocol.gradients_per_update

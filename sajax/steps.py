@@ -30,14 +30,19 @@ def one_per_process(build: Callable) -> Callable:
   cached = functools.lru_cache(maxsize=32)(build)
 
   @functools.wraps(build)
-  def reused(*args):
+  def reused(*args, **kwargs):
     try:
-      hash(args)
+      hash((args, tuple(kwargs.items())))
     except TypeError:
-      return build(*args)
-    return cached(*args)
+      return build(*args, **kwargs)
+    return cached(*args, **kwargs)
   reused.cache_clear = cached.cache_clear
   return reused
+
+
+# ``jax.jit`` of one function object, once per process: the jit of a memoized function (an unravel, an optimizer's
+# init, a schedule) is then one object too, and its programs are traced, lowered and compiled once.
+jit_once = one_per_process(jax.jit)
 
 
 @one_per_process
@@ -137,7 +142,13 @@ def replicate(tree: PyTree, devices: list) -> PyTree:
     from flax import jax_utils
     return jax_utils.replicate(tree, devices)
   stacked = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (len(devices), *np.shape(x))), tree)
-  return jax.pmap(lambda t: t, devices=devices)(stacked)
+  return _identity_pmap(tuple(devices))(stacked)
+
+
+@one_per_process
+def _identity_pmap(devices: tuple) -> Callable[[PyTree], PyTree]:
+  """The identity, pmapped over ``devices``: one object per device list, so each run's trees reuse its programs."""
+  return jax.pmap(lambda t: t, devices=list(devices))
 
 
 def unreplicate(tree: PyTree) -> PyTree:

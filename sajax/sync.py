@@ -16,7 +16,7 @@ the initial weights moved the smoke test's epoch-1 loss from 1.946744 to 1.94704
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +66,8 @@ def ordered_mean(tree: PyTree, axis_name: str) -> PyTree:
   return jax.tree.map(mean, tree)
 
 
-def make_ssgd_step(loss_fn: steps.LossFn, tx: optax.GradientTransformationExtraArgs, devices: list,
+@steps.one_per_process
+def make_ssgd_step(loss_fn: steps.LossFn, tx: optax.GradientTransformationExtraArgs, devices: Sequence,
                    ordered: bool = False) -> Callable[..., tuple[PyTree, PyTree, jax.Array]]:
   """``step(params, opt_state, images, labels, rng) -> (params, opt_state, loss)``, pmapped over ``devices``.
 
@@ -96,7 +97,7 @@ def run_ssgd(run: Any) -> tuple[PyTree, PyTree]:
     devices = local = pmap_devices(global_batch)
     first = 0
   d = len(devices)
-  step = make_ssgd_step(run.loss_fn, run.tx, devices, ordered=jax.process_count() > 1)
+  step = make_ssgd_step(run.loss_fn, run.tx, tuple(devices), ordered=jax.process_count() > 1)   # one per process
   params = steps.replicate(run.params, local)
   opt_state = steps.replicate(run.opt_state, local)
   run.log(f"SSGD over {d} device(s) in {jax.process_count()} process(es): global batch λμ = {global_batch}")

@@ -100,12 +100,12 @@ class Run:
     self.loss_fn = steps.make_loss_fn(self.model, preprocess)
     self.evaluator = steps.Evaluator(self.model, preprocess, dataset.test, batch_size=config.eval_batch_size)
     self.schedule = make_schedule(config, self.per_epoch)
-    self._learning_rate = jax.jit(self.schedule)   # α at an update, for the records: one program, not one per op
+    self._learning_rate = steps.jit_once(self.schedule)   # α at an update, for the records: one program
     self.policy = config_lib.policy_of(config)   # built once: the optimizer and the PS share it
     self.tx = make_optimizer(config, self.schedule, self.policy)
     self.local = local_steps.from_config(config, self.total_updates)   # None for H = 1: plain gradients
     self.params = models.init_params(self.model, jax.random.fold_in(self.key, 0), dataset.input_shape)
-    self.opt_state = jax.jit(self.tx.init)(self.params)
+    self.opt_state = steps.jit_once(self.tx.init)(self.params)
     # One stream per learner id a run may have (λ, or elastic_max_learners): learner k's depends on (seed, k) only.
     self.streams = streams.learner_streams(
         data.learner_samplers(self.num_train, config.batch_per_learner, elastic.max_learners(config), config.seed))

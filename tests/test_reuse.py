@@ -42,6 +42,40 @@ def test_a_second_run_of_the_same_model_compiles_no_gradient_or_evaluation_progr
   assert "step" not in second and "_fun" not in second, second
 
 
+LOCAL_DC_ASGD = {"local_steps": 2, "inner_optimizer": "adamw", "outer_optimizer": "nesterov", "policy": "dc_asgd"}
+
+
+@pytest.mark.parametrize("executor, keys", [("simulated", {}), ("threads", {}), ("pmap", {}),
+                                            ("simulated", LOCAL_DC_ASGD), ("threads", LOCAL_DC_ASGD)],
+                         ids=["simulated", "threads", "pmap", "simulated-local-dc_asgd", "threads-local-dc_asgd"])
+def test_a_second_run_with_another_seed_compiles_nothing(executor, keys, tmp_path, compiled):
+  """A seed sweep: the policy, the schedule, the optimizer, the parameter server's update and accumulation, the
+  SSGD step and the local-SGD round are one object per setting in a process, so the second run traces, lowers and
+  compiles (or loads) no program at all. Before, it did all of the optimizer's again: init_fn, apply, schedule,
+  the accumulation's lambdas, the pmapped step, inner_step and finish."""
+  def run(name, seed):
+    sajax.train(smoke_config(executor, "async", learners=2, batch_per_learner=8, epochs=1, plots=False, seed=seed,
+                             **keys), workdir=str(tmp_path / name))
+  run("first", 0)
+  before = len(compiled())
+  run("second", 1)
+  assert compiled()[before:] == []
+
+
+def test_equal_settings_give_the_same_policy_schedule_and_optimizer():
+  from sajax import config as config_lib, optim, run_optimizer
+  config = smoke_config("simulated", "async", learners=2, batch_per_learner=8, policy="polynomial",
+                        policy_args='{"a": 0.5}')
+  policy = config_lib.policy_of(config)
+  assert optim.get_policy("polynomial", a=0.5) is policy and optim.get_policy("polynomial", a=1.0) is not policy
+  schedule = run_optimizer.make_schedule(config, 10.0)
+  assert run_optimizer.make_schedule(config, 10.0) is schedule
+  tx = run_optimizer.make_optimizer(config, schedule, policy)
+  assert run_optimizer.make_optimizer(config, schedule, policy) is tx
+  config.momentum = 1 - config.momentum / 2
+  assert run_optimizer.make_optimizer(config, schedule, policy) is not tx
+
+
 def test_equal_models_and_datasets_give_the_same_loss_evaluation_and_unravel():
   dataset = data.load_dataset("mnist5k")
   model = models.create_model("mlp", dataset.num_classes)

@@ -32,13 +32,12 @@ from sajax import elastic, local_steps
 from sajax.executors import common
 from sajax.executors.learners import Death, Join, Learners, Published, Push, flatten, join_learners, unravel_of
 from sajax.server import ParameterServer, flat_transform
-from sajax.steps import one_per_process
+from sajax.steps import jit_once
 
 log = logging.getLogger("sajax")
 SHUTDOWN_WAIT_S = 600   # how long a stopping run waits for its learner threads
 _WAKE = object()        # put on the queue to wake a waiting PS loop when a stop is requested (Ctrl-C)
 PyTree = Any
-jit_once = one_per_process(jax.jit)   # unravel_of gives one function per tree structure: one jit of it per process
 
 
 def learner_devices(learners: int, devices: Optional[list] = None) -> tuple[list, jax.Device]:
