@@ -177,14 +177,15 @@ def get_policy(policy: str | StalenessPolicy, **args: Any) -> StalenessPolicy:
              if p.default is inspect.Parameter.empty and p.name not in args]
   if missing:
     raise ValueError(f"policy {policy!r} needs argument(s) {', '.join(missing)}; allowed: {', '.join(allowed)}")
-  return _built_policy(policy, tuple(sorted(args.items())))
+  return _built_policy(factory, tuple(sorted(args.items())))
 
 
 @one_per_process
-def _built_policy(name: str, args: tuple[tuple[str, Any], ...]) -> StalenessPolicy:
-  """One policy object per (name, arguments) in a process (a policy is immutable): the optimizer and the
-  parameter-server programs built on it are shared by the runs that use it."""
-  return _POLICIES[name](**dict(args))
+def _built_policy(factory: PolicyFactory, args: tuple[tuple[str, Any], ...]) -> StalenessPolicy:
+  """One policy object per (factory, arguments) in a process (a policy is immutable): the optimizer and the
+  parameter-server programs built on it are shared by the runs that use it. Keyed by the factory, not the name:
+  a policy registered again with ``overwrite=True`` is built anew."""
+  return factory(**dict(args))
 
 
 def policy_arg_names(policy: str) -> tuple[str, ...]:

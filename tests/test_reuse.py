@@ -103,3 +103,16 @@ def test_arguments_that_cannot_be_hashed_build_anew_each_time():
   assert build(("a", 1)) is build(("a", 1)) and len(calls) == 1
   unhashable = ["a", 1]
   assert build(unhashable) is not build(unhashable) and len(calls) == 3
+
+
+def test_a_policy_registered_again_is_built_anew_not_taken_from_the_reuse(monkeypatch):
+  """The reuse is keyed by the policy's factory, not its name: a notebook that registers a policy again with
+  ``overwrite=True`` gets the new one."""
+  from sajax import optim
+  monkeypatch.setattr(optim, "_POLICIES", dict(optim._POLICIES))   # the registry as it was, after the test
+  optim.register_policy("test_reuse_scaled", overwrite=True,
+                        factory=lambda b: optim.StalenessPolicy("test_reuse_scaled", scale=lambda s: b + 0 * s))
+  assert optim.get_policy("test_reuse_scaled", b=2.0) is optim.get_policy("test_reuse_scaled", b=2.0)
+  optim.register_policy("test_reuse_scaled", overwrite=True,
+                        factory=lambda b: optim.StalenessPolicy("test_reuse_scaled", scale=lambda s: -b + 0 * s))
+  assert float(optim.get_policy("test_reuse_scaled", b=2.0).scale(np.int32(1))) == -2.0
