@@ -59,7 +59,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from sajax.steps import one_per_process
+from sajax.steps import jit_once, one_per_process
 
 PyTree = Any
 
@@ -244,15 +244,10 @@ def from_config(config: Any, last_update: int) -> Optional[LocalSteps]:
   # A learner's first state as one program, not one op per leaf. keep_unused: θ (whose values the state does not
   # read) stays an input, so the state is committed to θ's device as the rounds' states are; without it the first
   # round was a program of its own, compiled again at the second.
-  inner = inner._replace(init=_committed_init(inner.init))
+  inner = inner._replace(init=jit_once(inner.init, keep_unused=True))
   return LocalSteps(steps, inner, inner_schedule(config.get("inner_schedule", "constant"),
                                                  inner_learning_rate(config), last_update),
                     bool(config.get("dynamic_local_steps", False)))
-
-
-@one_per_process
-def _committed_init(init: Callable) -> Callable:
-  return jax.jit(init, keep_unused=True)
 
 
 @one_per_process
